@@ -1,0 +1,1 @@
+"""Mesh and sharding, train state, train/eval loops, checkpoints, logging, generation."""

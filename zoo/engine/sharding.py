@@ -1,0 +1,73 @@
+"""The one mesh and the one table of logical-axis rules.
+
+Layers name their parameter and activation axes with logical names (`nn.with_logical_partitioning`,
+`nn.with_logical_constraint`); this table maps them onto the mesh axes ('data', 'fsdp', 'expert', 'tensor').
+"""
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# Logical axis name -> mesh axis (or tuple of axes, or None = replicated).
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("layers", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("norm", None),
+)
+
+
+def resolve_mesh_shape(mesh_config, num_devices):
+  """Sizes for MESH_AXES from `config.mesh` (-1 = the rest). Raises ValueError naming the bad key."""
+  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ValueError(f"config.mesh.{axis}={size} is invalid; use a positive size or -1 for the rest")
+  if len(free) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {free}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"config.mesh: {num_devices} devices cannot be split with fixed axes {sizes}")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"config.mesh {sizes} uses {math.prod(sizes.values())} devices but {num_devices} exist; "
+                     "set one axis to -1 to take the rest")
+  return tuple(sizes[a] for a in MESH_AXES)
+
+
+def make_mesh(mesh_config, devices=None):
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_sharding(logical_specs, mesh, rules=LOGICAL_AXIS_RULES):
+  """Map a pytree of logical PartitionSpecs onto NamedShardings of `mesh`."""
+  import flax.linen as nn
+  mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh, ndim):
+  """Shard the leading (batch) axis over data, fsdp and expert; replicate the rest."""
+  return NamedSharding(mesh, P(("data", "fsdp", "expert"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())

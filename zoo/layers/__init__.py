@@ -1,0 +1,1 @@
+"""Shared layers: attention, MLPs, norms, embeddings, rotary positions, KV cache."""

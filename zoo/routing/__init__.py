@@ -1,0 +1,1 @@
+"""Shared routing primitives: routers, dispatch/combine, auxiliary losses, routing metrics (pure functions)."""
