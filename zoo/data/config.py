@@ -1,0 +1,86 @@
+"""The data config (`config.data`): its keys, defaults and checks.
+
+Keys:
+  name: 'pystdlib' (the embedded stdlib + pydoc text corpus), 'digits' (scikit-learn's 8x8 digits), or the name of
+    a standard TFDS dataset prepared as array_record in `data_dir` (e.g. 'lm1b', 'cifar10'; a config/version suffix
+    such as 'c4/en:3.1.0' is passed to TFDS as it is).
+  data_dir: the TFDS data directory. None means $ZOO_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+    The embedded datasets are built there on first use (about a second).
+  seq_len: tokens per packed text sequence (text datasets; >= 2). Ignored for image datasets.
+  domains: tuple of domain names to keep (datasets with a `domain` ClassLabel feature, e.g. pystdlib: 'docs',
+    'modules', 'asyncio', 'email', ...); () keeps all.
+  text_key: the Text feature holding the documents of a standard TFDS text dataset ('text' for lm1b and c4).
+  shuffle: shuffle the examples (seeded by `make_iterator`'s seed; a new order every epoch).
+  worker_count: grain worker processes; 0 reads in the calling process.
+  train_split / eval_split: the TFDS split names the engine trains and evaluates on.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+EMBEDDED_EVAL_SPLITS = {"pystdlib": "validation", "digits": "test"}
+
+
+def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:
+  """The default data config for dataset `name` (see the module docstring for the keys).
+
+  Args:
+    name: 'pystdlib', 'digits' or a standard TFDS name. For a standard name eval_split defaults to 'test' [guess:
+      lm1b and cifar10 have no 'validation' split]; set it when the dataset has another.
+  """
+  return ml_collections.ConfigDict({
+      "name": name,
+      "data_dir": config_dict.placeholder(str),
+      "seq_len": 256,
+      "domains": (),
+      "text_key": "text",
+      "shuffle": True,
+      "worker_count": 0,
+      "train_split": "train",
+      "eval_split": EMBEDDED_EVAL_SPLITS.get(name, "test"),
+  })
+
+
+def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
+  """Checks a data config and fills the keys it leaves out with the defaults of its dataset.
+
+  Args:
+    data_config: a ConfigDict or mapping with a subset of the keys of `default_data_config`; `name` is required.
+
+  Returns:
+    A plain dict with every key, `data_dir` resolved to a path and `domains` to a tuple.
+
+  Raises:
+    ValueError: naming the bad key or value and what is allowed.
+  """
+  given = data_config.to_dict() if isinstance(data_config, ml_collections.ConfigDict) else dict(data_config)
+  if not isinstance(given.get("name"), str) or not given["name"]:
+    raise ValueError(f"data config: 'name' must be a dataset name ('pystdlib', 'digits' or a TFDS name), got "
+                     f"{given.get('name')!r}")
+  cfg = default_data_config(given["name"]).to_dict()
+  unknown = sorted(set(given) - set(cfg))
+  if unknown:
+    raise ValueError(f"data config: unknown key(s) {unknown}; allowed: {sorted(cfg)}")
+  cfg.update(given)
+  if cfg["data_dir"] is None:
+    cfg["data_dir"] = os.environ.get("ZOO_DATA_DIR") or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  cfg["data_dir"] = os.path.expanduser(os.fspath(cfg["data_dir"]))
+  seq_len = cfg["seq_len"]
+  if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
+    raise ValueError(f"data config: seq_len={seq_len!r}; allowed: an int >= 2 (tokens per packed sequence)")
+  domains = cfg["domains"]
+  if isinstance(domains, str):
+    raise ValueError(f"data config: domains={domains!r} is a string; allowed: a tuple or list of domain names, "
+                     f"e.g. ('docs',)")
+  cfg["domains"] = tuple(domains or ())
+  workers = cfg["worker_count"]
+  if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+    raise ValueError(f"data config: worker_count={workers!r}; allowed: an int >= 0")
+  if not isinstance(cfg["shuffle"], bool):
+    raise ValueError(f"data config: shuffle={cfg['shuffle']!r}; allowed: True or False")
+  return cfg

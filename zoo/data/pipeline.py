@@ -1,0 +1,227 @@
+"""grain input pipelines over TFDS array_record data sources (no TensorFlow needed).
+
+Text (`task='lm'`): each document becomes BOS + UTF-8 bytes + EOS (`ByteTokenizer`); documents are read in a seeded
+shuffled order (a new order each epoch), concatenated and cut into chunks of seq_len + 1 tokens (grain's
+concat-then-split packing; a chunk may span documents, which stay separated by their EOS/BOS; positions are not
+reset at document starts). Each chunk gives `inputs = chunk[:-1]`, `targets = chunk[1:]`; only the last chunk of a
+finite stream (repeat=False) has padding, which holds PAD and has mask 0.
+
+Images (`task='classification'`): `image` as float32 (uint8 images are scaled to [0, 1]), `label` as int32.
+
+Multi-host: the examples of a split are dealt to hosts round-robin (host p reads examples p, p + P, ...), so hosts
+read disjoint examples; each host packs and batches its own share and yields global_batch_size // process_count rows.
+The rows of all hosts together are not the rows a single host would yield.
+
+The returned iterator is a grain `DatasetIterator`: `get_state()` returns a small JSON-serialisable dict and
+`set_state(state)` resumes so that the next batches are exactly those that followed when the state was taken.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from zoo.data import builders
+from zoo.data.config import resolve_data_config
+from zoo.data.tokenizer import ByteTokenizer
+
+# Reads run ahead in a few threads; the order (and so the iterator state) does not depend on them.
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
+
+
+def _builder(cfg: dict[str, Any]) -> tfds.core.DatasetBuilder:
+  name, data_dir = cfg["name"], cfg["data_dir"]
+  if name in builders.EMBEDDED_BUILDERS:
+    return builders.EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"data config: name={name!r} is not a dataset; allowed: {sorted(builders.EMBEDDED_BUILDERS)} "
+                     f"or a TFDS dataset name (see `tfds.list_builders()`)") from e
+
+
+def _task_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict[str, Any]:
+  features = builder.info.features
+  text_key = cfg["text_key"]
+  if text_key in features and isinstance(features[text_key], tfds.features.Text):
+    tok = ByteTokenizer()
+    info = {"task": "lm", "vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id}
+  elif "image" in features and "label" in features and isinstance(features["label"], tfds.features.ClassLabel):
+    shape = tuple(features["image"].shape)
+    if None in shape:
+      raise ValueError(f"dataset {cfg['name']!r} has images of varying shape {shape}; allowed: datasets whose "
+                       f"'image' feature has a fixed shape (e.g. cifar10, digits)")
+    info = {"task": "classification", "num_classes": features["label"].num_classes, "image_shape": shape}
+  else:
+    raise ValueError(f"dataset {cfg['name']!r} has features {sorted(features)}; allowed: a Text feature named "
+                     f"text_key={text_key!r} (task 'lm') or 'image' + ClassLabel 'label' (task 'classification')")
+  if "domain" in features and isinstance(features["domain"], tfds.features.ClassLabel):
+    info["domains"] = tuple(features["domain"].names)
+  return info
+
+
+def dataset_info(data_config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the engine needs to know about a dataset, without reading it.
+
+  Args:
+    data_config: the data config (`zoo.data.config`).
+
+  Returns:
+    {'task': 'lm', 'vocab_size', 'pad_id', 'bos_id', 'eos_id'} for text, or
+    {'task': 'classification', 'num_classes', 'image_shape': (H, W, C)} for images; plus 'domains' (the names) when
+    the dataset has a `domain` label.
+  """
+  cfg = resolve_data_config(data_config)
+  return _task_info(_builder(cfg), cfg)
+
+
+def _open_source(cfg: dict[str, Any], split: str):
+  """The random-access source of `split` and the builder; builds the embedded datasets on first use."""
+  name, data_dir = cfg["name"], cfg["data_dir"]
+  if name in builders.EMBEDDED_BUILDERS:
+    builder = builders.prepare(name, data_dir)
+    if split not in builder.info.splits:
+      raise ValueError(f"split={split!r} is not a split of dataset {name!r}; allowed: {sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split), builder
+  builder = _builder(cfg)
+  try:
+    return builder.as_data_source(split=split), builder
+  except Exception as e:  # Turned into a clear message when the cause is a missing or unreadable preparation.
+    if not builder.is_prepared():
+      raise ValueError(
+          f"dataset {name!r} is not prepared in data_dir={data_dir!r} (looked for {builder.data_path}). Prepare it "
+          f"once, on a machine with TensorFlow and network access, with `tfds build {name} --data_dir={data_dir} "
+          f"--file_format=array_record`, or set data.data_dir (or $ZOO_DATA_DIR) to a directory that has it.") from e
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise ValueError(
+          f"dataset {name!r} in {builder.data_path} is stored as {builder.info.file_format.value}; reading it needs "
+          f"array_record. Convert it with `tfds convert_format --dataset_dir={builder.data_path} "
+          f"--out_file_format=array_record` or rebuild it with `--file_format=array_record`.") from e
+    raise
+
+
+class _Subset:
+  """The records `indices` of a random-access source, as a random-access source."""
+
+  def __init__(self, source, indices: list[int]):
+    self._source = source
+    self._indices = indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int):
+    return self._source[self._indices[i]]
+
+
+def _select(source, builder, cfg: dict[str, Any], split: str) -> list[int]:
+  """The indices of the records of `source` in the wanted domains (all when `domains` is empty)."""
+  if not cfg["domains"]:
+    return list(range(len(source)))
+  features = builder.info.features
+  feature = features["domain"] if "domain" in features else None
+  if not isinstance(feature, tfds.features.ClassLabel):
+    raise ValueError(f"data config: domains={cfg['domains']} but dataset {cfg['name']!r} has no 'domain' label; "
+                     f"allowed: domains=() for it")
+  unknown = sorted(set(cfg["domains"]) - set(feature.names))
+  if unknown:
+    raise ValueError(f"data config: domains {unknown} are not domains of {cfg['name']!r}; allowed: {feature.names}")
+  wanted = {feature.str2int(d) for d in cfg["domains"]}
+  return [i for i in range(len(source)) if int(source[i]["domain"]) in wanted]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokenize(grain.transforms.Map):
+  """Record -> {'tokens': int32 [BOS + bytes + EOS]}."""
+  text_key: str
+
+  def map(self, record):
+    return {"tokens": ByteTokenizer().encode(record[self.text_key])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToLmExample(grain.transforms.Map):
+  """Packed chunk {'tokens' [T+1], 'tokens_segment_ids' [T+1]} -> inputs/targets int32 [T], mask float32 [T]."""
+
+  def map(self, packed):
+    real = packed["tokens_segment_ids"] != 0
+    tokens = np.where(real, packed["tokens"], ByteTokenizer.pad_id).astype(np.int32)
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": real[1:].astype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToImageExample(grain.transforms.Map):
+  """Record -> {'image': float32 [H, W, C] (uint8 scaled to [0, 1]), 'label': int32 []}."""
+
+  def map(self, record):
+    image = np.asarray(record["image"])
+    image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+    return {"image": image, "label": np.int32(record["label"])}
+
+
+def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *, split: str, global_batch_size: int,
+                  seed: int, process_index: int = 0, process_count: int = 1,
+                  repeat: bool = True) -> grain.DatasetIterator:
+  """A checkpointable iterator over this host's share of the batches of one split.
+
+  Args:
+    data_config: the data config (`zoo.data.config`).
+    split: a split of the dataset ('train', 'validation' for pystdlib, 'test' for digits, TFDS slices such as
+      'train[:10%]' for standard datasets).
+    global_batch_size: rows per step over all hosts; a multiple of process_count.
+    seed: shuffle seed, in [0, 2**32).
+    process_index: this host, in [0, process_count).
+    process_count: the number of hosts.
+    repeat: loop forever (a new shuffle each epoch); False ends after one pass (the last partial batch is dropped).
+
+  Returns:
+    A grain DatasetIterator (`get_state()`/`set_state()`) of dicts of numpy arrays, B = global_batch_size //
+    process_count: text {'inputs': int32 [B, T], 'targets': int32 [B, T], 'mask': float32 [B, T]} with T = seq_len;
+    images {'image': float32 [B, H, W, C], 'label': int32 [B]}.
+
+  Raises:
+    ValueError: a bad config key or value, batch size, host index, split or domain filter, an empty selection, or a
+      standard dataset that is not prepared.
+  """
+  cfg = resolve_data_config(data_config)
+  for key, value in (("global_batch_size", global_batch_size), ("process_count", process_count)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"make_iterator: {key}={value!r}; allowed: an int >= 1")
+  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+    raise ValueError(f"make_iterator: process_index={process_index!r}; allowed: 0 <= process_index < "
+                     f"process_count={process_count}")
+  if global_batch_size % process_count:
+    raise ValueError(f"make_iterator: global_batch_size={global_batch_size} is not divisible by "
+                     f"process_count={process_count}; allowed: a multiple of process_count")
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f"make_iterator: seed={seed!r}; allowed: an int in [0, 2**32)")
+  batch_size = global_batch_size // process_count
+
+  source, builder = _open_source(cfg, split)
+  info = _task_info(builder, cfg)
+  indices = _select(source, builder, cfg, split)[process_index::process_count]
+  if not indices:
+    raise ValueError(f"dataset {cfg['name']!r} split={split!r} domains={cfg['domains'] or 'all'} has no examples for "
+                     f"host {process_index} of {process_count}; allowed: a split, domain filter and process_count "
+                     f"that leave every host at least one example")
+  ds = grain.MapDataset.source(_Subset(source, indices))
+  if cfg["shuffle"]:
+    ds = ds.shuffle(int(seed))
+  if repeat:
+    ds = ds.repeat()
+  if info["task"] == "lm":
+    it = ds.map(_Tokenize(cfg["text_key"])).to_iter_dataset(_READ_OPTIONS)
+    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": cfg["seq_len"] + 1})
+    it = it.map(_ToLmExample()).batch(batch_size, drop_remainder=True)
+  else:
+    ds = ds.map(_ToImageExample()).batch(batch_size, drop_remainder=True)
+    it = ds.to_iter_dataset(_READ_OPTIONS)
+  if cfg["worker_count"]:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["worker_count"]))
+  return iter(it)
