@@ -1,4 +1,4 @@
-"""Pallas kernels for sparse dispatch, each next to its pure-jnp reference."""
-from kernels.gmm import gmm, tgmm
+"""Pallas kernels for sparse dispatch, each next to its pure-jnp reference (`kernels/reference.py`)."""
+from kernels.gmm import IMPLEMENTATIONS, choose_implementation, gmm, gmm_gather, scatter_combine, tgmm
 
-__all__ = ["gmm", "tgmm"]
+__all__ = ["IMPLEMENTATIONS", "choose_implementation", "gmm", "gmm_gather", "scatter_combine", "tgmm"]

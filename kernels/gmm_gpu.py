@@ -1,0 +1,165 @@
+"""Grouped matmul kernels for GPU (Pallas Triton).
+
+Method: MegaBlocks' grouped GEMM (Gale et al., 2022, Sec. 5.1). gmm launches one program per (visit, n-tile) of the
+tile-visit schedule in `metadata.py`: the program loops over k with masked loads, and stores only the rows of its
+group (tiles straddling a group boundary are visited once per group, with disjoint row masks, so no two programs
+write the same element). tgmm launches one program per (group, k-tile, n-tile) and loops over the group's rows, so
+an empty group runs zero iterations and stores exact zeros. With `row_ids` the lhs rows are loaded through the index
+vector (a pointer gather), so the routed copy of the activations is never materialised.
+"""
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from kernels import metadata as md
+
+
+def _cdiv(a, b):
+  return -(-a // b)
+
+
+def _dot(a, b, contract_a, contract_b):
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
+def _load_lhs(lhs_ref, ids_ref, row0, row_ok, k0, tk, k):
+  """lhs rows [row0, row0 + tm) (or x[row_ids[...]]) at columns [k0, k0 + tk), zero where masked: [tm, tk]."""
+  tm = row_ok.shape[0]
+  rows = row0 + jnp.arange(tm)
+  cols = k0 + jnp.arange(tk)
+  mask = row_ok[:, None] & (cols < k)[None, :]
+  if ids_ref is None:
+    return pltr.load(lhs_ref.at[pl.ds(row0, tm), pl.ds(k0, tk)], mask=mask, other=0)
+  m = ids_ref.shape[0]
+  token = pltr.load(ids_ref.at[jnp.minimum(rows, m - 1)], mask=row_ok, other=0)
+  return pltr.load(lhs_ref.at[token[:, None], jnp.minimum(cols, k - 1)[None, :]], mask=mask, other=0)
+
+
+def _params():
+  return pltr.CompilerParams(num_warps=4, num_stages=3)
+
+
+def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_ids=None, interpret=False):
+  """out[j] = lhs_row(j) @ rhs[group(j)] with rows in no group zero.
+
+  Args:
+    lhs: [m, k], or with row_ids the token matrix [t, k] whose rows are read through row_ids.
+    rhs: [g, k, n], or [g, n, k] when transpose_rhs.
+    group_sizes: [g] int32.
+    tiling: (tm, tk, tn), powers of two >= 16.
+    out_dtype: output dtype.
+    transpose_rhs: contract with rhs[g].T.
+    row_ids: optional [m] int32 row index into lhs (gather fusion).
+    interpret: run the Pallas interpreter instead of Triton.
+
+  Returns:
+    [m, n].
+  """
+  m = lhs.shape[0] if row_ids is None else row_ids.shape[0]
+  k = lhs.shape[1]
+  g = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  tm, tk, tn = tiling
+  tiles_k, tiles_n = _cdiv(k, tk), _cdiv(n, tn)
+  meta = md.make_group_metadata(group_sizes, m, tm, visit_empty_groups=False)
+  visits = md.num_visits(m, tm, g)
+  gather = row_ids is not None
+
+  def kernel(offsets_ref, gids_ref, mtiles_ref, ntiles_ref, *refs):
+    ids_ref, (lhs_ref, rhs_ref, out_ref) = (refs[0], refs[1:]) if gather else (None, refs)
+    v, n_i = pl.program_id(0), pl.program_id(1)
+    gid = gids_ref[v]
+    num_tiles = ntiles_ref[0]
+    real = v < num_tiles
+    rows = mtiles_ref[v] * tm + jnp.arange(tm)
+    cols = n_i * tn + jnp.arange(tn)
+    row_ok, col_ok = rows < m, cols < n
+
+    def body(k_i, acc):
+      k0 = k_i * tk
+      a = _load_lhs(lhs_ref, ids_ref, mtiles_ref[v] * tm, row_ok, k0, tk, k)
+      ks = k0 + jnp.arange(tk)
+      if transpose_rhs:
+        b = pltr.load(rhs_ref.at[gid, pl.ds(n_i * tn, tn), pl.ds(k0, tk)],
+                      mask=col_ok[:, None] & (ks < k)[None, :], other=0)
+        return acc + _dot(a, b, 1, 1)
+      b = pltr.load(rhs_ref.at[gid, pl.ds(k0, tk), pl.ds(n_i * tn, tn)],
+                    mask=(ks < k)[:, None] & col_ok[None, :], other=0)
+      return acc + _dot(a, b, 1, 0)
+
+    acc = lax.fori_loop(0, jnp.where(real, tiles_k, 0), body, jnp.zeros((tm, tn), jnp.float32))
+    in_group = real & (rows >= offsets_ref[gid]) & (rows < offsets_ref[gid + 1])
+    past_end = (v >= num_tiles - 1) & (rows >= offsets_ref[g])
+    value = jnp.where(in_group[:, None], acc, 0).astype(out_dtype)
+    mask = ((in_group | past_end) & row_ok)[:, None] & col_ok[None, :]
+    pltr.store(out_ref.at[pl.ds(mtiles_ref[v] * tm, tm), pl.ds(n_i * tn, tn)], value, mask=mask)
+
+  operands = (*meta, *((row_ids.astype(jnp.int32),) if gather else ()), lhs, rhs)
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(visits, tiles_n),
+      in_specs=[any_spec] * len(operands),
+      out_specs=any_spec,
+      compiler_params=_params(),
+      interpret=interpret,
+      name="gmm_gather_triton" if gather else "gmm_triton")(*operands)
+
+
+def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=False):
+  """out[i] = lhs[rows of group i].T @ rhs[rows of group i]; empty groups give zeros.
+
+  Args:
+    lhs: [m, k] (row-major grouped operand), or with row_ids the token matrix [t, k] read through row_ids.
+    rhs: [m, n].
+    group_sizes: [g] int32.
+    tiling: (tm, tk, tn), powers of two >= 16.
+    out_dtype: output dtype.
+    row_ids: optional [m] int32 row index into lhs (gather fusion).
+    interpret: run the Pallas interpreter instead of Triton.
+
+  Returns:
+    [g, k, n].
+  """
+  m = rhs.shape[0]
+  k, n = lhs.shape[1], rhs.shape[1]
+  g = group_sizes.shape[0]
+  tm, tk, tn = tiling
+  offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)])
+  gather = row_ids is not None
+
+  def kernel(offsets_ref, *refs):
+    ids_ref, (lhs_ref, rhs_ref, out_ref) = (refs[0], refs[1:]) if gather else (None, refs)
+    gid, k_i, n_i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = offsets_ref[gid], offsets_ref[gid + 1]
+    cols = n_i * tn + jnp.arange(tn)
+    ks = k_i * tk + jnp.arange(tk)
+
+    def body(i, acc):
+      rows = start + i * tm + jnp.arange(tm)
+      row_ok = rows < end
+      a = _load_lhs(lhs_ref, ids_ref, start + i * tm, row_ok, k_i * tk, tk, k)
+      b = pltr.load(rhs_ref.at[pl.ds(start + i * tm, tm), pl.ds(n_i * tn, tn)],
+                    mask=row_ok[:, None] & (cols < n)[None, :], other=0)
+      return acc + _dot(a, b, 0, 0)
+
+    acc = lax.fori_loop(0, (end - start + tm - 1) // tm, body, jnp.zeros((tk, tn), jnp.float32))
+    pltr.store(out_ref.at[gid, pl.ds(k_i * tk, tk), pl.ds(n_i * tn, tn)], acc.astype(out_dtype),
+               mask=(ks < k)[:, None] & (cols < n)[None, :])
+
+  operands = (offsets, *((row_ids.astype(jnp.int32),) if gather else ()), lhs, rhs)
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+      grid=(g, _cdiv(k, tk), _cdiv(n, tn)),
+      in_specs=[any_spec] * len(operands),
+      out_specs=any_spec,
+      compiler_params=_params(),
+      interpret=interpret,
+      name="tgmm_gather_triton" if gather else "tgmm_triton")(*operands)

@@ -1,0 +1,224 @@
+"""Grouped matmul kernels for TPU (Pallas Mosaic).
+
+Method: MegaBlocks' grouped GEMM (Gale et al., 2022, Sec. 5.1) with the TPU tile-visit schedule of `metadata.py`.
+gmm runs the grid (n-tiles, visits, k-tiles) with k innermost: an f32 accumulator in VMEM, and at the last k-tile
+the rows of the visit's group are written into the output tile (which stays in VMEM while consecutive visits hit the
+same m-tile). tgmm runs (k-tiles, n-tiles, visits): consecutive visits of one group accumulate, the group's output
+tile is written when the group changes. The gather variant reads `x[row_ids]` rows straight from HBM by one DMA per
+row, so the routed copy of the activations is never materialised.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels import metadata as md
+
+
+def _cdiv(a, b):
+  return -(-a // b)
+
+
+def _k_mask(k_i, tk, k, shape, axis):
+  """True for entries of the k-tile that lie inside [0, k)."""
+  return lax.broadcasted_iota(jnp.int32, shape, axis) + k_i * tk < k
+
+
+def _gather_rows(x_hbm, row_ids_ref, buf, sem, tile_start, k0, tm, tk):
+  """Copies x[row_ids[tile_start + r], k0:k0+tk] into buf[r] for r < tm (one DMA per row)."""
+  def start(r, carry):
+    row = row_ids_ref[tile_start + r]
+    pltpu.make_async_copy(x_hbm.at[pl.ds(row, 1), pl.ds(k0, tk)], buf.at[pl.ds(r, 1)], sem).start()
+    return carry
+
+  def wait(r, carry):
+    pltpu.make_async_copy(x_hbm.at[pl.ds(0, 1), pl.ds(k0, tk)], buf.at[pl.ds(r, 1)], sem).wait()
+    return carry
+
+  lax.fori_loop(0, tm, start, 0)
+  lax.fori_loop(0, tm, wait, 0)
+  return buf[...]
+
+
+def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_ids=None, interpret=False):
+  """out[j] = lhs_row(j) @ rhs[group(j)] with rows in no group zero.
+
+  Args:
+    lhs: [m, k], or with row_ids the token matrix [t, k] whose rows are read through row_ids.
+    rhs: [g, k, n], or [g, n, k] when transpose_rhs.
+    group_sizes: [g] int32.
+    tiling: (tm, tk, tn); tk and tn multiples of 128 or the full dimension, tm a multiple of 8.
+    out_dtype: output dtype.
+    transpose_rhs: contract with rhs[g].T.
+    row_ids: optional [m] int32 row index into lhs (gather fusion); needs k % tk == 0.
+    interpret: run the Pallas interpreter instead of Mosaic.
+
+  Returns:
+    [m, n].
+  """
+  m = lhs.shape[0] if row_ids is None else row_ids.shape[0]
+  k = lhs.shape[1]
+  g = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  tm, tk, tn = tiling
+  tiles_k, tiles_n, tiles_m = _cdiv(k, tk), _cdiv(n, tn), _cdiv(m, tm)
+  meta = md.make_group_metadata(group_sizes, m, tm, visit_empty_groups=False)
+  visits = md.num_visits(m, tm, g)
+  gather = row_ids is not None
+  if gather and k % tk:
+    raise ValueError(f"gather-fused gmm needs k ({k}) divisible by tk ({tk})")
+
+  def kernel(offsets_ref, gids_ref, mtiles_ref, ntiles_ref, *refs):
+    if gather:
+      row_ids_ref, x_hbm, rhs_ref, out_ref, acc_ref, buf, sem = refs
+    else:
+      lhs_ref, rhs_ref, out_ref, acc_ref = refs
+    v, k_i = pl.program_id(1), pl.program_id(2)
+    gid = gids_ref[v]
+    real = v < ntiles_ref[0]
+
+    @pl.when(k_i == 0)
+    def _():
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(real)
+    def _():
+      if gather:
+        a = _gather_rows(x_hbm, row_ids_ref, buf, sem, mtiles_ref[v] * tm, k_i * tk, tm, tk)
+      else:
+        a = lhs_ref[...]
+      b = rhs_ref[0]
+      if k % tk:
+        a = jnp.where(_k_mask(k_i, tk, k, a.shape, 1), a, 0)
+        b = jnp.where(_k_mask(k_i, tk, k, b.shape, 1 if transpose_rhs else 0), b, 0)
+      contract = (1,) if transpose_rhs else (0,)
+      acc_ref[...] += lax.dot_general(a, b, (((1,), contract), ((), ())), preferred_element_type=jnp.float32)
+
+    @pl.when(k_i == tiles_k - 1)
+    def _():
+      rows = mtiles_ref[v] * tm + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
+      in_group = real & (rows >= offsets_ref[gid]) & (rows < offsets_ref[gid + 1])
+      past_end = (v >= ntiles_ref[0] - 1) & (rows >= offsets_ref[g])
+      out_ref[...] = jnp.where(in_group, acc_ref[...].astype(out_dtype),
+                               jnp.where(past_end, jnp.zeros((), out_dtype), out_ref[...]))
+
+  if transpose_rhs:
+    rhs_spec = pl.BlockSpec((1, tn, tk), lambda n_i, v, k_i, off, gids, mt, nt: (gids[v], n_i, k_i))
+  else:
+    rhs_spec = pl.BlockSpec((1, tk, tn), lambda n_i, v, k_i, off, gids, mt, nt: (gids[v], k_i, n_i))
+  if gather:
+    padded_ids = jnp.pad(row_ids.astype(jnp.int32), (0, tiles_m * tm - m))
+    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec(memory_space=pl.ANY), rhs_spec]
+    operands = (padded_ids, lhs, rhs)
+    scratch = [pltpu.VMEM((tm, tn), jnp.float32), pltpu.VMEM((tm, tk), lhs.dtype), pltpu.SemaphoreType.DMA]
+  else:
+    in_specs = [pl.BlockSpec((tm, tk), lambda n_i, v, k_i, off, gids, mt, nt: (mt[v], k_i)), rhs_spec]
+    operands = (lhs, rhs)
+    scratch = [pltpu.VMEM((tm, tn), jnp.float32)]
+  call = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(tiles_n, visits, tiles_k),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((tm, tn), lambda n_i, v, k_i, off, gids, mt, nt: (mt[v], n_i)),
+          scratch_shapes=scratch),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+      interpret=interpret,
+      name="gmm_gather" if gather else "gmm")
+  return call(*meta, *operands)
+
+
+def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=False):
+  """out[i] = lhs[rows of group i].T @ rhs[rows of group i]; empty groups give zeros.
+
+  The grouped operand is taken row-major (`[m, k]`, the layout the backward pass already holds); the public
+  `tgmm(lhs[k, m], ...)` passes `lhs.T`.
+
+  Args:
+    lhs: [m, k], or with row_ids the token matrix [t, k] read through row_ids.
+    rhs: [m, n].
+    group_sizes: [g] int32.
+    tiling: (tm, tk, tn); tm and tn multiples of 128 or the full dimension, tk a multiple of 128 or full.
+    out_dtype: output dtype.
+    row_ids: optional [m] int32 row index into lhs (gather fusion); needs k % tk == 0.
+    interpret: run the Pallas interpreter instead of Mosaic.
+
+  Returns:
+    [g, k, n].
+  """
+  m = rhs.shape[0]
+  k, n = lhs.shape[1], rhs.shape[1]
+  g = group_sizes.shape[0]
+  tm, tk, tn = tiling
+  tiles_k, tiles_n, tiles_m = _cdiv(k, tk), _cdiv(n, tn), _cdiv(m, tm)
+  meta = md.make_group_metadata(group_sizes, m, tm, visit_empty_groups=True)
+  visits = md.num_visits(m, tm, g)
+  gather = row_ids is not None
+  if gather and k % tk:
+    raise ValueError(f"gather-fused tgmm needs k ({k}) divisible by tk ({tk})")
+
+  def kernel(offsets_ref, gids_ref, mtiles_ref, ntiles_ref, *refs):
+    if gather:
+      row_ids_ref, x_hbm, rhs_ref, out_ref, acc_ref, buf, sem = refs
+    else:
+      lhs_ref, rhs_ref, out_ref, acc_ref = refs
+    k_i, v = pl.program_id(0), pl.program_id(2)
+    gid = gids_ref[v]
+    num_tiles = ntiles_ref[0]
+    real = v < num_tiles
+    first = (v == 0) | (gids_ref[jnp.maximum(v - 1, 0)] != gid)
+    last = (v == num_tiles - 1) | (gids_ref[jnp.minimum(v + 1, visits - 1)] != gid)
+
+    @pl.when(real & first)
+    def _():
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(real)
+    def _():
+      if gather:
+        a = _gather_rows(x_hbm, row_ids_ref, buf, sem, mtiles_ref[v] * tm, k_i * tk, tm, tk)
+      else:
+        a = lhs_ref[...]
+      b = rhs_ref[...]
+      rows_a = mtiles_ref[v] * tm + lax.broadcasted_iota(jnp.int32, a.shape, 0)
+      rows_b = mtiles_ref[v] * tm + lax.broadcasted_iota(jnp.int32, b.shape, 0)
+      start, end = offsets_ref[gid], offsets_ref[gid + 1]
+      a_mask = (rows_a >= start) & (rows_a < end)
+      if k % tk:
+        a_mask &= _k_mask(k_i, tk, k, a.shape, 1)
+      a = jnp.where(a_mask, a, 0)
+      b = jnp.where((rows_b >= start) & (rows_b < end), b, 0)
+      acc_ref[...] += lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    @pl.when(real & last)
+    def _():
+      out_ref[0] = acc_ref[...].astype(out_dtype)
+
+  rhs_spec = pl.BlockSpec((tm, tn), lambda k_i, n_i, v, off, gids, mt, nt: (mt[v], n_i))
+  if gather:
+    padded_ids = jnp.pad(row_ids.astype(jnp.int32), (0, tiles_m * tm - m))
+    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec(memory_space=pl.ANY), rhs_spec]
+    operands = (padded_ids, lhs, rhs)
+    scratch = [pltpu.VMEM((tk, tn), jnp.float32), pltpu.VMEM((tm, tk), lhs.dtype), pltpu.SemaphoreType.DMA]
+  else:
+    in_specs = [pl.BlockSpec((tm, tk), lambda k_i, n_i, v, off, gids, mt, nt: (mt[v], k_i)), rhs_spec]
+    operands = (lhs, rhs)
+    scratch = [pltpu.VMEM((tk, tn), jnp.float32)]
+  call = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=4,
+          grid=(tiles_k, tiles_n, visits),
+          in_specs=in_specs,
+          out_specs=pl.BlockSpec((1, tk, tn), lambda k_i, n_i, v, off, gids, mt, nt: (gids[v], k_i, n_i)),
+          scratch_shapes=scratch),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="tgmm_gather" if gather else "tgmm")
+  return call(*meta, *operands)
