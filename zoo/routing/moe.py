@@ -1,0 +1,209 @@
+"""Linen modules that own routing parameters: `Router` (gate kernel, balancing bias) and `MoEFFN` (stacked experts).
+
+The math lives in the pure functions of `zoo.routing.routers` and `zoo.routing.dispatch`; these modules only create
+parameters (with logical axis names, see `zoo.engine.sharding.LOGICAL_AXIS_RULES`) and call them.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.routing import dispatch
+from zoo.routing import routers
+
+ROUTER_SCORES = ("softmax", "sigmoid", "expert_choice")
+
+
+def _expert_init():
+  """Fan-in scaled init for stacked [experts, in, out] kernels (each expert initialised like one dense layer)."""
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+                                          batch_axis=(0,))
+
+
+class Router(nn.Module):
+  """Linear router `logits = x W` (float32) followed by a routing function of `zoo.routing.routers`.
+
+  score='softmax': `softmax_topk` (Switch / Mixtral; with n_group > 1 DeepSeek-V2 group-limited).
+  score='sigmoid': `sigmoid_topk` (DeepSeek-V3); with `bias_balancing` the selection bias lives in the
+    'routing_state' collection and is updated by `update_balance_bias` in `apply(..., mutable=['routing_state'])`
+    when `deterministic=False` (aux-loss-free balancing, DeepSeek-V3 Sec. 2.1.2).
+  score='expert_choice': `expert_choice` with `capacity_factor` (Zhou et al. 2022).
+  frozen=True: the kernel is a random matrix kept in 'routing_state' and never trained (SMoE-Dropout, Chen et al.
+    2023, Sec. 3.2; use with score='softmax', renormalize=True: softmax over the top-k logits).
+  jitter_eps > 0: multiplicative Uniform(1 - eps, 1 + eps) noise on the router input when `deterministic=False`
+    (Switch Sec. 2.4); draws from the 'dropout' RNG stream.
+
+  Attributes:
+    num_experts: E.
+    num_selected: k, experts per token (top-k scores).
+    score, renormalize, n_group, topk_group, routed_scaling_factor: see `zoo.routing.routers`.
+    bias_balancing: keep and update a selection bias (score='sigmoid' only).
+    bias_update_rate: u of the bias update.
+    capacity_factor: expert-choice capacity factor.
+    jitter_eps: router jitter half-width (0 = off).
+    frozen: frozen random router.
+    per_sequence_balance: compute the load-balance loss per sequence (input [batch, length, embed]).
+  """
+  num_experts: int
+  num_selected: int = 2
+  score: str = "softmax"
+  renormalize: bool = True
+  n_group: int = 1
+  topk_group: int = 1
+  routed_scaling_factor: float = 1.0
+  bias_balancing: bool = False
+  bias_update_rate: float = 1e-3
+  capacity_factor: float = 1.0
+  jitter_eps: float = 0.0
+  frozen: bool = False
+  per_sequence_balance: bool = False
+  kernel_init: Any = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True):
+    """Routes the tokens of x.
+
+    Args:
+      x: [..., embed] (e.g. [batch, length, embed]); routed as a flat list of tokens.
+      deterministic: False in training (jitter, bias update).
+
+    Returns:
+      Routing over the flattened tokens [prod(leading dims)].
+    """
+    if self.score not in ROUTER_SCORES:
+      raise ValueError(f"Router.score={self.score!r} is unknown; allowed: {ROUTER_SCORES}")
+    if self.bias_balancing and self.score != "sigmoid":
+      raise ValueError(f"Router.bias_balancing needs score='sigmoid', got score={self.score!r}")
+    if self.per_sequence_balance and x.ndim != 3:
+      raise ValueError(f"Router.per_sequence_balance needs x as [batch, length, embed], got shape {x.shape}")
+    embed = x.shape[-1]
+    init = nn.with_logical_partitioning(self.kernel_init, ("embed", "expert"))
+    if self.frozen:
+      kernel = nn.meta.unbox(self.variable(
+          "routing_state", "kernel", lambda: init(self.make_rng("params"), (embed, self.num_experts))).value)
+    else:
+      kernel = self.param("kernel", init, (embed, self.num_experts), jnp.float32)
+    tokens = x.reshape(-1, embed).astype(jnp.float32)
+    if not deterministic and self.jitter_eps > 0:
+      tokens = routers.jitter(tokens, self.make_rng("dropout"), self.jitter_eps)
+    logits = tokens @ kernel
+    sequence_length = x.shape[-2] if self.per_sequence_balance else None
+    common = dict(renormalize=self.renormalize, n_group=self.n_group, topk_group=self.topk_group,
+                  routed_scaling_factor=self.routed_scaling_factor, sequence_length=sequence_length)
+    if self.score == "softmax":
+      return routers.softmax_topk(logits, self.num_selected, **common)
+    if self.score == "expert_choice":
+      return routers.expert_choice(logits, self.capacity_factor)
+    bias = None
+    if self.bias_balancing:
+      bias_var = self.variable("routing_state", "bias",
+                               nn.with_logical_partitioning(nn.initializers.zeros_init(), ("expert",)),
+                               None, (self.num_experts,), jnp.float32)
+      bias = nn.meta.unbox(bias_var.value)
+    routing = routers.sigmoid_topk(logits, self.num_selected, bias=bias, **common)
+    if self.bias_balancing and not deterministic and self.is_mutable_collection("routing_state"):
+      bias_var.value = nn.meta.replace_boxed(
+          bias_var.value, routers.update_balance_bias(bias, routing.metrics["expert_load"], self.bias_update_rate))
+    return routing
+
+
+class MoEFFN(nn.Module):
+  """Mixture-of-experts FFN: router + stacked experts + optional shared experts.
+
+  `y = sum_{e in topk} w_e FFN_e(x) [+ g(x) * FFN_shared(x)]`. Shared experts as in DeepSeekMoE (Dai et al. 2024,
+  Sec. 3.2) are one dense FFN of width `shared_mlp_dim` (= number of shared experts * their width); with
+  `shared_gate` its output is scaled by `sigmoid(x w_g)` as in Qwen2-MoE (Qwen2 report, Sec. 2.2.3).
+
+  Attributes:
+    num_experts: E routed experts.
+    expert_mlp_dim: hidden width of one routed expert.
+    num_selected: k, used when `router` is None (the default softmax top-k router).
+    activation: 'swiglu' | 'reglu' | 'geglu' (gated) or 'silu' | 'relu' | 'gelu' (plain).
+    router: a `Router` (unbound) to use instead of the default `Router(num_experts, num_selected)`.
+    strategy: dispatch strategy ('dense' | 'capacity' | 'dropless'; None = automatic per backend).
+    capacity_factor: capacity factor for 'capacity' / expert parallelism (None = no dropping).
+    shared_mlp_dim: width of the shared-expert FFN (0 = none).
+    shared_gate: sigmoid gate on the shared expert output.
+    dtype: compute dtype of the experts (routing is always float32).
+    param_dtype: parameter dtype.
+    mesh: a Mesh whose 'expert' axis > 1 enables expert parallelism (all-to-all); None = off.
+  """
+  num_experts: int
+  expert_mlp_dim: int
+  num_selected: int = 2
+  activation: str = "swiglu"
+  router: Router | None = None
+  strategy: str | None = None
+  capacity_factor: float | None = None
+  shared_mlp_dim: int = 0
+  shared_gate: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  mesh: Any = None
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True, routing=None):
+    """Applies the MoE FFN.
+
+    Args:
+      x: [..., embed] (e.g. [batch, length, embed]).
+      deterministic: False in training.
+      routing: a precomputed Routing over the flattened tokens (pre-gating / recurrent routers); None = use the
+        router.
+
+    Returns:
+      (y [..., embed] in `dtype`, aux dict of unweighted scalar losses, metrics dict: routing metrics +
+      'dropped_fraction').
+    """
+    if self.activation in dispatch.GATED_ACTIVATIONS:
+      names = ("gate", "up", "down")
+    elif self.activation in dispatch.PLAIN_ACTIVATIONS:
+      names = ("up", "down")
+    else:
+      raise ValueError(f"MoEFFN.activation={self.activation!r} is unknown; allowed: "
+                       f"{sorted(dispatch.GATED_ACTIVATIONS) + sorted(dispatch.PLAIN_ACTIVATIONS)}")
+    embed = x.shape[-1]
+    if routing is None:
+      router = self.router if self.router is not None else Router(self.num_experts, self.num_selected,
+                                                                  name="router")
+      if router.num_experts != self.num_experts:
+        raise ValueError(f"router.num_experts={router.num_experts} != MoEFFN.num_experts={self.num_experts}")
+      routing = router(x, deterministic=deterministic)
+    expert_weights = {}
+    for name in names:
+      shape = ((self.num_experts, self.expert_mlp_dim, embed) if name == "down" else
+               (self.num_experts, embed, self.expert_mlp_dim))
+      axes = ("expert", "expert_mlp", "embed") if name == "down" else ("expert", "embed", "expert_mlp")
+      param = self.param(name, nn.with_logical_partitioning(_expert_init(), axes), shape, self.param_dtype)
+      expert_weights[name] = param.astype(self.dtype)
+    tokens = x.reshape(-1, embed).astype(self.dtype)
+    tokens = nn.with_logical_constraint(tokens, ("batch", "embed"))
+    y, dispatch_metrics = dispatch.moe_ffn(tokens, routing, expert_weights, strategy=self.strategy,
+                                           activation=self.activation, capacity_factor=self.capacity_factor,
+                                           mesh=self.mesh)
+    if self.shared_mlp_dim:
+      y = y + self._shared(tokens, names)
+    return y.reshape(x.shape[:-1] + (embed,)), dict(routing.aux), {**routing.metrics, **dispatch_metrics}
+
+  def _shared(self, tokens, names):
+    embed = tokens.shape[-1]
+    hidden = {}
+    for name in names[:-1]:
+      kernel = self.param(f"shared_{name}", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                         ("embed", "mlp")),
+                          (embed, self.shared_mlp_dim), self.param_dtype)
+      hidden[name] = tokens @ kernel.astype(self.dtype)
+    if "gate" in hidden:
+      h = dispatch.GATED_ACTIVATIONS[self.activation](hidden["gate"]) * hidden["up"]
+    else:
+      h = dispatch.PLAIN_ACTIVATIONS[self.activation](hidden["up"])
+    down = self.param("shared_down", nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
+                      (self.shared_mlp_dim, embed), self.param_dtype)
+    out = h @ down.astype(self.dtype)
+    if self.shared_gate:
+      gate = self.param("shared_gate_kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                           ("embed", None)),
+                        (embed, 1), self.param_dtype)
+      out = out * jax.nn.sigmoid(tokens.astype(jnp.float32) @ gate.astype(jnp.float32)).astype(self.dtype)
+    return out
