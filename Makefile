@@ -1,0 +1,30 @@
+# The README's commands. Each target creates the virtual environment first if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/dense_lm
+EXTRAS ?= test,hf
+
+.PHONY: train test bench venv clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+train: venv
+	$(PY) train.py --config configs/dense_lm.py --workdir $(WORKDIR)
+	$(PY) evaluate.py --config configs/dense_lm.py --workdir $(WORKDIR)
+
+test: venv
+	$(PY) -m pytest -n 2 -q tests
+
+bench: venv
+	$(PY) bench/gmm.py --small
+	$(PY) bench/moe_layer.py
+
+clean:
+	rm -rf $(VENV) workdirs
