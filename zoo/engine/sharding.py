@@ -3,6 +3,7 @@
 Layers name their parameter and activation axes with logical names (`nn.with_logical_partitioning`,
 `nn.with_logical_constraint`); this table maps them onto the mesh axes ('data', 'fsdp', 'expert', 'tensor').
 """
+import contextlib
 import math
 
 import jax
@@ -71,3 +72,17 @@ def batch_sharding(mesh, ndim):
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def mesh_context(mesh, rules=LOGICAL_AXIS_RULES):
+  """Make `mesh` and the logical-axis rules current, so `nn.with_logical_constraint` in layers takes effect."""
+  import flax.linen as nn
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def global_batch(batch, mesh):
+  """Turn this host's share of a batch (dict of numpy arrays) into global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items()}

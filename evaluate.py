@@ -1,0 +1,39 @@
+"""Evaluate a checkpoint: metrics, routing plots, and (language models) a text sample decoded with the KV cache.
+
+  python evaluate.py --config configs/dense_lm.py --workdir DIR [--step N] [--config.KEY=VALUE ...]
+
+Prints human-readable results and, as its last line, one JSON object with the metrics (also written to
+DIR/eval_<step>.json).
+"""
+import json
+
+from absl import app, flags
+
+from zoo.engine import cli
+
+cli.define_flags()
+flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)")
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.batch_size=64")
+  cli.initialize()
+  from zoo.engine.trainer import evaluate
+  try:
+    step, results, sample = evaluate(flags.FLAGS.config, flags.FLAGS.workdir, step=flags.FLAGS.step)
+  except cli.USER_ERRORS as e:
+    cli.fail(e)
+  print(f"checkpoint step {step} of {flags.FLAGS.workdir}, split {flags.FLAGS.config.data.eval_split!r}:")
+  for key, value in results.items():
+    if isinstance(value, float):
+      print(f"  {key:24s} {value:.4f}")
+    elif key not in ("sample",) and not isinstance(value, list):
+      print(f"  {key:24s} {value}")
+  if sample is not None:
+    print("sample:\n" + sample)
+  print(json.dumps({"step": step, **results}))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

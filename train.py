@@ -1,0 +1,30 @@
+"""Train (or resume) an experiment.
+
+  python train.py --config configs/dense_lm.py --workdir DIR [--config.KEY=VALUE ...]
+
+Running the same command again resumes from the latest checkpoint in DIR. Multi-host: start one process per host
+with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the JAX_* environment variables; TPU pods
+and SLURM are detected).
+"""
+from absl import app, flags
+
+from zoo.engine import cli
+
+cli.define_flags()
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100")
+  cli.initialize()
+  from zoo.engine.trainer import TrainingDivergedError, train
+  try:
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
+  except cli.USER_ERRORS as e:
+    cli.fail(e)
+  except TrainingDivergedError as e:
+    cli.fail(e, code=1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)

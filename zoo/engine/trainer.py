@@ -1,0 +1,342 @@
+"""The train loop and the evaluation loop: sharded state, jitted steps, checkpoints, logging, NaN guard, SIGTERM.
+
+`train(config, workdir)` runs (or resumes) an experiment; `evaluate(config, workdir, step=None)` scores a checkpoint.
+Both are model-agnostic: the model comes from `zoo.models.build_model`, the scoring from `zoo.engine.tasks`.
+"""
+import contextlib
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from zoo.engine import sharding
+from zoo.engine.checkpoint import Checkpointer, checkpoint_dir, restore_params
+from zoo.engine.config import validate_config
+from zoo.engine.optim import make_optimizer
+from zoo.engine.state import abstract_state, create_train_state
+from zoo.engine.tasks import get_task, reduce_stats
+from zoo.engine.writers import MetricsWriter, to_python
+from zoo.models import build_model
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+class Experiment:
+  """Everything derived from a config: mesh, model, task, optimizer, jitted steps.
+
+  Args:
+    config: the experiment config (validated here).
+    devices: the devices of the mesh (default: all).
+  """
+
+  def __init__(self, config, devices=None):
+    devices = jax.devices() if devices is None else devices
+    self.config = config
+    self.info = validate_config(config, num_devices=len(devices))
+    self.task = get_task(config.task)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.model = build_model(config.model)
+    self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps))
+    shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    self.dummy = self.task.dummy_batch(self.info, config.data, shards)
+    self.local_batch = int(config.train.batch_size) // jax.process_count()
+
+  def batch_shardings(self, batch):
+    return {k: sharding.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+  def init_state(self):
+    rng = jax.random.key(int(self.config.seed))
+    return create_train_state(self.model, self.tx, self.task, self.dummy, self.mesh, rng)
+
+  def abstract_state(self):
+    return abstract_state(self.model, self.tx, self.task, self.dummy, self.mesh)
+
+  def make_iterator(self, split, repeat):
+    from zoo.data import make_iterator
+    return make_iterator(self.config.data, split=split, global_batch_size=int(self.config.train.batch_size),
+                         seed=int(self.config.seed), process_index=jax.process_index(),
+                         process_count=jax.process_count(), repeat=repeat)
+
+  def _apply(self, variables, batch, *, train, rng=None):
+    """Returns (logits, ModelOutput, updated non-param collections)."""
+    mutable = [k for k in variables if k != "params"] if train else False
+    kwargs = {"rngs": {"dropout": rng}} if rng is not None else {}
+    out = self.model.apply(variables, self.task.inputs(batch), deterministic=not train, mutable=mutable, **kwargs)
+    if train:
+      (logits, model_out), updated = out
+      return logits, model_out, dict(updated)
+    logits, model_out = out
+    return logits, model_out, {k: v for k, v in variables.items() if k != "params"}
+
+  def make_train_step(self, state_shardings, batch_example):
+    """A jitted `(state, batch) -> (state, metrics)` with explicit in/out shardings; the state is donated."""
+    accum = int(self.config.train.grad_accum_steps)
+    base_rng = jax.random.key(int(self.config.seed) + 1)
+
+    def micro_loss(params, collections, micro, rng):
+      logits, model_out, collections = self._apply({"params": params, **collections}, micro, train=True, rng=rng)
+      stats = self.task.stats(logits, micro)
+      loss = stats["loss_sum"] / jnp.maximum(stats["weight"], 1e-9) + model_out.aux_loss
+      return loss, (stats, model_out, collections)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state, batch):
+      rng = jax.random.fold_in(base_rng, state.step)
+      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+      def body(carry, inputs):
+        grads, collections = carry
+        i, mb = inputs
+        (_, (stats, model_out, collections)), g = grad_fn(state.params, collections, mb, jax.random.fold_in(rng, i))
+        grads = jax.tree.map(lambda a, b: a + b / accum, grads, g)
+        return (grads, collections), (stats, model_out.aux_loss, model_out.metrics)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, collections), (stats, aux, model_metrics) = jax.lax.scan(
+          body, (zeros, state.collections), (jnp.arange(accum), micro))
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics = {"stats": jax.tree.map(lambda x: jnp.sum(x, 0), stats), "aux_loss": jnp.mean(aux),
+                 "grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(state.step),
+                 "model": jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), 0), model_metrics)}
+      new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections)
+      return new_state, metrics
+
+    return jax.jit(step, in_shardings=(state_shardings, self.batch_shardings(batch_example)),
+                   out_shardings=(state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+
+  def host_metrics(self, metrics):
+    """Train-step metrics on the host: the task's metrics of the batch, aux loss, grad norm, lr, model metrics."""
+    if "stats" not in metrics:
+      return metrics
+    metrics = jax.device_get(metrics)
+    return {**self.task.finalize(metrics["stats"], self.info), "aux_loss": metrics["aux_loss"],
+            "grad_norm": metrics["grad_norm"], "learning_rate": metrics["learning_rate"], **metrics["model"]}
+
+  def make_eval_step(self, state_shardings, batch_example):
+    """A jitted `(state, batch) -> (stats sums, model metrics)`."""
+    def step(state, batch):
+      logits, model_out, _ = self._apply(state.variables(), batch, train=False)
+      return self.task.stats(logits, batch), model_out.metrics
+    return jax.jit(step, in_shardings=(state_shardings, self.batch_shardings(batch_example)),
+                   out_shardings=sharding.replicated(self.mesh))
+
+  def run_eval(self, state, eval_step):
+    """Score `state` on `config.data.eval_split` (`eval_batches` batches, or all when <= 0).
+
+    Returns:
+      dict: the task's metrics plus the model's metrics averaged over batches (numpy).
+    """
+    limit = int(self.config.train.eval_batches)
+    sums, model_metrics = [], []
+    for i, batch in enumerate(self.make_iterator(self.config.data.eval_split, repeat=False)):
+      if 0 < limit <= i:
+        break
+      stats, metrics = eval_step(state, sharding.global_batch(self._pad(batch), self.mesh))
+      sums.append(jax.device_get(stats))
+      model_metrics.append(jax.device_get(metrics))
+    if not sums:
+      raise ValueError(f"config.data.eval_split={self.config.data.eval_split!r} gave no batches")
+    result = self.task.finalize(reduce_stats(sums), self.info)
+    result.update({k: np.mean([m[k] for m in model_metrics], axis=0) for k in model_metrics[0]})
+    return result
+
+  def _pad(self, batch):
+    """Add the per-example `weight` and pad a short last batch with zero-weight rows."""
+    n = len(next(iter(batch.values())))
+    batch = {**batch, "weight": np.ones((n,), np.float32)}
+    if n == self.local_batch:
+      return batch
+    return {k: np.concatenate([v, np.zeros((self.local_batch - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+class _Sigterm:
+  """Remembers a SIGTERM so the loop can save and stop at the end of the current step."""
+
+  def __init__(self):
+    self.received = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _finite(metrics):
+  return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
+
+
+def _scalars(metrics):
+  return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+
+
+def train(config, workdir, *, devices=None, progress=True):
+  """Train (or resume) the experiment `config` in `workdir`.
+
+  Resumes from the latest checkpoint in `workdir/checkpoints` (the train state and every host's data-iterator
+  state), else starts from `config.init_from`'s params or from scratch. Saves every `checkpoint.every_steps`, at
+  the end and on SIGTERM; stops with TrainingDivergedError on a NaN/inf loss without saving the bad state.
+
+  Returns:
+    The final train state.
+  """
+  exp = Experiment(config, devices)
+  t = config.train
+  steps = int(t.steps)
+  primary = jax.process_index() == 0
+  writer = MetricsWriter(workdir, enabled=primary)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.checkpoint.keep),
+                      use_async=bool(config.checkpoint["async"]))
+  train_iter = exp.make_iterator(config.data.train_split, repeat=True)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(sharding.mesh_context(exp.mesh))
+    stack.callback(writer.close)
+    stack.callback(ckpt.close)
+    sigterm = stack.enter_context(_Sigterm())
+
+    latest = ckpt.latest_step()
+    if latest is not None:
+      target, shardings = exp.abstract_state()
+      state, data_state = ckpt.restore(latest, target)
+      train_iter.set_state(data_state)
+      _log(primary, f"resumed from checkpoint step {latest} in {ckpt.directory}")
+    else:
+      state, shardings = exp.init_state()
+      if config.init_from:
+        target, _ = exp.abstract_state()
+        state = state.replace(params=restore_params(config.init_from, target.params))
+        _log(primary, f"params initialised from {checkpoint_dir(config.init_from)}")
+    start = int(jax.device_get(state.step))
+
+    train_step = exp.make_train_step(shardings, exp.dummy)
+    eval_step = exp.make_eval_step(shardings, exp.dummy)
+    eval_every = int(t.eval_every_steps)
+    if start == 0 and eval_every:
+      writer.write(0, {f"eval_{k}": v for k, v in exp.run_eval(state, eval_step).items()})
+
+    bar = _progress(primary and progress, start, steps)
+    stack.callback(bar.close)
+    items, tic = 0, time.perf_counter()
+    for step in range(start + 1, steps + 1):
+      batch = next(train_iter)
+      items += exp.task.items(batch) * jax.process_count()
+      state, metrics = train_step(state, sharding.global_batch(exp._pad(batch), exp.mesh))
+      bar.update(1)
+      last = step == steps or sigterm.received
+      record = {}
+      if step % int(t.log_every_steps) == 0 or last:
+        metrics = exp.host_metrics(metrics)
+        _check_finite(metrics, step, ckpt)
+        elapsed = time.perf_counter() - tic
+        record.update(metrics)
+        record[exp.task.throughput_key] = items / max(elapsed, 1e-9)
+        items, tic = 0, time.perf_counter()
+        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+      if (eval_every and step % eval_every == 0) or step == steps:
+        record.update({f"eval_{k}": v for k, v in exp.run_eval(state, eval_step).items()})
+      if record:
+        writer.write(step, record)
+        if primary and progress:
+          bar.write(_format(step, record))
+      every = int(config.checkpoint.every_steps)
+      if (every and step % every == 0) or last:
+        metrics = exp.host_metrics(metrics)
+        _check_finite(metrics, step, ckpt)
+        ckpt.save(step, state, train_iter.get_state())
+      if sigterm.received:
+        _log(primary, f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; stopping")
+        break
+    ckpt.wait()
+  return state
+
+
+def _check_finite(metrics, step, ckpt):
+  if not _finite(metrics):
+    ckpt.wait()
+    raise TrainingDivergedError(
+        f"loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} at step {step}: training diverged; "
+        f"stopped without saving. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+
+
+def _format(step, record):
+  parts = [f"{k}={v:.4g}" for k, v in _scalars(record).items()]
+  return f"step {step}: " + " ".join(parts)
+
+
+def _log(primary, text):
+  if primary:
+    print(text, flush=True)
+
+
+def _progress(enabled, start, total):
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
+
+
+def evaluate(config, workdir, *, step=None, devices=None):
+  """Score the checkpoint `step` (default: the latest) of `workdir` on `config.data.eval_split`.
+
+  LM: loss, perplexity, bits per byte and a text sample decoded with the KV cache (`config.sample`).
+  Classification: loss and accuracy. Both: the model's routing metrics, and a PNG heatmap of `expert_load` by layer.
+  Writes `workdir/eval_<step>.json`.
+
+  Returns:
+    (step, metrics dict of floats and lists, sample text or None).
+  """
+  exp = Experiment(config, devices)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
+  try:
+    step = ckpt.latest_step() if step is None else int(step)
+    if step is None:
+      raise CheckpointNotFound(f"no checkpoint in {ckpt.directory}; train first with train.py --workdir {workdir}")
+    with sharding.mesh_context(exp.mesh):
+      target, shardings = exp.abstract_state()
+      state, _ = ckpt.restore(step, target)
+      results = exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy))
+      sample = _sample_text(exp, state) if config.task == "lm" and config.sample.max_new_tokens > 0 else None
+  finally:
+    ckpt.close()
+  if "expert_load" in results:
+    results["expert_load_plot"] = _plot_expert_load(results["expert_load"], workdir, step)
+  results = {k: to_python(v) for k, v in results.items()}
+  if sample is not None:
+    results["sample"] = sample
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+      json.dump({"step": step, **results}, f)
+  return step, results, sample
+
+
+class CheckpointNotFound(FileNotFoundError):
+  """evaluate() found no checkpoint to score."""
+
+
+def _sample_text(exp, state):
+  from zoo.data import ByteTokenizer
+  from zoo.engine.generate import generate
+  tok = ByteTokenizer()
+  s = exp.config.sample
+  prompt = tok.encode(s.prompt, add_eos=False)[None]
+  variables = jax.device_get(state.variables())
+  out = generate(exp.model, variables, prompt, max_new_tokens=int(s.max_new_tokens),
+                 rng=jax.random.key(int(exp.config.seed)), temperature=float(s.temperature), top_k=int(s.top_k),
+                 eos_id=tok.eos_id)
+  return tok.decode(np.asarray(out)[0])
+
+
+def _plot_expert_load(expert_load, workdir, step):
+  from zoo.routing import plot_expert_load
+  return plot_expert_load(np.asarray(expert_load), os.path.join(workdir, f"expert_load_{step}.png"))
