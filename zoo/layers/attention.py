@@ -1,0 +1,164 @@
+"""Multi-head / grouped-query attention with RoPE or NoPE, causal and sliding-window masks and a KV cache.
+
+- Scaled dot-product attention: Vaswani et al. 2017, "Attention Is All You Need", eq. 1.
+- Grouped-query attention (GQA): Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from
+  Multi-Head Checkpoints", section 2.2: query head `h` reads key/value head `h // (num_heads // num_kv_heads)`.
+- RoPE: Su et al. 2021 (`zoo.layers.rope`); NoPE (no positional encoding) when `use_rope=False`.
+- Sliding window (Beltagy et al. 2020, "Longformer"; Mistral 7B): a query at position `p` sees keys at positions
+  `p - window < k <= p`.
+- qk-norm (Qwen3): RMSNorm over `head_dim` on q and k per head, before RoPE.
+
+Masks are boolean `[batch, 1 or heads, q_length, k_length]`, True = may attend. Causality is defined on the absolute
+`positions`, so the same rule serves full forwards and cached decoding (where key slot s holds position s).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.layers.kv_cache import KVCache
+from zoo.layers.linear import DenseGeneral
+from zoo.layers.norms import RMSNorm
+from zoo.layers.rope import apply_rope
+
+
+def attention_mask(q_positions, k_positions, *, causal=True, sliding_window=None, k_valid=None):
+  """Boolean mask [batch, 1, q_length, k_length] from absolute positions.
+
+  Args:
+    q_positions: [batch, q_length] int.
+    k_positions: [batch, k_length] int.
+    causal: keys at positions > the query's are masked.
+    sliding_window: if set, keys at positions <= query - sliding_window are masked too.
+    k_valid: optional [batch, k_length] bool, False for keys that do not exist (empty cache slots).
+  """
+  q = q_positions[:, :, None]
+  k = k_positions[:, None, :]
+  mask = jnp.ones(q.shape[:2] + k.shape[2:], bool)
+  if causal:
+    mask &= k <= q
+  if sliding_window is not None:
+    mask &= q - k < sliding_window
+  if k_valid is not None:
+    mask &= k_valid[:, None, :]
+  return mask[:, None]
+
+
+def segment_mask(q_segment_ids, k_segment_ids):
+  """[batch, 1, q_length, k_length] bool: True where query and key carry the same segment id (packed documents)."""
+  return (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])[:, None]
+
+
+def dot_product_attention(q, k, v, mask=None):
+  """Softmax attention with grouped key/value heads; logits and softmax in float32.
+
+  Args:
+    q: [batch, q_length, heads, head_dim].
+    k, v: [batch, k_length, kv_heads, head_dim]; heads must be a multiple of kv_heads.
+    mask: bool, broadcastable to [batch, heads, q_length, k_length]; dim 1 is 1 or heads. A query whose keys are
+      all masked gets the uniform average over all keys [guess: finite fill instead of NaN]; callers that mask whole
+      rows should discard those outputs.
+
+  Returns:
+    [batch, q_length, heads, head_dim] in q's dtype.
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  if h % kv:
+    raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={kv}")
+  g = h // kv
+  q = q.reshape(b, t, kv, g, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
+      jnp.float32)
+  if mask is not None:
+    if mask.ndim != 4 or mask.shape[1] not in (1, h):
+      raise ValueError(f"attention mask shape {mask.shape} must be [batch, 1 or {h}, q_length, k_length]")
+    mask = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:]) if mask.shape[1] == 1 else mask.reshape(
+        mask.shape[0], kv, g, *mask.shape[2:])
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+  """Causal self-attention: q/k/v projections, optional qk-norm and RoPE, GQA, optional sliding window and KV cache.
+
+  Parameters: `query/kernel` [embed, heads, head_dim], `key/kernel` and `value/kernel` [embed, kv_heads, head_dim],
+  `out/kernel` [heads, head_dim, embed]; `*/bias` when `qkv_bias` (Qwen2); `query_norm/scale`, `key_norm/scale`
+  [head_dim] when `qk_norm` (Qwen3).
+
+  Attributes:
+    num_heads: query heads.
+    head_dim: width of each head.
+    num_kv_heads: key/value heads (None = num_heads, i.e. multi-head; 1 = multi-query).
+    use_rope: RoPE on q and k (False = NoPE).
+    rope_theta: RoPE base.
+    sliding_window: if set, each query sees at most this many keys (itself included).
+    qk_norm: RMSNorm on q and k per head.
+    qkv_bias: biases on the q/k/v projections.
+    norm_epsilon: epsilon of the qk-norms.
+  """
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int | None = None
+  use_rope: bool = True
+  rope_theta: float = 10000.0
+  sliding_window: int | None = None
+  qk_norm: bool = False
+  qkv_bias: bool = False
+  norm_epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, *, cache: KVCache | None = None, mask=None):
+    """Attend over the sequence (and the cache, if given).
+
+    Args:
+      x: [batch, length, embed].
+      positions: [batch, length] int absolute positions.
+      cache: optional KVCache; the new keys/values are written at `positions`, and the queries attend over the whole
+        cache.
+      mask: optional extra bool mask, broadcastable to [batch, 1 or heads, length, k_length], ANDed with the
+        causal/window mask; k_length = length without a cache, cache.max_length with one.
+
+    Returns:
+      (y [batch, length, embed], updated cache or None).
+    """
+    kv_heads = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kv_heads}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window={self.sliding_window} must be a positive integer or None")
+    if positions.shape != x.shape[:2]:
+      raise ValueError(f"positions shape {positions.shape} must be [batch, length] = {x.shape[:2]}")
+
+    def proj(name, heads, axes):
+      return DenseGeneral((heads, self.head_dim), kernel_axes=("embed", axes, "head_dim"), use_bias=self.qkv_bias,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+
+    q = proj("query", self.num_heads, "heads")
+    k = proj("key", kv_heads, "kv_heads")
+    v = proj("value", kv_heads, "kv_heads")
+    if self.qk_norm:
+      norm = dict(epsilon=self.norm_epsilon, axis_name="head_dim", dtype=self.dtype, param_dtype=self.param_dtype)
+      q = RMSNorm(**norm, name="query_norm")(q)
+      k = RMSNorm(**norm, name="key_norm")(k)
+    if self.use_rope:
+      q = apply_rope(q, positions, theta=self.rope_theta)
+      k = apply_rope(k, positions, theta=self.rope_theta)
+
+    if cache is None:
+      k_positions, k_valid = positions, None
+    else:
+      cache = cache.update(k, v, positions)
+      k, v, k_positions, k_valid = cache.read()
+    full_mask = attention_mask(positions, k_positions, sliding_window=self.sliding_window, k_valid=k_valid)
+    if mask is not None:
+      full_mask = full_mask & mask
+    out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), full_mask)
+    y = DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_axes=("heads", "head_dim", "embed"), dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="out")(out)
+    return y, cache
