@@ -188,7 +188,7 @@ def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """Builds the embedded dataset `name` into `data_dir` unless it is there, and returns its builder.
 
   Safe when several processes call it at once: the build runs under an exclusive lock on
-  `data_dir/.<name>.lock`, and the others find the finished dataset.
+  `data_dir/.<name>.lock`, and the others find the finished dataset. A prepared dataset is opened without the lock.
 
   Args:
     name: a key of EMBEDDED_BUILDERS.
@@ -196,6 +196,9 @@ def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """
   if name not in EMBEDDED_BUILDERS:
     raise ValueError(f"prepare: unknown embedded dataset {name!r}; allowed: {sorted(EMBEDDED_BUILDERS)}")
+  builder = EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():  # No lock needed, so a read-only data_dir works.
+    return builder
   os.makedirs(data_dir, exist_ok=True)
   with _file_lock(os.path.join(data_dir, f".{name}.lock")):
     builder = EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")

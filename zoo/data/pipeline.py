@@ -3,8 +3,9 @@
 Text (`task='lm'`): each document becomes BOS + UTF-8 bytes + EOS (`ByteTokenizer`); documents are read in a seeded
 shuffled order (a new order each epoch), concatenated and cut into chunks of seq_len + 1 tokens (grain's
 concat-then-split packing; a chunk may span documents, which stay separated by their EOS/BOS; positions are not
-reset at document starts). Each chunk gives `inputs = chunk[:-1]`, `targets = chunk[1:]`; only the last chunk of a
-finite stream (repeat=False) has padding, which holds PAD and has mask 0.
+reset at document starts). Each chunk gives `inputs = chunk[:-1]`, `targets = chunk[1:]` (so the first token of a
+chunk is context only, never a target); only the last chunk of a finite stream (repeat=False) has padding, which
+holds PAD and has mask 0.
 
 Images (`task='classification'`): `image` as float32 (uint8 images are scaled to [0, 1]), `label` as int32.
 
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 import dataclasses
 from typing import Any
 
+from absl import flags
 import grain
 import ml_collections
 import numpy as np
@@ -223,5 +225,7 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
     ds = ds.map(_ToImageExample()).batch(batch_size, drop_remainder=True)
     it = ds.to_iter_dataset(_READ_OPTIONS)
   if cfg["worker_count"]:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a script without absl.app has not parsed them
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["worker_count"]))
   return iter(it)
