@@ -80,6 +80,8 @@ def test_two_processes_build_at_once(tmp_path):
   outs = [p.communicate(timeout=120) for p in procs]
   for proc, (out, err) in zip(procs, outs):
     assert proc.returncode == 0, err.decode()
+  # Exactly one of them built it (TFDS prints this line when a build finishes); the other waited and opened it.
+  assert sum(out.decode().count("downloaded and prepared to") for out, _ in outs) == 1
   counts = {int(out.split()[-1]) for out, _ in outs}
   assert len(counts) == 1
   built = builders.prepare("pystdlib", str(tmp_path))

@@ -122,7 +122,7 @@ class _Subset:
     return self._source[self._indices[i]]
 
 
-def _select(source, builder, cfg: dict[str, Any], split: str) -> list[int]:
+def _select(source, builder, cfg: dict[str, Any]) -> list[int]:
   """The indices of the records of `source` in the wanted domains (all when `domains` is empty)."""
   if not cfg["domains"]:
     return list(range(len(source)))
@@ -207,7 +207,7 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
 
   source, builder = _open_source(cfg, split)
   info = _task_info(builder, cfg)
-  indices = _select(source, builder, cfg, split)[process_index::process_count]
+  indices = _select(source, builder, cfg)[process_index::process_count]
   if not indices:
     raise ValueError(f"dataset {cfg['name']!r} split={split!r} domains={cfg['domains'] or 'all'} has no examples for "
                      f"host {process_index} of {process_count}; allowed: a split, domain filter and process_count "
