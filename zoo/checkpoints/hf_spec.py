@@ -418,7 +418,8 @@ def canonical_to_hf(canon, arch):
         if a.qkv_bias:
           out[s + f"{name}_proj.bias"] = np.asarray(attn[name + "_bias"]).reshape(-1)
       if a.qk_norm:
-        out[s + "q_norm.weight"], out[s + "k_norm.weight"] = np.asarray(attn["q_norm"]), np.asarray(attn["k_norm"])
+        out[s + "q_norm.weight"] = np.asarray(attn["q_norm"]).reshape(-1)
+        out[s + "k_norm.weight"] = np.asarray(attn["k_norm"]).reshape(-1)
     o = np.asarray(attn["o"])
     out[s + "o_proj.weight"] = np.ascontiguousarray(o.reshape(-1, d).T)
     ffn = layer["ffn"]

@@ -1,0 +1,7 @@
+"""Checkpoint conversion: Hugging Face safetensors <-> zoo models (`zoo.checkpoints.hf`)."""
+from zoo.checkpoints.hf import (EXPORT_FAMILIES, HFTokenizer, convert_hf_to_orbax, export_hf, hf_model_config,
+                                load_hf_checkpoint, model_config_from_arch, save_orbax)
+from zoo.checkpoints.hf_spec import SUPPORTED, ConversionError
+
+__all__ = ["EXPORT_FAMILIES", "SUPPORTED", "ConversionError", "HFTokenizer", "convert_hf_to_orbax", "export_hf",
+           "hf_model_config", "load_hf_checkpoint", "model_config_from_arch", "save_orbax"]
