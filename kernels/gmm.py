@@ -63,7 +63,7 @@ def choose_implementation(implementation, *dtypes):
     if backend != "cpu":
       return _fall_back(f"backend {backend!r} has no Pallas grouped-matmul kernel")
     return "xla"
-  bad = [str(d) for d in dtypes if jnp.dtype(d) not in PALLAS_DTYPES]
+  bad = [str(jnp.dtype(d)) for d in dtypes if jnp.dtype(d) not in PALLAS_DTYPES]
   if bad:
     return _fall_back(f"dtype {bad[0]} is not supported by the Pallas kernels (allowed: float32, bfloat16, float16)")
   return chosen

@@ -1,0 +1,50 @@
+"""The accelerator paths lower from this CPU host: Mosaic for TPU, Triton for CUDA (forward and gradients)."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+import kernels
+
+S = jax.ShapeDtypeStruct
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _loss(implementation, gather):
+  def loss(x, rhs, sizes, row_ids):
+    if gather:
+      out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation=implementation)
+    else:
+      out = kernels.gmm(x, rhs, sizes, implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+  return jax.value_and_grad(loss, (0, 1))
+
+
+def _args(dtype):
+  # k = 4100 is not a multiple of the default k-tiles (512 TPU, 32 GPU), n = 1408 not of the 512 n-tile.
+  return S((300, 4100), dtype), S((8, 4100, 1408), dtype), S((8,), jnp.int32), S((520,), jnp.int32)
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_path_lowers_to_mosaic(dtype, gather):
+  exported = jax.export.export(jax.jit(_loss("pallas_tpu", gather)), platforms=["tpu"])(*_args(dtype))
+  # forward gmm, dlhs gmm, drhs tgmm
+  assert exported.mlir_module().count("stablehlo.custom_call @tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gpu_path_lowers_to_triton(dtype, gather):
+  exported = jax.export.export(
+      jax.jit(_loss("pallas_gpu", gather)), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*_args(dtype))
+  assert exported.mlir_module().count(f"stablehlo.custom_call @{TRITON}") == 3
+
+
+def test_tgmm_lowers_for_both():
+  args = (S((4100, 520), jnp.bfloat16), S((520, 1408), jnp.bfloat16), S((8,), jnp.int32))
+  tpu = jax.export.export(jax.jit(lambda *a: kernels.tgmm(*a, implementation="pallas_tpu")), platforms=["tpu"])(*args)
+  assert "tpu_custom_call" in tpu.mlir_module()
+  gpu = jax.export.export(jax.jit(lambda *a: kernels.tgmm(*a, implementation="pallas_gpu")), platforms=["cuda"],
+                          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+  assert TRITON in gpu.mlir_module()
