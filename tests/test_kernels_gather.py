@@ -54,7 +54,7 @@ def test_gmm_gather_equals_gather_then_gmm(implementation, problem, seed):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(problem=routed(), seed=st.integers(0, 2**16))
 def test_scatter_combine_matches_loop_and_autodiff(problem, seed):
   t, m, _, n, _, row_ids = problem
