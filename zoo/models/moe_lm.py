@@ -1,0 +1,265 @@
+"""Mixture-of-experts decoder LM: the dense LM's decoder blocks with routed-expert FFNs (papers.md A9).
+
+The standard MoE baselines, all from one model and the shared routing package (`zoo.routing`):
+- Switch Transformer (Fedus et al. 2021): softmax top-1 (`router='softmax_topk'`, `num_experts_per_tok=1`),
+  capacity-buffered dispatch (Sec. 2.2), load-balance loss `E * sum_e f_e P_e` (Eq. 4-6, coefficient 1e-2), router
+  jitter (Sec. 2.4), and the router z-loss of ST-MoE (Zoph et al. 2022, Eq. 5, coefficient 1e-3).
+- Mixtral (Jiang et al. 2024, Sec. 2.1): softmax over the top-2 of 8 logits (= top-2 probabilities renormalised),
+  every layer sparse.
+- DeepSeekMoE / DeepSeek-V3 (Dai et al. 2024, Sec. 3; DeepSeek-V3 report Sec. 2.1.2): fine-grained experts plus
+  always-on shared experts, sigmoid scores, top-k selection by `score + bias` with the bias updated outside the
+  optimizer (aux-loss-free balancing, Eq. 13-16; `bias_update_rate` > 0), group-limited selection (`n_group`,
+  `topk_group`), `routed_scaling_factor`, a small sequence-wise balance loss (Eq. 17-20, `per_sequence_balance`), and
+  dense first layers (`first_dense_layers`; HF `first_k_dense_replace`).
+- Qwen2-MoE (Qwen2 report, Sec. 2.2.3): fine-grained softmax top-k experts plus a shared expert whose output is
+  scaled by its own `sigmoid(x w_g)` gate (`shared_expert_gate`).
+- Expert choice (Zhou et al. 2022, Sec. 3.1, Eq. 1): every expert takes its top-C tokens of the batch with
+  `C = tokens * c / E`; here `c = num_experts_per_tok`, so it costs what top-k costs. The choice looks at all tokens
+  of the batch (future tokens included), so it is not causal across positions and cached decoding differs from the
+  full forward.
+- Frozen random router (SMoE-Dropout, Chen et al. 2023, Sec. 3.2; `router='random'`): a fixed random projection,
+  softmax over the top-k logits.
+
+Layer i has a routed-expert FFN iff `i >= first_dense_layers and i % moe_every == 0` (the DeepSeek/HF layout rule);
+the other layers keep the dense LM's `MLP(mlp_dim)`. Everything else is the dense LM: `zoo.layers.DecoderBlock`
+(pre-RMSNorm, GQA attention with RoPE, KV cache), token embedding, final RMSNorm, tied or untied output projection.
+
+Output (`ModelOutput`):
+- `aux_loss` = sum over MoE layers of `load_balance_coef * load_balance + z_loss_coef * z_loss`.
+- `metrics`: per-MoE-layer values stacked on a leading [moe_layers] axis: `expert_load` [moe_layers, experts]
+  (fraction of assignments), `load_imbalance` (max load / mean load), `dropped_fraction`, `router_entropy`,
+  `router_z` (mean logsumexp of the router logits), and the unweighted losses `load_balance`, `z_loss`.
+
+State outside the optimizer: the selection bias of 'sigmoid_topk' routers (`routing_state/.../router/bias`, [experts]
+per MoE layer; aux-loss-free balancing moves it when `bias_update_rate` > 0) and the frozen random router kernel live in the `routing_state` collection; the bias moves only in
+`apply(..., mutable=['routing_state'])` with `deterministic=False`.
+
+Cached decoding equals the full forward for token-choice routers with 'dense' or 'dropless' dispatch (each token's
+experts depend only on its own hidden state). 'capacity' dispatch drops assignments depending on the other tokens
+of the call, and expert choice picks tokens across the batch, so either can make decoding differ.
+"""
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zoo.layers import DecoderBlock, DenseGeneral, Embed, RMSNorm, count_params
+from zoo.layers.mlp import ACTIVATIONS
+from zoo.models.dense_lm import DenseLM, default_positions
+from zoo.models.output import ModelOutput
+from zoo.models.registry import ConfigError, register_model
+from zoo.routing import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, STRATEGIES, MoEFFN, Router, stack_layer_metrics
+
+ROUTERS = ("softmax_topk", "sigmoid_topk", "expert_choice", "random")
+DISPATCH = ("auto",) + STRATEGIES
+# Unweighted aux losses a router returns -> the model field holding their coefficient.
+AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef"}
+
+
+class _BlockMoEFFN(MoEFFN):
+  """`MoEFFN` with the FFN interface of `DecoderBlock`: returns `(y, (aux, metrics))` instead of a 3-tuple."""
+
+  def __call__(self, x, *, deterministic=True):
+    y, aux, metrics = super().__call__(x, deterministic=deterministic)
+    return y, (aux, metrics)
+
+
+@register_model("moe_lm")
+class MoELM(DenseLM):
+  """Mixture-of-experts decoder LM (see the module docstring for the papers and equations).
+
+  Inherits every field of `DenseLM` (vocab_size, num_layers, embed_dim, num_heads, num_kv_heads, head_dim, mlp_dim,
+  mlp_activation, rope_theta, sliding_window, qk_norm, qkv_bias, tie_embeddings, norm_epsilon, dropout_rate, dtype,
+  param_dtype, remat); `mlp_dim` is the width of the dense layers' FFN and `mlp_activation` is also the experts'.
+
+  Attributes:
+    moe_every: layer i is MoE iff i >= first_dense_layers and i % moe_every == 0 (1 = every layer).
+    first_dense_layers: the first layers keep a dense FFN (DeepSeek).
+    num_experts: routed experts E per MoE layer.
+    num_experts_per_tok: k, experts per token (expert choice: the average c, capacity `C = tokens * k / E`).
+    expert_mlp_dim: hidden width of one routed expert.
+    router: 'softmax_topk' | 'sigmoid_topk' | 'expert_choice' | 'random' (frozen).
+    renormalize: normalise the k combine weights to sum 1 (token-choice routers).
+    capacity_factor: expert buffer size factor of 'capacity' dispatch, `C = ceil(cf * tokens * k / E)`; 0 = no
+      dropping (C = tokens).
+    dispatch: 'auto' (capacity on CPU, dropless elsewhere) | 'dense' | 'capacity' | 'dropless'.
+    num_shared_experts: always-on shared experts (DeepSeekMoE / Qwen2-MoE); 0 = none.
+    shared_expert_mlp_dim: hidden width of one shared expert (0 = expert_mlp_dim).
+    shared_expert_gate: scale the shared experts' output by `sigmoid(x w_g)` (Qwen2-MoE).
+    n_group, topk_group: group-limited selection (experts in n_group groups; each token picks from its best
+      topk_group groups); n_group=1 = unlimited.
+    routed_scaling_factor: multiplies the routed combine weights (DeepSeek-V2/V3).
+    load_balance_coef: weight of the Switch load-balance loss (1e-2).
+    z_loss_coef: weight of the router z-loss (1e-3).
+    per_sequence_balance: compute the balance loss per sequence (DeepSeek-V3 Eq. 17-20) instead of per batch.
+    router_jitter: half-width of the multiplicative router-input noise in training (Switch uses 1e-2; 0 = off).
+    bias_update_rate: u of the aux-loss-free bias update (DeepSeek-V3 uses 1e-3); > 0 needs 'sigmoid_topk'.
+  """
+  moe_every: int = 1
+  first_dense_layers: int = 0
+  num_experts: int = 8
+  num_experts_per_tok: int = 2
+  expert_mlp_dim: int = 128
+  router: str = "softmax_topk"
+  renormalize: bool = True
+  capacity_factor: float = 1.25
+  dispatch: str = "auto"
+  num_shared_experts: int = 0
+  shared_expert_mlp_dim: int = 0
+  shared_expert_gate: bool = False
+  n_group: int = 1
+  topk_group: int = 1
+  routed_scaling_factor: float = 1.0
+  load_balance_coef: float = 1e-2
+  z_loss_coef: float = 1e-3
+  per_sequence_balance: bool = False
+  router_jitter: float = 0.0
+  bias_update_rate: float = 0.0
+
+  def __post_init__(self):
+    self._check()
+    super().__post_init__()
+
+  @property
+  def moe_layers(self):
+    """Indices of the layers with a routed-expert FFN."""
+    return tuple(i for i in range(self.num_layers) if i >= self.first_dense_layers and i % self.moe_every == 0)
+
+  def _check(self):
+    choices = {"router": ROUTERS, "dispatch": DISPATCH}
+    for key, allowed in choices.items():
+      if getattr(self, key) not in allowed:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is invalid; choose one of {allowed}")
+    if self.mlp_activation not in {**GATED_ACTIVATIONS, **PLAIN_ACTIVATIONS}:
+      raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r} has no expert version; choose one of "
+                        f"{sorted({**GATED_ACTIVATIONS, **PLAIN_ACTIVATIONS})}")
+    for key in ("num_experts", "expert_mlp_dim", "moe_every"):
+      if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be a positive integer")
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ConfigError(f"config.model.num_experts_per_tok={self.num_experts_per_tok} is invalid; allowed "
+                        f"1..num_experts={self.num_experts}")
+    if not self.moe_layers:
+      raise ConfigError(f"config.model: no MoE layer with num_layers={self.num_layers}, "
+                        f"first_dense_layers={self.first_dense_layers}, moe_every={self.moe_every}; a layer i is MoE "
+                        "iff i >= first_dense_layers and i % moe_every == 0")
+    if self.n_group < 1 or self.num_experts % self.n_group:
+      raise ConfigError(f"config.model.n_group={self.n_group} must be >= 1 and divide num_experts={self.num_experts}")
+    if not 1 <= self.topk_group <= self.n_group:
+      raise ConfigError(f"config.model.topk_group={self.topk_group} is invalid; allowed 1..n_group={self.n_group}")
+    if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+      raise ConfigError(f"config.model.num_experts_per_tok={self.num_experts_per_tok} exceeds the "
+                        f"{self.topk_group * (self.num_experts // self.n_group)} experts of topk_group="
+                        f"{self.topk_group} groups")
+    nonnegative = ("capacity_factor", "router_jitter", "bias_update_rate", "num_shared_experts",
+                   "shared_expert_mlp_dim", "load_balance_coef", "z_loss_coef")
+    for key in nonnegative:
+      if getattr(self, key) < 0:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)} must be >= 0")
+    if self.bias_update_rate > 0 and self.router != "sigmoid_topk":
+      raise ConfigError(f"config.model.bias_update_rate={self.bias_update_rate} (aux-loss-free balancing) needs "
+                        f"router='sigmoid_topk', got router={self.router!r}")
+    if self.shared_expert_gate and not self.num_shared_experts:
+      raise ConfigError("config.model.shared_expert_gate=True needs num_shared_experts >= 1")
+
+  def _router(self):
+    """A fresh unbound Router (`parent=None`: the MoE FFN that receives it adopts it as its 'router' child)."""
+    common = dict(parent=None, num_experts=self.num_experts, num_selected=self.num_experts_per_tok,
+                  renormalize=self.renormalize, n_group=self.n_group, topk_group=self.topk_group,
+                  routed_scaling_factor=self.routed_scaling_factor, jitter_eps=self.router_jitter,
+                  per_sequence_balance=self.per_sequence_balance)
+    if self.router == "softmax_topk":
+      return Router(score="softmax", **common)
+    if self.router == "sigmoid_topk":
+      # The selection bias always exists (a loaded DeepSeek-V3 `e_score_correction_bias` lands there); it moves only
+      # when bias_update_rate > 0.
+      return Router(score="sigmoid", bias_balancing=True, bias_update_rate=self.bias_update_rate, **common)
+    if self.router == "expert_choice":
+      return Router(score="expert_choice", capacity_factor=float(self.num_experts_per_tok), **common)
+    return Router(score="softmax", frozen=True, **common)
+
+  def moe_ffn_factory(self):
+    """Builds the MoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""
+    kwargs = dict(num_experts=self.num_experts, expert_mlp_dim=self.expert_mlp_dim,
+                  num_selected=self.num_experts_per_tok, activation=self.mlp_activation,
+                  strategy=None if self.dispatch == "auto" else self.dispatch,
+                  capacity_factor=self.capacity_factor or None,
+                  shared_mlp_dim=self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim),
+                  shared_gate=self.shared_expert_gate, dtype=jnp.dtype(self.dtype),
+                  param_dtype=jnp.dtype(self.param_dtype))
+    return lambda name: _BlockMoEFFN(router=self._router(), name=name, **kwargs)
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
+    """Next-token logits, the weighted router losses and the routing metrics.
+
+    Args:
+      tokens: [batch, length] int32.
+      positions: [batch, length] absolute positions (default: 0.., or continuing from the cache).
+      cache: the tuple from `init_cache` (one KVCache per layer), or None.
+      deterministic: False in training (dropout, router jitter, bias update when 'routing_state' is mutable).
+
+    Returns:
+      (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
+    """
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if cache is not None and len(cache) != self.num_layers:
+      raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
+    if positions is None:
+      positions = default_positions(tokens, cache)
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
+    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
+    moe = set(self.moe_layers)
+    new_cache, aux_losses, layer_metrics = [], [], []
+    for i in range(self.num_layers):
+      ffn = self.moe_ffn_factory() if i in moe else self.ffn_factory()
+      block = block_cls(self.attention_factory(), ffn, norm_epsilon=self.norm_epsilon, dropout_rate=self.dropout_rate,
+                        dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
+      x, layer_cache, ffn_aux = block(x, positions, None if cache is None else cache[i], None, deterministic)
+      new_cache.append(layer_cache)
+      if i in moe:
+        aux, metrics = ffn_aux
+        aux_losses.append(aux)
+        layer_metrics.append({**metrics, **aux})
+    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
+                            name="lm_head")(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
+                               cache=None if cache is None else tuple(new_cache))
+
+  def _weighted_aux(self, aux_losses):
+    total = jnp.zeros((), jnp.float32)
+    for aux in aux_losses:
+      for name, value in aux.items():
+        if name not in AUX_COEFS:
+          raise ValueError(f"router aux loss {name!r} has no coefficient; known: {sorted(AUX_COEFS)}")
+        total = total + getattr(self, AUX_COEFS[name]) * value
+    return total
+
+  def num_params(self):
+    """Analytic total parameter count (equals `count_params` of the initialised params)."""
+    e = self.embed_dim
+    gated = ACTIVATIONS[self.mlp_activation][1]
+    dense_ffn = (3 if gated else 2) * e * self.mlp_dim
+    shared = self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim)
+    router = 0 if self.router == "random" else e * self.num_experts  # a frozen router lives in 'routing_state'
+    moe_ffn = (router + (3 if gated else 2) * e * (self.num_experts * self.expert_mlp_dim + shared)
+               + (e if self.shared_expert_gate else 0))
+    return super().num_params() + len(self.moe_layers) * (moe_ffn - dense_ffn)
+
+  def num_active_params(self):
+    """Parameters a token uses: `num_params()` minus the `num_experts - num_experts_per_tok` routed experts it skips
+    in every MoE layer (expert choice: k is the average experts per token). The embedding table is counted, as in
+    the Mixtral / DeepSeek active-parameter figures."""
+    per_expert = (3 if ACTIVATIONS[self.mlp_activation][1] else 2) * self.embed_dim * self.expert_mlp_dim
+    return self.num_params() - len(self.moe_layers) * (self.num_experts - self.num_experts_per_tok) * per_expert
+
+
