@@ -1,0 +1,186 @@
+"""Dense decoder-only language model: the LLaMA/Qwen layout (pre-norm RMSNorm, RoPE, GQA, SwiGLU).
+
+- Decoder-only transformer LM: Vaswani et al. 2017; pre-norm with RMSNorm as in LLaMA (Touvron et al. 2023, section
+  2.2).
+- RoPE: Su et al. 2021, eq. 34. GQA: Ainslie et al. 2023, section 2.2. SwiGLU: Shazeer 2020, eq. 6.
+- Tied input/output embeddings: Press & Wolf 2017.
+
+Layers are an explicit Python loop of `DecoderBlock`s (no `nn.scan` over layers); `remat=True` rematerialises each
+block in the backward pass. The KV cache is one `KVCache` per layer (a tuple); a cache slot holds one absolute
+position, so `max_length` must cover prompt + generated tokens.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zoo.layers import MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm, train_flops_per_token
+from zoo.layers.mlp import ACTIVATIONS
+from zoo.models.output import ModelOutput
+from zoo.models.registry import ConfigError, register_model
+
+
+def default_positions(tokens, cache):
+  """[batch, length] absolute positions: 0..T-1, or continuing from the cache's length (first layer's cache)."""
+  b, t = tokens.shape
+  start = jnp.zeros((b,), jnp.int32) if cache is None else cache[0].length
+  return start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+
+@register_model("dense_lm")
+class DenseLM(nn.Module):
+  """Decoder LM. Config keys are the fields below.
+
+  Attributes:
+    vocab_size: vocabulary size.
+    num_layers: decoder blocks.
+    embed_dim: residual width.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (None = num_heads; GQA when fewer).
+    head_dim: per-head width (None = embed_dim // num_heads).
+    mlp_dim: FFN inner width.
+    mlp_activation: FFN variant (`zoo.layers.ACTIVATIONS`; default SwiGLU).
+    rope_theta: RoPE base.
+    sliding_window: if set, every layer attends to at most this many keys.
+    qk_norm: Qwen3-style RMSNorm on q and k.
+    qkv_bias: Qwen2-style biases on q/k/v.
+    tie_embeddings: output logits = final hidden . embedding^T (else an `lm_head` [embed, vocab]).
+    norm_epsilon: RMSNorm epsilon.
+    dropout_rate: residual dropout (training only).
+    dtype: compute dtype (name or dtype); logits are returned in float32.
+    param_dtype: parameter dtype.
+    remat: rematerialise each block in the backward pass (saves activation memory).
+  """
+  vocab_size: int = 256
+  num_layers: int = 2
+  embed_dim: int = 64
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mlp_dim: int = 256
+  mlp_activation: str = "swiglu"
+  rope_theta: float = 10000.0
+  sliding_window: int | None = None
+  qk_norm: bool = False
+  qkv_bias: bool = False
+  tie_embeddings: bool = True
+  norm_epsilon: float = 1e-6
+  dropout_rate: float = 0.0
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    positive = ("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim")
+    for key in positive:
+      if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be a positive integer")
+    if self.head_dim is None and self.embed_dim % self.num_heads:
+      raise ConfigError(f"config.model.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+                        "set head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+    if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+      raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ConfigError(f"config.model.sliding_window={self.sliding_window} must be a positive integer or None")
+    if self.mlp_activation not in ACTIVATIONS:
+      raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ConfigError(f"config.model.dropout_rate={self.dropout_rate} must be in [0, 1)")
+    for key in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, key))
+      except TypeError as e:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is not a dtype (e.g. 'float32', 'bfloat16')") from e
+    super().__post_init__()
+
+  @property
+  def resolved_head_dim(self):
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  @property
+  def resolved_kv_heads(self):
+    return self.num_kv_heads or self.num_heads
+
+  def attention_factory(self):
+    return functools.partial(Attention, num_heads=self.num_heads, head_dim=self.resolved_head_dim,
+                             num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta,
+                             sliding_window=self.sliding_window, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
+                             norm_epsilon=self.norm_epsilon, dtype=jnp.dtype(self.dtype),
+                             param_dtype=jnp.dtype(self.param_dtype))
+
+  def ffn_factory(self):
+    return functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.mlp_activation,
+                             dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+
+  def init_cache(self, batch_size, max_length):
+    """An empty cache: a tuple of `num_layers` KVCache, each k/v [batch_size, max_length, kv_heads, head_dim]."""
+    return tuple(KVCache.create(batch_size, max_length, self.resolved_kv_heads, self.resolved_head_dim,
+                                jnp.dtype(self.dtype)) for _ in range(self.num_layers))
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
+    """Next-token logits.
+
+    Args:
+      tokens: [batch, length] int32.
+      positions: [batch, length] absolute positions (default: 0.., or continuing from the cache).
+      cache: the tuple from `init_cache` (prefill a prompt in one call, then one token per call), or None.
+      deterministic: disables dropout.
+
+    Returns:
+      (logits [batch, length, vocab_size] float32, ModelOutput with the updated cache when `cache` was given).
+    """
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if cache is not None and len(cache) != self.num_layers:
+      raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
+    if positions is None:
+      positions = default_positions(tokens, cache)
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
+    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
+    new_cache = []
+    for i in range(self.num_layers):
+      block = block_cls(self.attention_factory(), self.ffn_factory(), norm_epsilon=self.norm_epsilon,
+                        dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
+      x, layer_cache, _ = block(x, positions, None if cache is None else cache[i], None, deterministic)
+      new_cache.append(layer_cache)
+    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
+                            name="lm_head")(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits, ModelOutput(cache=None if cache is None else tuple(new_cache))
+
+  def num_params(self):
+    """Analytic parameter count (equals `count_params` of the initialised params)."""
+    e, h, kv, d = self.embed_dim, self.num_heads, self.resolved_kv_heads, self.resolved_head_dim
+    attention = e * h * d + 2 * e * kv * d + h * d * e
+    if self.qkv_bias:
+      attention += h * d + 2 * kv * d
+    if self.qk_norm:
+      attention += 2 * d
+    ffn = (3 if ACTIVATIONS[self.mlp_activation][1] else 2) * e * self.mlp_dim
+    per_layer = attention + ffn + 2 * e
+    head = 0 if self.tie_embeddings else e * self.vocab_size
+    return self.vocab_size * e + self.num_layers * per_layer + e + head
+
+  def train_flops_per_token(self, seq_len):
+    """Training FLOPs per token (`zoo.layers.train_flops_per_token`): matmul params = all params except the input
+    embedding lookup and the norm scales, plus the output projection."""
+    e = self.embed_dim
+    matmul = self.num_params() - self.vocab_size * e - (2 * self.num_layers + 1) * e
+    if self.qk_norm:
+      matmul -= 2 * self.num_layers * self.resolved_head_dim
+    if self.tie_embeddings:
+      matmul += self.vocab_size * e
+    return train_flops_per_token(matmul, num_layers=self.num_layers,
+                                 attention_dim=self.num_heads * self.resolved_head_dim, seq_len=seq_len,
+                                 sliding_window=self.sliding_window)
