@@ -85,6 +85,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check(config.task in TASKS, "task", config.task, sorted(TASKS))
   _check(config.task == task, "task", config.task, f"{task!r}, the task of dataset {config.data.get('name')!r}")
   build_model(config.model)  # unknown model names and keys raise ConfigError
+  for key in ("vocab_size", "num_classes"):
+    if key in info and key in config.model:
+      _check(config.model[key] >= info[key], f"model.{key}", config.model[key],
+             f">= {info[key]}, the {key} of dataset {config.data.name!r}")
 
   if num_devices is not None:
     try:

@@ -175,8 +175,9 @@ class _Sigterm:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _finite(metrics):
-  return bool(np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]))
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _scalars(metrics):
@@ -239,7 +240,7 @@ def train(config, workdir, *, devices=None, progress=True):
       record = {}
       if step % int(t.log_every_steps) == 0 or last:
         metrics = exp.host_metrics(metrics)
-        _check_finite(metrics, step, ckpt)
+        _check_finite(step, ckpt, metrics)
         elapsed = time.perf_counter() - tic
         record.update(metrics)
         record[exp.task.throughput_key] = items / max(elapsed, 1e-9)
@@ -254,7 +255,7 @@ def train(config, workdir, *, devices=None, progress=True):
       every = int(config.checkpoint.every_steps)
       if (every and step % every == 0) or last:
         metrics = exp.host_metrics(metrics)
-        _check_finite(metrics, step, ckpt)
+        _check_finite(step, ckpt, metrics, bool(_all_finite(state.params)))
         ckpt.save(step, state, train_iter.get_state())
       if sigterm.received:
         _log(primary, f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; stopping")
@@ -263,12 +264,15 @@ def train(config, workdir, *, devices=None, progress=True):
   return state
 
 
-def _check_finite(metrics, step, ckpt):
-  if not _finite(metrics):
-    ckpt.wait()
-    raise TrainingDivergedError(
-        f"loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} at step {step}: training diverged; "
-        f"stopped without saving. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+def _check_finite(step, ckpt, metrics, params_finite=True):
+  """Raise TrainingDivergedError on a NaN/inf loss or gradient norm, or non-finite params, before any save."""
+  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  if np.isfinite(loss) and np.isfinite(grad_norm) and params_finite:
+    return
+  ckpt.wait()
+  raise TrainingDivergedError(
+      f"loss={loss} grad_norm={grad_norm} params_finite={bool(params_finite)} at step {step}: training diverged; "
+      f"stopped without saving. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
 
 
 def _format(step, record):
