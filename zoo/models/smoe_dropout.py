@@ -1,0 +1,94 @@
+"""SMoE-Dropout LM: a frozen random router whose number of active experts grows during training (papers.md A7).
+
+Chen et al. 2023, "Sparse MoE as the New Dropout: Scaling Dense and Self-Slimmable Transformers" (ICLR 2023;
+VITA-Group/Random-MoE-as-Dropout), Sec. 3.2:
+- the router is a randomly initialised Linear(d, E) that is never trained (`moe_lm`'s `router='random'`: the kernel
+  lives in the 'routing_state' collection);
+- each token takes the top-k of its router logits, combined with the softmax over those k logits;
+- k grows from `k_min` to `k_max = num_experts_per_tok` over `k_schedule_steps` steps
+  (`zoo.routing.sparsity.expert_count_schedule`: linear as in the paper; cosine, exponential and step variants);
+- at inference any k can be used ("self-slimmable", Sec. 3.3): `eval_k` (0 = k_max); quality rises with k.
+
+The training step reaches the router through a counter in 'routing_state' (`.../router/step`) that each router
+increments in `apply(..., mutable=['routing_state'])` with `deterministic=False`, so the engine needs no hook. It
+counts forward passes in training, i.e. micro-batches when gradients are accumulated. Routing is always computed for
+k_max experts and the slots past k are emptied (`zoo.routing.sparsity.truncate_routing`), so a changing k does not
+recompile; the capacity buffers are sized for k_max.
+
+Everything else is `moe_lm` (decoder blocks, dispatch, metrics [moe_layers, ...] plus 'active_k'). The router is
+frozen, so the balance and z losses default to 0 (they would only push on the hidden states).
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zoo.models.moe_lm import MoELM
+from zoo.models.registry import ConfigError, register_model
+from zoo.routing import Router
+from zoo.routing.sparsity import K_SCHEDULES, expert_count_schedule, truncate_routing
+
+
+class ScheduledRouter(Router):
+  """A frozen random top-k_max router whose active k follows the step counter in 'routing_state' (Sec. 3.2).
+
+  Attributes (besides `Router`'s; `num_selected` is k_max):
+    k_min: k at step 0.
+    k_schedule: one of `zoo.routing.sparsity.K_SCHEDULES`.
+    k_schedule_steps: the step where k reaches k_max.
+    eval_k: k when `deterministic=True` (0 = k_max).
+  """
+  k_min: int = 1
+  k_schedule: str = "linear"
+  k_schedule_steps: int = 1000
+  eval_k: int = 0
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True):
+    """x: [..., embed] -> Routing over the flattened tokens with k active slots of num_selected."""
+    routing = super().__call__(x, deterministic=deterministic)
+    step = self.variable("routing_state", "step", lambda: jnp.zeros((), jnp.int32))
+    if deterministic:
+      k = self.eval_k or self.num_selected
+    else:
+      k = expert_count_schedule(step.value, self.k_schedule_steps, self.k_min, self.num_selected, self.k_schedule)
+      if self.is_mutable_collection("routing_state"):
+        step.value = step.value + 1
+    return truncate_routing(routing, k)
+
+
+@register_model("smoe_dropout")
+class SMoEDropoutLM(MoELM):
+  """`moe_lm` with SMoE-Dropout routing (see the module docstring).
+
+  Attributes (besides `MoELM`'s; `router` must stay 'random', `num_experts_per_tok` is k_max):
+    k_min: active experts at the start of training.
+    k_schedule: 'linear' (paper) | 'cosine' | 'exponential' | 'step' | 'constant'.
+    k_schedule_steps: steps over which k grows to k_max (set it to the training steps).
+    eval_k: experts per token at evaluation (0 = k_max); any value in 1..k_max.
+  """
+  router: str = "random"
+  load_balance_coef: float = 0.0
+  z_loss_coef: float = 0.0
+  k_min: int = 1
+  k_schedule: str = "linear"
+  k_schedule_steps: int = 1000
+  eval_k: int = 0
+
+  def _check(self):
+    super()._check()
+    if self.router != "random":
+      raise ConfigError(f"config.model.router={self.router!r}: SMoE-Dropout needs the frozen router 'random'")
+    if self.k_schedule not in K_SCHEDULES:
+      raise ConfigError(f"config.model.k_schedule={self.k_schedule!r} is invalid; choose one of {K_SCHEDULES}")
+    if not 1 <= self.k_min <= self.num_experts_per_tok:
+      raise ConfigError(f"config.model.k_min={self.k_min} is invalid; allowed 1..num_experts_per_tok="
+                        f"{self.num_experts_per_tok} (k_max)")
+    if not 0 <= self.eval_k <= self.num_experts_per_tok:
+      raise ConfigError(f"config.model.eval_k={self.eval_k} is invalid; allowed 0 (= k_max) or 1..num_experts_per_tok="
+                        f"{self.num_experts_per_tok}")
+    if self.k_schedule_steps < 1:
+      raise ConfigError(f"config.model.k_schedule_steps={self.k_schedule_steps} must be >= 1")
+
+  def _router(self):
+    return ScheduledRouter(parent=None, num_experts=self.num_experts, num_selected=self.num_experts_per_tok,
+                           score="softmax", frozen=True, jitter_eps=self.router_jitter, k_min=self.k_min,
+                           k_schedule=self.k_schedule, k_schedule_steps=self.k_schedule_steps, eval_k=self.eval_k)
