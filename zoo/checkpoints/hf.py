@@ -129,8 +129,16 @@ def load_hf_checkpoint(path, mesh=None, shardings=None, dtype=np.float32):
   if shardings is None:
     variables = jax.tree.map(jax.numpy.asarray, values)
   else:
-    variables = jax.tree.map(lambda v, s: jax.device_put(v, s), values, shardings)
+    variables = jax.tree_util.tree_map_with_path(_place, values, shardings)
   return model_config, dict(variables)
+
+
+def _place(path, value, sharding):
+  try:
+    return jax.device_put(value, sharding)
+  except ValueError as e:
+    raise ConversionError(f"variable {jax.tree_util.keystr(path)} of shape {value.shape} cannot take sharding "
+                          f"{sharding}: {str(e).splitlines()[0]}") from None
 
 
 def save_orbax(out_dir, model_config, variables):

@@ -28,11 +28,12 @@ FAMILIES = {
 }
 
 
-def build(family, directory, seed=0):
-  """Save a tiny random `family` model (float32) to `directory`; returns the torch model in eval mode."""
+def build(family, directory, seed=0, **overrides):
+  """Save a tiny random `family` model (float32; config fields `overrides`) to `directory`; returns the torch
+  model in eval mode."""
   config_cls, model_cls, extra = FAMILIES[family]
   torch.manual_seed(seed)
-  config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+  config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
   model = getattr(transformers, model_cls)(config)
   with torch.no_grad():  # random routers and score-correction biases, so that routing is not trivial
     for name, param in model.named_parameters():

@@ -80,7 +80,11 @@ def load_dir(directory):
 
 
 def save_file(tensors, path, metadata=None):
-  """Write dict name -> numpy array as one safetensors file (names sorted, buffer 8-byte aligned)."""
+  """Write dict name -> numpy array as one safetensors file (names sorted, buffer 8-byte aligned).
+
+  The file is written beside `path` and renamed over it, so arrays still memory-mapped from an old `path` stay
+  valid.
+  """
   header, offset, arrays = {}, 0, []
   for name in sorted(tensors):
     array = np.ascontiguousarray(tensors[name])
@@ -94,8 +98,10 @@ def save_file(tensors, path, metadata=None):
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  with open(path, "wb") as f:
+  partial = f"{path}.partial"
+  with open(partial, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for array in arrays:
       f.write(array.tobytes())
+  os.replace(partial, path)
