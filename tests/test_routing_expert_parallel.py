@@ -66,7 +66,7 @@ def test_sharded_capacity_is_per_device():
 def test_moe_ffn_module_with_mesh_matches_without():
   mesh = make_mesh(dict(data=2, fsdp=1, expert=4, tensor=1))
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, EMBED))
-  sharded = routing.MoEFFN(EXPERTS, MLP, mesh=mesh)
+  sharded = routing.MoEFFN(EXPERTS, MLP, mesh=mesh, capacity_factor=None)
   local = routing.MoEFFN(EXPERTS, MLP, strategy="dense")
   variables = local.init(jax.random.PRNGKey(1), x)
   y_sharded, _, _ = jax.jit(sharded.apply)(variables, x)

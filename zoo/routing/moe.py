@@ -122,7 +122,8 @@ class MoEFFN(nn.Module):
     activation: 'swiglu' | 'reglu' | 'geglu' (gated) or 'silu' | 'relu' | 'gelu' (plain).
     router: a `Router` (unbound) to use instead of the default `Router(num_experts, num_selected)`.
     strategy: dispatch strategy ('dense' | 'capacity' | 'dropless'; None = automatic per backend).
-    capacity_factor: capacity factor for 'capacity' / expert parallelism (None = no dropping).
+    capacity_factor: capacity factor for 'capacity' / expert parallelism (Switch's 1.25 by default; None = no
+      dropping, at the cost of buffers as large as computing every expert).
     shared_mlp_dim: width of the shared-expert FFN (0 = none).
     shared_gate: sigmoid gate on the shared expert output.
     dtype: compute dtype of the experts (routing is always float32).
@@ -135,7 +136,7 @@ class MoEFFN(nn.Module):
   activation: str = "swiglu"
   router: Router | None = None
   strategy: str | None = None
-  capacity_factor: float | None = None
+  capacity_factor: float | None = 1.25
   shared_mlp_dim: int = 0
   shared_gate: bool = False
   dtype: Any = jnp.float32
