@@ -1,4 +1,6 @@
 """Mixture-of-Recursions: depth-routing primitives (`zoo/routing/depth.py`) and the `mor` model."""
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -95,3 +97,230 @@ def test_plot_depth_per_token(tmp_path):
   assert path.read_bytes()[:4] == b"\x89PNG"
   with pytest.raises(ValueError, match="depths"):
     D.plot_depth_per_token(list("ab"), [1], 3, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+import flax.linen as nn
+import optax
+
+from zoo.layers import DecoderBlock, MLP, count_params, train_flops_per_token as dense_train_flops
+from zoo.models import ConfigError, build_model
+from zoo.models import mor
+
+TINY = dict(vocab_size=37, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=48)
+
+
+def make(**kw):
+  return mor.MoRLM(**{**TINY, "num_layers": 4, **kw})
+
+
+def jitted(model):
+  """model.apply and model.init under jit (keeps the file fast on 2 cores)."""
+  return (jax.jit(model.apply, static_argnames=("deterministic", "method", "mutable")), jax.jit(model.init))
+
+
+def tokens(b=2, t=12, seed=0):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, TINY["vocab_size"])
+
+
+def test_layer_schedules_by_hand():
+  assert mor.layer_schedule("cycle", 6, 3) == (2, None, ((0, 1), (0, 1), (0, 1)), None)
+  assert mor.layer_schedule("sequence", 6, 3) == (2, None, ((0, 0), (0, 1), (1, 1)), None)
+  assert mor.layer_schedule("middle_cycle", 8, 3) == (4, 0, ((1, 2), (1, 2), (1, 2)), 3)
+  assert mor.layer_schedule("middle_sequence", 6, 2) == (4, 0, ((1, 1), (2, 2)), 3)
+  with pytest.raises(ConfigError, match="multiple of num_recursions"):
+    mor.layer_schedule("middle_cycle", 6, 3)
+  with pytest.raises(ConfigError, match="sharing"):
+    mor.layer_schedule("ring", 6, 3)
+
+
+@pytest.mark.parametrize("sharing,num_layers,unique", [("cycle", 6, 2), ("sequence", 6, 2), ("middle_cycle", 8, 4),
+                                                       ("middle_sequence", 8, 4)])
+@pytest.mark.parametrize("router", ["none", "expert", "token"])
+def test_param_counts(sharing, num_layers, unique, router):
+  model = make(sharing=sharing, num_layers=num_layers, num_recursions=3, router=router)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens())["params"]
+  block = DecoderBlock(functools.partial(mor.RecursionAttention, num_heads=2, num_kv_heads=1, head_dim=16),
+                       functools.partial(MLP, hidden_dim=48))
+  per_layer = count_params(jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, 4, 32)),
+                                          jnp.zeros((1, 4), jnp.int32))["params"])
+  d = TINY["embed_dim"]
+  routers = {"none": 0, "expert": 3 * d, "token": 3 * d}[router]
+  want = TINY["vocab_size"] * d + d + unique * per_layer + routers
+  assert count_params(params) == want
+
+
+def test_training_capacity_and_hierarchy():
+  model = make(num_recursions=3, num_layers=5, sharing="middle_cycle", router="expert")
+  apply, init = jitted(model)
+  x = tokens(t=12)
+  _, out = apply(init(jax.random.key(1), x), x, deterministic=False)
+  np.testing.assert_allclose(out.metrics["depth_reached"], [1.0, 8 / 12, 4 / 12], atol=1e-6)
+  np.testing.assert_allclose(out.metrics["capacity_usage"], [1.0, 1.0, 1.0], atol=1e-6)
+  # Every token runs 1..3 recursions: 1/3 each (hierarchical: reaching depth 3 implies depth 2).
+  np.testing.assert_allclose(out.metrics["depth_hist"], [0.0, 1 / 3, 1 / 3, 1 / 3], atol=1e-6)
+
+
+def test_gathered_topk_equals_masked_topk():
+  """The static-k path (block on gathered tokens) == the traced-k path (block on all tokens, masked)."""
+  x = tokens(t=12)
+  plain = make(num_recursions=3, num_layers=3, sharing="cycle")
+  warm = make(num_recursions=3, num_layers=3, sharing="cycle", capacity_warmup_steps=5)
+  v = jax.jit(plain.init)(jax.random.key(2), x)
+  want, _ = jitted(plain)[0](v, x, deterministic=False)
+  warm_apply = jitted(warm)[0]
+  (got, _), state = warm_apply({**v, "routing_state": {"step": jnp.int32(5)}}, x, deterministic=False,
+                               mutable=("routing_state",))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert int(state["routing_state"]["step"]) == 6
+  (early, _), _ = warm_apply({**v, "routing_state": {"step": jnp.int32(0)}}, x, deterministic=False,
+                        mutable=("routing_state",))
+  assert not np.allclose(early, want, atol=1e-3)  # capacity 1 at step 0: every token runs every recursion
+
+
+VARIANTS = [dict(router="expert", kv_mode="recursion"),
+            dict(router="expert", kv_mode="share", causal_router="aux_router", router_arch="mlp"),
+            dict(router="token", kv_mode="recursion"), dict(router="token", kv_mode="share"),
+            dict(router="none", kv_mode="recursion")]
+
+
+def _random_variables(model, x, seed):
+  """Init with large router weights so that depths differ between tokens."""
+  v = jax.jit(model.init)(jax.random.key(seed), x)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, a: a * 30 if "router" in jax.tree_util.keystr(p) else a, v)
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_cached_decoding_equals_full_forward(kw):
+  model = make(num_recursions=3, num_layers=5, sharing="middle_cycle", **kw)
+  x = tokens(b=2, t=9, seed=3)
+  v = _random_variables(model, x, 4)
+  apply = jitted(model)[0]
+  full, out = apply(v, x)
+  hist = np.asarray(out.metrics["depth_hist"])
+  if kw["router"] != "none":
+    assert np.count_nonzero(hist) > 1, "test needs tokens of different depths"
+  cache = model.apply(v, 2, 16, method="init_cache")
+  step = jax.jit(lambda v, x, c: model.apply(v, x, cache=c))
+  logits, o = step(v, x[:, :4], cache)  # prefill, then one token at a time
+  pieces = [logits]
+  cache = o.cache
+  for i in range(4, 9):
+    logits, o = step(v, x[:, i:i + 1], cache)
+    pieces.append(logits)
+    cache = o.cache
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5)
+  np.testing.assert_array_equal(cache["length"], [9, 9])
+  if kw["kv_mode"] == "recursion":  # recursion r caches the tokens that ran it: nested sets, the same depths
+    active = np.asarray(cache["active"][:, :, :9])
+    assert np.all(active[1:] <= active[:-1]) and not cache["active"][:, :, 9:].any()
+    np.testing.assert_allclose(np.bincount(active.sum(0).ravel(), minlength=4) / 18, hist, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", VARIANTS[:3], ids=["expert", "expert-share-aux_router", "token"])
+def test_causal_inference_future_does_not_change_past(kw):
+  model = make(num_recursions=3, num_layers=3, sharing="cycle", **kw)
+  x = tokens(b=1, t=10, seed=5)
+  y = x.at[:, 6:].set((x[:, 6:] + 7) % TINY["vocab_size"])
+  v = _random_variables(model, x, 6)
+  apply = jitted(model)[0]
+  a, out = apply(v, x)
+  b, _ = apply(v, y)
+  np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-5)
+  assert not np.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
+  depth_x = np.asarray(apply(v, x, method="depth_per_token"))
+  depth_y = np.asarray(apply(v, y, method="depth_per_token"))
+  np.testing.assert_array_equal(depth_x[:, :6], depth_y[:, :6])
+  np.testing.assert_allclose(np.bincount(depth_x.ravel(), minlength=4) / 10, out.metrics["depth_hist"], atol=1e-6)
+
+
+def test_topk_inference_is_refused_with_a_cache():
+  model = make(num_recursions=2, inference_selection="topk")
+  x = tokens()
+  v = jax.eval_shape(model.init, jax.random.key(0), x)
+  cache = model.apply({}, 2, 16, method="init_cache")
+  with pytest.raises(ValueError, match="causal"):
+    jax.eval_shape(functools.partial(model.apply, cache=cache), v, x)
+
+
+def _lm_loss(model, params, x):
+  logits, out = model.apply({"params": params}, x, deterministic=False)
+  return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], x[:, 1:]).mean() + out.aux_loss
+
+
+def test_train_steps_lower_loss_and_reach_expert_routers():
+  model = make(num_recursions=2, num_layers=4, router="expert", causal_router="aux_router")
+  x = tokens(b=4, t=16)
+  params = jax.jit(model.init)(jax.random.key(8), x)["params"]
+  opt = optax.adam(3e-3)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    value, g = jax.value_and_grad(functools.partial(_lm_loss, model))(params, x)
+    updates, state = opt.update(g, state)
+    return optax.apply_updates(params, updates), state, value, g
+
+  losses_seen = []
+  for i in range(12):
+    params, state, value, grads = step(params, state)
+    losses_seen.append(float(value))
+    if i == 0:  # the gate carries the LM gradient into the step router; the BCE trains the auxiliary router
+      for name in ("step_routers_0", "step_routers_1", "aux_routers_1"):
+        assert float(optax.tree.norm(nn.meta.unbox(grads[name]))) > 0, name
+  assert losses_seen[-1] < losses_seen[0] - 0.5
+
+
+def test_gradients_reach_token_router():
+  model = make(num_recursions=2, num_layers=4, sharing="middle_cycle", router="token")
+  x = tokens()
+  v = jax.jit(model.init)(jax.random.key(7), x)
+  grads = nn.meta.unbox(jax.jit(jax.grad(functools.partial(_lm_loss, model)))(v["params"], x))
+  assert float(optax.tree.norm(grads["depth_router"])) > 0
+
+
+def test_loss_free_bias_updates_in_training_only():
+  model = make(num_recursions=2, router="token", balance_bias_rate=0.01)
+  x = tokens()
+  apply, init = jitted(model)
+  v = init(jax.random.key(9), x)
+  np.testing.assert_array_equal(v["routing_state"]["depth_bias"], [0.0, 0.0])
+  _, state = apply(v, x, deterministic=False, mutable=("routing_state",))
+  bias = np.asarray(state["routing_state"]["depth_bias"])
+  assert np.all(np.abs(bias) == pytest.approx(0.01)) and bias.sum() == pytest.approx(0.0)
+  _, state = apply(v, x, deterministic=True, mutable=("routing_state",))
+  np.testing.assert_array_equal(state["routing_state"]["depth_bias"], [0.0, 0.0])
+
+
+@pytest.mark.parametrize("kw,match", [(dict(router="mixed"), "router"), (dict(kv_mode="share", capacities=(0.5, 0.5)),
+                                                                          "share"),
+                                      (dict(capacities=(1.0, 1.5)), "capacities"),
+                                      (dict(num_layers=5, sharing="cycle"), "num_layers")])
+def test_bad_config_raises(kw, match):
+  model = make(num_recursions=2, **kw)
+  with pytest.raises(ConfigError, match=match):
+    model.init(jax.random.key(0), tokens())
+
+
+def test_registry_builds_mor():
+  model = build_model({"name": "mor", **TINY, "num_layers": 4, "num_recursions": 2, "router": "none"})
+  assert isinstance(model, mor.MoRLM)
+
+
+def test_flops_account_for_early_exit():
+  kw = dict(TINY, num_layers=6, num_recursions=3, sharing="cycle")
+  recursive = make(**kw, router="none")
+  # The recursive baseline costs what a vanilla model of the same effective depth costs.
+  d, attn, kv = 32, 32, 16
+  layer = 3 * d * 48 + 2 * d * attn + 2 * d * kv
+  vanilla = dense_train_flops(6 * layer + 37 * d, num_layers=6, attention_dim=attn, seq_len=64)
+  assert mor.train_flops_per_token(recursive, 64) == pytest.approx(vanilla)
+  expert = mor.train_flops_per_token(make(**kw, router="expert"), 64)
+  share = mor.train_flops_per_token(make(**kw, router="expert", kv_mode="share"), 64)
+  assert expert < vanilla and share < vanilla
+  # Sharing: recursions r > 0 (fractions 2/3, 1/3, 2 layers each) skip the key/value projections but see all keys.
+  keys = 65 / 2
+  want = sum(2 * f * (-6 * 2 * d * kv + 12 * attn * keys * (1 - f)) for f in (2 / 3, 1 / 3))
+  assert share - expert == pytest.approx(want)

@@ -1,0 +1,453 @@
+"""Mixture-of-Recursions and the Recursive Transformer baseline (papers.md A1).
+
+Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for Adaptive Token-Level Computation".
+
+- Parameter sharing (Sec. 2.1): an effective stack of `num_layers` decoder layers is built from fewer unique layers.
+  `cycle`: `num_layers / N_r` unique layers looped N_r times; `sequence`: each unique layer repeated N_r times in a
+  row; `middle_cycle` / `middle_sequence`: the first and the last layer are unshared and the middle
+  `base_depth = (num_layers - 2) / N_r` layers are shared as above. Recursion r is the r-th chunk of `base_depth`
+  layers of the effective middle stack (for `sequence` this chunking is a [guess]).
+- Routers (Sec. 2.2.1, `zoo.routing.depth`):
+  `router='expert'`: step r scores the tokens still active with `g = alpha * sigmoid(W_r h)` and keeps the top
+  `k_r = int(cap_r * T)` of them (hierarchical, causal order); chosen tokens update `h <- h + g * Block_r(h)` where
+  `Block_r(h)` already contains its own residual (authors' code), the others pass unchanged. Top-k over the sequence
+  sees the future, so a BCE loss (`causal_router='aux_loss'`: on the router's own logits; `'aux_router'`: on a
+  separate router fed with detached states) teaches a per-token decision `sigmoid(logit) >= 0.5` that inference uses.
+  `router='token'`: one router before the recursions, top-1 depth j of N_r; the token runs recursions 0..j with
+  `h <- Block_r(h)` and, at its last recursion, `h <- h + p_j * Block_j(h)`; balance loss `N_r * sum_i f_i P_i`
+  (coefficient 0.1), z-loss (1e-5), optional loss-free bias (DeepSeek-V3 style, [guess] for MoR).
+  `router='none'`: the Recursive Transformer baseline, every token runs every recursion with `h <- Block_r(h)`.
+- KV (Sec. 2.2.2): `kv_mode='recursion'` (recursion-wise caching): at recursion r a query attends only to the tokens
+  active at r, and the decoding cache of recursion r holds only their keys/values (marked in `active`).
+  `kv_mode='share'` (recursive KV sharing): every recursion attends to the keys/values that recursion 0 computed for
+  all tokens (same slot of the shared block), and only recursion 0 is cached.
+
+Which tokens run recursion r:
+- training (`deterministic=False`): expert-choice top-k (capacity warm-up: the capacity decays from 1 to its target
+  along a half cosine over `capacity_warmup_steps`, counted in `routing_state/step`).
+- `deterministic=True` with `inference_selection='causal'` (default; cached decoding always): token by token, a
+  recursion with capacity 1 keeps every active token, otherwise a token continues iff it was active and the decision
+  logit is >= 0 (sigmoid >= 0.5). Token-choice and the baseline are causal by construction.
+- `inference_selection='topk'`: the training rule at evaluation too (sees the future; refused with a cache).
+
+Cached decoding equals the full forward (same selection rule) for every router and both KV modes: each token's
+decisions depend only on its own hidden state, which depends only on earlier tokens.
+
+Training top-k with a static k runs the block only on the gathered chosen tokens (real compute savings); token-choice,
+causal decisions and capacity warm-up run the block on all tokens and mask the attention and the update.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from zoo.layers import MLP, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm
+from zoo.layers import apply_rope, attention_mask, dot_product_attention, mean_attended_keys
+from zoo.models.output import ModelOutput
+from zoo.models.registry import ConfigError, register_model
+from zoo.routing import depth as depth_routing
+from zoo.routing import losses
+from zoo.routing.routers import update_balance_bias
+
+SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTERS = ("expert", "token", "none")
+
+
+@flax.struct.dataclass
+class SharedKV:
+  """Keys/values of recursion 0 that later recursions attend to (recursive KV sharing).
+
+  `SharedKV()` (all None) asks the attention to capture its own keys/values; a filled record is read-only.
+  k, v: [batch, keys, kv_heads, head_dim]; positions: [batch, keys] int; valid: [batch, keys] bool or None.
+  """
+  k: Any = None
+  v: Any = None
+  positions: Any = None
+  valid: Any = None
+
+
+class RecursionAttention(nn.Module):
+  """GQA self-attention with RoPE whose keys/values may come from an earlier recursion (MoR Sec. 2.2.2, KV sharing).
+
+  Same parameters and math as `zoo.layers.Attention` (query/key/value/out, RoPE, causal mask on absolute positions);
+  its `cache` argument is either a `KVCache` (written at `positions`, then attended), None, or a `SharedKV`: empty =
+  attend to its own keys/values and return them, filled = attend to those keys/values without projecting new ones.
+  """
+  num_heads: int
+  head_dim: int
+  num_kv_heads: int | None = None
+  rope_theta: float = 10000.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, *, cache=None, mask=None):
+    """x: [batch, length, embed]; positions: [batch, length] -> (y [batch, length, embed], cache)."""
+    kv_heads = self.num_kv_heads or self.num_heads
+
+    def proj(name, heads, axes):
+      return DenseGeneral((heads, self.head_dim), kernel_axes=("embed", axes, "head_dim"), dtype=self.dtype,
+                          name=name)(x)
+
+    q = apply_rope(proj("query", self.num_heads, "heads"), positions, theta=self.rope_theta)
+    if isinstance(cache, SharedKV) and cache.k is not None:
+      k, v, k_positions, k_valid = cache.k, cache.v, cache.positions, cache.valid
+    else:
+      k = apply_rope(proj("key", kv_heads, "kv_heads"), positions, theta=self.rope_theta)
+      v = proj("value", kv_heads, "kv_heads")
+      if isinstance(cache, KVCache):
+        cache = cache.update(k, v, positions)
+        k, v, k_positions, k_valid = cache.read()
+      else:
+        k_positions, k_valid = positions, None
+        if isinstance(cache, SharedKV):
+          cache = SharedKV(k, v, positions, None)
+    full_mask = attention_mask(positions, k_positions, k_valid=k_valid)
+    if mask is not None:
+      full_mask = full_mask & mask
+    out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), full_mask)
+    y = DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_axes=("heads", "head_dim", "embed"), dtype=self.dtype,
+                     name="out")(out)
+    return y, cache
+
+
+def layer_schedule(sharing, num_layers, num_recursions):
+  """Which unique layer runs where.
+
+  Returns:
+    (num_unique, first, recursions, last): `recursions[r]` is the tuple of unique-layer ids of recursion r; `first` and
+    `last` are the ids of the unshared outer layers (None for cycle/sequence).
+  """
+  if sharing not in SHARING:
+    raise ConfigError(f"config.model.sharing={sharing!r} is invalid; choose one of {SHARING}")
+  if num_recursions < 1:
+    raise ConfigError(f"config.model.num_recursions={num_recursions} must be >= 1")
+  middle = sharing.startswith("middle_")
+  shared_depth = num_layers - 2 if middle else num_layers
+  if shared_depth < num_recursions or shared_depth % num_recursions:
+    raise ConfigError(f"config.model.num_layers={num_layers} is invalid for sharing={sharing!r}: "
+                      f"{'num_layers - 2' if middle else 'num_layers'} must be a positive multiple of "
+                      f"num_recursions={num_recursions}")
+  base = shared_depth // num_recursions
+  offset = 1 if middle else 0
+  if sharing.endswith("cycle"):
+    stack = [offset + i for _ in range(num_recursions) for i in range(base)]
+  else:
+    stack = [offset + i for i in range(base) for _ in range(num_recursions)]
+  recursions = tuple(tuple(stack[r * base:(r + 1) * base]) for r in range(num_recursions))
+  if middle:
+    return base + 2, 0, recursions, base + 1
+  return base, None, recursions, None
+
+
+@register_model("mor")
+class MoRLM(nn.Module):
+  """Mixture-of-Recursions decoder LM (papers.md A1); `router='none'` is the Recursive Transformer baseline.
+
+  Attributes:
+    vocab_size: vocabulary size.
+    embed_dim: model width d.
+    num_layers: effective depth (that of the vanilla model it is compared with).
+    num_heads, num_kv_heads, head_dim: attention shape (GQA when num_kv_heads < num_heads).
+    mlp_dim, activation: the FFN of each layer (`zoo.layers.MLP`).
+    num_recursions: N_r.
+    sharing: 'cycle' | 'sequence' | 'middle_cycle' | 'middle_sequence'.
+    router: 'expert' | 'token' | 'none'.
+    router_arch: 'linear' (d -> out) or 'mlp' (d -> 2d -> GELU -> out).
+    alpha: scale of the expert-choice gate `alpha * sigmoid(W h)` (0.1).
+    capacities: expert-choice capacity per recursion; () = (N_r - r) / N_r.
+    capacity_warmup_steps: cosine warm-up of the capacity from 1 (0 = none).
+    causal_router: 'aux_loss' (BCE on the router logits) or 'aux_router' (separate router on detached states).
+    bce_coef: weight of the BCE loss (1e-3), summed over recursion steps.
+    inference_selection: 'causal' or 'topk' (see module docstring).
+    token_func: 'softmax' | 'sigmoid' for token-choice.
+    balance_coef, z_coef: token-choice balance loss (0.1) and router z-loss (1e-5) weights.
+    balance_bias_rate: > 0 enables loss-free bias balancing of token-choice with this update rate.
+    kv_mode: 'recursion' (recursion-wise caching) or 'share' (recursive KV sharing).
+    rope_theta, norm_epsilon, tie_embeddings, dtype: as in the dense LM.
+  """
+  vocab_size: int = 260
+  embed_dim: int = 128
+  num_layers: int = 6
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  head_dim: int = 32
+  mlp_dim: int = 512
+  activation: str = "swiglu"
+  num_recursions: int = 2
+  sharing: str = "middle_cycle"
+  router: str = "expert"
+  router_arch: str = "linear"
+  alpha: float = 0.1
+  capacities: tuple = ()
+  capacity_warmup_steps: int = 0
+  causal_router: str = "aux_loss"
+  bce_coef: float = 1e-3
+  inference_selection: str = "causal"
+  token_func: str = "softmax"
+  balance_coef: float = 0.1
+  z_coef: float = 1e-5
+  balance_bias_rate: float = 0.0
+  kv_mode: str = "recursion"
+  rope_theta: float = 10000.0
+  norm_epsilon: float = 1e-6
+  tie_embeddings: bool = True
+  dtype: Any = jnp.float32
+
+  def _check(self):
+    choices = {"router": ROUTERS, "router_arch": ("linear", "mlp"), "causal_router": ("aux_loss", "aux_router"),
+               "inference_selection": ("causal", "topk"), "token_func": ("softmax", "sigmoid"),
+               "kv_mode": ("recursion", "share")}
+    for key, allowed in choices.items():
+      if getattr(self, key) not in allowed:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is invalid; choose one of {allowed}")
+    try:
+      caps = depth_routing.validate_capacities(
+          self.capacities or depth_routing.default_capacities(self.num_recursions), self.num_recursions)
+    except ValueError as e:
+      raise ConfigError(f"config.model.capacities: {e}") from None
+    if self.kv_mode == "share" and caps[0] < 1.0:
+      raise ConfigError(f"config.model.kv_mode='share' needs every token in recursion 0, but capacities[0]={caps[0]}")
+    return caps
+
+  def setup(self):
+    self.caps = self._check()
+    self.num_unique, self.first_id, self.schedule, self.last_id = layer_schedule(
+        self.sharing, self.num_layers, self.num_recursions)
+    attention = functools.partial(RecursionAttention, num_heads=self.num_heads, head_dim=self.head_dim,
+                                  num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta, dtype=self.dtype)
+    ffn = functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.activation, dtype=self.dtype)
+    self.embed = Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
+    self.layers = [DecoderBlock(attention, ffn, norm_epsilon=self.norm_epsilon, dtype=self.dtype)
+                   for _ in range(self.num_unique)]
+    if self.router == "expert":
+      self.step_routers = [depth_routing.DepthRouter(1, self.router_arch) for _ in range(self.num_recursions)]
+      if self.causal_router == "aux_router":
+        self.aux_routers = [depth_routing.DepthRouter(1, self.router_arch) for _ in range(self.num_recursions)]
+    elif self.router == "token":
+      self.depth_router = depth_routing.DepthRouter(self.num_recursions, self.router_arch)
+    if self.router == "expert" and self.capacity_warmup_steps > 0:
+      self.step = self.variable("routing_state", "step", jnp.zeros, (), jnp.int32)
+    if self.router == "token" and self.balance_bias_rate > 0:
+      self.depth_bias = self.variable("routing_state", "depth_bias", jnp.zeros, (self.num_recursions,), jnp.float32)
+    self.final_norm = RMSNorm(epsilon=self.norm_epsilon, dtype=self.dtype)
+    if not self.tie_embeddings:
+      self.unembed = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=self.dtype)
+
+  def init_cache(self, batch_size, max_length):
+    """An empty decoding cache: per-layer KVCache records, plus, for recursion-wise caching, `active`
+    [N_r, batch, max_length] bool marking the slots whose token ran recursion r."""
+    kv = functools.partial(KVCache.create, batch_size, max_length, self.num_kv_heads or self.num_heads,
+                           self.head_dim, self.dtype)
+    _, first, schedule, last = layer_schedule(self.sharing, self.num_layers, self.num_recursions)
+    cached = 1 if self.kv_mode == "share" else self.num_recursions
+    cache = {"length": jnp.zeros((batch_size,), jnp.int32),
+             "recursions": tuple(tuple(kv() for _ in schedule[0]) for _ in range(cached))}
+    if first is not None:
+      cache["first"], cache["last"] = kv(), kv()
+    if self.kv_mode == "recursion":
+      cache["active"] = jnp.zeros((self.num_recursions, batch_size, max_length), bool)
+    return cache
+
+  def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
+    """tokens: [batch, length] int32 -> (logits [batch, length, vocab] float32, ModelOutput)."""
+    logits, output, _ = self._forward(tokens, positions, cache, deterministic)
+    return logits, output
+
+  def depth_per_token(self, tokens, positions=None):
+    """Recursions each token runs at inference: [batch, length] int32 in 0..N_r (for plots)."""
+    return self._forward(tokens, positions, None, True)[2]
+
+  def _forward(self, tokens, positions, cache, deterministic):
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    b, t = tokens.shape
+    if positions is None:
+      start = jnp.zeros((b,), jnp.int32) if cache is None else cache["length"]
+      positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    training = not deterministic
+    use_topk = cache is None and (training or self.inference_selection == "topk")
+    if cache is not None and self.inference_selection == "topk" and self.router == "expert":
+      raise ValueError("inference_selection='topk' sees future tokens and cannot decode with a cache; "
+                       "use inference_selection='causal'")
+    caps = self.caps
+    if self.router == "expert" and training and self.capacity_warmup_steps > 0:
+      caps = depth_routing.capacity_at_step(self.caps, self.step.value, self.capacity_warmup_steps)
+      if not self.is_initializing():
+        self.step.value = self.step.value + 1
+    ks = [depth_routing.capacity_to_k(caps[r], t) for r in range(self.num_recursions)]
+    static_k = ks if self.router == "expert" and use_topk and caps is self.caps else None
+    new_cache = dict(cache) if cache is not None else None
+
+    h = self.embed(tokens)
+    if self.first_id is not None:
+      h, c, _ = self.layers[self.first_id](h, positions, cache=None if cache is None else cache["first"])
+      if cache is not None:
+        new_cache["first"] = c
+
+    aux = jnp.zeros((), jnp.float32)
+    metrics = {}
+    active = jnp.ones((b, t), bool)
+    ran = jnp.zeros((b, t), jnp.int32)
+    if self.router == "token":
+      bias = self.depth_bias if self.balance_bias_rate > 0 else None
+      router_logits = self.depth_router(h)
+      depth_index, token_weight, probs = depth_routing.token_choice_route(
+          router_logits, self.token_func, None if bias is None else bias.value)
+      flat_ids = depth_index.reshape(-1, 1)
+      balance = losses.load_balance_loss(probs.reshape(-1, self.num_recursions), flat_ids, self.num_recursions,
+                                         sequence_length=t)
+      z = losses.router_z_loss(router_logits.reshape(-1, self.num_recursions))
+      aux = aux + self.balance_coef * balance + self.z_coef * z
+      metrics.update(router_balance_loss=balance, router_z_loss=z)
+      if bias is not None and training and not self.is_initializing():
+        load = jnp.mean(jax.nn.one_hot(depth_index, self.num_recursions), axis=(0, 1))
+        bias.value = update_balance_bias(bias.value, load, self.balance_bias_rate)
+
+    shared = SharedKV()
+    bce_terms, acc_terms = [], []
+    for r, layer_ids in enumerate(self.schedule):
+      # Decide who runs recursion r, with which gate, and how the block output is combined.
+      gate = jnp.ones((b, t), jnp.float32)
+      last = jnp.zeros((b, t), bool)
+      if self.router == "expert":
+        logits_r = self.step_routers[r](h)[..., 0]
+        gate = self.alpha * jax.nn.sigmoid(logits_r)
+        targets = None if cache is not None else depth_routing.hierarchical_topk(gate, active, ks[r])
+        if self.causal_router == "aux_router":
+          decision_logits = self.aux_routers[r](jax.lax.stop_gradient(h))[..., 0]
+        else:
+          decision_logits = logits_r
+        if use_topk:
+          chosen = targets
+        elif self.caps[r] >= 1.0:
+          chosen = active
+        else:
+          chosen = depth_routing.causal_decision(decision_logits, active)
+        if targets is not None and self.caps[r] < 1.0:
+          bce_terms.append(depth_routing.bce_aux_loss(decision_logits, targets, active))
+          agree = jnp.where(active, (decision_logits >= 0) == targets, False)
+          acc_terms.append(jnp.sum(agree) / jnp.maximum(jnp.sum(active), 1))
+      elif self.router == "token":
+        chosen = depth_index >= r
+        last = depth_index == r
+        gate = token_weight
+      else:
+        chosen = active
+
+      kv_arg = [None] * len(layer_ids)
+      if self.kv_mode == "share":
+        kv_arg = list(shared if r > 0 else [SharedKV()] * len(layer_ids))
+        if cache is not None and r == 0:
+          kv_arg = list(cache["recursions"][0])
+      elif cache is not None:
+        kv_arg = list(cache["recursions"][r])
+
+      gathered = static_k is not None and static_k[r] < t
+      if gathered:
+        idx = depth_routing.chosen_indices(chosen, static_k[r])
+        take = lambda a: jnp.take_along_axis(a, idx if a.ndim == 2 else idx[..., None], axis=1)
+        x, pos, mask = take(h), take(positions), None
+      else:
+        x, pos = h, positions
+        mask = None
+        if self.kv_mode == "recursion":
+          if cache is None:
+            mask = chosen[:, None, None, :]
+          else:
+            rows = jnp.arange(b)[:, None]
+            act = cache["active"][r].at[rows, positions].set(chosen, mode="drop")
+            new_cache["active"] = new_cache["active"].at[r].set(act)
+            mask = act[:, None, None, :]
+      y = x
+      out_kv = []
+      for j, layer_id in enumerate(layer_ids):
+        y, c, _ = self.layers[layer_id](y, pos, cache=kv_arg[j], mask=mask)
+        out_kv.append(c)
+      if self.kv_mode == "share" and r == 0:
+        shared = [c if isinstance(c, SharedKV) else SharedKV(*c.read()) for c in out_kv]
+      if cache is not None and (self.kv_mode == "recursion" or r == 0):
+        recs = list(new_cache["recursions"])
+        recs[r] = tuple(out_kv)
+        new_cache["recursions"] = tuple(recs)
+
+      if gathered:
+        g, l = take(gate), take(last)
+      else:
+        g, l = gate, last
+      if self.router == "expert":
+        update = x + g[..., None] * y
+      elif self.router == "token":
+        update = jnp.where(l[..., None], x + g[..., None] * y, y)
+      else:
+        update = y
+      if gathered:
+        h = h.at[jnp.arange(b)[:, None], idx].set(update.astype(h.dtype))
+      else:
+        h = jnp.where(chosen[..., None], update.astype(h.dtype), h)
+      active = chosen
+      ran = ran + chosen.astype(jnp.int32)
+
+    if self.last_id is not None:
+      h, c, _ = self.layers[self.last_id](h, positions, cache=None if cache is None else cache["last"])
+      if cache is not None:
+        new_cache["last"] = c
+    h = self.final_norm(h)
+    logits = self.embed.attend(h) if self.tie_embeddings else self.unembed(h)
+
+    if bce_terms:
+      bce = jnp.sum(jnp.stack(bce_terms))
+      aux = aux + self.bce_coef * bce
+      metrics.update(router_bce_loss=bce, router_decision_accuracy=jnp.mean(jnp.stack(acc_terms)))
+    hist, reached = depth_routing.depth_histogram(ran, self.num_recursions)
+    metrics.update(depth_hist=hist, depth_reached=reached,
+                   mean_depth=jnp.mean(ran.astype(jnp.float32)))
+    if self.router == "expert":
+      metrics["capacity_usage"] = reached / jnp.asarray(self.caps, jnp.float32)
+    if cache is not None:
+      new_cache["length"] = jnp.maximum(cache["length"], jnp.max(positions, axis=1) + 1)
+    return logits.astype(jnp.float32), ModelOutput(aux_loss=aux, metrics=metrics, cache=new_cache), ran
+
+
+def train_flops_per_token(model: MoRLM, seq_len: int):
+  """Analytic training FLOPs per token, counting that tokens leave early (6 FLOPs per matmul parameter per token that
+  uses it, plus `12 * attention_dim * keys` per attention layer; Kaplan et al. 2020 as in `zoo.layers.accounting`).
+
+  Recursion r is run by a fraction f_r of the tokens: the capacity for expert-choice, all for the baseline, and
+  (N_r - r) / N_r for token-choice, i.e. a balanced router ([guess]: the real split is learned). With recursion-wise
+  caching a query of recursion r sees f_r of the keys; with KV sharing it sees all keys, and recursions r > 0 skip the
+  key/value projections. The input embedding lookup is free; the output projection counts. Router FLOPs are counted.
+
+  Returns:
+    float FLOPs per token.
+  """
+  n_r = model.num_recursions
+  num_unique, first, schedule, _ = layer_schedule(model.sharing, model.num_layers, n_r)
+  if model.router == "expert":
+    fractions = model.capacities or depth_routing.default_capacities(n_r)
+  elif model.router == "token":
+    fractions = depth_routing.default_capacities(n_r)
+  else:
+    fractions = (1.0,) * n_r
+  d, kv_dim = model.embed_dim, (model.num_kv_heads or model.num_heads) * model.head_dim
+  attention_dim = model.num_heads * model.head_dim
+  ffn = (3 if model.activation in ("swiglu", "reglu", "geglu") else 2) * d * model.mlp_dim
+  q_out = 2 * d * attention_dim
+  kv_proj = 2 * d * kv_dim
+  layer = ffn + q_out + kv_proj
+  keys = mean_attended_keys(seq_len)
+  router = {"expert": n_r * d, "token": d * n_r, "none": 0}[model.router]
+  if model.router_arch == "mlp":
+    router = {"expert": n_r * (2 * d * d + 2 * d), "token": 2 * d * d + 2 * d * n_r, "none": 0}[model.router]
+  flops = 6.0 * (d * model.vocab_size + router)
+  if first is not None:
+    flops += 2 * (6.0 * layer + 12.0 * attention_dim * keys)
+  base = len(schedule[0])
+  for r, f in enumerate(fractions):
+    share = model.kv_mode == "share" and r > 0
+    params = layer - kv_proj if share else layer
+    seen = keys if model.kv_mode == "share" else f * keys
+    flops += f * base * (6.0 * params + 12.0 * attention_dim * seen)
+  return flops
