@@ -1,16 +1,23 @@
-"""Scheduled and learned expert sparsity: SMoE-Dropout's growing k (papers.md A7).
+"""Scheduled and learned expert sparsity: SMoE-Dropout's growing k (papers.md A7) and BlockFFN (papers.md A2).
 
 - `expert_count_schedule` / `truncate_routing`: SMoE-Dropout (Chen et al. 2023, "Sparse MoE as the New Dropout:
   Scaling Dense and Self-Slimmable Transformers", Sec. 3.2; VITA-Group/Random-MoE-as-Dropout). The number of active
   experts k grows with the training step; routing is computed once for k_max experts and the slots past k(t) are
   emptied, so k can follow a traced step without a new compilation per k.
+- BlockFFN (Song et al. 2025, "BlockFFN: Towards End-Side Acceleration-Friendly Mixture-of-Experts with
+  Chunk-Level Activation Sparsity"; thunlp/BlockFFN): the ReLU + RMSNorm router without top-k (`relu_rmsnorm_router`,
+  Linen `ReLURouter`), the activation-locality and chunk-sparsification losses, the adaptive chunk-loss coefficient
+  (`update_chunk_lambda`), token- and chunk-level sparsity (TLS, CLS(L)) and a dispatch that skips the experts
+  inactive for a whole chunk (`chunk_sparse_ffn`).
 """
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from zoo.routing import losses
+from zoo.routing.dispatch import PLAIN_ACTIVATIONS
 from zoo.routing.routers import Routing
 
 K_SCHEDULES = ("linear", "cosine", "exponential", "step", "constant")
@@ -85,3 +92,183 @@ def truncate_routing(routing, k):
              "active_k": jnp.asarray(k, jnp.float32)}
   return Routing(expert_ids=expert_ids, weights=weights, probs=routing.probs, aux=aux, metrics=metrics,
                  capacity=routing.capacity)
+
+
+def relu_rmsnorm_router(logits, gain, *, epsilon=1e-6):
+  """BlockFFN router: `r = RMSNorm_noweight(ReLU(s)) * gain` over the experts, no top-k (an expert with r = 0 is off).
+
+  Args:
+    logits: [..., experts] router scores s = W_r x.
+    gain: [experts] learnable gain (initialised to 1) [guess: one gain per expert, like an RMSNorm weight].
+    epsilon: RMSNorm epsilon.
+
+  Returns:
+    [..., experts] float32 non-negative combine weights r.
+  """
+  h = jax.nn.relu(logits.astype(jnp.float32))
+  return h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + epsilon) * gain.astype(jnp.float32)
+
+
+def activation_locality_loss(logits, *, alpha=100.0, segment_ids=None):
+  """BlockFFN activation-locality loss: `BCEWithLogits(alpha s_{t-1}, target = sigmoid(alpha s_t))`.
+
+  Pushes adjacent tokens of one document to switch the same experts on (s > 0) and off. The target is not
+  differentiated [guess].
+
+  Args:
+    logits: [batch, length, experts] router scores s.
+    alpha: sharpness (100).
+    segment_ids: optional [batch, length] document ids; pairs across a document boundary are left out.
+
+  Returns:
+    scalar float32, mean over the (adjacent pair, expert) terms.
+  """
+  s = alpha * logits.astype(jnp.float32)
+  prev, target = s[:, :-1], jax.lax.stop_gradient(jax.nn.sigmoid(s[:, 1:]))
+  bce = jnp.maximum(prev, 0) - prev * target + jnp.log1p(jnp.exp(-jnp.abs(prev)))
+  mask = jnp.ones(bce.shape[:2], jnp.float32)
+  if segment_ids is not None:
+    mask = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)
+  return jnp.sum(bce * mask[..., None]) / jnp.maximum(jnp.sum(mask) * bce.shape[-1], 1.0)
+
+
+def _chunks(x, chunk_length):
+  """[batch, length, ...] -> [batch, length // chunk_length, chunk_length, ...]."""
+  if chunk_length < 1 or x.shape[1] % chunk_length:
+    raise ValueError(f"chunk_length={chunk_length} must be >= 1 and divide the sequence length {x.shape[1]}")
+  return x.reshape(x.shape[0], x.shape[1] // chunk_length, chunk_length, *x.shape[2:])
+
+
+def normalized_weights(weights):
+  """`p = r / sum_e r` over the last axis; 0 for a token with every expert off (its gradient stays finite)."""
+  r = weights.astype(jnp.float32)
+  total = jnp.sum(r, axis=-1, keepdims=True)
+  return r / jnp.where(total > 0, total, 1.0)
+
+
+def chunk_sparsification_loss(weights, chunk_length):
+  """BlockFFN chunk-sparsification loss `1 - mean_{chunk, e} prod_{t in chunk} (1 - p_{t,e})`, `p = r / sum_e r`.
+
+  `prod (1 - p)` is the probability that expert e stays off for the whole chunk if each token drew one expert from
+  p; the loss is small when a chunk's tokens share few experts.
+
+  Args:
+    weights: [batch, length, experts] router outputs r >= 0.
+    chunk_length: tokens per chunk (64 in the paper); must divide length.
+
+  Returns:
+    scalar float32.
+  """
+  p = normalized_weights(weights)
+  return 1.0 - jnp.mean(jnp.prod(1.0 - _chunks(p, chunk_length), axis=2))
+
+
+def token_level_sparsity(weights):
+  """TLS: fraction of (token, expert) pairs with r = 0. weights: [..., experts] -> scalar float32."""
+  return jnp.mean((weights == 0).astype(jnp.float32))
+
+
+def chunk_level_sparsity(weights, chunk_length):
+  """CLS(L): fraction of (chunk of L consecutive tokens, expert) pairs where the expert is off for every token.
+
+  Chunks are consecutive and non-overlapping [guess: the same tokens a speculative-decoding step verifies together].
+
+  Args:
+    weights: [batch, length, experts] router outputs r; chunk_length: L, must divide length.
+
+  Returns:
+    scalar float32.
+  """
+  return jnp.mean(jnp.all(_chunks(weights, chunk_length) == 0, axis=2).astype(jnp.float32))
+
+
+def init_chunk_lambda_state(initial=5e-2):
+  """State of the adaptive chunk-loss coefficient: dict of float32/int32 scalars (lives in 'routing_state')."""
+  return {"lambda": jnp.asarray(initial, jnp.float32), "step": jnp.zeros((), jnp.int32),
+          "window_sum": jnp.zeros((), jnp.float32), "previous_mean": jnp.zeros((), jnp.float32)}
+
+
+def update_chunk_lambda(state, loss, *, warmup_steps=1000, interval=100, min_factor=1.025, max_factor=4.0):
+  """One step of BlockFFN's adaptive chunk-loss coefficient (thunlp/BlockFFN).
+
+  The chunk loss is averaged over windows of `interval` steps. At the end of each window after `warmup_steps`
+  steps, the coefficient is multiplied by `clip(recent_mean / previous_mean, min_factor, max_factor)`
+  [guess: the direction of the ratio; the paper's code clamps it to [1.025, 4]], so it always grows and grows faster
+  when the chunk loss stops falling.
+
+  Args:
+    state: dict from `init_chunk_lambda_state`.
+    loss: scalar chunk-sparsification loss of this step (not differentiated).
+    warmup_steps: steps before the first adaptation (1000).
+    interval: window length in steps (100).
+    min_factor, max_factor: clamp of the multiplicative update.
+
+  Returns:
+    the updated state dict.
+  """
+  step = state["step"] + 1
+  window_sum = state["window_sum"] + jax.lax.stop_gradient(loss).astype(jnp.float32)
+  at_end = step % interval == 0
+  recent = window_sum / interval
+  adapt = at_end & (step > warmup_steps) & (state["previous_mean"] > 0)
+  factor = jnp.clip(recent / jnp.maximum(state["previous_mean"], 1e-20), min_factor, max_factor)
+  return {"lambda": jnp.where(adapt, state["lambda"] * factor, state["lambda"]), "step": step,
+          "window_sum": jnp.where(at_end, 0.0, window_sum),
+          "previous_mean": jnp.where(at_end, recent, state["previous_mean"])}
+
+
+class ReLURouter(nn.Module):
+  """BlockFFN router parameters: `kernel` [embed, experts] (no bias) and `gain` [experts] (init 1).
+
+  Returns `(r, s)`: the weights of `relu_rmsnorm_router` and the scores s = x W_r, both [..., experts] float32.
+  """
+  num_experts: int
+  epsilon: float = 1e-6
+  kernel_init: object = nn.initializers.normal(0.02)
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", "expert")),
+                        (x.shape[-1], self.num_experts), jnp.float32)
+    gain = self.param("gain", nn.with_logical_partitioning(nn.initializers.ones_init(), ("expert",)),
+                      (self.num_experts,), jnp.float32)
+    logits = x.astype(jnp.float32) @ kernel
+    return relu_rmsnorm_router(logits, gain, epsilon=self.epsilon), logits
+
+
+def chunk_sparse_ffn(x, weights, expert_weights, chunk_length, activation="silu"):
+  """Non-gated experts `y_t = sum_e r_{t,e} W_down,e act(W_up,e x_t)`, computing an expert on a chunk only if it is
+  active for some token of the chunk (BlockFFN's chunk-level sparse kernel, written with `lax.cond`).
+
+  Args:
+    x: [batch, length, embed].
+    weights: [batch, length, experts] router outputs r (0 = off).
+    expert_weights: {'up': [E, embed, mlp], 'down': [E, mlp, embed]}.
+    chunk_length: tokens per chunk; must divide length.
+    activation: a plain activation of `zoo.routing.PLAIN_ACTIVATIONS`.
+
+  Returns:
+    [batch, length, embed] in x.dtype; equal to running every expert on every token.
+  """
+  if activation not in PLAIN_ACTIVATIONS:
+    raise ValueError(f"activation={activation!r} is not a plain activation; allowed: {sorted(PLAIN_ACTIVATIONS)}")
+  act = PLAIN_ACTIVATIONS[activation]
+  b, length, embed = x.shape
+  xs = _chunks(x, chunk_length).reshape(-1, chunk_length, embed)
+  rs = _chunks(weights, chunk_length).reshape(-1, chunk_length, weights.shape[-1])
+
+  def one_chunk(args):
+    xc, rc = args
+
+    def one_expert(y, e):
+      r_e = jax.lax.dynamic_index_in_dim(rc, e, axis=1)  # [chunk_length, 1]
+
+      def run(y):
+        h = act(xc @ expert_weights["up"][e])
+        return y + (r_e.astype(h.dtype) * h) @ expert_weights["down"][e]
+      return jax.lax.cond(jnp.any(r_e != 0), run, lambda y: y, y), None
+
+    y, _ = jax.lax.scan(one_expert, jnp.zeros_like(xc), jnp.arange(rc.shape[-1]))
+    return y
+
+  return jax.lax.map(one_chunk, (xs, rs)).reshape(b, length, embed).astype(x.dtype)

@@ -1,0 +1,137 @@
+"""BlockFFN: router, losses, sparsity metrics and the lambda schedule by hand; the model and its chunk-skip path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from zoo.layers import count_params
+from zoo.models import ConfigError, build_model
+from zoo.routing import sparsity
+
+
+def test_relu_rmsnorm_router_by_hand():
+  # ReLU -> [3, 0, 4, 0]; RMS = sqrt((9 + 16) / 4) = 2.5 -> [1.2, 0, 1.6, 0]; gain scales each expert.
+  r = sparsity.relu_rmsnorm_router(jnp.array([[3.0, -1.0, 4.0, 0.0]]), jnp.array([1.0, 5.0, 0.5, 2.0]), epsilon=0.0)
+  np.testing.assert_allclose(r, [[1.2, 0.0, 0.8, 0.0]], rtol=1e-6)
+
+
+def test_chunk_loss_and_sparsity_metrics_by_hand():
+  r = jnp.array([[[1.0, 0.0], [1.0, 1.0]]])  # p = [[1, 0], [0.5, 0.5]]
+  # Chunk of 2: prod(1 - p) = [0 * 0.5, 1 * 0.5] -> mean 0.25 -> loss 0.75.
+  np.testing.assert_allclose(sparsity.chunk_sparsification_loss(r, 2), 0.75, rtol=1e-6)
+  # Chunks of 1: 1 - p -> [[0, 1], [0.5, 0.5]] -> mean 0.5 -> loss 0.5.
+  np.testing.assert_allclose(sparsity.chunk_sparsification_loss(r, 1), 0.5, rtol=1e-6)
+  assert float(sparsity.token_level_sparsity(r)) == 0.25
+  assert float(sparsity.chunk_level_sparsity(r, 1)) == 0.25
+  assert float(sparsity.chunk_level_sparsity(r, 2)) == 0.0  # both experts fire somewhere in the chunk
+  with pytest.raises(ValueError, match="chunk_length=3"):
+    sparsity.chunk_level_sparsity(r, 3)
+
+
+def test_activation_locality_by_hand():
+  s = jnp.zeros((1, 2, 1))
+  # BCE(logit 0, target sigmoid(0) = 0.5) = log 2.
+  np.testing.assert_allclose(sparsity.activation_locality_loss(s, alpha=1.0), np.log(2), rtol=1e-6)
+  # A document boundary between the two tokens leaves no pair.
+  assert float(sparsity.activation_locality_loss(s, segment_ids=jnp.array([[0, 1]]))) == 0.0
+  # Agreeing signs cost less than disagreeing ones.
+  agree = sparsity.activation_locality_loss(jnp.array([[[0.1], [0.1]]]))
+  disagree = sparsity.activation_locality_loss(jnp.array([[[0.1], [-0.1]]]))
+  assert float(agree) < float(disagree)
+
+
+def test_chunk_lambda_schedule_by_hand():
+  state = sparsity.init_chunk_lambda_state(1.0)
+  lambdas = []
+  # interval 2, warmup 2: windows [1, 1] (mean 1), [2, 2] (mean 2 -> x2), [2.01, 2.01] (x1.005 -> clamped 1.025),
+  # [100, 100] (x ~50 -> clamped 4).
+  for loss in [1, 1, 2, 2, 2.01, 2.01, 100, 100]:
+    state = sparsity.update_chunk_lambda(state, jnp.float32(loss), warmup_steps=2, interval=2)
+    lambdas.append(float(state["lambda"]))
+  np.testing.assert_allclose(lambdas, [1, 1, 1, 2, 2, 2 * 1.025, 2 * 1.025, 2 * 1.025 * 4], rtol=1e-6)
+
+
+def test_chunk_sparse_ffn_equals_dense_experts():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6))
+  r = jax.nn.relu(jax.random.normal(jax.random.key(1), (2, 8, 5)) - 0.8)
+  r = r.at[:, :4, 2].set(0.0)  # expert 2 off for the first chunk of 4
+  w = {"up": jax.random.normal(jax.random.key(2), (5, 6, 3)), "down": jax.random.normal(jax.random.key(3), (5, 3, 6))}
+  per_expert = jnp.stack([jax.nn.silu(x @ w["up"][e]) @ w["down"][e] for e in range(5)], axis=2)  # [b, t, e, d]
+  dense = jnp.einsum("bte,bted->btd", r, per_expert)
+  np.testing.assert_allclose(sparsity.chunk_sparse_ffn(x, r, w, 4), dense, rtol=1e-5, atol=1e-5)
+
+
+TINY = dict(name="blockffn", vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
+            expert_mlp_dim=8, chunk_length=4, dispatch="dense", chunk_warmup_steps=2, chunk_interval=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """(model, tokens [2, 8], variables), initialised once for the module."""
+  model = build_model(TINY)
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+  return model, tokens, jax.jit(model.init)(jax.random.key(1), tokens)
+
+
+def test_shapes_params_metrics_and_aux(tiny):
+  model, tokens, variables = tiny
+  assert count_params(variables["params"]) == model.num_params()
+  logits, out = jax.jit(model.apply)(variables, tokens)
+  assert logits.shape == (2, 8, 32)
+  m = out.metrics
+  for key in ("tls", "cls", "activation_locality", "chunk_sparsification", "active_experts"):
+    assert m[key].shape == (2,), key
+  assert np.all((m["tls"] >= 0) & (m["tls"] <= 1)) and np.all(m["cls"] <= m["tls"] + 1e-6)
+  expected = 2e-3 * np.sum(m["activation_locality"]) + 5e-2 * np.sum(m["chunk_sparsification"])
+  np.testing.assert_allclose(out.aux_loss, expected, rtol=1e-5)
+
+
+def test_chunk_skip_dispatch_equals_dense_and_decoding_matches(tiny):
+  model, tokens, variables = tiny
+  full, _ = jax.jit(model.apply)(variables, tokens)
+  skip_model = build_model(TINY, chunk_skip=True)
+  skipped, _ = jax.jit(skip_model.apply)(variables, tokens)
+  np.testing.assert_allclose(skipped, full, atol=1e-5)
+  cache = model.apply(variables, 2, 8, method="init_cache")
+  decode = jax.jit(lambda token, cache: skip_model.apply(variables, token, cache=cache))
+  steps = []
+  for t in range(8):
+    logits, out = decode(tokens[:, t:t + 1], cache)
+    cache = out.cache
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_train_steps_lower_the_loss_and_adapt_lambda(tiny):
+  model, tokens, variables = tiny
+  params, state = variables["params"], variables["routing_state"]
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+
+  def loss_fn(params, state):
+    (logits, out), updates = model.apply({"params": params, "routing_state": state}, tokens, deterministic=False,
+                                         mutable=["routing_state"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    return ce + out.aux_loss, (ce, updates["routing_state"])
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  losses = []
+  for _ in range(5):
+    (_, (ce, state)), grads = grad_fn(params, state)
+    assert np.any(np.asarray(grads["layers_0"]["ffn"]["router"]["gain"]) != 0)
+    updates, opt = tx.update(grads, opt)
+    params = optax.apply_updates(params, updates)
+    losses.append(float(ce))
+  assert losses[-1] < losses[0]
+  assert int(state["chunk_lambda"]["step"]) == 5
+  assert float(state["chunk_lambda"]["lambda"]) > 5e-2  # adapted at step 4 (after the 2-step warmup)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(chunk_coef=-1.0), "chunk_coef=-1.0"),
+    (dict(chunk_length=0), "chunk_length=0"),
+])
+def test_config_errors(overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    build_model({**TINY, **overrides})

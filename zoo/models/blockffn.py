@@ -1,0 +1,142 @@
+"""BlockFFN LM: ReLU-routed, top-k-free block experts with chunk-level activation sparsity (papers.md A2).
+
+Song et al. 2025, "BlockFFN: Towards End-Side Acceleration-Friendly Mixture-of-Experts with Chunk-Level Activation
+Sparsity" (thunlp/BlockFFN), Sec. 3:
+- router (Sec. 3.1): `s = W_r x`, `r = RMSNorm_noweight(ReLU(s)) * gain` (`zoo.routing.sparsity.ReLURouter`); no
+  top-k, an expert with r_e = 0 is off, so each token uses a variable number of experts;
+- experts: non-gated `y = sum_e r_e W_out,e SiLU(W_in,e x)` (`MoEFFN` with activation 'silu' and the dense routing
+  r; `chunk_skip=True` runs `zoo.routing.sparsity.chunk_sparse_ffn`, which skips the experts inactive for a
+  whole chunk);
+- losses (Sec. 3.2): activation locality `lambda_al * BCE(alpha s_{t-1}, sigmoid(alpha s_t))` (alpha 100, lambda_al
+  2e-3) and chunk sparsification `lambda_cs * (1 - mean prod_{t in chunk}(1 - p_{t,e}))`, summed over layers;
+  lambda_cs adapts during training (`zoo.routing.sparsity.update_chunk_lambda`, state in
+  'routing_state/chunk_lambda');
+- metrics: token-level sparsity TLS and chunk-level sparsity CLS(L) per layer ('tls', 'cls'), besides the routing
+  metrics of `moe_lm` and the unweighted losses.
+
+Built on `moe_lm` (decoder blocks, attention, KV cache, metric stacking); of its routing fields only `num_experts`,
+`expert_mlp_dim`, `moe_every`, `first_dense_layers` and `dispatch` apply ('auto' = capacity on CPU, which with every
+slot possible costs what 'dense' costs). The locality loss runs over each row of the batch as one document
+[guess: packed rows are not split at document boundaries].
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zoo.layers.mlp import ACTIVATIONS
+from zoo.models.moe_lm import MoELM
+from zoo.models.registry import ConfigError, register_model
+from zoo.routing import MoEFFN, routing_from_dense
+from zoo.routing import sparsity
+
+
+class BlockFFNLayer(nn.Module):
+  """One BlockFFN FFN: ReLU router + non-gated block experts; returns `(y, (aux, metrics))` as `DecoderBlock` wants.
+
+  Attributes:
+    num_experts, expert_mlp_dim: E blocks of this width.
+    alpha: sharpness of the locality loss.
+    chunk_length: chunk of the chunk-sparsification loss and of CLS (must divide the sequence length; training
+      and full forwards only: a shorter call, e.g. cached decoding, skips both).
+    strategy: MoEFFN dispatch strategy, or 'chunk_skip'.
+  """
+  num_experts: int
+  expert_mlp_dim: int
+  alpha: float = 100.0
+  chunk_length: int = 64
+  strategy: str | None = None
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True):
+    """x: [batch, length, embed] -> (y [batch, length, embed], (aux, metrics))."""
+    del deterministic
+    r, logits = sparsity.ReLURouter(self.num_experts, name="router")(x)
+    flat_r, flat_logits = r.reshape(-1, self.num_experts), logits.reshape(-1, self.num_experts)
+    routing = routing_from_dense(flat_r, flat_logits, probs=sparsity.normalized_weights(flat_r))
+    experts = MoEFFN(self.num_experts, self.expert_mlp_dim, activation="silu",
+                     strategy="dense" if self.strategy == "chunk_skip" else self.strategy, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="experts")
+    if self.strategy == "chunk_skip":
+      experts(x[:, :0], routing=routing_from_dense(flat_r[:0], flat_logits[:0]))  # creates the parameters only
+      weights = {name: experts.variables["params"][name] for name in ("up", "down")}
+      weights = {k: nn.meta.unbox(v).astype(self.dtype) for k, v in weights.items()}
+      chunk = self.chunk_length if x.shape[1] % self.chunk_length == 0 else 1  # e.g. one decoded token
+      y = sparsity.chunk_sparse_ffn(x.astype(self.dtype), r, weights, chunk)
+      metrics = dict(routing.metrics)
+    else:
+      y, _, metrics = experts(x, routing=routing)
+    aux = {"activation_locality": sparsity.activation_locality_loss(logits, alpha=self.alpha)}
+    metrics = {"expert_load": metrics["expert_load"], "load_imbalance": metrics["load_imbalance"],
+               "router_entropy": metrics["router_entropy"], "tls": sparsity.token_level_sparsity(r),
+               "active_experts": jnp.mean(jnp.sum(r > 0, axis=-1).astype(jnp.float32))}
+    if x.shape[1] % self.chunk_length == 0:
+      aux["chunk_sparsification"] = sparsity.chunk_sparsification_loss(r, self.chunk_length)
+      metrics["cls"] = sparsity.chunk_level_sparsity(r, self.chunk_length)
+    return y, (aux, metrics)
+
+
+@register_model("blockffn")
+class BlockFFNLM(MoELM):
+  """`moe_lm` with BlockFFN layers (see the module docstring).
+
+  Attributes (besides those of `MoELM` that apply):
+    activation_locality_coef: lambda_al (2e-3).
+    locality_alpha: alpha (100).
+    chunk_coef: initial lambda_cs (5e-2); 0 turns the chunk loss off.
+    chunk_length: chunk of the chunk loss and CLS (64).
+    chunk_warmup_steps, chunk_interval: lambda_cs adapts every `chunk_interval` steps after the warmup.
+    chunk_skip: run the experts with `chunk_sparse_ffn` (skip experts inactive for a whole chunk) instead of
+      `dispatch`.
+  """
+  num_experts: int = 16
+  expert_mlp_dim: int = 32
+  activation_locality_coef: float = 2e-3
+  locality_alpha: float = 100.0
+  chunk_coef: float = 5e-2
+  chunk_length: int = 64
+  chunk_warmup_steps: int = 1000
+  chunk_interval: int = 100
+  chunk_skip: bool = False
+
+  def _check(self):
+    super()._check()
+    for key in ("activation_locality_coef", "chunk_coef", "locality_alpha"):
+      if getattr(self, key) < 0:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)} must be >= 0")
+    for key in ("chunk_length", "chunk_warmup_steps", "chunk_interval"):
+      if getattr(self, key) < 1:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)} must be >= 1")
+
+  def moe_ffn_factory(self):
+    strategy = "chunk_skip" if self.chunk_skip else None if self.dispatch == "auto" else self.dispatch
+    return lambda name: BlockFFNLayer(self.num_experts, self.expert_mlp_dim, alpha=self.locality_alpha,
+                                      chunk_length=self.chunk_length, strategy=strategy,
+                                      dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                                      name=name)
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
+    """As `MoELM.__call__`; aux_loss = lambda_al * sum of locality losses + lambda_cs * sum of chunk losses."""
+    logits, out = super().__call__(tokens, positions=positions, cache=cache, deterministic=deterministic)
+    state = self.variable("routing_state", "chunk_lambda", sparsity.init_chunk_lambda_state, self.chunk_coef)
+    aux = self.activation_locality_coef * jnp.sum(out.metrics["activation_locality"])
+    metrics = dict(out.metrics)
+    if "chunk_sparsification" in metrics:
+      chunk_loss = jnp.sum(metrics["chunk_sparsification"])
+      aux = aux + state.value["lambda"] * chunk_loss
+      if not deterministic and self.is_mutable_collection("routing_state") and self.chunk_coef > 0:
+        state.value = sparsity.update_chunk_lambda(state.value, chunk_loss, warmup_steps=self.chunk_warmup_steps,
+                                                   interval=self.chunk_interval)
+    metrics["chunk_lambda"] = state.value["lambda"]
+    return logits, out.replace(aux_loss=aux, metrics=metrics)
+
+  def _weighted_aux(self, aux_losses):
+    return jnp.zeros((), jnp.float32)  # weighted in __call__, where the adaptive lambda_cs lives
+
+  def num_params(self):
+    """Analytic parameter count: the dense LM with each BlockFFN layer's router, gain and non-gated experts."""
+    e = self.embed_dim
+    dense_ffn = (3 if ACTIVATIONS[self.mlp_activation][1] else 2) * e * self.mlp_dim
+    block = e * self.num_experts + self.num_experts + 2 * e * self.num_experts * self.expert_mlp_dim
+    return super(MoELM, self).num_params() + len(self.moe_layers) * (block - dense_ffn)
