@@ -7,7 +7,7 @@ DIR/eval_<step>.json).
 """
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from zoo.engine import cli
 
@@ -16,6 +16,7 @@ flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the la
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.batch_size=64")
   cli.initialize()

@@ -6,7 +6,7 @@ Running the same command again resumes from the latest checkpoint in DIR. Multi-
 with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the JAX_* environment variables; TPU pods
 and SLURM are detected).
 """
-from absl import app, flags
+from absl import app, flags, logging
 
 from zoo.engine import cli
 
@@ -14,6 +14,7 @@ cli.define_flags()
 
 
 def main(argv):
+  logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100")
   cli.initialize()

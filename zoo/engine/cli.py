@@ -25,6 +25,8 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # what ml_collections raises for a bad override
+    fail(f"bad --config override: {e}")
 
 
 def fail(error, code=2):
@@ -33,8 +35,8 @@ def fail(error, code=2):
 
 
 def _one_line(error):
-  text = str(error).strip().strip('"').replace("\n", " ")
-  return text
+  text = str(error).replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+  return " ".join(text.split())
 
 
 def initialize():
