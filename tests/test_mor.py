@@ -148,7 +148,14 @@ def test_param_counts(sharing, num_layers, unique, router):
   d = TINY["embed_dim"]
   routers = {"none": 0, "expert": 3 * d, "token": 3 * d}[router]
   want = TINY["vocab_size"] * d + d + unique * per_layer + routers
-  assert count_params(params) == want
+  assert count_params(params) == want == model.num_params()
+
+
+@pytest.mark.parametrize("kw", [dict(router="expert", causal_router="aux_router", router_arch="mlp"),
+                                dict(router="token", router_arch="mlp", tie_embeddings=False)])
+def test_num_params_matches_init(kw):
+  model = make(num_recursions=2, **kw)
+  assert count_params(jax.eval_shape(model.init, jax.random.key(0), tokens())["params"]) == model.num_params()
 
 
 def test_training_capacity_and_hierarchy():
@@ -299,9 +306,8 @@ def test_loss_free_bias_updates_in_training_only():
                                       (dict(capacities=(1.0, 1.5)), "capacities"),
                                       (dict(num_layers=5, sharing="cycle"), "num_layers")])
 def test_bad_config_raises(kw, match):
-  model = make(num_recursions=2, **kw)
   with pytest.raises(ConfigError, match=match):
-    model.init(jax.random.key(0), tokens())
+    make(num_recursions=2, **kw)
 
 
 def test_registry_builds_mor():
@@ -316,11 +322,16 @@ def test_flops_account_for_early_exit():
   d, attn, kv = 32, 32, 16
   layer = 3 * d * 48 + 2 * d * attn + 2 * d * kv
   vanilla = dense_train_flops(6 * layer + 37 * d, num_layers=6, attention_dim=attn, seq_len=64)
-  assert mor.train_flops_per_token(recursive, 64) == pytest.approx(vanilla)
-  expert = mor.train_flops_per_token(make(**kw, router="expert"), 64)
-  share = mor.train_flops_per_token(make(**kw, router="expert", kv_mode="share"), 64)
+  dense = build_model({"name": "dense_lm", **{k: v for k, v in TINY.items() if k != "head_dim"}, "num_layers": 6,
+                       "head_dim": 16})
+  assert dense.train_flops_per_token(64) == pytest.approx(vanilla)
+  assert recursive.train_flops_per_token(64) == pytest.approx(vanilla)
+  expert = make(**kw, router="expert").train_flops_per_token(64)
+  share = make(**kw, router="expert", kv_mode="share").train_flops_per_token(64)
   assert expert < vanilla and share < vanilla
-  # Sharing: recursions r > 0 (fractions 2/3, 1/3, 2 layers each) skip the key/value projections but see all keys.
+  # Routers: 3 step routers of d parameters. Sharing: recursions r > 0 (fractions 2/3, 1/3, 2 layers each) skip the key/value projections but see all keys.
   keys = 65 / 2
   want = sum(2 * f * (-6 * 2 * d * kv + 12 * attn * keys * (1 - f)) for f in (2 / 3, 1 / 3))
   assert share - expert == pytest.approx(want)
+  saved = sum(2 * (1 - f) * (6 * layer + 12 * attn * keys * (1 + f)) for f in (2 / 3, 1 / 3))
+  assert vanilla - expert == pytest.approx(saved - 6 * 3 * d)

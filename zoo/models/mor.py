@@ -46,6 +46,7 @@ import jax.numpy as jnp
 
 from zoo.layers import MLP, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm
 from zoo.layers import apply_rope, attention_mask, dot_product_attention, mean_attended_keys
+from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import depth as depth_routing
@@ -194,33 +195,48 @@ class MoRLM(nn.Module):
   rope_theta: float = 10000.0
   norm_epsilon: float = 1e-6
   tie_embeddings: bool = True
-  dtype: Any = jnp.float32
+  dtype: Any = "float32"
 
-  def _check(self):
+  def __post_init__(self):
     choices = {"router": ROUTERS, "router_arch": ("linear", "mlp"), "causal_router": ("aux_loss", "aux_router"),
                "inference_selection": ("causal", "topk"), "token_func": ("softmax", "sigmoid"),
                "kv_mode": ("recursion", "share")}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is invalid; choose one of {allowed}")
+    for key in ("vocab_size", "embed_dim", "num_layers", "num_heads", "head_dim", "mlp_dim"):
+      if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be a positive integer")
+    if self.head_dim % 2:
+      raise ConfigError(f"config.model.head_dim={self.head_dim} must be even for RoPE")
+    if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+      raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+    if self.activation not in ACTIVATIONS:
+      raise ConfigError(f"config.model.activation={self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    layer_schedule(self.sharing, self.num_layers, self.num_recursions)
+    caps = self.caps
+    if self.kv_mode == "share" and caps[0] < 1.0:
+      raise ConfigError(f"config.model.kv_mode='share' needs every token in recursion 0, but capacities[0]={caps[0]}")
+    super().__post_init__()
+
+  @property
+  def caps(self):
+    """Capacity per recursion (validated): `capacities` or the default (N_r - r) / N_r."""
     try:
-      caps = depth_routing.validate_capacities(
+      return depth_routing.validate_capacities(
           self.capacities or depth_routing.default_capacities(self.num_recursions), self.num_recursions)
     except ValueError as e:
       raise ConfigError(f"config.model.capacities: {e}") from None
-    if self.kv_mode == "share" and caps[0] < 1.0:
-      raise ConfigError(f"config.model.kv_mode='share' needs every token in recursion 0, but capacities[0]={caps[0]}")
-    return caps
 
   def setup(self):
-    self.caps = self._check()
     self.num_unique, self.first_id, self.schedule, self.last_id = layer_schedule(
         self.sharing, self.num_layers, self.num_recursions)
+    dtype = jnp.dtype(self.dtype)
     attention = functools.partial(RecursionAttention, num_heads=self.num_heads, head_dim=self.head_dim,
-                                  num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta, dtype=self.dtype)
-    ffn = functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.activation, dtype=self.dtype)
-    self.embed = Embed(self.vocab_size, self.embed_dim, dtype=self.dtype)
-    self.layers = [DecoderBlock(attention, ffn, norm_epsilon=self.norm_epsilon, dtype=self.dtype)
+                                  num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta, dtype=dtype)
+    ffn = functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.activation, dtype=dtype)
+    self.embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype)
+    self.layers = [DecoderBlock(attention, ffn, norm_epsilon=self.norm_epsilon, dtype=dtype)
                    for _ in range(self.num_unique)]
     if self.router == "expert":
       self.step_routers = [depth_routing.DepthRouter(1, self.router_arch) for _ in range(self.num_recursions)]
@@ -232,15 +248,15 @@ class MoRLM(nn.Module):
       self.step = self.variable("routing_state", "step", jnp.zeros, (), jnp.int32)
     if self.router == "token" and self.balance_bias_rate > 0:
       self.depth_bias = self.variable("routing_state", "depth_bias", jnp.zeros, (self.num_recursions,), jnp.float32)
-    self.final_norm = RMSNorm(epsilon=self.norm_epsilon, dtype=self.dtype)
+    self.final_norm = RMSNorm(epsilon=self.norm_epsilon, dtype=dtype)
     if not self.tie_embeddings:
-      self.unembed = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=self.dtype)
+      self.lm_head = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype)
 
   def init_cache(self, batch_size, max_length):
     """An empty decoding cache: per-layer KVCache records, plus, for recursion-wise caching, `active`
     [N_r, batch, max_length] bool marking the slots whose token ran recursion r."""
     kv = functools.partial(KVCache.create, batch_size, max_length, self.num_kv_heads or self.num_heads,
-                           self.head_dim, self.dtype)
+                           self.head_dim, jnp.dtype(self.dtype))
     _, first, schedule, last = layer_schedule(self.sharing, self.num_layers, self.num_recursions)
     cached = 1 if self.kv_mode == "share" else self.num_recursions
     cache = {"length": jnp.zeros((batch_size,), jnp.int32),
@@ -395,7 +411,7 @@ class MoRLM(nn.Module):
       if cache is not None:
         new_cache["last"] = c
     h = self.final_norm(h)
-    logits = self.embed.attend(h) if self.tie_embeddings else self.unembed(h)
+    logits = self.embed.attend(h) if self.tie_embeddings else self.lm_head(h)
 
     if bce_terms:
       bce = jnp.sum(jnp.stack(bce_terms))
@@ -410,44 +426,61 @@ class MoRLM(nn.Module):
       new_cache["length"] = jnp.maximum(cache["length"], jnp.max(positions, axis=1) + 1)
     return logits.astype(jnp.float32), ModelOutput(aux_loss=aux, metrics=metrics, cache=new_cache), ran
 
+  def num_params(self):
+    """Analytic unique-parameter count (equals `count_params` of the initialised params)."""
+    num_unique = layer_schedule(self.sharing, self.num_layers, self.num_recursions)[0]
+    d, kv_dim = self.embed_dim, (self.num_kv_heads or self.num_heads) * self.head_dim
+    attention = 2 * d * self.num_heads * self.head_dim + 2 * d * kv_dim
+    layer = attention + (3 if ACTIVATIONS[self.activation][1] else 2) * d * self.mlp_dim + 2 * d
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + num_unique * layer + self._router_params() + d + head
 
-def train_flops_per_token(model: MoRLM, seq_len: int):
-  """Analytic training FLOPs per token, counting that tokens leave early (6 FLOPs per matmul parameter per token that
-  uses it, plus `12 * attention_dim * keys` per attention layer; Kaplan et al. 2020 as in `zoo.layers.accounting`).
+  def _router_params(self):
+    """Parameters of all depth routers (each `DepthRouter` has no biases)."""
+    if self.router == "none":
+      return 0
+    d = self.embed_dim
+    if self.router == "expert":
+      outputs, count = 1, self.num_recursions * (2 if self.causal_router == "aux_router" else 1)
+    else:
+      outputs, count = self.num_recursions, 1
+    return count * (d * outputs if self.router_arch == "linear" else 2 * d * d + 2 * d * outputs)
 
-  Recursion r is run by a fraction f_r of the tokens: the capacity for expert-choice, all for the baseline, and
-  (N_r - r) / N_r for token-choice, i.e. a balanced router ([guess]: the real split is learned). With recursion-wise
-  caching a query of recursion r sees f_r of the keys; with KV sharing it sees all keys, and recursions r > 0 skip the
-  key/value projections. The input embedding lookup is free; the output projection counts. Router FLOPs are counted.
+  def train_flops_per_token(self, seq_len):
+    """Analytic training FLOPs per token, counting that tokens leave early (6 FLOPs per matmul parameter per token that
+    uses it, plus `12 * attention_dim * keys` per attention layer; Kaplan et al. 2020 as in `zoo.layers.accounting`).
 
-  Returns:
-    float FLOPs per token.
-  """
-  n_r = model.num_recursions
-  num_unique, first, schedule, _ = layer_schedule(model.sharing, model.num_layers, n_r)
-  if model.router == "expert":
-    fractions = model.capacities or depth_routing.default_capacities(n_r)
-  elif model.router == "token":
-    fractions = depth_routing.default_capacities(n_r)
-  else:
-    fractions = (1.0,) * n_r
-  d, kv_dim = model.embed_dim, (model.num_kv_heads or model.num_heads) * model.head_dim
-  attention_dim = model.num_heads * model.head_dim
-  ffn = (3 if model.activation in ("swiglu", "reglu", "geglu") else 2) * d * model.mlp_dim
-  q_out = 2 * d * attention_dim
-  kv_proj = 2 * d * kv_dim
-  layer = ffn + q_out + kv_proj
-  keys = mean_attended_keys(seq_len)
-  router = {"expert": n_r * d, "token": d * n_r, "none": 0}[model.router]
-  if model.router_arch == "mlp":
-    router = {"expert": n_r * (2 * d * d + 2 * d), "token": 2 * d * d + 2 * d * n_r, "none": 0}[model.router]
-  flops = 6.0 * (d * model.vocab_size + router)
-  if first is not None:
-    flops += 2 * (6.0 * layer + 12.0 * attention_dim * keys)
-  base = len(schedule[0])
-  for r, f in enumerate(fractions):
-    share = model.kv_mode == "share" and r > 0
-    params = layer - kv_proj if share else layer
-    seen = keys if model.kv_mode == "share" else f * keys
-    flops += f * base * (6.0 * params + 12.0 * attention_dim * seen)
-  return flops
+    Recursion r is run by a fraction f_r of the tokens: the capacity for expert-choice, all for the baseline, and
+    (N_r - r) / N_r for token-choice, i.e. a balanced router ([guess]: the real split is learned). With recursion-wise
+    caching a query of recursion r sees f_r of the keys; with KV sharing it sees all keys, and recursions r > 0 skip the
+    key/value projections. The input embedding lookup is free; the output projection counts; routers count as if they
+    scored every token. A capacity warm-up (more tokens early in training) is not counted.
+
+    Returns:
+      float FLOPs per token.
+    """
+    n_r = self.num_recursions
+    _, first, schedule, _ = layer_schedule(self.sharing, self.num_layers, n_r)
+    if self.router == "expert":
+      fractions = self.capacities or depth_routing.default_capacities(n_r)
+    elif self.router == "token":
+      fractions = depth_routing.default_capacities(n_r)
+    else:
+      fractions = (1.0,) * n_r
+    d, kv_dim = self.embed_dim, (self.num_kv_heads or self.num_heads) * self.head_dim
+    attention_dim = self.num_heads * self.head_dim
+    ffn = (3 if ACTIVATIONS[self.activation][1] else 2) * d * self.mlp_dim
+    q_out = 2 * d * attention_dim
+    kv_proj = 2 * d * kv_dim
+    layer = ffn + q_out + kv_proj
+    keys = mean_attended_keys(seq_len)
+    flops = 6.0 * (d * self.vocab_size + self._router_params())
+    if first is not None:
+      flops += 2 * (6.0 * layer + 12.0 * attention_dim * keys)
+    base = len(schedule[0])
+    for r, f in enumerate(fractions):
+      share = self.kv_mode == "share" and r > 0
+      params = layer - kv_proj if share else layer
+      seen = keys if self.kv_mode == "share" else f * keys
+      flops += f * base * (6.0 * params + 12.0 * attention_dim * seen)
+    return flops
