@@ -19,7 +19,7 @@ from zoo.models.moe_lm import MoELM
 
 CONFIGS = ("moe_mixtral", "moe_switch", "moe_deepseek", "moe_qwen", "moe_expert_choice")
 # Shrinks a config's model; the routing fields (experts, k, router, groups, shared experts...) stay as configured.
-TINY = dict(vocab_size=32, num_layers=3, embed_dim=16, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=24)
+TINY = dict(vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=24)
 VOCAB = TINY["vocab_size"]
 
 
@@ -36,7 +36,7 @@ def tokens(batch=2, length=8, seed=0):
 
 
 def init(model, toks):
-  return model.init(jax.random.key(0), toks)
+  return jax.jit(model.init)(jax.random.key(0), toks)
 
 
 def mixtral(**overrides):
@@ -74,13 +74,13 @@ def test_aux_loss_is_the_weighted_sum_of_layer_losses():
   model = mixtral(load_balance_coef=0.3, z_loss_coef=0.05)
   toks = tokens()
   variables = init(model, toks)
-  _, out = model.apply(variables, toks)
+  _, out = jax.jit(model.apply)(variables, toks)
   expected = 0.3 * out.metrics["load_balance"].sum() + 0.05 * out.metrics["z_loss"].sum()
   np.testing.assert_allclose(out.aux_loss, expected, rtol=1e-6)
   assert float(out.metrics["load_balance"].min()) >= 1.0 - 1e-5  # the Switch loss is >= 1 (uniform routing)
 
 
-@pytest.mark.parametrize("name", ["moe_mixtral", "moe_deepseek", "moe_qwen"])
+@pytest.mark.parametrize("name", ["moe_mixtral", "moe_deepseek"])
 def test_causal(name):
   model = tiny_model(name, dispatch="dropless")
   toks = tokens()
@@ -97,7 +97,7 @@ def test_cached_decoding_matches_full_forward(name, dispatch):
   model = tiny_model(name, dispatch=dispatch)
   toks = tokens(length=7)
   variables = init(model, toks)
-  full, _ = model.apply(variables, toks)
+  full, _ = jax.jit(model.apply)(variables, toks)
   cache = model.apply(variables, 2, 10, method="init_cache")
   step = jax.jit(lambda t, c: model.apply(variables, t, cache=c))
   logits, out = step(toks[:, :4], cache)  # prefill
@@ -124,7 +124,8 @@ def test_one_optimizer_step_lowers_the_loss():
     return ce + out.aux_loss
 
   opt = optax.adam(1e-2)
-  loss0, grads = jax.value_and_grad(loss_fn)(params)
+  loss_fn = jax.jit(loss_fn)
+  loss0, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   router_grad = nn.meta.unbox(grads)["layers_0"]["ffn"]["router"]["kernel"]
   assert float(jnp.abs(router_grad).max()) > 0  # the router is trained through the combine weights
   updates, _ = opt.update(grads, opt.init(params), params)
@@ -138,7 +139,8 @@ def test_balance_bias_moves_in_training_and_stays_fixed_in_eval():
   variables = init(model, toks)
   assert "bias" not in str(jax.tree_util.tree_structure(variables["params"]))  # not trained by the optimizer
   bias0 = nn.meta.unbox(variables["routing_state"])
-  _, train_state = model.apply(variables, toks, deterministic=False, mutable=["routing_state"])
+  apply = jax.jit(model.apply, static_argnames=("deterministic", "mutable"))
+  _, train_state = apply(variables, toks, deterministic=False, mutable=("routing_state",))
   bias1 = nn.meta.unbox(train_state["routing_state"])
   for layer in model.moe_layers:
     b0, b1 = bias0[f"layers_{layer}"]["ffn"]["router"]["bias"], bias1[f"layers_{layer}"]["ffn"]["router"]["bias"]
@@ -146,14 +148,14 @@ def test_balance_bias_moves_in_training_and_stays_fixed_in_eval():
     # Each expert moves by exactly +-u (the sign update), unless it is exactly at the mean load.
     steps = np.abs(np.asarray(b1 - b0))
     assert np.all(np.isclose(steps, 0.1) | np.isclose(steps, 0.0)) and steps.max() > 0
-  _, eval_state = model.apply(variables, toks, deterministic=True, mutable=["routing_state"])
+  _, eval_state = apply(variables, toks, deterministic=True, mutable=("routing_state",))
   jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(eval_state["routing_state"]), bias0)
 
 
 def test_param_counts_against_a_hand_count():
   # d=16, vocab 32, 3 layers, 2 heads x 8 (1 kv head), dense mlp 24, 4 experts of 8, top-2, 1 shared expert of 8 with
   # its gate, first layer dense, tied embeddings, swiglu.
-  model = MoELM(**TINY, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, num_shared_experts=1,
+  model = MoELM(**{**TINY, "num_layers": 3}, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, num_shared_experts=1,
                 shared_expert_mlp_dim=8, shared_expert_gate=True, first_dense_layers=1)
   d = 16
   attention = d * 2 * 8 + 2 * d * 1 * 8 + 2 * 8 * d  # q, k, v, out
