@@ -1,0 +1,162 @@
+"""RMoE: the GRU cell by hand and against a numpy reference, depth-only recurrence, shared cell, gradients to the
+routers, cached decoding, the linear baseline, the shared-expert mix and config errors."""
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from zoo.layers import count_params
+from zoo.models import ConfigError, build_model
+from zoo.models.rmoe import RMoEFFN
+from zoo.routing import Router
+from zoo.routing.recurrent import gru_cell
+
+TINY = dict(name="rmoe", vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=24,
+            num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, router_hidden_dim=8, dispatch="dense")
+
+
+def _sigmoid(a):
+  return 1.0 / (1.0 + np.exp(-a))
+
+
+def test_gru_cell_by_hand_and_against_numpy():
+  zeros = {"input_kernel": jnp.zeros((3, 3, 2)), "hidden_kernel": jnp.zeros((2, 3, 2)),
+           "input_bias": jnp.zeros((3, 2)), "hidden_bias": jnp.zeros((3, 2))}
+  # All-zero weights: r = z = 1/2, n = tanh(0) = 0, so h' = h / 2.
+  h = jnp.array([[1.0, -4.0]])
+  np.testing.assert_allclose(gru_cell(zeros, jnp.ones((1, 3)), h), [[0.5, -2.0]], rtol=1e-6)
+
+  keys = jax.random.split(jax.random.key(0), 6)
+  params = {"input_kernel": jax.random.normal(keys[0], (3, 3, 2)), "hidden_kernel": jax.random.normal(keys[1], (2, 3, 2)),
+            "input_bias": jax.random.normal(keys[2], (3, 2)), "hidden_bias": jax.random.normal(keys[3], (3, 2))}
+  x, h = jax.random.normal(keys[4], (5, 3)), jax.random.normal(keys[5], (5, 2))
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  xn, hn = np.asarray(x, np.float64), np.asarray(h, np.float64)
+  gate = lambda g: (xn @ p["input_kernel"][:, g] + p["input_bias"][g], hn @ p["hidden_kernel"][:, g] + p["hidden_bias"][g])
+  r = _sigmoid(sum(gate(0)))
+  z = _sigmoid(sum(gate(1)))
+  n = np.tanh(gate(2)[0] + r * gate(2)[1])
+  np.testing.assert_allclose(gru_cell(params, x, h), (1 - z) * n + z * hn, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="GRU state must be"):
+    gru_cell(params, x, h[:, :1])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = build_model(TINY)
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+  return model, tokens, jax.jit(model.init)(jax.random.key(1), tokens), jax.jit(model.apply)
+
+
+def test_shapes_params_aux_and_one_shared_cell(tiny):
+  model, tokens, variables, apply = tiny
+  logits, out = apply(variables, tokens)
+  assert logits.shape == (2, 8, 32) and bool(jnp.all(jnp.isfinite(logits)))
+  assert out.metrics["expert_load"].shape == (2, 4)
+  np.testing.assert_allclose(out.metrics["expert_load"].sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(out.aux_loss, 1e-3 * out.metrics["load_balance"].sum(), rtol=1e-6)
+  params = nn.meta.unbox(variables["params"])
+  assert count_params(params) == model.num_params()
+  # One GRU at the model level; each layer has its own projections W1_i [embed, 8] and W2_i [8, experts].
+  assert params["router_gru"]["hidden_kernel"].shape == (8, 3, 8)
+  for i in range(2):
+    router = params[f"layers_{i}"]["ffn"]["router"]
+    assert set(router) == {"input_proj", "output_proj"}
+    assert router["input_proj"].shape == (16, 8) and router["output_proj"].shape == (8, 4)
+
+
+def test_state_is_carried_along_depth(tiny):
+  _, tokens, variables, apply = tiny
+  # The first MoE layer starts from g = 0, so the GRU's hidden kernel cannot change its routing; later layers read
+  # the state of the layer before and do change.
+  params = jax.tree.map(lambda x: x, nn.meta.unbox(variables["params"]))
+  for i in range(2):  # sharper routers, so that the logits move visibly
+    params[f"layers_{i}"]["ffn"]["router"]["output_proj"] *= 100.0
+  moved = jax.tree.map(lambda x: x, params)
+  moved["router_gru"]["hidden_kernel"] = moved["router_gru"]["hidden_kernel"] + 0.5
+  _, base = apply({"params": params}, tokens)
+  _, moved = apply({"params": moved}, tokens)
+  np.testing.assert_allclose(moved.metrics["router_z"][0], base.metrics["router_z"][0], rtol=1e-6)
+  assert not np.allclose(moved.metrics["router_z"][1:], base.metrics["router_z"][1:], rtol=1e-3)
+
+
+def test_gradients_reach_every_router_and_the_loss_falls(tiny):
+  model, tokens, variables, _ = tiny
+  params = variables["params"]
+  tx = optax.adam(1e-2)
+  opt = tx.init(params)
+
+  def loss_fn(params):
+    logits, out = model.apply({"params": params}, tokens[:, :-1], deterministic=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return ce + out.aux_loss, ce
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (_, ce0), grads = grad_fn(params)
+  grads = nn.meta.unbox(grads)
+  for name, g in grads["router_gru"].items():
+    assert float(jnp.abs(g).max()) > 0, name
+  for i in range(2):
+    for name, g in grads[f"layers_{i}"]["ffn"]["router"].items():
+      assert float(jnp.abs(g).max()) > 0, (i, name)
+  for _ in range(4):
+    (_, ce), grads = grad_fn(params)
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+  (_, ce), _ = grad_fn(params)
+  assert float(ce) < float(ce0)
+
+
+def test_cached_decoding_matches_the_full_forward(tiny):
+  model, tokens, variables, apply = tiny
+  full, _ = apply(variables, tokens)
+  cache = model.init_cache(2, 8)
+  decode = jax.jit(lambda token, cache: model.apply(variables, token, cache=cache))
+  steps = []
+  for t in range(8):
+    logits, out = decode(tokens[:, t:t + 1], cache)
+    steps.append(logits)
+    cache = out.cache
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_linear_baseline_params():
+  linear = build_model({**TINY, "router_type": "linear", "num_shared_experts": 1})
+  shapes = jax.eval_shape(linear.init, jax.random.key(1), jnp.zeros((2, 8), jnp.int32))["params"]
+  assert "router_gru" not in shapes and set(shapes["layers_0"]["ffn"]["router"]) == {"kernel"}
+  assert count_params(shapes) == linear.num_params()
+
+
+def test_shared_expert_mix():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 16))
+  ffn = lambda mix: RMoEFFN(Router(4, 2), num_experts=4, expert_mlp_dim=8, shared_mlp_dim=8, shared_mix=mix,
+                            strategy="dense")
+  variables = ffn(0.5).init(jax.random.key(1), x)
+  apply = jax.jit(lambda mix: ffn(mix).apply(variables, x)[0], static_argnums=0)
+  routed, shared = apply(0.0), apply(1.0)
+  assert not np.allclose(routed, shared, atol=1e-3)
+  np.testing.assert_allclose(apply(0.3), 0.7 * routed + 0.3 * shared, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rmoe", "rmoe_linear"])
+def test_configs_build(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  model = build_model(config.model)
+  assert model.num_experts == 8 and model.num_experts_per_tok == 2 and model.load_balance_coef == 1e-3
+  assert model.router_type == ("gru" if name == "rmoe" else "linear")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(router_type="lstm"), "router_type='lstm'"),
+    (dict(router="sigmoid_topk"), "RMoE routes with 'softmax_topk'"),
+    (dict(shared_mix=1.5), "shared_mix=1.5"),
+    (dict(router_hidden_dim=0), "router_hidden_dim=0"),
+    (dict(router_jitter=0.01), "router_type='linear' only"),
+])
+def test_config_errors(overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    build_model({**TINY, **overrides})

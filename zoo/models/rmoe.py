@@ -1,0 +1,184 @@
+"""RMoE LM: a mixture-of-experts decoder whose routers share one GRU along depth (papers.md A3).
+
+Qiu et al. 2024, "Layerwise Recurrent Router for Mixture-of-Experts" (qiuzh20/RMoE), Sec. 3:
+- router of MoE layer i (`zoo.routing.recurrent.RecurrentRouter`): `x'_i = W1_i h_i` (embed -> router_hidden_dim,
+  256), `g_i = GRU(x'_i, g_{i-1})` with ONE GRU cell shared by every layer (`zoo.routing.recurrent.GRUCell`, owned by
+  the model as `router_gru`), `g = 0` at the first MoE layer, carried along depth only (never along the sequence),
+  `logits_i = W2_i g_i`; softmax -> top-2 -> renormalise; `h_i` is the FFN input (after the FFN's RMSNorm);
+- 8 experts, Switch load-balance loss with coefficient 1e-3 and no z-loss;
+- option (`num_shared_experts` >= 1): an always-on shared expert mixed as
+  `(1 - shared_mix) * routed + shared_mix * shared` (the code's `moe_weight` / `share_weight`, 0.5 / 0.5);
+- baseline: the same model with `router_type='linear'` (`moe_lm`'s linear softmax top-k router).
+
+Differences from the code: the load-balance loss is computed per MoE layer and summed (the code pools the router
+logits of all layers into one loss) [guess: equivalent in intent].
+
+Because the router state runs along depth only, each token's routing depends only on its own hidden states, so cached
+decoding equals the full forward (with 'dense' or 'dropless' dispatch, as for `moe_lm`).
+
+Everything else is `moe_lm`: decoder blocks, attention with KV cache, expert dispatch (`zoo.routing.MoEFFN` with a
+precomputed routing), metrics stacked per MoE layer, weighted aux loss.
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zoo.layers import MLP, DecoderBlock, DenseGeneral, Embed, RMSNorm
+from zoo.models.dense_lm import default_positions
+from zoo.models.moe_lm import MoELM
+from zoo.models.output import ModelOutput
+from zoo.models.registry import ConfigError, register_model
+from zoo.routing import MoEFFN, stack_layer_metrics
+from zoo.routing.recurrent import GRUCell, RecurrentRouter
+
+ROUTER_TYPES = ("gru", "linear")
+
+
+class RMoEFFN(nn.Module):
+  """One RMoE FFN: a router (recurrent or linear), routed experts, optionally a shared expert mixed in.
+
+  Returns `(y, (aux, metrics, router_state))` through `DecoderBlock`; the model threads `router_state` to the next MoE
+  layer.
+
+  Attributes:
+    router: an unbound `RecurrentRouter` or `zoo.routing.Router` (adopted as the child 'router').
+    num_experts, expert_mlp_dim, activation, strategy, capacity_factor: of the routed experts (`MoEFFN`).
+    shared_mlp_dim: width of the shared expert (0 = none).
+    shared_mix: the shared expert's weight; the routed output gets `1 - shared_mix`.
+  """
+  router: nn.Module
+  num_experts: int
+  expert_mlp_dim: int
+  activation: str = "swiglu"
+  strategy: str | None = None
+  capacity_factor: float | None = 1.25
+  shared_mlp_dim: int = 0
+  shared_mix: float = 0.5
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic=True, router_state=None, gru_params=None):
+    """x: [batch, length, embed]; router_state: [tokens, hidden] or None; gru_params: the shared cell (GRU only)."""
+    if isinstance(self.router, RecurrentRouter):
+      if gru_params is None:
+        raise ValueError("RMoEFFN with a RecurrentRouter needs gru_params (the shared GRUCell's parameters)")
+      routing, router_state = self.router(x, router_state, gru_params)
+    else:
+      routing = self.router(x, deterministic=deterministic)
+    y, aux, metrics = MoEFFN(self.num_experts, self.expert_mlp_dim, activation=self.activation,
+                             strategy=self.strategy, capacity_factor=self.capacity_factor, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="experts")(x, routing=routing)
+    if self.shared_mlp_dim:
+      shared = MLP(self.shared_mlp_dim, activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="shared_expert")(x)
+      y = (1.0 - self.shared_mix) * y + self.shared_mix * shared
+    return y, (aux, metrics, router_state)
+
+
+@register_model("rmoe")
+class RMoELM(MoELM):
+  """`moe_lm` with RMoE's layerwise recurrent router (see the module docstring).
+
+  Attributes (besides `MoELM`'s; `router` must stay 'softmax_topk', the score RMoE uses):
+    router_type: 'gru' (RMoE) | 'linear' (the baseline: `moe_lm`'s linear router).
+    router_hidden_dim: GRU width and output width of W1_i (256).
+    shared_mix: with `num_shared_experts` >= 1, `y = (1 - shared_mix) routed + shared_mix shared` (0.5).
+  """
+  load_balance_coef: float = 1e-3
+  z_loss_coef: float = 0.0
+  router_type: str = "gru"
+  router_hidden_dim: int = 256
+  shared_mix: float = 0.5
+
+  def _check(self):
+    super()._check()
+    if self.router_type not in ROUTER_TYPES:
+      raise ConfigError(f"config.model.router_type={self.router_type!r} is invalid; choose one of {ROUTER_TYPES}")
+    if self.router != "softmax_topk":
+      raise ConfigError(f"config.model.router={self.router!r}: RMoE routes with 'softmax_topk' (use router_type to "
+                        "pick the recurrent or linear router)")
+    if not isinstance(self.router_hidden_dim, int) or self.router_hidden_dim < 1:
+      raise ConfigError(f"config.model.router_hidden_dim={self.router_hidden_dim!r} must be a positive integer")
+    if not 0.0 <= self.shared_mix <= 1.0:
+      raise ConfigError(f"config.model.shared_mix={self.shared_mix} must be in [0, 1]")
+    if self.shared_expert_gate:
+      raise ConfigError("config.model.shared_expert_gate=True is not part of RMoE; its shared expert is mixed by "
+                        "shared_mix")
+    if self.router_type == "gru" and self.router_jitter > 0:
+      raise ConfigError(f"config.model.router_jitter={self.router_jitter} applies to router_type='linear' only")
+
+  def _router(self):
+    if self.router_type == "linear":
+      return super()._router()
+    return RecurrentRouter(parent=None, num_experts=self.num_experts, num_selected=self.num_experts_per_tok,
+                           hidden_dim=self.router_hidden_dim, renormalize=self.renormalize, n_group=self.n_group,
+                           topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
+                           per_sequence_balance=self.per_sequence_balance)
+
+  def moe_ffn_factory(self):
+    """Builds the RMoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""
+    kwargs = dict(num_experts=self.num_experts, expert_mlp_dim=self.expert_mlp_dim, activation=self.mlp_activation,
+                  strategy=None if self.dispatch == "auto" else self.dispatch,
+                  capacity_factor=self.capacity_factor or None,
+                  shared_mlp_dim=self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim),
+                  shared_mix=self.shared_mix, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    return lambda name: RMoEFFN(router=self._router(), name=name, **kwargs)
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
+    """Next-token logits, the weighted router losses and the routing metrics.
+
+    Args:
+      tokens: [batch, length] int32.
+      positions: [batch, length] absolute positions (default: 0.., or continuing from the cache).
+      cache: the tuple from `init_cache` (one KVCache per layer), or None.
+      deterministic: False in training (dropout; router jitter of the linear baseline).
+
+    Returns:
+      (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
+    """
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if cache is not None and len(cache) != self.num_layers:
+      raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
+    if positions is None:
+      positions = default_positions(tokens, cache)
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
+    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    gru_params = GRUCell(self.router_hidden_dim, name="router_gru")() if self.router_type == "gru" else None
+    block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
+    moe = set(self.moe_layers)
+    router_state, new_cache, aux_losses, layer_metrics = None, [], [], []
+    for i in range(self.num_layers):
+      ffn = self.moe_ffn_factory() if i in moe else self.ffn_factory()
+      ffn_kwargs = {"router_state": router_state, "gru_params": gru_params} if i in moe else None
+      block = block_cls(self.attention_factory(), ffn, norm_epsilon=self.norm_epsilon, dropout_rate=self.dropout_rate,
+                        dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
+      x, layer_cache, ffn_aux = block(x, positions, None if cache is None else cache[i], None, deterministic,
+                                      ffn_kwargs)
+      new_cache.append(layer_cache)
+      if i in moe:
+        aux, metrics, router_state = ffn_aux
+        aux_losses.append(aux)
+        layer_metrics.append({**metrics, **aux})
+    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
+                            name="lm_head")(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
+                               cache=None if cache is None else tuple(new_cache))
+
+  def num_params(self):
+    """Analytic parameter count: `moe_lm`'s, with each MoE layer's linear router (embed x E) replaced by W1_i and
+    W2_i and the shared GRU cell added (router_type='gru')."""
+    total = super().num_params()
+    if self.router_type == "linear":
+      return total
+    e, h, n = self.embed_dim, self.router_hidden_dim, self.num_experts
+    gru = 2 * 3 * h * h + 2 * 3 * h
+    return total + len(self.moe_layers) * (e * h + h * n - e * n) + gru
