@@ -1,0 +1,160 @@
+"""SmallThinker LM: pre-attention routed ReGLU experts and a NoPE-global / RoPE-sliding layer pattern (papers.md A5).
+
+SmallThinker (SJTU-IPADS, "SmallThinker: A Family of Efficient Large Language Models Natively Trained for Local
+Deployment", 2025; mechanism as in its llama.cpp / vLLM ports):
+- pre-attention router (Sec. 2, "pre-attention router"): layer i's router logits come from the raw residual stream at
+  the block input, BEFORE the attention norm and attention, so an inference engine knows layer i's experts while
+  attention still runs and can prefetch them from storage; the model computes the routing first and hands it to the
+  FFN (`DecoderBlock`'s `ffn_kwargs`);
+- top-k on the raw logits, then sigmoid of the chosen logits normalised to sum 1 (`router='sigmoid_topk'`, i.e.
+  `zoo.routing.sigmoid_topk`; sigmoid is monotone, so top-k of the logits = top-k of the scores); 'softmax_topk' is the
+  softmax option (softmax over the chosen logits);
+- ReGLU experts `down(ReLU(gate x) * up x)` (`mlp_activation='reglu'`): a second level of sparsity inside each
+  expert;
+- attention: layer i with `i % nope_every == 0` is NoPE global attention, the others RoPE with the sliding window
+  `sliding_window` (1 NoPE-global layer per 3 RoPE-sliding layers).
+
+The load-balance / z-loss coefficients are `moe_lm`'s [guess: the report does not give SmallThinker's].
+
+Paper sizes (README of SJTU-IPADS/SmallThinker; the tiny config in `configs/smallthinker.py` keeps the structure):
+
+  | model       | layers | d_model | experts | top-k | expert width | heads (q/kv) | vocab   |
+  |-------------|--------|---------|---------|-------|--------------|--------------|---------|
+  | 4B-A0.6B    | 32     | 1536    | 32      | 4     | 768          | 12 / 2       | 151,936 |
+  | 21B-A3B     | 52     | 2560    | 64      | 6     | 768          | 28 / 4       | 151,936 |
+
+Decoding: the routing of layer i depends only on the token's block input, so in a decode step (one token per call
+with the KV cache) `layers_i` computes its routing before its attention; the routing is also sown as
+`intermediates/layers_i/prefetch_expert_ids` [batch, length, k] when 'intermediates' is mutable. Cached decoding
+equals the full forward with 'dense' or 'dropless' dispatch.
+"""
+import functools
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from zoo.layers import DecoderBlock, DenseGeneral, Embed, RMSNorm
+from zoo.models.dense_lm import default_positions
+from zoo.models.moe_lm import MoELM
+from zoo.models.output import ModelOutput
+from zoo.models.registry import ConfigError, register_model
+from zoo.routing import MoEFFN, stack_layer_metrics
+
+SMALLTHINKER_ROUTERS = ("sigmoid_topk", "softmax_topk")
+
+
+class PreRoutedMoEFFN(MoEFFN):
+  """`MoEFFN` that only dispatches a routing computed earlier; returns `(y, (aux, metrics))` for `DecoderBlock`."""
+
+  def __call__(self, x, *, deterministic=True, routing=None):
+    if routing is None:
+      raise ValueError("PreRoutedMoEFFN needs the routing computed before attention (routing=...)")
+    y, aux, metrics = super().__call__(x, deterministic=deterministic, routing=routing)
+    return y, (aux, metrics)
+
+
+class PreRoutedBlock(DecoderBlock):
+  """`DecoderBlock` whose MoE routing is computed from the block input before attention (pre-attention router).
+
+  Attributes (besides `DecoderBlock`'s):
+    router: an unbound `zoo.routing.Router` (adopted as the child 'router'), or None for a dense FFN.
+  """
+  router: nn.Module | None = None
+
+  @nn.compact
+  def __call__(self, x, positions, cache=None, mask=None, deterministic=True):
+    """x: [batch, length, embed] -> (x, cache, ffn aux); see `DecoderBlock`."""
+    ffn_kwargs = None
+    if self.router is not None:
+      routing = self.router(x, deterministic=deterministic)  # raw residual stream, before the attention norm
+      self.sow("intermediates", "prefetch_expert_ids", routing.expert_ids.reshape(x.shape[:2] + (-1,)))
+      ffn_kwargs = {"routing": routing}
+    return super().__call__(x, positions, cache, mask, deterministic, ffn_kwargs)
+
+
+@register_model("smallthinker")
+class SmallThinkerLM(MoELM):
+  """`moe_lm` with SmallThinker's pre-attention router, ReGLU experts and layer pattern (see the module docstring).
+
+  Attributes (besides `MoELM`'s):
+    nope_every: layer i with `i % nope_every == 0` uses NoPE global attention, the others RoPE with
+      `sliding_window` (None = RoPE global); 4 in SmallThinker.
+  """
+  mlp_activation: str = "reglu"
+  router: str = "sigmoid_topk"
+  nope_every: int = 4
+
+  def _check(self):
+    super()._check()
+    if self.router not in SMALLTHINKER_ROUTERS:
+      raise ConfigError(f"config.model.router={self.router!r} is invalid for SmallThinker; choose one of "
+                        f"{SMALLTHINKER_ROUTERS}")
+    if not isinstance(self.nope_every, int) or self.nope_every < 1:
+      raise ConfigError(f"config.model.nope_every={self.nope_every!r} must be a positive integer")
+
+  def is_nope_global(self, i):
+    """Whether layer i uses NoPE global attention (else RoPE with the sliding window)."""
+    return i % self.nope_every == 0
+
+  def layer_attention_factory(self, i):
+    """Layer i's attention: NoPE global, or RoPE with `sliding_window`."""
+    nope = self.is_nope_global(i)
+    return functools.partial(self.attention_factory(), use_rope=not nope,
+                             sliding_window=None if nope else self.sliding_window)
+
+  def moe_ffn_factory(self):
+    kwargs = dict(num_experts=self.num_experts, expert_mlp_dim=self.expert_mlp_dim,
+                  num_selected=self.num_experts_per_tok, activation=self.mlp_activation,
+                  strategy=None if self.dispatch == "auto" else self.dispatch,
+                  capacity_factor=self.capacity_factor or None,
+                  shared_mlp_dim=self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim),
+                  shared_gate=self.shared_expert_gate, dtype=jnp.dtype(self.dtype),
+                  param_dtype=jnp.dtype(self.param_dtype))
+    return lambda name: PreRoutedMoEFFN(name=name, **kwargs)
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
+    """Next-token logits, the weighted router losses and the routing metrics.
+
+    Args:
+      tokens: [batch, length] int32.
+      positions: [batch, length] absolute positions (default: 0.., or continuing from the cache).
+      cache: the tuple from `init_cache` (one KVCache per layer), or None.
+      deterministic: False in training (dropout, router jitter, bias update when 'routing_state' is mutable).
+
+    Returns:
+      (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
+    """
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if cache is not None and len(cache) != self.num_layers:
+      raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
+    if positions is None:
+      positions = default_positions(tokens, cache)
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
+    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    block_cls = nn.remat(PreRoutedBlock, static_argnums=(5,)) if self.remat else PreRoutedBlock
+    moe = set(self.moe_layers)
+    new_cache, aux_losses, layer_metrics = [], [], []
+    for i in range(self.num_layers):
+      ffn = self.moe_ffn_factory() if i in moe else self.ffn_factory()
+      block = block_cls(self.layer_attention_factory(i), ffn, norm_epsilon=self.norm_epsilon,
+                        dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
+                        router=self._router() if i in moe else None, name=f"layers_{i}")
+      x, layer_cache, ffn_aux = block(x, positions, None if cache is None else cache[i], None, deterministic)
+      new_cache.append(layer_cache)
+      if i in moe:
+        aux, metrics = ffn_aux
+        aux_losses.append(aux)
+        layer_metrics.append({**metrics, **aux})
+    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
+                            name="lm_head")(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
+                               cache=None if cache is None else tuple(new_cache))
