@@ -1,10 +1,12 @@
 """Forward+backward time of one MoE layer under each dispatch strategy, as ratios.
 
 Ratios are to (a) a dense SwiGLU FFN with the same active FLOPs (hidden width k * expert width) and (b) computing
-all experts on every token (the 'dense' strategy). Router included (softmax top-k). Prints a markdown table;
-`--out FILE` appends it to FILE.
+all experts on every token (the 'dense' strategy). Router included (softmax top-k). Dropless dispatch is timed
+with its three token permutations: gather-fused ('fused': `kernels.gmm_gather` + `kernels.scatter_combine`, no
+permuted copy of the activations) and a sorted copy ('custom_vjp', 'gather'). Prints a markdown table; `--out FILE`
+appends it to FILE. `--small` shrinks the shapes so that a CPU run finishes in about a minute.
 
-  .venv/bin/python bench/moe_layer.py [--tokens 2048] [--reps 5] [--out bench/RESULTS.md]
+  .venv/bin/python bench/moe_layer.py [--small] [--tokens 2048] [--reps 5] [--out bench/RESULTS.md]
 """
 import argparse
 import statistics
@@ -21,6 +23,11 @@ CONFIGS = (
     ("top-2 of 8, d=512", 8, 2, 512, 1024),
     ("fine-grained top-6 of 64, d=512", 64, 6, 512, 256),
 )
+SMALL_CONFIGS = (
+    ("top-2 of 8, d=128", 8, 2, 128, 256),
+    ("fine-grained top-6 of 32, d=128", 32, 6, 128, 64),
+)
+SMALL_TOKENS = 512
 
 
 def _time(fn, args, reps):
@@ -33,7 +40,7 @@ def _time(fn, args, reps):
   return statistics.median(times)
 
 
-def _moe_step(k, strategy, capacity_factor, permute="custom_vjp"):
+def _moe_step(k, strategy, capacity_factor, permute="fused"):
   def loss(x, router_kernel, w):
     r = routing.softmax_topk(x @ router_kernel, k)
     if strategy == "dropless":
@@ -51,9 +58,9 @@ def _dense_step():
   return jax.jit(jax.grad(loss, (0, 1)))
 
 
-def run(tokens, reps, dtype):
+def run(tokens, reps, dtype, configs=CONFIGS):
   rows = []
-  for name, experts, k, embed, width in CONFIGS:
+  for name, experts, k, embed, width in configs:
     ks = jax.random.split(jax.random.PRNGKey(0), 8)
     x = jax.random.normal(ks[0], (tokens, embed), dtype)
     router_kernel = jax.random.normal(ks[1], (embed, experts), jnp.float32) * 0.02
@@ -68,9 +75,10 @@ def run(tokens, reps, dtype):
     variants = [("dense FFN, equal active FLOPs", t_dense), ("all experts ('dense')", t_all)]
     for label, strategy, cf, permute in (("capacity, cf=1.0", "capacity", 1.0, None),
                                          ("capacity, cf=1.25", "capacity", 1.25, None),
+                                         ("dropless, gather-fused (no permuted copy)", "dropless", None, "fused"),
                                          ("dropless, custom_vjp permutation", "dropless", None, "custom_vjp"),
                                          ("dropless, gather permutation", "dropless", None, "gather")):
-      step = _moe_step(k, strategy, cf, permute or "custom_vjp")
+      step = _moe_step(k, strategy, cf, permute or "fused")
       variants.append((label, _time(step, (x, router_kernel, w), reps)))
     for label, t in variants:
       rows.append(f"| {name} | {label} | {t * 1e3:.1f} | {t / t_dense:.2f} | {t / t_all:.2f} |")
@@ -82,12 +90,14 @@ def run(tokens, reps, dtype):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--tokens", type=int, default=2048)
+  parser.add_argument("--small", action="store_true", help=f"small shapes ({SMALL_TOKENS} tokens, d=128) for CPU")
+  parser.add_argument("--tokens", type=int, help="tokens per step (default 2048, or 512 with --small)")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--out", help="append the table to this file")
   args = parser.parse_args()
-  table = run(args.tokens, args.reps, jnp.dtype(args.dtype))
+  tokens = args.tokens or (SMALL_TOKENS if args.small else 2048)
+  table = run(tokens, args.reps, jnp.dtype(args.dtype), SMALL_CONFIGS if args.small else CONFIGS)
   print(table)
   if args.out:
     with open(args.out, "a") as f:

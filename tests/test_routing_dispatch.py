@@ -57,16 +57,20 @@ ROUTERS = {
 }
 
 
-@pytest.mark.parametrize("strategy", routing.STRATEGIES)
+# (strategy, dropless permutation): every strategy, and dropless both gather-fused and with a permuted copy.
+VARIANTS = [("dense", "fused"), ("capacity", "fused")] + [("dropless", p) for p in dispatch.PERMUTES]
+
+
+@pytest.mark.parametrize("strategy,permute", VARIANTS)
 @pytest.mark.parametrize("router", sorted(ROUTERS))
-def test_strategy_matches_loop_forward_and_gradients(strategy, router):
+def test_strategy_matches_loop_forward_and_gradients(strategy, permute, router):
   activation = "swiglu"
   x, logits = _inputs()
   w = _weights(activation)
   route = ROUTERS[router]
 
   def loss(x, w, logits):
-    y, _ = routing.moe_ffn(x, route(logits), w, strategy=strategy, activation=activation)
+    y, _ = routing.moe_ffn(x, route(logits), w, strategy=strategy, activation=activation, permute=permute)
     return jnp.sum(jnp.sin(y)), y
 
   def loop_loss(x, w, logits):
@@ -88,23 +92,9 @@ def test_activations_match_loop(activation):
   w = _weights(activation, key=3)
   r = routing.softmax_topk(logits, 2)
   ref = _loop(x, r.expert_ids, r.weights, w, activation)
-  for strategy in ("capacity", "dropless"):
-    y, _ = routing.moe_ffn(x, r, w, strategy=strategy, activation=activation)
+  for strategy, permute in (("capacity", "fused"), ("dropless", "fused"), ("dropless", "custom_vjp")):
+    y, _ = routing.moe_ffn(x, r, w, strategy=strategy, activation=activation, permute=permute)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_dropless_permutations_agree():
-  x, logits = _inputs(4)
-  w = _weights("swiglu")
-  r = routing.softmax_topk(logits, 2)
-
-  def loss(x, w, permute):
-    return jnp.sum(jnp.sin(dispatch.dropless_ffn(x, r.expert_ids, r.weights, w, "swiglu", permute=permute)[0]))
-
-  a = jax.grad(loss, (0, 1))(x, w, "custom_vjp")
-  b = jax.grad(loss, (0, 1))(x, w, "gather")
-  for ga, gb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(ga, gb, rtol=1e-5, atol=1e-6)
 
 
 def test_capacity_drops_in_priority_order():
@@ -146,8 +136,8 @@ def test_dense_weight_matrix_routing():
   w = _weights("relu")
   combine = jax.nn.relu(logits)  # ReLU routing: a variable number of experts per token
   ref = _loop(x, jnp.where(combine != 0, jnp.arange(EXPERTS), -1), combine, w, "relu")
-  for strategy in routing.STRATEGIES:
-    y, _ = routing.moe_ffn(x, combine, w, strategy=strategy, activation="relu")
+  for strategy, permute in VARIANTS:  # many empty slots: every token has E slots
+    y, _ = routing.moe_ffn(x, combine, w, strategy=strategy, activation="relu", permute=permute)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -162,6 +152,8 @@ def test_bad_inputs_raise_clear_errors():
     routing.moe_ffn(x, r, _weights("relu"), activation="swiglu")
   with pytest.raises(ValueError, match="capacity_factor=0"):
     routing.moe_ffn(x, r, _weights("swiglu"), strategy="capacity", capacity_factor=0)
+  with pytest.raises(ValueError, match="permute='scatter' is unknown"):
+    routing.moe_ffn(x, r, _weights("swiglu"), strategy="dropless", permute="scatter")
   with pytest.raises(ValueError, match="routing has 12 tokens but x has 11"):
     routing.moe_ffn(x[:11], r, _weights("swiglu"))
 
@@ -216,7 +208,7 @@ def test_bfloat16_experts_keep_dtype_and_float32_routing():
   x, logits = _inputs(9)
   w = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _weights("swiglu"))
   ref = _bf16_forward(x, _weights("swiglu"), logits, "dense")
-  for strategy in ("capacity", "dropless"):
+  for strategy in ("capacity", "dropless"):  # dropless: gather-fused
     y = _bf16_forward(x.astype(jnp.bfloat16), w, logits.astype(jnp.bfloat16), strategy)
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=0.1, atol=0.1)

@@ -4,8 +4,8 @@ Flow: router logits -> a router (`softmax_topk`, `sigmoid_topk`, `expert_choice`
 (expert ids, combine weights, probabilities, aux losses, metrics) -> `moe_ffn` (dispatch, experts, combine).
 The Linen modules `Router` and `MoEFFN` own the parameters.
 """
-from zoo.routing.dispatch import (GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, STRATEGIES, capacity, capacity_ffn,
-                                  default_strategy, dense_ffn, dropless_ffn, moe_ffn)
+from zoo.routing.dispatch import (GATED_ACTIVATIONS, PERMUTES, PLAIN_ACTIVATIONS, STRATEGIES, capacity,
+                                  capacity_ffn, default_strategy, dense_ffn, dropless_ffn, moe_ffn)
 from zoo.routing.expert_parallel import expert_parallel_ffn
 from zoo.routing.losses import expert_fraction, load_balance_loss, router_z_loss
 from zoo.routing.metrics import plot_expert_load, routing_metrics, stack_layer_metrics
@@ -14,7 +14,7 @@ from zoo.routing.routers import (Routing, expert_choice, group_limited_mask, jit
                                  sigmoid_topk, smoe_dropout_k, softmax_topk, update_balance_bias)
 
 __all__ = [
-    "GATED_ACTIVATIONS", "PLAIN_ACTIVATIONS", "STRATEGIES", "MoEFFN", "Router", "Routing", "capacity",
+    "GATED_ACTIVATIONS", "PERMUTES", "PLAIN_ACTIVATIONS", "STRATEGIES", "MoEFFN", "Router", "Routing", "capacity",
     "capacity_ffn", "default_strategy", "dense_ffn", "dropless_ffn", "expert_choice", "expert_fraction",
     "expert_parallel_ffn", "group_limited_mask", "jitter", "load_balance_loss", "moe_ffn", "plot_expert_load",
     "router_z_loss", "routing_from_dense", "routing_metrics", "sigmoid_topk", "smoe_dropout_k", "softmax_topk",

@@ -6,8 +6,10 @@ Every strategy reads only `routing.expert_ids` [tokens, k] (-1 = empty slot) and
   - 'capacity': each expert gets a buffer of C token slots, filled in priority order (all first choices before second
     choices, GShard Sec. 2.2 / Switch Sec. 2.2); one batched einsum over [experts, C, embed]; assignments past C are
     dropped and reported. The fast path on CPU.
-  - 'dropless': sort the (token, slot) pairs by expert, one grouped matmul (`kernels.gmm`) per projection, unsort.
-    Nothing is dropped. The path for accelerators.
+  - 'dropless': sort the (token, slot) pairs by expert, one grouped matmul per projection, unsort. By default the
+    first matmuls gather their rows in sorted order (`kernels.gmm_gather`) and the combine scatters them back
+    (`kernels.scatter_combine`), so no permuted copy of the activations is written. Nothing is dropped. The path
+    for accelerators.
 
 Expert weights are a dict of stacked arrays: gated activations ('swiglu', 'reglu', 'geglu') use
 `{'gate': [E, embed, mlp], 'up': [E, embed, mlp], 'down': [E, mlp, embed]}`, plain ones ('silu', 'relu', 'gelu')
@@ -174,28 +176,43 @@ def _permute_bwd(res, g):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def dropless_ffn(x, expert_ids, weights, expert_weights, activation, *, permute="custom_vjp"):
+PERMUTES = ("fused", "custom_vjp", "gather")
+
+
+def dropless_ffn(x, expert_ids, weights, expert_weights, activation, *, permute="fused"):
   """Dropless dispatch (MegaBlocks, Gale et al. 2023, Sec. 5): sort by expert, grouped matmuls, unsort.
 
-  Each token is repeated once per slot, the copies sorted by expert (empty slots last, outside every group, where
-  `kernels.gmm` returns zeros), multiplied by `kernels.gmm`, and put back in token order.
+  The (token, slot) pairs are sorted by expert (stable, so token order within an expert; empty slots last, outside
+  every group, where the grouped matmuls return zeros). `row_ids = order // k` is the token of each sorted row.
 
   Args:
     x: [tokens, embed]; expert_ids, weights: [tokens, k]; expert_weights: stacked dict; activation: name.
-    permute: 'custom_vjp' (sort/unsort are gathers whose backward gathers with the inverse permutation) or
-      'gather' (plain gathers; the backward is a scatter-add).
+    permute: how tokens reach the sorted order and come back:
+      'fused' (default): the gate/up grouped matmuls read the token rows through `row_ids` (`kernels.gmm_gather`)
+        and the combine is a weighted scatter over `row_ids` (`kernels.scatter_combine`), so no permuted copy of the
+        activations is written;
+      'custom_vjp': a sorted copy of the k-times repeated tokens, unsorted after the down projection; both are
+        gathers whose backward gathers with the inverse permutation;
+      'gather': as 'custom_vjp' with plain gathers (the backward is a scatter-add).
 
   Returns:
     (y [tokens, embed], metrics {'dropped_fraction': 0}).
   """
-  if permute not in ("custom_vjp", "gather"):
-    raise ValueError(f"permute={permute!r} is unknown; allowed: 'custom_vjp', 'gather'")
+  if permute not in PERMUTES:
+    raise ValueError(f"permute={permute!r} is unknown; allowed: {PERMUTES}")
   tokens, k = expert_ids.shape
   num_experts = expert_weights["up"].shape[0]
   key = jnp.where(expert_ids >= 0, expert_ids, num_experts).reshape(-1)  # token-major, empty slots sort last
   order = jnp.argsort(key, stable=True).astype(jnp.int32)
-  inverse = jnp.argsort(order).astype(jnp.int32)
   group_sizes = jnp.sum(jax.nn.one_hot(key, num_experts, dtype=jnp.int32), axis=0)
+  if permute == "fused":
+    row_ids = order // k  # valid token ids for every row, the empty slots' rows included
+    up = kernels.gmm_gather(x, row_ids, expert_weights["up"], group_sizes)
+    gate = kernels.gmm_gather(x, row_ids, expert_weights["gate"], group_sizes) if "gate" in expert_weights else None
+    out = kernels.gmm(_hidden(gate, up, activation), expert_weights["down"], group_sizes)
+    y = kernels.scatter_combine(out, row_ids, weights.reshape(-1)[order], tokens)
+    return y, {"dropped_fraction": jnp.zeros((), jnp.float32)}
+  inverse = jnp.argsort(order).astype(jnp.int32)
   x_rep = jnp.repeat(x, k, axis=0) if k > 1 else x
   if permute == "custom_vjp":
     xs = _permute(x_rep, order, inverse)
@@ -212,7 +229,8 @@ def dropless_ffn(x, expert_ids, weights, expert_weights, activation, *, permute=
   return y, {"dropped_fraction": jnp.zeros((), jnp.float32)}
 
 
-def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", capacity_factor=None, mesh=None):
+def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", capacity_factor=None, mesh=None,
+            permute="fused"):
   """Routed expert FFN: `y_t = sum_slots w_ts * FFN_{e_ts}(x_t)`.
 
   Args:
@@ -226,6 +244,7 @@ def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", c
       the routing fixes its own capacity (expert-choice).
     mesh: a Mesh with an 'expert' axis of size > 1 switches to expert parallelism
       (`zoo.routing.expert_parallel.expert_parallel_ffn`, capacity-buffered all-to-all); None = no explicit EP.
+    permute: 'dropless' only: 'fused' | 'custom_vjp' | 'gather' (see `dropless_ffn`).
 
   Returns:
     (y [tokens, embed] in x.dtype, metrics {'dropped_fraction': scalar}).
@@ -238,6 +257,8 @@ def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", c
   expert_ids, weights = _as_slots(routing)
   if expert_ids.shape[0] != x.shape[0]:
     raise ValueError(f"routing has {expert_ids.shape[0]} tokens but x has {x.shape[0]}")
+  if permute not in PERMUTES:
+    raise ValueError(f"permute={permute!r} is unknown; allowed: {PERMUTES}")
   fixed_capacity = getattr(routing, "capacity", None)
   if mesh is not None and mesh.shape.get("expert", 1) > 1:
     from zoo.routing import expert_parallel
@@ -250,7 +271,7 @@ def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", c
     cap = fixed_capacity or capacity(x.shape[0], expert_ids.shape[1], num_experts, capacity_factor)
     y, metrics = capacity_ffn(x, expert_ids, weights, expert_weights, activation, cap)
   elif strategy == "dropless":
-    y, metrics = dropless_ffn(x, expert_ids, weights, expert_weights, activation)
+    y, metrics = dropless_ffn(x, expert_ids, weights, expert_weights, activation, permute=permute)
   else:
     raise ValueError(f"strategy={strategy!r} is unknown; allowed: {STRATEGIES} or None (automatic)")
   return y.astype(x.dtype), metrics

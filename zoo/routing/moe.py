@@ -122,6 +122,8 @@ class MoEFFN(nn.Module):
     activation: 'swiglu' | 'reglu' | 'geglu' (gated) or 'silu' | 'relu' | 'gelu' (plain).
     router: a `Router` (unbound) to use instead of the default `Router(num_experts, num_selected)`.
     strategy: dispatch strategy ('dense' | 'capacity' | 'dropless'; None = automatic per backend).
+    permute: 'dropless' token permutation: 'fused' (gather-fused grouped matmul + scatter combine) | 'custom_vjp' |
+      'gather' (see `zoo.routing.dispatch.dropless_ffn`).
     capacity_factor: capacity factor for 'capacity' / expert parallelism (Switch's 1.25 by default; None = no
       dropping, at the cost of buffers as large as computing every expert).
     shared_mlp_dim: width of the shared-expert FFN (0 = none).
@@ -136,6 +138,7 @@ class MoEFFN(nn.Module):
   activation: str = "swiglu"
   router: Router | None = None
   strategy: str | None = None
+  permute: str = "fused"
   capacity_factor: float | None = 1.25
   shared_mlp_dim: int = 0
   shared_gate: bool = False
@@ -182,7 +185,7 @@ class MoEFFN(nn.Module):
     tokens = nn.with_logical_constraint(tokens, ("batch", "embed"))
     y, dispatch_metrics = dispatch.moe_ffn(tokens, routing, expert_weights, strategy=self.strategy,
                                            activation=self.activation, capacity_factor=self.capacity_factor,
-                                           mesh=self.mesh)
+                                           mesh=self.mesh, permute=self.permute)
     if self.shared_mlp_dim:
       y = y + self._shared(tokens, names)
     return y.reshape(x.shape[:-1] + (embed,)), dict(routing.aux), {**routing.metrics, **dispatch_metrics}
