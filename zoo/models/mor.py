@@ -152,7 +152,7 @@ class MoRLM(nn.Module):
     embed_dim: model width d.
     num_layers: effective depth (that of the vanilla model it is compared with).
     num_heads, num_kv_heads, head_dim: attention shape (GQA when num_kv_heads < num_heads).
-    mlp_dim, activation: the FFN of each layer (`zoo.layers.MLP`).
+    mlp_dim, mlp_activation: the FFN of each layer (`zoo.layers.MLP`).
     num_recursions: N_r.
     sharing: 'cycle' | 'sequence' | 'middle_cycle' | 'middle_sequence'.
     router: 'expert' | 'token' | 'none'.
@@ -176,7 +176,7 @@ class MoRLM(nn.Module):
   num_kv_heads: int | None = None
   head_dim: int = 32
   mlp_dim: int = 512
-  activation: str = "swiglu"
+  mlp_activation: str = "swiglu"
   num_recursions: int = 2
   sharing: str = "middle_cycle"
   router: str = "expert"
@@ -211,8 +211,8 @@ class MoRLM(nn.Module):
       raise ConfigError(f"config.model.head_dim={self.head_dim} must be even for RoPE")
     if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
       raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
-    if self.activation not in ACTIVATIONS:
-      raise ConfigError(f"config.model.activation={self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    if self.mlp_activation not in ACTIVATIONS:
+      raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}")
     layer_schedule(self.sharing, self.num_layers, self.num_recursions)
     caps = self.caps
     if self.kv_mode == "share" and caps[0] < 1.0:
@@ -234,7 +234,7 @@ class MoRLM(nn.Module):
     dtype = jnp.dtype(self.dtype)
     attention = functools.partial(RecursionAttention, num_heads=self.num_heads, head_dim=self.head_dim,
                                   num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta, dtype=dtype)
-    ffn = functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.activation, dtype=dtype)
+    ffn = functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.mlp_activation, dtype=dtype)
     self.embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype)
     self.layers = [DecoderBlock(attention, ffn, norm_epsilon=self.norm_epsilon, dtype=dtype)
                    for _ in range(self.num_unique)]
@@ -431,7 +431,7 @@ class MoRLM(nn.Module):
     num_unique = layer_schedule(self.sharing, self.num_layers, self.num_recursions)[0]
     d, kv_dim = self.embed_dim, (self.num_kv_heads or self.num_heads) * self.head_dim
     attention = 2 * d * self.num_heads * self.head_dim + 2 * d * kv_dim
-    layer = attention + (3 if ACTIVATIONS[self.activation][1] else 2) * d * self.mlp_dim + 2 * d
+    layer = attention + (3 if ACTIVATIONS[self.mlp_activation][1] else 2) * d * self.mlp_dim + 2 * d
     head = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + num_unique * layer + self._router_params() + d + head
 
@@ -469,7 +469,7 @@ class MoRLM(nn.Module):
       fractions = (1.0,) * n_r
     d, kv_dim = self.embed_dim, (self.num_kv_heads or self.num_heads) * self.head_dim
     attention_dim = self.num_heads * self.head_dim
-    ffn = (3 if ACTIVATIONS[self.activation][1] else 2) * d * self.mlp_dim
+    ffn = (3 if ACTIVATIONS[self.mlp_activation][1] else 2) * d * self.mlp_dim
     q_out = 2 * d * attention_dim
     kv_proj = 2 * d * kv_dim
     layer = ffn + q_out + kv_proj
