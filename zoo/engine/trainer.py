@@ -105,7 +105,7 @@ class Experiment:
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       metrics = {"stats": jax.tree.map(lambda x: jnp.sum(x, 0), stats), "aux_loss": jnp.mean(aux),
-                 "grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(state.step),
+                 "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step),
                  "model": jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), 0), model_metrics)}
       new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections)
       return new_state, metrics
