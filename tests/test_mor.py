@@ -135,8 +135,8 @@ def test_layer_schedules_by_hand():
     mor.layer_schedule("ring", 6, 3)
 
 
-@pytest.mark.parametrize("sharing,num_layers,unique", [("cycle", 6, 2), ("sequence", 6, 2), ("middle_cycle", 8, 4),
-                                                       ("middle_sequence", 8, 4)])
+@pytest.mark.parametrize("sharing,num_layers,unique", [("cycle", 6, 2), ("sequence", 6, 2),
+                                                       ("middle_cycle", 8, 4), ("middle_sequence", 8, 4)])
 @pytest.mark.parametrize("router", ["none", "expert", "token"])
 def test_param_counts(sharing, num_layers, unique, router):
   model = make(sharing=sharing, num_layers=num_layers, num_recursions=3, router=router)
@@ -329,9 +329,9 @@ def test_flops_account_for_early_exit():
   expert = make(**kw, router="expert").train_flops_per_token(64)
   share = make(**kw, router="expert", kv_mode="share").train_flops_per_token(64)
   assert expert < vanilla and share < vanilla
-  # Routers: 3 step routers of d parameters. Sharing: recursions r > 0 (fractions 2/3, 1/3, 2 layers each) skip the key/value projections but see all keys.
+  # Sharing: recursions r > 0 (fractions 2/3, 1/3; 2 layers each) skip the key/value projections but see all keys.
   keys = 65 / 2
   want = sum(2 * f * (-6 * 2 * d * kv + 12 * attn * keys * (1 - f)) for f in (2 / 3, 1 / 3))
   assert share - expert == pytest.approx(want)
   saved = sum(2 * (1 - f) * (6 * layer + 12 * attn * keys * (1 + f)) for f in (2 / 3, 1 / 3))
-  assert vanilla - expert == pytest.approx(saved - 6 * 3 * d)
+  assert vanilla - expert == pytest.approx(saved - 6 * 3 * d)  # MoR pays for 3 step routers of d parameters
