@@ -14,7 +14,7 @@ from zoo.models.registry import build_model, get_model_class, model_fields
 MOE_FIELDS = set(model_fields(get_model_class("moe_lm")))
 # Families whose conversion needs a moe_lm option that has not landed yet: the conversion raises ConversionError
 # naming the field, and the xfail turns into a failure (strict) as soon as the field exists.
-NEEDS = {"olmoe": "qk_norm_scope", "deepseek_v3": "attention"}
+NEEDS = {"olmoe": "qk_norm_scope", "deepseek_v3": "router_bias"}
 
 
 def _param(family):

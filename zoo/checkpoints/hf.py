@@ -59,7 +59,8 @@ def _model_config(arch):
     fields.update(num_shared_experts=a.shared_mlp_dim // per, shared_expert_mlp_dim=per,
                   shared_expert_gate=a.shared_expert_gate)
   optional["router_bias"] = a.router_bias
-  if a.mla:
+  if a.mla:  # MLA has no head_dim or kv heads of its own: its widths replace them
+    del fields["head_dim"], fields["num_kv_heads"]
     optional.update(attention="mla", q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
                     qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
                     v_head_dim=a.v_head_dim)

@@ -1,16 +1,19 @@
-"""Shared layers: attention, MLPs, norms, embeddings, rotary positions, KV cache, decoder block, accounting."""
+"""Shared layers: attention (GQA and MLA), MLPs, norms, embeddings, rotary positions, KV caches, decoder block,
+accounting."""
 from zoo.layers.accounting import count_params, mean_attended_keys, train_flops_per_token
 from zoo.layers.attention import Attention, attention_mask, dot_product_attention, segment_mask
 from zoo.layers.block import DecoderBlock
 from zoo.layers.embeddings import Embed
 from zoo.layers.kv_cache import KVCache
 from zoo.layers.linear import DenseGeneral
+from zoo.layers.mla import MLACache, MultiHeadLatentAttention
 from zoo.layers.mlp import ACTIVATIONS, MLP
 from zoo.layers.norms import RMSNorm, rms_norm
-from zoo.layers.rope import apply_rope, rope_frequencies
+from zoo.layers.rope import ROPE_TYPES, apply_rope, rope_frequencies, scaled_rope_frequencies
 
 __all__ = [
-    "ACTIVATIONS", "Attention", "DecoderBlock", "DenseGeneral", "Embed", "KVCache", "MLP", "RMSNorm", "apply_rope",
-    "attention_mask", "count_params", "dot_product_attention", "mean_attended_keys", "rms_norm", "rope_frequencies",
+    "ACTIVATIONS", "Attention", "DecoderBlock", "DenseGeneral", "Embed", "KVCache", "MLACache", "MLP",
+    "MultiHeadLatentAttention", "ROPE_TYPES", "RMSNorm", "apply_rope", "attention_mask", "count_params",
+    "dot_product_attention", "mean_attended_keys", "rms_norm", "rope_frequencies", "scaled_rope_frequencies",
     "segment_mask", "train_flops_per_token",
 ]

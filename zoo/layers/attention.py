@@ -3,10 +3,13 @@
 - Scaled dot-product attention: Vaswani et al. 2017, "Attention Is All You Need", eq. 1.
 - Grouped-query attention (GQA): Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from
   Multi-Head Checkpoints", section 2.2: query head `h` reads key/value head `h // (num_heads // num_kv_heads)`.
-- RoPE: Su et al. 2021 (`zoo.layers.rope`); NoPE (no positional encoding) when `use_rope=False`.
+- RoPE: Su et al. 2021 (`zoo.layers.rope`), optionally with linear / llama3 / YaRN frequency scaling
+  (`rope_scaling`); NoPE (no positional encoding) when `use_rope=False`.
 - Sliding window (Beltagy et al. 2020, "Longformer"; Mistral 7B): a query at position `p` sees keys at positions
   `p - window < k <= p`.
-- qk-norm (Qwen3): RMSNorm over `head_dim` on q and k per head, before RoPE.
+- qk-norm, before RoPE: per head (Qwen3; `qk_norm_scope='head'`, RMSNorm over `head_dim`) or over the whole
+  projection (OLMoE, Muennighoff et al. 2024, "OLMoE: Open Mixture-of-Experts Language Models", its QK-Norm
+  ablation; `qk_norm_scope='projection'`, RMSNorm over `heads * head_dim` of q and `kv_heads * head_dim` of k).
 
 Masks are boolean `[batch, 1 or heads, q_length, k_length]`, True = may attend. Causality is defined on the absolute
 `positions`, so the same rule serves full forwards and cached decoding (where key slot s holds position s).
@@ -20,7 +23,9 @@ import jax.numpy as jnp
 from zoo.layers.kv_cache import KVCache
 from zoo.layers.linear import DenseGeneral
 from zoo.layers.norms import RMSNorm
-from zoo.layers.rope import apply_rope
+from zoo.layers.rope import apply_rope, check_rope_scaling
+
+QK_NORM_SCOPES = ("head", "projection")
 
 
 def attention_mask(q_positions, k_positions, *, causal=True, sliding_window=None, k_valid=None):
@@ -87,7 +92,8 @@ class Attention(nn.Module):
 
   Parameters: `query/kernel` [embed, heads, head_dim], `key/kernel` and `value/kernel` [embed, kv_heads, head_dim],
   `out/kernel` [heads, head_dim, embed]; `*/bias` when `qkv_bias` (Qwen2); `query_norm/scale`, `key_norm/scale`
-  [head_dim] when `qk_norm` (Qwen3).
+  when `qk_norm`: [head_dim] each with scope 'head' (Qwen3), [heads * head_dim] and [kv_heads * head_dim] with scope
+  'projection' (OLMoE).
 
   Attributes:
     num_heads: query heads.
@@ -95,8 +101,11 @@ class Attention(nn.Module):
     num_kv_heads: key/value heads (None = num_heads, i.e. multi-head; 1 = multi-query).
     use_rope: RoPE on q and k (False = NoPE).
     rope_theta: RoPE base.
+    rope_scaling: None or a Hugging Face-style RoPE scaling dict (`zoo.layers.rope.scaled_rope_frequencies`).
     sliding_window: if set, each query sees at most this many keys (itself included).
-    qk_norm: RMSNorm on q and k per head.
+    qk_norm: RMSNorm on q and k.
+    qk_norm_scope: 'head' (one norm over head_dim, shared by the heads) or 'projection' (one norm over the whole
+      q projection and one over the whole k projection).
     qkv_bias: biases on the q/k/v projections.
     norm_epsilon: epsilon of the qk-norms.
   """
@@ -105,8 +114,10 @@ class Attention(nn.Module):
   num_kv_heads: int | None = None
   use_rope: bool = True
   rope_theta: float = 10000.0
+  rope_scaling: Any = None
   sliding_window: int | None = None
   qk_norm: bool = False
+  qk_norm_scope: str = "head"
   qkv_bias: bool = False
   norm_epsilon: float = 1e-6
   dtype: Any = jnp.float32
@@ -134,6 +145,9 @@ class Attention(nn.Module):
       raise ValueError(f"sliding_window={self.sliding_window} must be a positive integer or None")
     if positions.shape != x.shape[:2]:
       raise ValueError(f"positions shape {positions.shape} must be [batch, length] = {x.shape[:2]}")
+    if self.qk_norm_scope not in QK_NORM_SCOPES:
+      raise ValueError(f"qk_norm_scope={self.qk_norm_scope!r} is invalid; choose one of {QK_NORM_SCOPES}")
+    check_rope_scaling(self.rope_scaling)
 
     def proj(name, heads, axes):
       return DenseGeneral((heads, self.head_dim), kernel_axes=("embed", axes, "head_dim"), use_bias=self.qkv_bias,
@@ -143,12 +157,10 @@ class Attention(nn.Module):
     k = proj("key", kv_heads, "kv_heads")
     v = proj("value", kv_heads, "kv_heads")
     if self.qk_norm:
-      norm = dict(epsilon=self.norm_epsilon, axis_name="head_dim", dtype=self.dtype, param_dtype=self.param_dtype)
-      q = RMSNorm(**norm, name="query_norm")(q)
-      k = RMSNorm(**norm, name="key_norm")(k)
+      q, k = self._qk_norm(q, "query_norm"), self._qk_norm(k, "key_norm")
     if self.use_rope:
-      q = apply_rope(q, positions, theta=self.rope_theta)
-      k = apply_rope(k, positions, theta=self.rope_theta)
+      q = apply_rope(q, positions, theta=self.rope_theta, rope_scaling=self.rope_scaling)
+      k = apply_rope(k, positions, theta=self.rope_theta, rope_scaling=self.rope_scaling)
 
     if cache is None:
       k_positions, k_valid = positions, None
@@ -162,3 +174,11 @@ class Attention(nn.Module):
     y = DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_axes=("heads", "head_dim", "embed"), dtype=self.dtype,
                      param_dtype=self.param_dtype, name="out")(out)
     return y, cache
+
+  def _qk_norm(self, x, name):
+    """RMSNorm of x [batch, length, heads, head_dim] per head or over the flattened projection."""
+    if self.qk_norm_scope == "head":
+      return RMSNorm(self.norm_epsilon, axis_name="head_dim", dtype=self.dtype, param_dtype=self.param_dtype,
+                     name=name)(x)
+    flat = x.reshape(*x.shape[:2], -1)
+    return RMSNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(flat).reshape(x.shape)

@@ -20,11 +20,9 @@ RoPE layout: the half-split pairing of `zoo.layers.rope` (feature `i` rotates wi
 weights pair interleaved features `(2i, 2i+1)`; `zoo.checkpoints` permutes the rows of the RoPE projections when it
 converts them, which gives the same attention logits exactly.
 
-RoPE scaling (`rope_scaling`, the Hugging Face `rope_parameters` dict): `default`, `linear`, `llama3` and `yarn`
-(Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models", section 3; with DeepSeek's
-`mscale`/`mscale_all_dim` softmax-scale correction). See `scaled_rope_frequencies`.
+RoPE scaling (`rope_scaling`, the Hugging Face `rope_parameters` dict): every type of `zoo.layers.rope`; under YaRN
+DeepSeek also multiplies the softmax scale by `mscale(factor, mscale_all_dim)^2` (`mla_softmax_scale`).
 """
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -35,106 +33,16 @@ import jax.numpy as jnp
 from zoo.layers.attention import attention_mask
 from zoo.layers.linear import DenseGeneral
 from zoo.layers.norms import RMSNorm
-
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-def _yarn_mscale(factor, mscale=1.0):
-  """YaRN's attention temperature `0.1 * mscale * ln(factor) + 1` (YaRN eq. 22; 1 for factor <= 1)."""
-  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def scaled_rope_frequencies(dim, theta, rope_scaling=None):
-  """RoPE inverse frequencies with optional context-extension scaling.
-
-  Args:
-    dim: rotary width (even).
-    theta: RoPE base.
-    rope_scaling: None or a dict with `rope_type` (or `type`) in ROPE_TYPES and its parameters, as in a Hugging Face
-      config: `factor` (linear, llama3, yarn); `low_freq_factor`, `high_freq_factor`,
-      `original_max_position_embeddings` (llama3); `original_max_position_embeddings`, `beta_fast` (32),
-      `beta_slow` (1), `mscale`, `mscale_all_dim`, `attention_factor`, `truncate` (True) (yarn).
-
-  Returns:
-    (inv_freq [dim // 2] float32, attention_factor float): the rotated features are multiplied by
-    `attention_factor` (YaRN's temperature; 1 for the other types).
-  """
-  if dim % 2:
-    raise ValueError(f"RoPE needs an even rotary dim, got {dim}")
-  base = theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  inv_freq = 1.0 / base
-  rope_scaling = dict(rope_scaling or {})
-  kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-  if kind not in ROPE_TYPES:
-    raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of {ROPE_TYPES}")
-  if kind == "default":
-    return inv_freq, 1.0
-  factor = float(rope_scaling["factor"])
-  if kind == "linear":
-    return inv_freq / factor, 1.0
-  original = rope_scaling["original_max_position_embeddings"]
-  if kind == "llama3":
-    low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    low_wavelen, high_wavelen = original / low, original / high
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(medium, smoothed, scaled), 1.0
-  # YaRN (section 3.2 "NTK-by-parts" ramp between interpolated and extrapolated frequencies).
-  mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
-  attention_factor = rope_scaling.get("attention_factor")
-  if attention_factor is None:
-    attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-                        if mscale and mscale_all_dim else _yarn_mscale(factor))
-  beta_fast = rope_scaling.get("beta_fast") or 32
-  beta_slow = rope_scaling.get("beta_slow") or 1
-
-  def correction_dim(rotations):
-    return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-  if rope_scaling.get("truncate", True):
-    low, high = math.floor(low), math.ceil(high)
-  low, high = max(low, 0), min(high, dim - 1)
-  if low == high:
-    high += 0.001
-  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
-  extrapolation = 1 - ramp
-  inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
-  return inv_freq, float(attention_factor)
+from zoo.layers.rope import apply_rope, rope_type, yarn_mscale
 
 
 def mla_softmax_scale(qk_head_dim, rope_scaling=None):
   """`qk_head_dim^-1/2`, times `mscale(factor, mscale_all_dim)^2` under YaRN scaling (DeepSeek-V2 code [guess: not
   in the paper's text])."""
   scale = qk_head_dim ** -0.5
-  rope_scaling = dict(rope_scaling or {})
-  kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-  if kind != "default" and rope_scaling.get("mscale_all_dim"):
-    scale *= _yarn_mscale(float(rope_scaling["factor"]), rope_scaling["mscale_all_dim"]) ** 2
+  if rope_type(rope_scaling) != "default" and rope_scaling.get("mscale_all_dim"):
+    scale *= yarn_mscale(float(rope_scaling["factor"]), rope_scaling["mscale_all_dim"]) ** 2
   return scale
-
-
-def apply_scaled_rope(x, positions, inv_freq, attention_factor=1.0):
-  """Half-split RoPE with given frequencies.
-
-  Args:
-    x: [batch, length, heads, dim].
-    positions: [batch, length] int absolute positions.
-    inv_freq: [dim // 2] float32.
-    attention_factor: multiplies cos and sin (YaRN temperature).
-
-  Returns:
-    array like `x`; rotation in float32.
-  """
-  if positions.shape != x.shape[:2]:
-    raise ValueError(f"positions shape {positions.shape} must be [batch, length] = {x.shape[:2]}")
-  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq
-  sin, cos = jnp.sin(angles) * attention_factor, jnp.cos(angles) * attention_factor
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 @flax.struct.dataclass
@@ -199,7 +107,8 @@ class MultiHeadLatentAttention(nn.Module):
     qk_rope_head_dim: decoupled RoPE query/key width (one shared key head).
     v_head_dim: value width per head.
     rope_theta: RoPE base.
-    rope_scaling: None or a Hugging Face `rope_parameters`-style dict (see `scaled_rope_frequencies`).
+    rope_scaling: None or a Hugging Face `rope_parameters`-style dict (see
+      `zoo.layers.rope.scaled_rope_frequencies`).
     use_bias: biases on q_a, kv_a and out (`attention_bias`).
     latent_norm_epsilon: epsilon of the two latent RMSNorms (1e-6 in DeepSeek-V2/V3, independent of the block
       norms' epsilon).
@@ -251,10 +160,9 @@ class MultiHeadLatentAttention(nn.Module):
     kv_a = DenseGeneral(self.kv_lora_rank + rope, kernel_axes=("embed", None), use_bias=self.use_bias, name="kv_a",
                         **dense)(x)
     latent = RMSNorm(**norm, name="kv_a_norm")(kv_a[..., :self.kv_lora_rank])
-    inv_freq, attention_factor = scaled_rope_frequencies(rope, self.rope_theta, self.rope_scaling)
-    k_rope = apply_scaled_rope(kv_a[..., None, self.kv_lora_rank:], positions, inv_freq, attention_factor)[..., 0, :]
-    q = jnp.concatenate([q[..., :nope], apply_scaled_rope(q[..., nope:], positions, inv_freq, attention_factor)],
-                        axis=-1)
+    rotary = dict(theta=self.rope_theta, rope_scaling=self.rope_scaling)
+    k_rope = apply_rope(kv_a[..., None, self.kv_lora_rank:], positions, **rotary)[..., 0, :]
+    q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], positions, **rotary)], axis=-1)
 
     if cache is None:
       k_positions, k_valid = positions, None

@@ -2,21 +2,29 @@
 
 - Decoder-only transformer LM: Vaswani et al. 2017; pre-norm with RMSNorm as in LLaMA (Touvron et al. 2023, section
   2.2).
-- RoPE: Su et al. 2021, eq. 34. GQA: Ainslie et al. 2023, section 2.2. SwiGLU: Shazeer 2020, eq. 6.
+- RoPE: Su et al. 2021, eq. 34, with optional linear / llama3 / YaRN scaling (`zoo.layers.rope`). GQA: Ainslie et
+  al. 2023, section 2.2. SwiGLU: Shazeer 2020, eq. 6.
 - Tied input/output embeddings: Press & Wolf 2017.
+- qk-norm per head (Qwen3) or over the whole q/k projections (OLMoE) (`zoo.layers.Attention`).
+- `attention='mla'`: multi-head latent attention with its compressed cache (DeepSeek-AI 2024, "DeepSeek-V2",
+  section 2.1, eqs. 9-19; `zoo.layers.MultiHeadLatentAttention`), as in DeepSeek-V3.
 
 Layers are an explicit Python loop of `DecoderBlock`s (no `nn.scan` over layers); `remat=True` rematerialises each
-block in the backward pass. The KV cache is one `KVCache` per layer (a tuple); a cache slot holds one absolute
-position, so `max_length` must cover prompt + generated tokens.
+block in the backward pass. The cache is one `KVCache` (or `MLACache` with MLA) per layer (a tuple); a cache slot
+holds one absolute position, so `max_length` must cover prompt + generated tokens.
 """
 import functools
 from typing import Any
 
+import flax.core
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm, train_flops_per_token
+from zoo.layers import (MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, MLACache, MultiHeadLatentAttention,
+                        RMSNorm, train_flops_per_token)
+from zoo.layers.attention import QK_NORM_SCOPES
 from zoo.layers.mlp import ACTIVATIONS
+from zoo.layers.rope import check_rope_scaling
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, register_model
 
@@ -37,14 +45,24 @@ class DenseLM(nn.Module):
     num_layers: decoder blocks.
     embed_dim: residual width.
     num_heads: query heads.
-    num_kv_heads: key/value heads (None = num_heads; GQA when fewer).
-    head_dim: per-head width (None = embed_dim // num_heads).
+    num_kv_heads: key/value heads (None = num_heads; GQA when fewer). GQA only.
+    head_dim: per-head width (None = embed_dim // num_heads). GQA only.
     mlp_dim: FFN inner width.
     mlp_activation: FFN variant (`zoo.layers.ACTIVATIONS`; default SwiGLU).
     rope_theta: RoPE base.
-    sliding_window: if set, every layer attends to at most this many keys.
-    qk_norm: Qwen3-style RMSNorm on q and k.
-    qkv_bias: Qwen2-style biases on q/k/v.
+    rope_scaling: None or a Hugging Face-style RoPE scaling dict, `rope_type` in `zoo.layers.ROPE_TYPES` ('linear',
+      'llama3', 'yarn') with its parameters (`zoo.layers.rope.scaled_rope_frequencies`).
+    sliding_window: if set, every layer attends to at most this many keys. GQA only.
+    qk_norm: RMSNorm on q and k (Qwen3, OLMoE). GQA only.
+    qk_norm_scope: 'head' (per head over head_dim, Qwen3) or 'projection' (over the whole q and k projections,
+      OLMoE).
+    qkv_bias: Qwen2-style biases on q/k/v. GQA only.
+    attention: 'gqa' (`zoo.layers.Attention`) or 'mla' (`zoo.layers.MultiHeadLatentAttention`).
+    q_lora_rank: MLA query latent width (None = full-rank query projection).
+    kv_lora_rank: MLA key/value latent width (required with 'mla').
+    qk_nope_head_dim: MLA position-free query/key width per head (required with 'mla').
+    qk_rope_head_dim: MLA decoupled RoPE query/key width (required with 'mla', even).
+    v_head_dim: MLA value width per head (required with 'mla').
     tie_embeddings: output logits = final hidden . embedding^T (else an `lm_head` [embed, vocab]).
     norm_epsilon: RMSNorm epsilon.
     dropout_rate: residual dropout (training only).
@@ -61,9 +79,17 @@ class DenseLM(nn.Module):
   mlp_dim: int = 256
   mlp_activation: str = "swiglu"
   rope_theta: float = 10000.0
+  rope_scaling: Any = None
   sliding_window: int | None = None
   qk_norm: bool = False
+  qk_norm_scope: str = "head"
   qkv_bias: bool = False
+  attention: str = "gqa"
+  q_lora_rank: int | None = None
+  kv_lora_rank: int | None = None
+  qk_nope_head_dim: int | None = None
+  qk_rope_head_dim: int | None = None
+  v_head_dim: int | None = None
   tie_embeddings: bool = True
   norm_epsilon: float = 1e-6
   dropout_rate: float = 0.0
@@ -76,15 +102,23 @@ class DenseLM(nn.Module):
     for key in positive:
       if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
         raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be a positive integer")
-    if self.head_dim is None and self.embed_dim % self.num_heads:
-      raise ConfigError(f"config.model.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
-                        "set head_dim explicitly")
-    if self.resolved_head_dim % 2:
-      raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
-    if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
-      raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
-    if self.sliding_window is not None and self.sliding_window < 1:
-      raise ConfigError(f"config.model.sliding_window={self.sliding_window} must be a positive integer or None")
+    if self.attention == "mla":
+      self._check_mla()
+    elif self.attention == "gqa":
+      self._check_gqa()
+    else:
+      raise ConfigError(f"config.model.attention={self.attention!r} is invalid; choose one of ('gqa', 'mla')")
+    if self.qk_norm_scope not in QK_NORM_SCOPES:
+      raise ConfigError(f"config.model.qk_norm_scope={self.qk_norm_scope!r} is invalid; choose one of "
+                        f"{QK_NORM_SCOPES}")
+    if self.rope_scaling is not None:
+      if hasattr(self.rope_scaling, "to_dict"):
+        object.__setattr__(self, "rope_scaling", self.rope_scaling.to_dict())
+      try:
+        check_rope_scaling(self.rope_scaling)
+      except ValueError as e:
+        raise ConfigError(f"config.model.rope_scaling: {e}") from None
+      object.__setattr__(self, "rope_scaling", flax.core.FrozenDict(self.rope_scaling))
     if self.mlp_activation not in ACTIVATIONS:
       raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if not 0.0 <= self.dropout_rate < 1.0:
@@ -96,6 +130,37 @@ class DenseLM(nn.Module):
         raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is not a dtype (e.g. 'float32', 'bfloat16')") from e
     super().__post_init__()
 
+  def _check_gqa(self):
+    mla_only = [k for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+                if getattr(self, k) is not None]
+    if mla_only:
+      raise ConfigError(f"config.model.{mla_only[0]}={getattr(self, mla_only[0])} is an MLA width; set "
+                        "attention='mla' or leave it None")
+    if self.head_dim is None and self.embed_dim % self.num_heads:
+      raise ConfigError(f"config.model.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+                        "set head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+    if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+      raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ConfigError(f"config.model.sliding_window={self.sliding_window} must be a positive integer or None")
+
+  def _check_mla(self):
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+      value = getattr(self, key)
+      if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config.model.{key}={value!r} must be a positive integer with attention='mla'")
+    if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+      raise ConfigError(f"config.model.q_lora_rank={self.q_lora_rank!r} must be a positive integer or None")
+    if self.qk_rope_head_dim % 2:
+      raise ConfigError(f"config.model.qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+    gqa_only = {"head_dim": None, "num_kv_heads": None, "sliding_window": None, "qk_norm": False, "qkv_bias": False}
+    for key, neutral in gqa_only.items():
+      if getattr(self, key) != neutral:
+        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is a GQA option; attention='mla' needs "
+                          f"{key}={neutral}")
+
   @property
   def resolved_head_dim(self):
     return self.head_dim or self.embed_dim // self.num_heads
@@ -105,18 +170,29 @@ class DenseLM(nn.Module):
     return self.num_kv_heads or self.num_heads
 
   def attention_factory(self):
+    """The attention sublayer of every block (`DecoderBlock` calls it with `name=`)."""
+    dtypes = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    if self.attention == "mla":
+      return functools.partial(MultiHeadLatentAttention, num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank,
+                               qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
+                               v_head_dim=self.v_head_dim, q_lora_rank=self.q_lora_rank, rope_theta=self.rope_theta,
+                               rope_scaling=self.rope_scaling, **dtypes)
     return functools.partial(Attention, num_heads=self.num_heads, head_dim=self.resolved_head_dim,
                              num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta,
-                             sliding_window=self.sliding_window, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
-                             norm_epsilon=self.norm_epsilon, dtype=jnp.dtype(self.dtype),
-                             param_dtype=jnp.dtype(self.param_dtype))
+                             rope_scaling=self.rope_scaling, sliding_window=self.sliding_window, qk_norm=self.qk_norm,
+                             qk_norm_scope=self.qk_norm_scope, qkv_bias=self.qkv_bias, norm_epsilon=self.norm_epsilon,
+                             **dtypes)
 
   def ffn_factory(self):
     return functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.mlp_activation,
                              dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
 
   def init_cache(self, batch_size, max_length):
-    """An empty cache: a tuple of `num_layers` KVCache, each k/v [batch_size, max_length, kv_heads, head_dim]."""
+    """An empty cache: a tuple of `num_layers` KVCache, each k/v [batch_size, max_length, kv_heads, head_dim]; with
+    MLA, `num_layers` MLACache (latent [batch_size, max_length, kv_lora_rank], k_rope [.., qk_rope_head_dim])."""
+    if self.attention == "mla":
+      return tuple(MLACache.create(batch_size, max_length, self.kv_lora_rank, self.qk_rope_head_dim,
+                                   jnp.dtype(self.dtype)) for _ in range(self.num_layers))
     return tuple(KVCache.create(batch_size, max_length, self.resolved_kv_heads, self.resolved_head_dim,
                                 jnp.dtype(self.dtype)) for _ in range(self.num_layers))
 
@@ -159,28 +235,51 @@ class DenseLM(nn.Module):
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     return logits, ModelOutput(cache=None if cache is None else tuple(new_cache))
 
-  def num_params(self):
-    """Analytic parameter count (equals `count_params` of the initialised params)."""
-    e, h, kv, d = self.embed_dim, self.num_heads, self.resolved_kv_heads, self.resolved_head_dim
+  def _attention_norm_params(self):
+    """Norm scales inside one attention sublayer (qk-norms, or MLA's two latent norms)."""
+    if self.attention == "mla":
+      return (self.q_lora_rank or 0) + self.kv_lora_rank
+    if not self.qk_norm:
+      return 0
+    d = self.resolved_head_dim
+    return 2 * d if self.qk_norm_scope == "head" else (self.num_heads + self.resolved_kv_heads) * d
+
+  def _attention_params(self):
+    """Parameters of one attention sublayer."""
+    e, h = self.embed_dim, self.num_heads
+    if self.attention == "mla":
+      qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+      query = e * h * qk if self.q_lora_rank is None else e * self.q_lora_rank + self.q_lora_rank * h * qk
+      kv = e * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank * h * (
+          self.qk_nope_head_dim + self.v_head_dim)
+      return query + kv + h * self.v_head_dim * e + self._attention_norm_params()
+    kv, d = self.resolved_kv_heads, self.resolved_head_dim
     attention = e * h * d + 2 * e * kv * d + h * d * e
     if self.qkv_bias:
       attention += h * d + 2 * kv * d
-    if self.qk_norm:
-      attention += 2 * d
+    return attention + self._attention_norm_params()
+
+  def num_params(self):
+    """Analytic parameter count (equals `count_params` of the initialised params)."""
+    e = self.embed_dim
     ffn = (3 if ACTIVATIONS[self.mlp_activation][1] else 2) * e * self.mlp_dim
-    per_layer = attention + ffn + 2 * e
+    per_layer = self._attention_params() + ffn + 2 * e
     head = 0 if self.tie_embeddings else e * self.vocab_size
     return self.vocab_size * e + self.num_layers * per_layer + e + head
 
   def train_flops_per_token(self, seq_len):
     """Training FLOPs per token (`zoo.layers.train_flops_per_token`): matmul params = all params except the input
-    embedding lookup and the norm scales, plus the output projection."""
+    embedding lookup and the norm scales, plus the output projection. With MLA, `q k^T` runs over
+    `heads * (qk_nope_head_dim + qk_rope_head_dim)` and `probs v` over `heads * v_head_dim`, so the attention width
+    is their mean."""
     e = self.embed_dim
     matmul = self.num_params() - self.vocab_size * e - (2 * self.num_layers + 1) * e
-    if self.qk_norm:
-      matmul -= 2 * self.num_layers * self.resolved_head_dim
+    matmul -= self.num_layers * self._attention_norm_params()
     if self.tie_embeddings:
       matmul += self.vocab_size * e
-    return train_flops_per_token(matmul, num_layers=self.num_layers,
-                                 attention_dim=self.num_heads * self.resolved_head_dim, seq_len=seq_len,
+    if self.attention == "mla":
+      attention_dim = self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim) / 2
+    else:
+      attention_dim = self.num_heads * self.resolved_head_dim
+    return train_flops_per_token(matmul, num_layers=self.num_layers, attention_dim=attention_dim, seq_len=seq_len,
                                  sliding_window=self.sliding_window)
