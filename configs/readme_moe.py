@@ -1,0 +1,56 @@
+"""Read-ME (papers.md A4): the dense LM's run with its FFNs refactored into a shared expert + 4 domain experts,
+routed top-1 by the pre-gating router; sized for a 2-core CPU.
+
+Domains for expert extraction (`DOMAIN_GROUPS`, one expert each) group the `pystdlib` corpus's `domain` labels
+(`zoo/data/builders.py`): documentation prose, top-level stdlib modules, web / data-format packages, and the other
+packages (runtime, tooling, GUI). Extraction itself needs a trained `dense_lm` checkpoint, the per-group statistics
+(`zoo.routing.pregate.down_proj_inputs` + `neuron_importance` on batches drawn with `config.data.domains=group`) and
+`readme_params_from_dense`.
+
+Alternating phases (Read-ME Sec. 3.2), each starting from the previous workdir:
+
+  python train.py --config configs/readme_moe.py --workdir workdirs/readme_joint
+  python train.py --config configs/readme_moe.py --workdir workdirs/readme_router \
+    --config.model.train_phase=router --config.init_from=workdirs/readme_joint --config.optimizer.weight_decay=0
+  python train.py --config configs/readme_moe.py --workdir workdirs/readme_backbone \
+    --config.model.train_phase=backbone --config.init_from=workdirs/readme_router --config.optimizer.weight_decay=0
+"""
+from configs.base import get_base_config
+
+DOMAIN_GROUPS = {
+    "docs": ("docs",),
+    "modules": ("modules",),
+    "web": ("email", "html", "http", "json", "urllib", "wsgiref", "xml", "xmlrpc"),
+    "packages": ("asyncio", "concurrent", "ctypes", "curses", "dbm", "distutils", "ensurepip", "idlelib", "importlib",
+                 "lib2to3", "logging", "multiprocessing", "re", "tkinter", "tomllib", "turtledemo", "unittest",
+                 "venv", "zoneinfo"),
+}
+
+
+def get_config():
+  config = get_base_config(
+      model={
+          "name": "readme_moe",
+          "vocab_size": 259,  # ByteTokenizer: 256 bytes + PAD, BOS, EOS
+          "num_layers": 4,
+          "embed_dim": 128,
+          "num_heads": 4,
+          "num_kv_heads": 2,
+          "mlp_dim": 384,  # the dense FFN the experts come from; shared and expert widths default to 192
+          "num_experts": len(DOMAIN_GROUPS),
+          "router_layers": 1,
+          "router_num_heads": 4,
+          "router_mlp_dim": 256,
+          "train_phase": "joint",
+      },
+      dataset="pystdlib")
+  config.data.seq_len = 128
+  config.optimizer.lr = 3e-3
+  config.optimizer.warmup_steps = 100
+  config.train.steps = 1200
+  config.train.batch_size = 32
+  config.train.eval_every_steps = 200
+  config.train.eval_batches = 16
+  config.train.log_every_steps = 50
+  config.checkpoint.every_steps = 200
+  return config
