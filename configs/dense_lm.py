@@ -31,4 +31,6 @@ def get_config():
   config.checkpoint.every_steps = 200
   config.sample.prompt = "def "
   config.sample.max_new_tokens = 160
+  config.sample.temperature = 0.7  # greedy decoding of a model this small repeats itself
+  config.sample.top_k = 20
   return config
