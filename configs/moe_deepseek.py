@@ -26,6 +26,7 @@ def get_config():
       n_group=4,
       topk_group=2,
       routed_scaling_factor=1.0,
+      router_bias=True,
       bias_update_rate=1e-3,
       dispatch="auto",
       capacity_factor=2.0,

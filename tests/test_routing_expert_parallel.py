@@ -1,12 +1,15 @@
 """Expert parallelism (shard_map + all_to_all over 'expert') == the unsharded computation on the 8-device CPU mesh."""
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from zoo import routing
-from zoo.engine.sharding import make_mesh
-from zoo.routing import dispatch
+from zoo.engine import sharding, trainer
+from zoo.engine.sharding import make_mesh, mesh_context
+from zoo.routing import dispatch, expert_parallel
 
 TOKENS, EXPERTS, EMBED, MLP, K = 32, 8, 8, 6, 2
 
@@ -82,3 +85,55 @@ def test_uneven_split_raises():
   w6 = jax.tree.map(lambda a: a[:6], w)
   with pytest.raises(ValueError, match="6 experts cannot be split"):
     routing.expert_parallel_ffn(x, jnp.zeros((TOKENS, K), jnp.int32), jnp.zeros((TOKENS, K)), w6, mesh=mesh)
+
+
+def test_context_mesh_asks_for_expert_parallelism_only_when_it_can():
+  assert expert_parallel.context_mesh(TOKENS) is None  # no mesh in context
+  with jax.set_mesh(make_mesh(dict(data=8, fsdp=1, expert=1, tensor=1))):
+    assert expert_parallel.context_mesh(TOKENS) is None  # expert axis 1
+  with jax.set_mesh(make_mesh(dict(data=2, fsdp=1, expert=4, tensor=1))):
+    mesh = expert_parallel.context_mesh(TOKENS)
+    assert mesh is not None and mesh.shape["expert"] == 4
+    assert expert_parallel.context_mesh(TOKENS + 4) is None  # 36 tokens do not split over 8 shards (e.g. decoding)
+
+
+def test_moe_ffn_module_picks_up_the_mesh_in_context():
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, EMBED))
+  module = routing.MoEFFN(EXPERTS, MLP, capacity_factor=None, strategy="dense")
+  variables = module.init(jax.random.PRNGKey(1), x)
+  apply = jax.jit(module.apply)
+  y_local, _, _ = apply(variables, x)
+  with jax.set_mesh(make_mesh(dict(data=2, fsdp=1, expert=4, tensor=1))):
+    assert "all_to_all" in jax.jit(module.apply).lower(variables, x).as_text()
+    y_sharded, _, metrics = apply(variables, x)
+  np.testing.assert_allclose(y_sharded, y_local, rtol=1e-5, atol=1e-5)
+  assert float(metrics["dropped_fraction"]) == 0.0
+
+
+def test_engine_train_step_with_expert_parallelism(tmp_path):
+  # One train.py step (the engine's Experiment API) of a tiny moe_lm with --config.mesh.expert=4 on 8 CPU devices:
+  # the expert weights are sharded over 'expert' and the step exchanges tokens with all-to-all.
+  config = importlib.import_module("configs.moe_mixtral").get_config()
+  config.model.update(vocab_size=260, num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                      mlp_dim=32, expert_mlp_dim=8)
+  config.data.seq_len = 8
+  config.train.batch_size = 8
+  config.optimizer.update(schedule="constant", warmup_steps=0)  # (a warmup would start at learning rate 0)
+  config.mesh.update(data=-1, fsdp=1, expert=4, tensor=1)
+  exp = trainer.Experiment(config)
+  assert dict(exp.mesh.shape) == dict(data=2, fsdp=1, expert=4, tensor=1)
+  batch = exp._pad({"inputs": np.arange(64, dtype=np.int32).reshape(8, 8),
+                    "targets": np.arange(1, 65, dtype=np.int32).reshape(8, 8),
+                    "mask": np.ones((8, 8), np.float32)})
+  with mesh_context(exp.mesh):
+    state, shardings = exp.init_state()
+    up = state.params["layers_0"]["ffn"]["up"]
+    assert up.sharding.spec[0] == "expert" and up.addressable_shards[0].data.shape[0] == EXPERTS // 4
+    step = exp.make_train_step(shardings, batch)
+    global_batch = sharding.global_batch(batch, exp.mesh)
+    assert "all_to_all" in step.lower(state, global_batch).as_text()
+    before = np.asarray(up)
+    state, metrics = step(state, global_batch)
+  metrics = exp.host_metrics(metrics)
+  assert int(state.step) == 1 and np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+  assert not np.allclose(np.asarray(state.params["layers_0"]["ffn"]["up"]), before)

@@ -208,6 +208,18 @@ def test_router_module_bias_state_updates_only_in_training():
   np.testing.assert_array_equal(jax.tree.leaves(state)[0], jnp.zeros(4))
 
 
+def test_router_module_fixed_bias_selects_and_stays_with_rate_zero():
+  # A loaded score-correction bias (DeepSeek-V3): used for selection, never moved when bias_update_rate == 0.
+  router = routing.Router(4, 1, score="sigmoid", bias_balancing=True, bias_update_rate=0.0)
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 16))
+  variables = router.init(jax.random.PRNGKey(1), x)
+  bias = jnp.array([0.0, 0.0, 5.0, 0.0])
+  variables = {**variables, "routing_state": {"bias": variables["routing_state"]["bias"].replace_boxed(bias)}}
+  r, state = router.apply(variables, x, deterministic=False, mutable=["routing_state"])
+  np.testing.assert_array_equal(r.expert_ids, 2)  # the bias outweighs any sigmoid score difference
+  np.testing.assert_array_equal(jax.tree.leaves(state)[0], bias)
+
+
 def test_router_module_frozen_kernel_is_not_a_parameter():
   router = routing.Router(4, 2, frozen=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (6, 16))

@@ -7,8 +7,9 @@ The standard MoE baselines, all from one model and the shared routing package (`
 - Mixtral (Jiang et al. 2024, Sec. 2.1): softmax over the top-2 of 8 logits (= top-2 probabilities renormalised),
   every layer sparse.
 - DeepSeekMoE / DeepSeek-V3 (Dai et al. 2024, Sec. 3; DeepSeek-V3 report Sec. 2.1.2): fine-grained experts plus
-  always-on shared experts, sigmoid scores, top-k selection by `score + bias` with the bias updated outside the
-  optimizer (aux-loss-free balancing, Eq. 13-16; `bias_update_rate` > 0), group-limited selection (`n_group`,
+  always-on shared experts, sigmoid scores, top-k selection by `score + bias` (`router_bias`; HF
+  `e_score_correction_bias`) with the bias updated outside the optimizer (aux-loss-free balancing, Eq. 13-16;
+  `bias_update_rate` > 0) or kept fixed (a loaded checkpoint, `bias_update_rate` = 0), group-limited selection (`n_group`,
   `topk_group`), `routed_scaling_factor`, a small sequence-wise balance loss (Eq. 17-20, `per_sequence_balance`), and
   dense first layers (`first_dense_layers`; HF `first_k_dense_replace`).
 - Qwen2-MoE (Qwen2 report, Sec. 2.2.3): fine-grained softmax top-k experts plus a shared expert whose output is
@@ -28,11 +29,19 @@ Output (`ModelOutput`):
 - `aux_loss` = sum over MoE layers of `load_balance_coef * load_balance + z_loss_coef * z_loss`.
 - `metrics`: per-MoE-layer values stacked on a leading [moe_layers] axis: `expert_load` [moe_layers, experts]
   (fraction of assignments), `load_imbalance` (max load / mean load), `dropped_fraction`, `router_entropy`,
-  `router_z` (mean logsumexp of the router logits), and the unweighted losses `load_balance`, `z_loss`.
+  `router_z` (mean logsumexp of the router logits), and the unweighted losses `load_balance`, `z_loss`. With
+  `return_expert_ids=True` also `expert_ids` int32 [moe_layers, batch, length, k] (the experts of every token's slots,
+  -1 = empty; for `zoo.routing.consistency.routing_consistency`); off by default since the engine averages metrics.
 
-State outside the optimizer: the selection bias of 'sigmoid_topk' routers (`routing_state/.../router/bias`, [experts]
-per MoE layer; aux-loss-free balancing moves it when `bias_update_rate` > 0) and the frozen random router kernel live in the `routing_state` collection; the bias moves only in
+State outside the optimizer: the selection bias of a 'sigmoid_topk' router with `router_bias`
+(`routing_state/.../router/bias`, [experts] per MoE layer; aux-loss-free balancing moves it when `bias_update_rate` >
+0) and the frozen random router kernel live in the `routing_state` collection; the bias moves only in
 `apply(..., mutable=['routing_state'])` with `deterministic=False`.
+
+Expert parallelism: applied under `jax.set_mesh(mesh)` (as the engine's steps are) with a mesh whose 'expert' axis is
+> 1, every MoE layer whose tokens split evenly over the mesh's 'batch' axes runs the all-to-all expert-parallel
+dispatch (`zoo.routing.expert_parallel`) instead of `dispatch`; its buffers hold `ceil(capacity_factor * local tokens
+* k / E)` tokens per expert and device (capacity_factor=0: nothing dropped, equal to dropless dispatch).
 
 Cached decoding equals the full forward for token-choice routers with 'dense' or 'dropless' dispatch (each token's
 experts depend only on its own hidden state). 'capacity' dispatch drops assignments depending on the other tokens
@@ -93,7 +102,11 @@ class MoELM(DenseLM):
     z_loss_coef: weight of the router z-loss (1e-3).
     per_sequence_balance: compute the balance loss per sequence (DeepSeek-V3 Eq. 17-20) instead of per batch.
     router_jitter: half-width of the multiplicative router-input noise in training (Switch uses 1e-2; 0 = off).
-    bias_update_rate: u of the aux-loss-free bias update (DeepSeek-V3 uses 1e-3); > 0 needs 'sigmoid_topk'.
+    router_bias: the 'sigmoid_topk' router keeps a per-expert selection bias (DeepSeek-V3's score correction,
+      HF `e_score_correction_bias`) in 'routing_state'; it stays fixed unless `bias_update_rate` > 0.
+    bias_update_rate: u of the aux-loss-free bias update (DeepSeek-V3 uses 1e-3); > 0 needs `router_bias`.
+    return_expert_ids: add `metrics['expert_ids']` int32 [moe_layers, batch, length, k] (for routing-consistency
+      metrics in evaluation; leave off in training, where the engine averages metrics).
   """
   moe_every: int = 1
   first_dense_layers: int = 0
@@ -114,7 +127,9 @@ class MoELM(DenseLM):
   z_loss_coef: float = 1e-3
   per_sequence_balance: bool = False
   router_jitter: float = 0.0
+  router_bias: bool = False
   bias_update_rate: float = 0.0
+  return_expert_ids: bool = False
 
   def __post_init__(self):
     self._check()
@@ -156,9 +171,12 @@ class MoELM(DenseLM):
     for key in nonnegative:
       if getattr(self, key) < 0:
         raise ConfigError(f"config.model.{key}={getattr(self, key)} must be >= 0")
-    if self.bias_update_rate > 0 and self.router != "sigmoid_topk":
+    if self.router_bias and self.router != "sigmoid_topk":
+      raise ConfigError(f"config.model.router_bias=True needs router='sigmoid_topk', got router={self.router!r}")
+    if self.bias_update_rate > 0 and not self.router_bias:
       raise ConfigError(f"config.model.bias_update_rate={self.bias_update_rate} (aux-loss-free balancing) needs "
-                        f"router='sigmoid_topk', got router={self.router!r}")
+                        f"router='sigmoid_topk' and router_bias=True, got router={self.router!r}, "
+                        f"router_bias={self.router_bias}")
     if self.shared_expert_gate and not self.num_shared_experts:
       raise ConfigError("config.model.shared_expert_gate=True needs num_shared_experts >= 1")
 
@@ -171,9 +189,8 @@ class MoELM(DenseLM):
     if self.router == "softmax_topk":
       return Router(score="softmax", **common)
     if self.router == "sigmoid_topk":
-      # The selection bias always exists (a loaded DeepSeek-V3 `e_score_correction_bias` lands there); it moves only
-      # when bias_update_rate > 0.
-      return Router(score="sigmoid", bias_balancing=True, bias_update_rate=self.bias_update_rate, **common)
+      return Router(score="sigmoid", bias_balancing=self.router_bias, bias_update_rate=self.bias_update_rate,
+                    **common)
     if self.router == "expert_choice":
       return Router(score="expert_choice", capacity_factor=float(self.num_experts_per_tok), **common)
     return Router(score="softmax", frozen=True, **common)
@@ -185,8 +202,8 @@ class MoELM(DenseLM):
                   strategy=None if self.dispatch == "auto" else self.dispatch,
                   capacity_factor=self.capacity_factor or None,
                   shared_mlp_dim=self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim),
-                  shared_gate=self.shared_expert_gate, dtype=jnp.dtype(self.dtype),
-                  param_dtype=jnp.dtype(self.param_dtype))
+                  shared_gate=self.shared_expert_gate, return_expert_ids=self.return_expert_ids,
+                  dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
     return lambda name: _BlockMoEFFN(router=self._router(), name=name, **kwargs)
 
   @nn.compact

@@ -22,6 +22,35 @@ def _mesh_axes(name):
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def _batch_shards(mesh):
+  """(mesh axes of 'batch' present in `mesh`, number of token shards over them)."""
+  axes = tuple(a for a in _mesh_axes("batch") if a in mesh.shape)
+  shards = 1
+  for a in axes:
+    shards *= mesh.shape[a]
+  return axes, shards
+
+
+def context_mesh(num_tokens):
+  """The mesh in context (`jax.set_mesh`) when it asks for expert parallelism over `num_tokens` tokens, else None.
+
+  Expert parallelism is used when the context mesh has an 'expert' axis of size > 1 and the tokens split evenly
+  over the 'batch' mesh axes; otherwise (no mesh, expert axis 1, or e.g. a one-token decoding step that cannot be
+  split) the caller runs its local dispatch.
+
+  Args:
+    num_tokens: static number of tokens of the call.
+
+  Returns:
+    The (abstract) context mesh, or None.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  (expert_axis,) = _mesh_axes("expert")
+  if mesh.empty or mesh.shape.get(expert_axis, 1) <= 1:
+    return None
+  return mesh if num_tokens % _batch_shards(mesh)[1] == 0 else None
+
+
 def expert_parallel_ffn(x, expert_ids, weights, expert_weights, *, mesh, activation="swiglu", capacity_factor=None):
   """Capacity-buffered expert-parallel MoE FFN over `mesh` (GShard Sec. 3.2).
 
@@ -33,7 +62,7 @@ def expert_parallel_ffn(x, expert_ids, weights, expert_weights, *, mesh, activat
     expert_ids: [tokens, k] int32 (-1 = empty slot).
     weights: [tokens, k] float32 combine weights.
     expert_weights: stacked dict (see `zoo.routing.dispatch`); experts must divide evenly over the 'expert' axes.
-    mesh: a jax.sharding.Mesh with the project's axes.
+    mesh: a jax.sharding.Mesh (or the AbstractMesh in context) with the project's axes.
     activation: expert activation name.
     capacity_factor: per-device capacity factor, or None.
 
@@ -41,12 +70,9 @@ def expert_parallel_ffn(x, expert_ids, weights, expert_weights, *, mesh, activat
     (y [tokens, embed] in x.dtype, metrics {'dropped_fraction': scalar over all devices}).
   """
   num_experts, _, mlp = dispatch.check_expert_weights(expert_weights, activation)
-  batch_axes = tuple(a for a in _mesh_axes("batch") if a in mesh.shape)
+  batch_axes, shards = _batch_shards(mesh)
   (expert_axis,) = _mesh_axes("expert")
   mlp_axes = tuple(a for a in _mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1)
-  shards = 1
-  for a in batch_axes:
-    shards *= mesh.shape[a]
   devices = mesh.shape[expert_axis]
   if x.shape[0] % shards:
     raise ValueError(f"{x.shape[0]} tokens cannot be split over the batch mesh axes {batch_axes} ({shards} shards)")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.routing import dispatch
+from zoo.routing import expert_parallel
 from zoo.routing import routers
 
 ROUTER_SCORES = ("softmax", "sigmoid", "expert_choice")
@@ -128,9 +129,15 @@ class MoEFFN(nn.Module):
       dropping, at the cost of buffers as large as computing every expert).
     shared_mlp_dim: width of the shared-expert FFN (0 = none).
     shared_gate: sigmoid gate on the shared expert output.
+    return_expert_ids: add the routing decision to the metrics: 'expert_ids' int32 [..., k] (x's leading dims; -1 =
+      empty slot).
     dtype: compute dtype of the experts (routing is always float32).
     param_dtype: parameter dtype.
-    mesh: a Mesh whose 'expert' axis > 1 enables expert parallelism (all-to-all); None = off.
+    mesh: a Mesh whose 'expert' axis > 1 enables expert parallelism (all-to-all); None = the mesh in context
+      (`jax.set_mesh`, as in the engine's train step) when its 'expert' axis is > 1 and the tokens split evenly over
+      its 'batch' axes (`zoo.routing.expert_parallel.context_mesh`), else the local `strategy`. Expert parallelism
+      is capacity-buffered per device (`expert_parallel_ffn`; `capacity_factor=None` drops nothing and then equals
+      dropless dispatch).
   """
   num_experts: int
   expert_mlp_dim: int
@@ -142,6 +149,7 @@ class MoEFFN(nn.Module):
   capacity_factor: float | None = 1.25
   shared_mlp_dim: int = 0
   shared_gate: bool = False
+  return_expert_ids: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   mesh: Any = None
@@ -183,12 +191,16 @@ class MoEFFN(nn.Module):
       expert_weights[name] = param.astype(self.dtype)
     tokens = x.reshape(-1, embed).astype(self.dtype)
     tokens = nn.with_logical_constraint(tokens, ("batch", "embed"))
+    mesh = self.mesh if self.mesh is not None else expert_parallel.context_mesh(tokens.shape[0])
     y, dispatch_metrics = dispatch.moe_ffn(tokens, routing, expert_weights, strategy=self.strategy,
                                            activation=self.activation, capacity_factor=self.capacity_factor,
-                                           mesh=self.mesh, permute=self.permute)
+                                           mesh=mesh, permute=self.permute)
     if self.shared_mlp_dim:
       y = y + self._shared(tokens, names)
-    return y.reshape(x.shape[:-1] + (embed,)), dict(routing.aux), {**routing.metrics, **dispatch_metrics}
+    metrics = {**routing.metrics, **dispatch_metrics}
+    if self.return_expert_ids:
+      metrics["expert_ids"] = routing.expert_ids.reshape(x.shape[:-1] + routing.expert_ids.shape[-1:])
+    return y.reshape(x.shape[:-1] + (embed,)), dict(routing.aux), metrics
 
   def _shared(self, tokens, names):
     embed = tokens.shape[-1]
