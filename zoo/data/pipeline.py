@@ -169,7 +169,7 @@ class _ToImageExample(grain.transforms.Map):
 
 def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *, split: str, global_batch_size: int,
                   seed: int, process_index: int = 0, process_count: int = 1,
-                  repeat: bool = True) -> grain.DatasetIterator:
+                  repeat: bool = True, drop_remainder: bool = True) -> grain.DatasetIterator:
   """A checkpointable iterator over this host's share of the batches of one split.
 
   Args:
@@ -180,7 +180,9 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
     seed: shuffle seed, in [0, 2**32).
     process_index: this host, in [0, process_count).
     process_count: the number of hosts.
-    repeat: loop forever (a new shuffle each epoch); False ends after one pass (the last partial batch is dropped).
+    repeat: loop forever (a new shuffle each epoch); False ends after one pass.
+    drop_remainder: with repeat=False, drop the last partial batch (True) or yield it with fewer than B rows
+      (False, for exact evaluation: every example exactly once).
 
   Returns:
     A grain DatasetIterator (`get_state()`/`set_state()`) of dicts of numpy arrays, B = global_batch_size //
@@ -220,9 +222,9 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
   if info["task"] == "lm":
     it = ds.map(_Tokenize(cfg["text_key"])).to_iter_dataset(_READ_OPTIONS)
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": cfg["seq_len"] + 1})
-    it = it.map(_ToLmExample()).batch(batch_size, drop_remainder=True)
+    it = it.map(_ToLmExample()).batch(batch_size, drop_remainder=drop_remainder)
   else:
-    ds = ds.map(_ToImageExample()).batch(batch_size, drop_remainder=True)
+    ds = ds.map(_ToImageExample()).batch(batch_size, drop_remainder=drop_remainder)
     it = ds.to_iter_dataset(_READ_OPTIONS)
   if cfg["worker_count"]:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a script without absl.app has not parsed them

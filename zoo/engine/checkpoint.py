@@ -127,14 +127,30 @@ class Checkpointer:
 
 def restore_params(path, target_params):
   """The params (and nothing else) of the latest checkpoint under `path`, restored into `target_params`'s shapes
-  and shardings; for `config.init_from`."""
+  and shardings."""
+  return restore_variables(path, {"params": target_params})["params"]
+
+
+def restore_variables(path, target):
+  """The variables of the latest checkpoint under `path`, for `config.init_from`.
+
+  Args:
+    path: a workdir or its checkpoints/ folder.
+    target: `{'params': ..., <collection>: ...}` of ShapeDtypeStructs (or arrays) with target shardings: the params
+      and the non-param collections (`routing_state`, `batch_stats`, ...) to restore; the optimizer state and step
+      are not read.
+
+  Returns:
+    The restored variables, in `target`'s structure.
+  """
   directory = checkpoint_dir(path)
   manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"config.init_from={path!r}: no checkpoint found in {directory}")
+  collections = {k: v for k, v in target.items() if k != "params"}
+  item = {"params": target["params"], **({"collections": collections} if collections else {})}
   try:
-    item = {"params": target_params}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
   except Exception as e:
@@ -142,7 +158,8 @@ def restore_params(path, target_params):
                           f"({type(e).__name__}: {_first_line(e)})") from None
   finally:
     manager.close()
-  return _like(target_params, restored["state"]["params"])
+  restored = _like(item, {k: restored["state"][k] for k in item})
+  return {"params": restored["params"], **restored.get("collections", {})}
 
 
 def _like(target, tree):
