@@ -52,7 +52,9 @@ def get_base_config(model=None, dataset="pystdlib"):
       "keep": 3,
       "async": True,
   })
-  c.init_from = ""  # a checkpoint directory (a workdir or its checkpoints/ folder) to start the params from
+  # Start the params and non-param collections from a zoo checkpoint directory (a workdir or its checkpoints/
+  # folder) or from a Hugging Face model directory 'hf:DIR' (its config.json then sets config.model).
+  c.init_from = ""
   c.sample = ml_collections.ConfigDict({  # evaluate.py's text sample (lm)
       "prompt": "def ",
       "max_new_tokens": 128,

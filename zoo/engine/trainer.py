@@ -15,13 +15,18 @@ import numpy as np
 import optax
 
 from zoo.engine import sharding
-from zoo.engine.checkpoint import Checkpointer, checkpoint_dir, restore_params
-from zoo.engine.config import validate_config
+from zoo.engine.checkpoint import Checkpointer, checkpoint_dir, restore_variables
+from zoo.engine.config import dataset_info, validate_config
 from zoo.engine.optim import make_optimizer
 from zoo.engine.state import abstract_state, create_train_state
 from zoo.engine.tasks import get_task, reduce_stats
 from zoo.engine.writers import MetricsWriter, to_python
-from zoo.models import build_model
+from zoo.models import ConfigError, build_model
+
+# Per-token model metrics (e.g. `expert_ids` [layers, B, T, k]) are not averaged into the logged metrics.
+PER_TOKEN_METRICS = ("expert_ids",)
+# Validation batches whose expert ids feed the routing-consistency metrics of `evaluate`.
+ROUTING_BATCHES = 4
 
 
 class TrainingDivergedError(RuntimeError):
@@ -31,19 +36,25 @@ class TrainingDivergedError(RuntimeError):
 class Experiment:
   """Everything derived from a config: mesh, model, task, optimizer, jitted steps.
 
+  A model with a method `trainable_params(params) -> pytree of bool` (by path) trains only the True leaves: the
+  optimizer leaves the others unchanged, weight decay included.
+
   Args:
-    config: the experiment config (validated here).
+    config: the experiment config (validated here; `config.model` comes from the Hugging Face directory when
+      `config.init_from` is 'hf:DIR', see `use_hf_model_config`).
     devices: the devices of the mesh (default: all).
   """
 
   def __init__(self, config, devices=None):
     devices = jax.devices() if devices is None else devices
     self.config = config
+    use_hf_model_config(config)
     self.info = validate_config(config, num_devices=len(devices))
     self.task = get_task(config.task)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.model = build_model(config.model)
-    self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps))
+    self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps),
+                                            getattr(self.model, "trainable_params", None))
     shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
     self.dummy = self.task.dummy_batch(self.info, config.data, shards)
     self.local_batch = int(config.train.batch_size) // jax.process_count()
@@ -58,11 +69,25 @@ class Experiment:
   def abstract_state(self):
     return abstract_state(self.model, self.tx, self.task, self.dummy, self.mesh)
 
-  def make_iterator(self, split, repeat):
+  def load_init_from(self, state, shardings):
+    """`state` with its params and non-param collections replaced by those of `config.init_from`: 'hf:DIR' (a
+    Hugging Face model directory) or a zoo workdir / checkpoints folder (its latest checkpoint)."""
+    path = self.config.init_from
+    if path.startswith("hf:"):
+      from zoo.checkpoints import load_hf_checkpoint
+      _, variables = load_hf_checkpoint(path, shardings={"params": shardings.params, **shardings.collections})
+    else:
+      target, _ = self.abstract_state()
+      variables = restore_variables(path, target.variables())
+    variables = dict(variables)
+    params = variables.pop("params")
+    return state.replace(params=params, collections={**state.collections, **variables})
+
+  def make_iterator(self, split, repeat, drop_remainder=True):
     from zoo.data import make_iterator
     return make_iterator(self.config.data, split=split, global_batch_size=int(self.config.train.batch_size),
                          seed=int(self.config.seed), process_index=jax.process_index(),
-                         process_count=jax.process_count(), repeat=repeat)
+                         process_count=jax.process_count(), repeat=repeat, drop_remainder=drop_remainder)
 
   def _apply(self, variables, batch, *, train, rng=None):
     """Returns (logits, ModelOutput, updated non-param collections)."""
@@ -97,7 +122,7 @@ class Experiment:
         i, mb = inputs
         (_, (stats, model_out, collections)), g = grad_fn(state.params, collections, mb, jax.random.fold_in(rng, i))
         grads = jax.tree.map(lambda a, b: a + b / accum, grads, g)
-        return (grads, collections), (stats, model_out.aux_loss, model_out.metrics)
+        return (grads, collections), (stats, model_out.aux_loss, _averageable(model_out.metrics))
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, collections), (stats, aux, model_metrics) = jax.lax.scan(
@@ -125,19 +150,20 @@ class Experiment:
     """A jitted `(state, batch) -> (stats sums, model metrics)`."""
     def step(state, batch):
       logits, model_out, _ = self._apply(state.variables(), batch, train=False)
-      return self.task.stats(logits, batch), model_out.metrics
+      return self.task.stats(logits, batch), _averageable(model_out.metrics)
     return jax.jit(step, in_shardings=(state_shardings, self.batch_shardings(batch_example)),
                    out_shardings=sharding.replicated(self.mesh))
 
   def run_eval(self, state, eval_step):
-    """Score `state` on `config.data.eval_split` (`eval_batches` batches, or all when <= 0).
+    """Score `state` on `config.data.eval_split` (`eval_batches` batches, or all when <= 0: every example exactly
+    once, the last short batch padded with zero-weight rows).
 
     Returns:
       dict: the task's metrics plus the model's metrics averaged over batches (numpy).
     """
     limit = int(self.config.train.eval_batches)
     sums, model_metrics = [], []
-    for i, batch in enumerate(self.make_iterator(self.config.data.eval_split, repeat=False)):
+    for i, batch in enumerate(self.make_iterator(self.config.data.eval_split, repeat=False, drop_remainder=False)):
       if 0 < limit <= i:
         break
       stats, metrics = eval_step(state, sharding.global_batch(self._pad(batch), self.mesh))
@@ -156,6 +182,33 @@ class Experiment:
     if n == self.local_batch:
       return batch
     return {k: np.concatenate([v, np.zeros((self.local_batch - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def _averageable(metrics):
+  return {k: v for k, v in metrics.items() if k not in PER_TOKEN_METRICS}
+
+
+def use_hf_model_config(config):
+  """For `config.init_from='hf:DIR'`: set `config.model` from DIR's config.json (in place).
+
+  The Hugging Face config sets every architecture key it knows; the other keys of `config.model` (dtype, remat,
+  dropout, dispatch, ...) are kept when `config.model.name` is the converted model's name, else `config.model` is
+  replaced. Architecture keys given on the command line are overridden by the Hugging Face config.
+
+  Raises:
+    ConfigError: the model's vocabulary is smaller than the dataset's token ids.
+  """
+  if not config.init_from.startswith("hf:"):
+    return
+  from zoo.checkpoints import hf_model_config
+  hf = hf_model_config(config.init_from[3:])
+  kept = dict(config.model) if config.model.get("name") == hf.name else {}
+  config.model = type(config.model)({**kept, **hf})
+  info = dataset_info(config.data)
+  if "vocab_size" in info and hf.vocab_size < info["vocab_size"]:
+    raise ConfigError(f"config.init_from={config.init_from!r}: the model's vocab_size={hf.vocab_size} is smaller "
+                      f"than the vocab_size={info['vocab_size']} of dataset {config.data.name!r}; allowed: a model "
+                      "whose vocabulary covers the dataset's token ids")
 
 
 class _Sigterm:
@@ -188,7 +241,8 @@ def train(config, workdir, *, devices=None, progress=True):
   """Train (or resume) the experiment `config` in `workdir`.
 
   Resumes from the latest checkpoint in `workdir/checkpoints` (the train state and every host's data-iterator
-  state), else starts from `config.init_from`'s params or from scratch. Saves every `checkpoint.every_steps`, at
+  state), else starts from `config.init_from`'s params and non-param collections (a zoo checkpoint or 'hf:DIR')
+  or from scratch. Saves every `checkpoint.every_steps`, at
   the end and on SIGTERM; stops with TrainingDivergedError on a NaN/inf loss without saving the bad state.
 
   Returns:
@@ -217,9 +271,8 @@ def train(config, workdir, *, devices=None, progress=True):
     else:
       state, shardings = exp.init_state()
       if config.init_from:
-        target, _ = exp.abstract_state()
-        state = state.replace(params=restore_params(config.init_from, target.params))
-        _log(primary, f"params initialised from {checkpoint_dir(config.init_from)}")
+        state = exp.load_init_from(state, shardings)
+        _log(primary, f"variables initialised from {_init_from_name(config.init_from)}")
     start = int(jax.device_get(state.step))
 
     train_step = exp.make_train_step(shardings, exp.dummy)
@@ -275,6 +328,10 @@ def _check_finite(step, ckpt, metrics, params_finite=True):
       f"stopped without saving. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
 
 
+def _init_from_name(init_from):
+  return init_from if init_from.startswith("hf:") else checkpoint_dir(init_from)
+
+
 def _format(step, record):
   parts = [f"{k}={v:.4g}" for k, v in _scalars(record).items()]
   return f"step {step}: " + " ".join(parts)
@@ -293,23 +350,40 @@ def _progress(enabled, start, total):
 def evaluate(config, workdir, *, step=None, devices=None):
   """Score the checkpoint `step` (default: the latest) of `workdir` on `config.data.eval_split`.
 
-  LM: loss, perplexity, bits per byte and a text sample decoded with the KV cache (`config.sample`).
-  Classification: loss and accuracy. Both: the model's routing metrics, and a PNG heatmap of `expert_load` by layer.
-  Writes `workdir/eval_<step>.json`.
+  Without a checkpoint in `workdir` and without `step`, scores the variables of `config.init_from` (a zoo
+  checkpoint or 'hf:DIR') as step 0.
+
+  LM: loss, perplexity, bits per byte and a text sample decoded with the KV cache (`config.sample`; with the
+  directory's tokenizer.json for 'hf:DIR' when it has one, else bytes). Classification: loss and accuracy. Both: the
+  model's routing metrics and a PNG heatmap of `expert_load` by layer. Models with a `return_expert_ids` field: the
+  local routing consistency of `ROUTING_BATCHES` validation batches (`srp_L<L>`, mean over layers, and
+  `sch_L<L>_C<C>`, papers.md A8) and its plot. Models with a `depth_per_token` method (Mixture-of-Recursions): a PNG of
+  the recursion depth of each token of one validation sequence. Writes `workdir/eval_<step>.json`; plots are
+  `workdir/<name>_<step>.png`.
 
   Returns:
     (step, metrics dict of floats and lists, sample text or None).
   """
   exp = Experiment(config, devices)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
+  results = {}
   try:
-    step = ckpt.latest_step() if step is None else int(step)
+    from_init = step is None and ckpt.latest_step() is None and bool(config.init_from)
+    step = 0 if from_init else ckpt.latest_step() if step is None else int(step)
     if step is None:
-      raise CheckpointNotFound(f"no checkpoint in {ckpt.directory}; train first with train.py --workdir {workdir}")
+      raise CheckpointNotFound(f"no checkpoint in {ckpt.directory}; train first with train.py --workdir {workdir}, "
+                               "or set config.init_from")
     with sharding.mesh_context(exp.mesh):
       target, shardings = exp.abstract_state()
-      state, _ = ckpt.restore(step, target)
-      results = exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy))
+      if from_init:
+        state = exp.load_init_from(exp.init_state()[0], shardings)
+      else:
+        state, _ = ckpt.restore(step, target)
+      results.update(exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy)))
+      if "return_expert_ids" in getattr(exp.model, "__dataclass_fields__", {}):
+        results.update(_routing_consistency(exp, state, workdir, step))
+      if hasattr(exp.model, "depth_per_token"):
+        results["depth_per_token_plot"] = _plot_depth(exp, state, workdir, step)
       sample = _sample_text(exp, state) if config.task == "lm" and config.sample.max_new_tokens > 0 else None
   finally:
     ckpt.close()
@@ -328,17 +402,72 @@ class CheckpointNotFound(FileNotFoundError):
   """evaluate() found no checkpoint to score."""
 
 
-def _sample_text(exp, state):
+def _tokenizer(config):
+  """The tokenizer of 'hf:DIR' when DIR has a tokenizer.json, else the byte tokenizer of the datasets."""
   from zoo.data import ByteTokenizer
+  if config.init_from.startswith("hf:"):
+    from zoo.checkpoints import HFTokenizer
+    if HFTokenizer.available(config.init_from):
+      return HFTokenizer(config.init_from)
+  return ByteTokenizer()
+
+
+def _sample_text(exp, state):
   from zoo.engine.generate import generate
-  tok = ByteTokenizer()
+  tok = _tokenizer(exp.config)
   s = exp.config.sample
   prompt = tok.encode(s.prompt, add_eos=False)[None]
+  if prompt.shape[1] == 0:
+    raise ConfigError(f"config.sample.prompt={s.prompt!r} encodes to no tokens (the tokenizer adds no BOS); "
+                      "allowed: a non-empty prompt")
   variables = jax.device_get(state.variables())
   out = generate(exp.model, variables, prompt, max_new_tokens=int(s.max_new_tokens),
                  rng=jax.random.key(int(exp.config.seed)), temperature=float(s.temperature), top_k=int(s.top_k),
                  eos_id=tok.eos_id)
   return tok.decode(np.asarray(out)[0])
+
+
+def _routing_consistency(exp, state, workdir, step):
+  """SRP and SCH (`zoo.routing.consistency`) of the expert ids of up to `ROUTING_BATCHES` validation batches.
+
+  Returns:
+    {'srp_L<L>': mean over MoE layers, 'sch_L<L>_C<C>': mean over MoE layers, 'routing_consistency_plot': path}.
+  """
+  from zoo.routing.consistency import plot_routing_consistency, routing_consistency
+  model = build_model(exp.config.model, return_expert_ids=True)
+
+  def expert_ids(variables, batch):
+    _, model_out = model.apply(variables, exp.task.inputs(batch))
+    return model_out.metrics["expert_ids"], batch["weight"]
+  forward = jax.jit(expert_ids, out_shardings=sharding.replicated(exp.mesh))
+  ids = []
+  for i, batch in enumerate(exp.make_iterator(exp.config.data.eval_split, repeat=False, drop_remainder=False)):
+    if i == ROUTING_BATCHES:
+      break
+    batch_ids, weight = jax.device_get(forward(state.variables(), sharding.global_batch(exp._pad(batch), exp.mesh)))
+    ids.append(batch_ids[:, weight > 0])  # [moe_layers, B, T, k] without the padding rows
+  result = routing_consistency(np.concatenate(ids, axis=1), model.num_experts)
+  out = {}
+  for j, length in enumerate(result["segment_lengths"]):
+    out[f"srp_L{length}"] = float(result["srp"][:, j].mean())
+    for c, size in enumerate(result["cache_sizes"]):
+      out[f"sch_L{length}_C{size}"] = float(result["sch"][:, j, c].mean())
+  out["routing_consistency_plot"] = plot_routing_consistency(
+      result, os.path.join(workdir, f"routing_consistency_{step}.png"))
+  return out
+
+
+def _plot_depth(exp, state, workdir, step):
+  """PNG of the recursions each token of the first validation sequence runs (`depth_per_token`)."""
+  from zoo.routing.depth import plot_depth_per_token
+  batch = next(iter(exp.make_iterator(exp.config.data.eval_split, repeat=False, drop_remainder=False)))
+  tokens = np.asarray(exp.task.inputs(batch)[:1])
+  depth = jax.jit(lambda v, t: exp.model.apply(v, t, method="depth_per_token"))(state.variables(), tokens)
+  tok = _tokenizer(exp.config)
+  pieces = [tok.decode([i]) for i in tokens[0]]
+  path = os.path.join(workdir, f"depth_per_token_{step}.png")
+  plot_depth_per_token(pieces, np.asarray(depth)[0], int(exp.config.model.num_recursions), path)
+  return path
 
 
 def _plot_expert_load(expert_load, workdir, step):
