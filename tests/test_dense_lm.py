@@ -12,6 +12,12 @@ from zoo.layers import count_params
 from zoo.models import ConfigError, build_model
 
 TINY = dict(name="dense_lm", vocab_size=32, num_layers=2, embed_dim=16, num_heads=4, num_kv_heads=2, mlp_dim=24)
+MLA = dict(attention="mla", num_kv_heads=None, q_lora_rank=8, kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=2,
+           v_head_dim=6)
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 4}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4, "mscale": 1.0,
+        "mscale_all_dim": 1.0}
 
 
 def _tokens(batch=2, length=10, seed=0):
@@ -50,8 +56,10 @@ def test_causal():
   assert jnp.abs(changed[:, 6:] - base[:, 6:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("overrides", [dict(sliding_window=3),
-                                       dict(num_kv_heads=1, qk_norm=True, qkv_bias=True, tie_embeddings=False)])
+@pytest.mark.parametrize("overrides", [
+    dict(sliding_window=3, qk_norm=True, qk_norm_scope="projection", rope_scaling=LLAMA3),  # OLMoE qk-norm
+    dict(num_kv_heads=1, qk_norm=True, qkv_bias=True, tie_embeddings=False),
+    dict(**MLA, rope_scaling=YARN)])  # DeepSeek-V3 attention
 def test_cached_decoding_equals_full_forward(overrides):
   model = build_model({**TINY, **overrides})
   tokens = _tokens(length=10)
@@ -59,7 +67,10 @@ def test_cached_decoding_equals_full_forward(overrides):
   apply = jax.jit(lambda v, t, c: model.apply(v, t, cache=c))
   full, _ = jax.jit(model.apply)(variables, tokens)
   cache = model.apply(variables, 2, 12, method="init_cache")
-  assert len(cache) == 2 and cache[0].k.shape == (2, 12, model.resolved_kv_heads, 4)
+  if model.attention == "mla":  # the compressed cache: latent and one shared RoPE key per position
+    assert len(cache) == 2 and (cache[0].latent.shape, cache[0].k_rope.shape) == ((2, 12, 6), (2, 12, 2))
+  else:
+    assert len(cache) == 2 and cache[0].k.shape == (2, 12, model.resolved_kv_heads, 4)
   logits, out = apply(variables, tokens[:, :4], cache)  # prefill, positions continue from the cache (0)
   steps = [logits]
   for t in range(4, 10):
@@ -97,11 +108,33 @@ def test_param_count_by_hand():
   assert count_params(params) == qwen.num_params() == expected + 2 * (16 + 8 - 96)
 
 
+def test_param_count_by_hand_mla_and_projection_qk_norm():
+  cfg = dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, mlp_dim=12, tie_embeddings=True)
+  mla = build_model({**cfg, **MLA})
+  # per layer: q_a 8*8 + q_a_norm 8 + q_b 8*2*(4+2) + kv_a 8*(6+2) + kv_a_norm 6 + kv_b 6*2*(4+6) + out 2*6*8
+  # = 64 + 8 + 96 + 64 + 6 + 120 + 96 = 454; SwiGLU 288; 2 norms 16. Embedding 88, final norm 8.
+  expected = 88 + 2 * (454 + 288 + 16) + 8
+  params = jax.eval_shape(mla.init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+  assert count_params(params) == mla.num_params() == expected
+  full_rank = build_model({**cfg, **MLA, "q_lora_rank": None})  # q: 8*2*6 = 96 instead of 64 + 8 + 96
+  params = jax.eval_shape(full_rank.init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+  assert count_params(params) == full_rank.num_params() == expected - 2 * 72
+  olmoe = build_model({**cfg, "num_kv_heads": 1, "head_dim": 4, "qk_norm": True, "qk_norm_scope": "projection"})
+  # q/k/v/out 64 + 32 + 32 + 64, query_norm 2*4 and key_norm 1*4 per layer
+  params = jax.eval_shape(olmoe.init, jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+  assert count_params(params) == olmoe.num_params() == 88 + 2 * (192 + 12 + 288 + 16) + 8
+
+
 def test_train_flops_per_token():
   model = build_model(dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, num_kv_heads=1,
                            head_dim=4, mlp_dim=12, tie_embeddings=True))
   matmul = 2 * (192 + 288) + 88  # blocks' projections + the tied output projection
   assert model.train_flops_per_token(6) == 6 * matmul + 12 * 2 * 8 * 3.5
+  mla = build_model(dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, mlp_dim=12, **MLA))
+  # matmuls: the 454 MLA parameters less the two latent norms (14), plus SwiGLU. Per key, q.k^T runs over
+  # heads * (nope + rope) = 12 features and probs.v over heads * v = 12: the cost of a GQA attention of width 12.
+  matmul = 2 * (454 - 14 + 288) + 88
+  assert mla.train_flops_per_token(6) == 6 * matmul + 12 * 2 * 12 * 3.5
 
 
 def test_one_optimizer_step_lowers_loss():
@@ -153,7 +186,16 @@ def test_sharded_forward_matches_unsharded():
 @pytest.mark.parametrize("bad,match", [
     (dict(num_kv_heads=3), "num_kv_heads=3"), (dict(embed_dim=18), "not divisible"),
     (dict(mlp_activation="tanh"), "choose one of"), (dict(sliding_window=0), "sliding_window=0"),
-    (dict(dtype="float33"), "not a dtype"), (dict(num_layers=0), "num_layers=0")])
+    (dict(dtype="float33"), "not a dtype"), (dict(num_layers=0), "num_layers=0"),
+    (dict(attention="mqa"), r"attention='mqa' is invalid; choose one of \('gqa', 'mla'\)"),
+    (dict(qk_norm_scope="layer"), "qk_norm_scope='layer' is invalid"),
+    (dict(kv_lora_rank=8), "kv_lora_rank=8 is an MLA width"),
+    (dict(MLA, kv_lora_rank=None), "kv_lora_rank=None must be a positive integer with attention='mla'"),
+    (dict(MLA, qk_rope_head_dim=3), "qk_rope_head_dim=3 must be even"),
+    (dict(MLA, num_kv_heads=2), "num_kv_heads=2 is a GQA option"),
+    (dict(MLA, qk_norm=True), "qk_norm=True is a GQA option"),
+    (dict(rope_scaling={"rope_type": "ntk", "factor": 2.0}), "rope_scaling: rope_scaling type 'ntk'"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), r"needs \['original_max_position_embeddings'\]")])
 def test_bad_config_raises(bad, match):
   with pytest.raises(ConfigError, match=match):
     build_model({**TINY, **bad})

@@ -3,13 +3,16 @@ MLA against transformers' DeepSeek-V3 attention, and the conversion errors.
 
 Needs torch and transformers (the `hf` extra); the import fails loudly when they are missing.
 """
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -25,18 +28,35 @@ from zoo.models.registry import build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _build_and_load(family, tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp(family))
+  hf_testing.build(family, directory)
+  model_config, variables = load_hf_checkpoint(directory)
+  return directory, model_config, variables
+
+
+# Built once per module; tests that alter the files work on a copy.
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+  return _build_and_load("mixtral", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+  return _build_and_load("qwen3_moe", tmp_path_factory)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_export_round_trip(family, tmp_path):
-  src, out = str(tmp_path / "src"), str(tmp_path / "out")
-  hf_testing.build(family, src)
-  model_config, variables = load_hf_checkpoint(src)
+def test_export_round_trip(family, request, tmp_path):
+  src, model_config, variables = request.getfixturevalue(family)
+  out = str(tmp_path / "out")
   export_hf(model_config, variables, out, family)
   # transformers loads the export and computes the zoo model's logits
   exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   toks = hf_testing.tokens()
   with torch.no_grad():
     ref = exported(torch.tensor(toks, dtype=torch.long)).logits.numpy()
-  ours = np.asarray(build_model(model_config).apply(variables, jnp.asarray(toks))[0])
+  ours = np.asarray(jax.jit(build_model(model_config).apply)(variables, jnp.asarray(toks))[0])
   assert np.abs(ours - ref).max() < 1e-4
   # re-converting the export gives identical arrays and config
   again_config, again = load_hf_checkpoint(out)
@@ -49,10 +69,9 @@ def test_export_round_trip(family, tmp_path):
     np.testing.assert_array_equal(original[name], written[name], err_msg=name)
 
 
-def test_orbax_checkpoint_restores_into_engine_layout(tmp_path):
-  src, out = str(tmp_path / "src"), str(tmp_path / "zoo")
-  hf_testing.build("qwen3_moe", src)
-  model_config, variables = load_hf_checkpoint(src)
+def test_orbax_checkpoint_restores_into_engine_layout(qwen3_moe, tmp_path):
+  _, model_config, variables = qwen3_moe
+  out = str(tmp_path / "zoo")
   save_orbax(out, model_config, variables)
   assert json.load(open(os.path.join(out, "zoo_config.json")))["name"] == "moe_lm"
   restored = restore_params(out, jax.tree.map(np.zeros_like, variables["params"]))
@@ -60,32 +79,36 @@ def test_orbax_checkpoint_restores_into_engine_layout(tmp_path):
                variables["params"])
 
 
-def test_cli_both_directions(tmp_path):
-  src, zoo_dir, hf_dir = str(tmp_path / "src"), str(tmp_path / "zoo"), str(tmp_path / "hf")
-  hf_testing.build("mixtral", src)
+def test_cli_both_directions(mixtral, tmp_path):
+  src = mixtral[0]
+  zoo_dir, hf_dir = str(tmp_path / "zoo"), str(tmp_path / "hf")
   script = os.path.join(ROOT, "tools", "convert_hf.py")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  subprocess.run([sys.executable, script, "to-zoo", src, zoo_dir], check=True, env=env, capture_output=True)
-  subprocess.run([sys.executable, script, "to-hf", zoo_dir, hf_dir, "--family", "mixtral"], check=True, env=env,
-                 capture_output=True)
+  done = subprocess.run([sys.executable, script, "to-zoo", src, zoo_dir], check=True, env=env, capture_output=True,
+                        text=True)
+  assert json.loads(done.stdout.strip().splitlines()[-1]) == mixtral[1].to_dict()
+  # The other direction in this process (one interpreter start is enough to show the script runs standalone).
+  spec = importlib.util.spec_from_file_location("convert_hf", script)
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  cli.main(["to-hf", zoo_dir, hf_dir, "--family", "mixtral"])
   original, written = safetensors_io.load_dir(src), safetensors_io.load_dir(hf_dir)
   assert set(original) == set(written)
   for name in original:
     np.testing.assert_array_equal(original[name], written[name], err_msg=name)
 
 
-def test_sharded_load_places_every_leaf(tmp_path):
-  hf_testing.build("mixtral", str(tmp_path), vocab_size=96)  # every sharded axis divisible by its mesh axes
+def test_sharded_load_places_every_leaf(mixtral):
+  src, _, plain = mixtral
   mesh = make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
-  _, sharded = load_hf_checkpoint(str(tmp_path), mesh=mesh)
-  _, plain = load_hf_checkpoint(str(tmp_path))
+  _, sharded = load_hf_checkpoint(src, mesh=mesh)
   gate = sharded["params"]["layers_0"]["ffn"]["gate"]  # [experts, embed, expert_mlp]
   assert gate.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
   assert len(gate.addressable_shards) == 8 and gate.addressable_shards[0].data.shape == (2, 16, 24)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), sharded, plain)
-  hf_testing.build("mixtral", str(tmp_path))  # vocab 97 cannot be split over 2 devices: a clear error
-  with pytest.raises(ConversionError, match=r"\['embed'\]\['embedding'\] of shape \(97, 32\) cannot take"):
-    load_hf_checkpoint(str(tmp_path), mesh=mesh)
+  # 2 key/value heads cannot be split over 8 tensor-parallel devices: a clear error naming the variable
+  with pytest.raises(ConversionError, match=r"\['attention'\]\['key'\]\['kernel'\] of shape \(32, 2, 8\) cannot take"):
+    load_hf_checkpoint(src, mesh=make_mesh({"data": 1, "fsdp": 1, "expert": 1, "tensor": 8}))
 
 
 def test_tokenizer_wrapper(tmp_path):
@@ -128,12 +151,12 @@ def test_mla_matches_deepseek_v3_attention(rope):
             "kv_b": {"kernel": attn["kv_b"]}, "out": {"kernel": attn["o"]}}
   mla = MultiHeadLatentAttention(num_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                  v_head_dim=8, rope_scaling=hf_spec.rope_settings(config.to_dict())[1])
-  y, _ = mla.apply({"params": params}, jnp.asarray(x.numpy()), jnp.asarray(positions.numpy()))
+  apply = jax.jit(lambda x, positions, cache: mla.apply({"params": params}, x, positions, cache=cache))
+  y, _ = apply(jnp.asarray(x.numpy()), jnp.asarray(positions.numpy()), None)
   assert np.abs(np.asarray(y) - ref).max() < 1e-5
   cache, steps = mla.init_cache(2, 9), []
   for t in range(7):  # token-by-token decoding through the latent cache gives the same outputs
-    y_t, cache = mla.apply({"params": params}, jnp.asarray(x.numpy()[:, t:t + 1]),
-                           jnp.asarray(positions.numpy()[:, t:t + 1]), cache=cache)
+    y_t, cache = apply(jnp.asarray(x.numpy()[:, t:t + 1]), jnp.asarray(positions.numpy()[:, t:t + 1]), cache)
     steps.append(np.asarray(y_t))
   assert np.abs(np.concatenate(steps, 1) - ref).max() < 1e-5
   assert cache.latent.shape == (2, 9, 16) and cache.k_rope.shape == (2, 9, 4)
@@ -151,27 +174,30 @@ def test_unsupported_architecture_is_named(tmp_path):
     load_hf_checkpoint(str(tmp_path))
 
 
-def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path):
-  hf_testing.build("qwen3_moe", str(tmp_path))
-  path = str(tmp_path / "model.safetensors")
+def _copy(directory, tmp_path):
+  out = str(tmp_path / "copy")
+  shutil.copytree(directory, out)
+  return out, os.path.join(out, "model.safetensors")
+
+
+def test_missing_unexpected_and_misshapen_tensors_are_named(qwen3_moe, tmp_path):
+  directory, path = _copy(qwen3_moe[0], tmp_path)
   tensors = dict(safetensors_io.load_file(path))
   tensors.pop("model.layers.1.mlp.experts.3.up_proj.weight")
   tensors["model.layers.0.self_attn.extra.weight"] = np.zeros((2, 2), np.float32)
   tensors["model.layers.0.self_attn.q_norm.weight"] = np.zeros((9,), np.float32)
   safetensors_io.save_file({k: np.asarray(v) for k, v in tensors.items()}, path)
   with pytest.raises(ConversionError) as info:
-    load_hf_checkpoint(str(tmp_path))
+    load_hf_checkpoint(directory)
   message = str(info.value)
   assert "missing tensors (1): model.layers.1.mlp.experts.3.up_proj.weight" in message
   assert "unexpected tensors (1): model.layers.0.self_attn.extra.weight" in message
   assert "model.layers.0.self_attn.q_norm.weight: expected (8,), found (9,)" in message
 
 
-def test_fused_expert_layout_is_read(tmp_path):
+def test_fused_expert_layout_is_read(qwen3_moe, tmp_path):
   """transformers 5 keeps experts fused in memory (`experts.gate_up_proj` [E, 2F, D]); such files load too."""
-  hf_testing.build("qwen3_moe", str(tmp_path))
-  path = str(tmp_path / "model.safetensors")
-  _, reference = load_hf_checkpoint(str(tmp_path))
+  directory, path = _copy(qwen3_moe[0], tmp_path)
   tensors = {k: np.asarray(v) for k, v in safetensors_io.load_file(path).items()}
   for i in range(2):
     p = f"model.layers.{i}.mlp.experts."
@@ -180,12 +206,18 @@ def test_fused_expert_layout_is_read(tmp_path):
     tensors[p + "gate_up_proj"] = np.concatenate([gate, up], axis=1)
     tensors[p + "down_proj"] = np.stack([tensors.pop(f"{p}{e}.down_proj.weight") for e in range(4)])
   safetensors_io.save_file(tensors, path)
-  _, fused = load_hf_checkpoint(str(tmp_path))
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fused, reference)
+  _, fused = load_hf_checkpoint(directory)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), fused, qwen3_moe[2])
 
 
-def test_export_rejects_models_it_cannot_describe(tmp_path):
-  hf_testing.build("qwen2_moe", str(tmp_path))
-  model_config, variables = load_hf_checkpoint(str(tmp_path))
+def test_export_rejects_models_it_cannot_describe(qwen3_moe, tmp_path):
+  _, model_config, variables = qwen3_moe
+  shared = model_config.copy_and_resolve_references()
+  shared.num_shared_experts = 1
   with pytest.raises(ConversionError, match="without shared experts"):
-    export_hf(model_config, variables, str(tmp_path / "out"), "qwen3_moe")
+    export_hf(shared, variables, str(tmp_path / "out"), "qwen3_moe")
+  dense = ml_collections.ConfigDict({**model_config.to_dict(), "name": "dense_lm"})
+  with pytest.raises(ConversionError, match="needs a moe_lm"):
+    export_hf(dense, variables, str(tmp_path / "out"), "mixtral")
+  with pytest.raises(ConversionError, match="supports"):
+    export_hf(model_config, variables, str(tmp_path / "out"), "llama")

@@ -1,5 +1,6 @@
-"""Logit and greedy-generation parity of converted dense Hugging Face checkpoints (Llama, Qwen2 with q/k/v bias and
-tied embeddings, Qwen3 with per-head qk-norm), float32, tiny random models built offline.
+"""Logit and greedy-generation parity of converted dense Hugging Face checkpoints, float32, tiny random models built
+offline: Llama with Llama 3.1 (`llama3`) RoPE scaling and untied embeddings, Qwen2 with q/k/v bias and tied
+embeddings, Qwen3 with per-head qk-norm and YaRN RoPE scaling.
 
 Needs torch and transformers (the `hf` extra); the import fails loudly when they are missing.
 """
@@ -9,8 +10,10 @@ import pytest
 from zoo.checkpoints import hf_testing, load_hf_checkpoint
 from zoo.models.registry import build_model
 
+ROPE_TYPES = {"llama": "llama3", "qwen2": None, "qwen3": "yarn"}
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+
+@pytest.fixture(scope="module", params=sorted(ROPE_TYPES))
 def converted(request, tmp_path_factory):
   directory = str(tmp_path_factory.mktemp(request.param))
   hf = hf_testing.build(request.param, directory)
@@ -40,3 +43,8 @@ def test_config_fields(converted):
   assert (model.norm_epsilon, model.tie_embeddings) == (c.rms_norm_eps, bool(c.tie_word_embeddings))
   assert model.rope_theta == c.rope_parameters["rope_theta"]
   assert (model.qkv_bias, model.qk_norm) == (family == "qwen2", family == "qwen3")
+  if ROPE_TYPES[family] is None:
+    assert model.rope_scaling is None
+  else:
+    expected = {k: v for k, v in c.rope_parameters.items() if k != "rope_theta"}
+    assert model.rope_scaling["rope_type"] == ROPE_TYPES[family] and dict(model.rope_scaling) == expected

@@ -10,7 +10,11 @@ import pytest
 from zoo.engine.sharding import LOGICAL_AXIS_RULES
 from zoo.layers import (MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm, apply_rope,
                         attention_mask, count_params, dot_product_attention, mean_attended_keys, rms_norm,
-                        segment_mask, train_flops_per_token)
+                        rope_frequencies, scaled_rope_frequencies, segment_mask, train_flops_per_token)
+
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
 
 def _positions(batch, length, start=0):
@@ -56,6 +60,47 @@ def test_rope_pairs_halves_of_head_dim():
     apply_rope(jnp.zeros((1, 1, 1, 3)), jnp.zeros((1, 1), jnp.int32))
 
 
+def test_linear_rope_scaling_interpolates_positions():
+  x = jax.random.normal(jax.random.key(0), (1, 3, 2, 8))
+  pos = jnp.array([[0, 3, 7]])
+  np.testing.assert_allclose(apply_rope(x, 2 * pos, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                             apply_rope(x, pos), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(apply_rope(x, pos, rope_scaling={"rope_type": "default"}), apply_rope(x, pos))
+
+
+def test_llama3_rope_scaling_by_wavelength():
+  base = np.asarray(rope_frequencies(8, 5000.0), np.float64)
+  scaled, factor = scaled_rope_frequencies(8, 5000.0, LLAMA3)
+  wavelen = 2 * np.pi / base  # 6.3, 53, 447, 3761 against the band [16 / 4, 16 / 1]
+  smooth = (16 / wavelen - 1.0) / (4.0 - 1.0)
+  expected = np.where(wavelen < 4, base, np.where(wavelen > 16, base / 4, (1 - smooth) * base / 4 + smooth * base))
+  assert factor == 1.0 and (wavelen[0] > 4) and (wavelen[0] < 16) and (wavelen[1:] > 16).all()
+  np.testing.assert_allclose(scaled, expected, rtol=1e-6)
+
+
+def test_yarn_rope_scaling_ramp_and_temperature():
+  base = np.asarray(rope_frequencies(16, 10000.0))
+  scaled, factor = scaled_rope_frequencies(16, 10000.0, YARN)
+  # With 16 original positions only the fastest pair turns more than once per context (beta_slow=1): it keeps its
+  # frequency, the others are interpolated by the factor (YaRN section 3.2).
+  np.testing.assert_allclose(scaled, np.concatenate([base[:1], base[1:] / 4]), rtol=1e-6)
+  assert factor == pytest.approx(0.1 * np.log(4.0) + 1)  # YaRN eq. 22
+  x = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
+  np.testing.assert_allclose(jnp.linalg.norm(apply_rope(x, jnp.full((1, 1), 5), rope_scaling=YARN)),
+                             factor * jnp.linalg.norm(x), rtol=1e-5)
+  equal_mscales = scaled_rope_frequencies(16, 10000.0, {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})[1]
+  assert equal_mscales == 1.0  # DeepSeek: the temperature moves to the softmax scale
+
+
+@pytest.mark.parametrize("scaling,match", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "not supported; choose one of"),
+    ({"rope_type": "llama3", "factor": 8.0}, r"needs \['low_freq_factor', 'high_freq_factor'"),
+    ({"rope_type": "linear", "factor": 0.0}, "must be positive"), ("yarn", "must be None or a dict")])
+def test_rope_scaling_errors(scaling, match):
+  with pytest.raises(ValueError, match=match):
+    apply_rope(jnp.zeros((1, 1, 1, 4)), jnp.zeros((1, 1), jnp.int32), rope_scaling=scaling)
+
+
 def test_attention_mask_causal_and_window():
   pos = _positions(1, 4)
   causal = attention_mask(pos, pos)[0, 0]
@@ -91,8 +136,9 @@ def _attention_setup(**kwargs):
   return attn, params, x
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(num_kv_heads=2, sliding_window=3),
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_kv_heads=2, sliding_window=3, rope_scaling=YARN),
                                     dict(num_kv_heads=1, qk_norm=True, qkv_bias=True),
+                                    dict(num_kv_heads=2, qk_norm=True, qk_norm_scope="projection", rope_scaling=LLAMA3),
                                     dict(use_rope=False, num_kv_heads=2)])
 def test_attention_cache_prefill_then_steps_equals_full(kwargs):
   attn, params, x = _attention_setup(**kwargs)
@@ -131,9 +177,27 @@ def test_attention_segment_mask_equals_separate_sequences():
   assert jnp.abs(unmasked[:, 4:] - yb).max() > 1e-3
 
 
+@pytest.mark.parametrize("scope", ["head", "projection"])
+def test_qk_norm_scopes(scope):
+  attn, params, x = _attention_setup(num_kv_heads=2, qk_norm=True, qk_norm_scope=scope)
+  shapes = {"head": ((8,), (8,)), "projection": ((32,), (16,))}[scope]
+  p = nn.meta.unbox(params)["params"]
+  assert (p["query_norm"]["scale"].shape, p["key_norm"]["scale"].shape) == shapes
+  p["query_norm"]["scale"] = jax.random.uniform(jax.random.key(2), shapes[0], minval=0.5, maxval=1.5)
+  _, state = attn.apply({"params": p}, x, _positions(2, 9), capture_intermediates=True)
+  q = np.asarray(state["intermediates"]["query"]["__call__"][0], np.float64)  # [B, T, H, D]
+  normed = np.asarray(state["intermediates"]["query_norm"]["__call__"][0], np.float64)
+  if scope == "projection":  # OLMoE: one RMS over all heads of the token
+    q = q.reshape(2, 9, 32)
+  expected = q / np.sqrt((q ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(p["query_norm"]["scale"])
+  np.testing.assert_allclose(normed, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_attention_rejects_bad_heads_and_positions():
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     _attention_setup(num_kv_heads=3)
+  with pytest.raises(ValueError, match=r"qk_norm_scope='layer' is invalid; choose one of \('head', 'projection'\)"):
+    _attention_setup(qk_norm=True, qk_norm_scope="layer")
   attn, params, x = _attention_setup()
   with pytest.raises(ValueError, match="positions shape"):
     attn.apply(params, x, _positions(2, 8))

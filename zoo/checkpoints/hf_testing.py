@@ -1,16 +1,22 @@
 """Tiny random Hugging Face models of every supported family, built offline, for the parity tests (needs the `hf`
-extra: torch and transformers)."""
+extra: torch and transformers).
+
+The dense cases carry RoPE scaling: Llama with Llama 3.1's `llama3` rule, Qwen3 with YaRN (DeepSeek-V3 has YaRN
+too); Qwen2 and the other MoE families keep plain RoPE. The vocabulary (96) splits evenly over 2, 4 and 8 devices.
+"""
 import numpy as np
 import torch
 import transformers
 
-COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rms_norm_eps=1e-5, rope_parameters={
-        "rope_theta": 5000.0, "rope_type": "default"})),
+        "rope_theta": 5000.0, "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8, rope_parameters={
+        "rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, eos_token_id=2,
                                                       pad_token_id=1)),
@@ -68,10 +74,15 @@ def hf_logits_and_routes(hf, toks):
 
 def zoo_logits_and_routes(model, variables, toks):
   """Logits and each MoE layer's expert ids [tokens, k] (sorted), captured from the zoo Router modules' outputs."""
+  import jax
   import jax.numpy as jnp
   from zoo.routing import Router
-  (logits, _), state = model.apply(variables, jnp.asarray(toks),
-                                   capture_intermediates=lambda m, _: isinstance(m, Router))
+
+  @jax.jit  # one compilation per model costs less than compiling each eager op of a new model
+  def forward(variables, toks):
+    return model.apply(variables, toks, capture_intermediates=lambda m, _: isinstance(m, Router))
+
+  (logits, _), state = forward(variables, jnp.asarray(toks))
   captured = state.get("intermediates", {})
   layers = sorted(captured, key=lambda name: int(name.rsplit("_", 1)[1]))
   routes = [np.sort(np.asarray(captured[name]["ffn"]["router"]["__call__"][0].expert_ids), -1) for name in layers]
@@ -87,14 +98,18 @@ def hf_greedy(hf, prompt, steps):
 
 
 def zoo_greedy(model, variables, prompt, steps):
-  """`steps` greedy tokens after `prompt` [1, length]: one prefill call, then one cached call per token."""
+  """`steps` greedy tokens after `prompt` [1, length], every token (prompt included) fed through one compiled
+  single-token cached call (cached prefill in one call equals this: tests/test_dense_lm.py, test_moe_lm.py)."""
   import jax
   import jax.numpy as jnp
-  apply = jax.jit(lambda toks, cache: model.apply(variables, toks, cache=cache))
-  logits, out = apply(jnp.asarray(prompt), model.init_cache(1, prompt.shape[1] + steps))
+  step = jax.jit(lambda variables, tok, cache: model.apply(variables, tok, cache=cache))
+  cache = model.init_cache(1, prompt.shape[1] + steps)
+  for t in range(prompt.shape[1]):
+    logits, out = step(variables, jnp.asarray(prompt[:, t:t + 1]), cache)
+    cache = out.cache
   generated = []
   for _ in range(steps):
     nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
     generated.append(int(nxt[0]))
-    logits, out = apply(nxt[:, None], out.cache)
+    logits, out = step(variables, nxt[:, None], out.cache)
   return np.asarray(generated)
