@@ -28,9 +28,9 @@ from zoo.models.registry import build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _build_and_load(family, tmp_path_factory):
+def _build_and_load(family, tmp_path_factory, **overrides):
   directory = str(tmp_path_factory.mktemp(family))
-  hf_testing.build(family, directory)
+  hf_testing.build(family, directory, **overrides)
   model_config, variables = load_hf_checkpoint(directory)
   return directory, model_config, variables
 
@@ -42,8 +42,10 @@ def mixtral(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen3_moe(tmp_path_factory):
-  return _build_and_load("qwen3_moe", tmp_path_factory)
+def qwen3_moe(tmp_path_factory):  # with Llama 3.1 RoPE scaling, which the export must carry
+  return _build_and_load("qwen3_moe", tmp_path_factory, rope_parameters={
+      "rope_theta": 10000.0, "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16})
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
@@ -172,6 +174,11 @@ def test_unsupported_architecture_is_named(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
   with pytest.raises(ConversionError, match=r"model_type='gpt2'.*GPT2LMHeadModel.*supported model types.*mixtral"):
     load_hf_checkpoint(str(tmp_path))
+  dynamic = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1,
+             "vocab_size": 8, "intermediate_size": 8, "rope_parameters": {"rope_theta": 1e4, "rope_type": "dynamic",
+                                                                          "factor": 2.0}}
+  with pytest.raises(ConversionError, match=r"rope_type='dynamic' is not supported; supported: \('default'"):
+    hf_spec.arch_from_config(dynamic)
 
 
 def _copy(directory, tmp_path):
@@ -219,5 +226,8 @@ def test_export_rejects_models_it_cannot_describe(qwen3_moe, tmp_path):
   dense = ml_collections.ConfigDict({**model_config.to_dict(), "name": "dense_lm"})
   with pytest.raises(ConversionError, match="needs a moe_lm"):
     export_hf(dense, variables, str(tmp_path / "out"), "mixtral")
+  olmoe_norm = ml_collections.ConfigDict({**model_config.to_dict(), "qk_norm_scope": "projection"})
+  with pytest.raises(ConversionError, match="needs attention='gqa' with per-head qk-norm"):
+    export_hf(olmoe_norm, variables, str(tmp_path / "out"), "qwen3_moe")
   with pytest.raises(ConversionError, match="supports"):
     export_hf(model_config, variables, str(tmp_path / "out"), "llama")

@@ -178,7 +178,12 @@ def hf_config_from_model_config(model_config, family):
                           f"got moe_every={m.moe_every}, first_dense_layers={m.first_dense_layers}, "
                           f"num_shared_experts={m.get('num_shared_experts')}, n_group={m.n_group}, "
                           f"routed_scaling_factor={m.routed_scaling_factor}")
+  if m.get("attention", "gqa") != "gqa" or m.get("qk_norm_scope", "head") != "head":
+    raise ConversionError(f"{family} export needs attention='gqa' with per-head qk-norm; got attention="
+                          f"{m.get('attention')!r}, qk_norm_scope={m.get('qk_norm_scope')!r}")
   qk_norm = bool(m.get("qk_norm", False))
+  scaling = m.get("rope_scaling")
+  scaling = dict(scaling.to_dict() if hasattr(scaling, "to_dict") else scaling or {"rope_type": "default"})
   if family == "mixtral" and (qk_norm or not m.renormalize):
     raise ConversionError("mixtral export needs qk_norm=False and renormalize=True")
   if family == "qwen3_moe" and not qk_norm:
@@ -186,7 +191,8 @@ def hf_config_from_model_config(model_config, family):
   common = {"vocab_size": m.vocab_size, "hidden_size": m.embed_dim, "num_hidden_layers": m.num_layers,
             "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads or m.num_heads,
             "head_dim": m.head_dim, "rms_norm_eps": m.norm_epsilon, "tie_word_embeddings": m.tie_embeddings,
-            "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"}, "hidden_act": "silu",
+            "rope_parameters": {"rope_theta": m.rope_theta, **scaling},
+            "hidden_act": "silu",
             "num_experts_per_tok": m.num_experts_per_tok, "intermediate_size": m.mlp_dim,
             "max_position_embeddings": 4096, "dtype": "float32", "sliding_window": m.get("sliding_window")}
   if family == "mixtral":

@@ -23,6 +23,8 @@ import re
 
 import numpy as np
 
+from zoo.layers.rope import ROPE_TYPES
+
 SUPPORTED = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -69,6 +71,8 @@ def rope_settings(config):
   kind = scaling.get("rope_type", scaling.get("type", "default"))
   if kind == "default":
     return theta, None
+  if kind not in ROPE_TYPES:
+    raise ConversionError(f"RoPE scaling rope_type={kind!r} is not supported; supported: {ROPE_TYPES}")
   scaling.setdefault("rope_type", kind)
   if kind == "yarn" and "original_max_position_embeddings" not in scaling:
     raise ConversionError("rope_parameters of type yarn need original_max_position_embeddings")
