@@ -22,9 +22,13 @@ train: venv
 test: venv
 	$(PY) -m pytest -n 2 -q tests
 
+# CPU-sized benchmarks; on a GPU or TPU run bench/gmm.py and bench/moe_layer.py without --small.
 bench: venv
 	$(PY) bench/gmm.py --small
-	$(PY) bench/moe_layer.py
+	$(PY) bench/moe_layer.py --small
+	$(PY) bench/blockffn.py
+	$(PY) bench/mor_decode.py
+	$(PY) bench/readme_cache.py
 
 clean:
 	rm -rf $(VENV) workdirs
