@@ -1,6 +1,7 @@
 """Logit, routing and greedy-generation parity of converted Hugging Face MoE checkpoints (float32, tiny random
-models built offline): Mixtral, OLMoE, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, DeepSeek-V3 (MLA,
-sigmoid routing with score-correction bias, group-limited top-k, shared experts, a dense first layer).
+models built offline): Mixtral, OLMoE (qk-norm over the whole q/k projections), Qwen2-MoE (sigmoid-gated shared
+expert), Qwen3-MoE, DeepSeek-V3 (MLA with YaRN RoPE, sigmoid routing with a fixed score-correction bias,
+group-limited top-k, shared experts, a dense first layer).
 
 Routing parity: the experts each token is sent to in every MoE layer (HF router hooks vs the zoo Router outputs).
 Needs torch and transformers (the `hf` extra); the import fails loudly when they are missing.
@@ -9,23 +10,12 @@ import numpy as np
 import pytest
 
 from zoo.checkpoints import hf_testing, load_hf_checkpoint
-from zoo.models.registry import build_model, get_model_class, model_fields
+from zoo.models.registry import build_model
 
-MOE_FIELDS = set(model_fields(get_model_class("moe_lm")))
-# Families whose conversion needs a moe_lm option that has not landed yet: the conversion raises ConversionError
-# naming the field, and the xfail turns into a failure (strict) as soon as the field exists.
-NEEDS = {"olmoe": "qk_norm_scope", "deepseek_v3": "router_bias"}
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
-def _param(family):
-  marks = []
-  if family in NEEDS and NEEDS[family] not in MOE_FIELDS:
-    marks.append(pytest.mark.xfail(strict=True, raises=ValueError, reason=f"moe_lm has no field {NEEDS[family]!r}"))
-  return pytest.param(family, marks=marks)
-
-
-@pytest.fixture(scope="module", params=[_param(f) for f in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
-                                                              "deepseek_v3")])
+@pytest.fixture(scope="module", params=FAMILIES)
 def converted(request, tmp_path_factory):
   directory = str(tmp_path_factory.mktemp(request.param))
   hf = hf_testing.build(request.param, directory)
@@ -61,6 +51,11 @@ def test_config_fields(converted):
   assert model.qkv_bias == (family == "qwen2_moe")
   if family == "qwen2_moe":
     assert (model.num_shared_experts, model.shared_expert_mlp_dim, model.shared_expert_gate) == (1, 24, True)
+  assert model.qk_norm_scope == ("projection" if family == "olmoe" else "head")
+  assert model.router_bias == (family == "deepseek_v3")
   if family == "deepseek_v3":
     assert (model.first_dense_layers, model.routed_scaling_factor) == (1, 2.5)
     assert (model.n_group, model.topk_group, model.router) == (2, 1, "sigmoid_topk")
+    assert (model.attention, model.q_lora_rank, model.kv_lora_rank) == ("mla", 16, 16)
+    assert (model.qk_nope_head_dim, model.qk_rope_head_dim, model.v_head_dim) == (8, 4, 8)
+    assert model.rope_scaling["rope_type"] == "yarn" and model.bias_update_rate == 0.0
