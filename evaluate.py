@@ -1,6 +1,10 @@
 """Evaluate a checkpoint: metrics, routing plots, and (language models) a text sample decoded with the KV cache.
 
   python evaluate.py --config configs/dense_lm.py --workdir DIR [--step N] [--config.KEY=VALUE ...]
+  python evaluate.py --config configs/dense_lm.py --workdir DIR --config.init_from=hf:HF_MODEL_DIR
+
+Without a checkpoint in DIR, the variables of config.init_from (a zoo checkpoint or a Hugging Face directory) are
+scored as step 0. Routed models also get the local routing consistency (SRP/SCH) and plots in DIR.
 
 Prints human-readable results and, as its last line, one JSON object with the metrics (also written to
 DIR/eval_<step>.json).

@@ -2,6 +2,7 @@
 
   python train.py --config configs/dense_lm.py --workdir DIR [--config.KEY=VALUE ...]
 
+Fine-tune a Hugging Face model with --config.init_from=hf:HF_MODEL_DIR (its config.json sets config.model).
 Running the same command again resumes from the latest checkpoint in DIR. Multi-host: start one process per host
 with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the JAX_* environment variables; TPU pods
 and SLURM are detected).

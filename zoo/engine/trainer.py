@@ -69,19 +69,17 @@ class Experiment:
   def abstract_state(self):
     return abstract_state(self.model, self.tx, self.task, self.dummy, self.mesh)
 
-  def load_init_from(self, state, shardings):
-    """`state` with its params and non-param collections replaced by those of `config.init_from`: 'hf:DIR' (a
-    Hugging Face model directory) or a zoo workdir / checkpoints folder (its latest checkpoint)."""
+  def init_from_variables(self):
+    """The params and non-param collections of `config.init_from`, 'hf:DIR' (a Hugging Face model directory) or a
+    zoo workdir / checkpoints folder (its latest checkpoint), placed in the train state's shardings. Call it outside
+    `sharding.mesh_context` (the Hugging Face loader unboxes abstract variables, which fails under a mesh)."""
     path = self.config.init_from
+    target, shardings = self.abstract_state()
     if path.startswith("hf:"):
       from zoo.checkpoints import load_hf_checkpoint
-      _, variables = load_hf_checkpoint(path, shardings={"params": shardings.params, **shardings.collections})
-    else:
-      target, _ = self.abstract_state()
-      variables = restore_variables(path, target.variables())
-    variables = dict(variables)
-    params = variables.pop("params")
-    return state.replace(params=params, collections={**state.collections, **variables})
+      _, variables = load_hf_checkpoint(path, shardings=shardings.variables())
+      return dict(variables)
+    return restore_variables(path, target.variables())
 
   def make_iterator(self, split, repeat, drop_remainder=True):
     from zoo.data import make_iterator
@@ -184,6 +182,13 @@ class Experiment:
     return {k: np.concatenate([v, np.zeros((self.local_batch - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
+def with_variables(state, variables):
+  """`state` with its params and the non-param collections of `variables` replaced by those of `variables`."""
+  variables = dict(variables)
+  params = variables.pop("params")
+  return state.replace(params=params, collections={**state.collections, **variables})
+
+
 def _averageable(metrics):
   return {k: v for k, v in metrics.items() if k not in PER_TOKEN_METRICS}
 
@@ -256,13 +261,14 @@ def train(config, workdir, *, devices=None, progress=True):
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.checkpoint.keep),
                       use_async=bool(config.checkpoint["async"]))
   train_iter = exp.make_iterator(config.data.train_split, repeat=True)
+  latest = ckpt.latest_step()
+  init_variables = exp.init_from_variables() if latest is None and config.init_from else None
   with contextlib.ExitStack() as stack:
     stack.enter_context(sharding.mesh_context(exp.mesh))
     stack.callback(writer.close)
     stack.callback(ckpt.close)
     sigterm = stack.enter_context(_Sigterm())
 
-    latest = ckpt.latest_step()
     if latest is not None:
       target, shardings = exp.abstract_state()
       state, data_state = ckpt.restore(latest, target)
@@ -270,8 +276,8 @@ def train(config, workdir, *, devices=None, progress=True):
       _log(primary, f"resumed from checkpoint step {latest} in {ckpt.directory}")
     else:
       state, shardings = exp.init_state()
-      if config.init_from:
-        state = exp.load_init_from(state, shardings)
+      if init_variables is not None:
+        state = with_variables(state, init_variables)
         _log(primary, f"variables initialised from {_init_from_name(config.init_from)}")
     start = int(jax.device_get(state.step))
 
@@ -373,10 +379,11 @@ def evaluate(config, workdir, *, step=None, devices=None):
     if step is None:
       raise CheckpointNotFound(f"no checkpoint in {ckpt.directory}; train first with train.py --workdir {workdir}, "
                                "or set config.init_from")
+    init_variables = exp.init_from_variables() if from_init else None
     with sharding.mesh_context(exp.mesh):
       target, shardings = exp.abstract_state()
       if from_init:
-        state = exp.load_init_from(exp.init_state()[0], shardings)
+        state = with_variables(exp.init_state()[0], init_variables)
       else:
         state, _ = ckpt.restore(step, target)
       results.update(exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy)))
