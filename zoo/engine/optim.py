@@ -43,8 +43,9 @@ def _labels(trainable, params):
   flags = jax.tree.leaves(trainable(nn.unbox(params)))
   leaves, treedef = jax.tree.flatten(params)
   if len(flags) != len(leaves) or not all(isinstance(f, bool) for f in flags):
+    types = sorted({type(f).__name__ for f in flags})
     raise ValueError(f"trainable_params must return one Python bool per parameter ({len(leaves)} leaves, the "
-                     f"structure of params); got {len(flags)} leaves of types {sorted({type(f).__name__ for f in flags})}")
+                     f"structure of params); got {len(flags)} leaves of types {types}")
   return jax.tree.unflatten(treedef, ["train" if f else "frozen" for f in flags])
 
 
