@@ -118,6 +118,7 @@ class DenseLM(nn.Module):
         check_rope_scaling(self.rope_scaling)
       except ValueError as e:
         raise ConfigError(f"config.model.rope_scaling: {e}") from None
+      # Frozen, so that the module stays hashable (Linen hashes modules by their fields).
       object.__setattr__(self, "rope_scaling", flax.core.FrozenDict(self.rope_scaling))
     if self.mlp_activation not in ACTIVATIONS:
       raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}")
