@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs.moe_mixtral import get_config as get_moe_config
@@ -34,7 +35,7 @@ def save_init_checkpoint(config, workdir, edit=lambda state: state):
 
 def test_eval_scores_every_test_example_exactly_once():
   c = get_digits_config()
-  c.model.update(width_multiplier=0.0625, dropout_rate=0.0)
+  c.model.update(widths=(4,) * 13, num_pools=0, dropout_rate=0.0)
   c.train.batch_size = 32
   test_size = builders.prepare("digits", c.data.data_dir).info.splits["test"].num_examples
   assert test_size % 32  # the last batch is short
@@ -82,13 +83,14 @@ def test_frozen_params_are_not_updated_not_even_by_weight_decay(tmp_path, monkey
 
 def test_init_from_restores_the_non_param_collections(tmp_path):
   c = get_digits_config()
-  c.model.update(width_multiplier=0.0625, dropout_rate=0.0)
+  c.model.update(widths=(4,) * 13, num_pools=0, dropout_rate=0.0)
   exp, saved = save_init_checkpoint(
       c, tmp_path / "a", lambda s: s.replace(collections=jax.tree.map(lambda x: x + 1.5, s.collections)))
   assert jax.tree.leaves(saved.collections)  # batch_stats
   c.init_from = str(tmp_path / "a")
-  c.seed = 3
-  loaded = trainer.with_variables(exp.init_state()[0], exp.init_from_variables())
+  fresh = saved.replace(params=jax.tree.map(jnp.zeros_like, saved.params),
+                        collections=jax.tree.map(jnp.zeros_like, saved.collections))
+  loaded = trainer.with_variables(fresh, exp.init_from_variables())
   for x, y in zip(jax.tree.leaves(loaded.variables()), jax.tree.leaves(saved.variables())):
     np.testing.assert_array_equal(x, y)
 
