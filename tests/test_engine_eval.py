@@ -1,9 +1,7 @@
 """The engine's model hooks and exact evaluation: every test example scored once, frozen parameters
-(`trainable_params`), init_from restoring non-param collections, routing consistency and depth plots in evaluate."""
+(`trainable_params`), init_from restoring non-param collections, routing consistency and depth plots in evaluate.
+Fine-tuning from a Hugging Face directory is in test_engine_hf.py."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +14,8 @@ from test_engine import tiny_config
 from zoo.data import builders, make_iterator
 from zoo.engine import trainer
 from zoo.engine.checkpoint import Checkpointer
-from zoo.engine.writers import read_metrics
 from zoo.models.dense_lm import DenseLM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_LM = dict(vocab_size=259, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
 
 
@@ -132,40 +128,3 @@ def test_evaluate_plots_the_recursion_depth_of_mor(tmp_path):
   assert (tmp_path / "depth_per_token_1.png").stat().st_size > 0
   assert not any(k.startswith("srp_") for k in results)
 
-
-def test_fine_tune_and_evaluate_a_hugging_face_model(tmp_path):
-  import torch
-  from zoo.checkpoints import hf_testing, load_hf_checkpoint
-  hf_dir = tmp_path / "hf"
-  hf = hf_testing.build("llama", str(hf_dir), vocab_size=264)  # covers the 259 byte ids, splits over 8 devices
-  c = tiny_config(steps=2)
-  c.init_from = f"hf:{hf_dir}"
-  c.data.seq_len = 16
-  c.train.update(batch_size=8, eval_batches=1, eval_every_steps=2)
-  c.optimizer.update(lr=1e-9, warmup_steps=0)  # the params stay the converted ones to ~1e-9
-  c.sample.max_new_tokens = 0
-  state = trainer.train(c, str(tmp_path / "run"), progress=False)
-  assert c.model.vocab_size == 264 and c.model.rope_scaling is not None  # config.model came from config.json
-  _, converted = load_hf_checkpoint(str(hf_dir))
-  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(converted["params"])):
-    np.testing.assert_allclose(x, y, atol=1e-6)
-
-  batch = next(trainer.Experiment(c).make_iterator(c.data.eval_split, repeat=False))
-  with torch.no_grad():
-    logits = hf(torch.tensor(batch["inputs"], dtype=torch.long)).logits.double().numpy()
-  logp = torch.log_softmax(torch.tensor(logits), -1).numpy()
-  nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
-  hf_loss = float((nll * batch["mask"]).sum() / batch["mask"].sum())
-  first = read_metrics(tmp_path / "run")[0]
-  assert first["step"] == 0
-  np.testing.assert_allclose(first["eval_loss"], hf_loss, rtol=1e-5)
-
-  result = subprocess.run([sys.executable, "evaluate.py", "--config=configs/dense_lm.py", f"--workdir={tmp_path}/eval",
-                           f"--config.init_from=hf:{hf_dir}", "--config.data.seq_len=16", "--config.train.batch_size=8",
-                           "--config.train.eval_batches=1", "--config.sample.max_new_tokens=4"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "checkpoint step 0" in result.stdout
-  last = json.loads(result.stdout.strip().splitlines()[-1])
-  np.testing.assert_allclose(last["loss"], hf_loss, rtol=1e-5)
-  assert isinstance(last["sample"], str)
