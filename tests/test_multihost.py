@@ -51,11 +51,11 @@ class TwoHostIterator:
       h.set_state(s)
 
 
-def two_host_iterators(self, split, repeat):
+def two_host_iterators(self, split, repeat, **kwargs):
   from zoo.data import make_iterator
   return TwoHostIterator(make_iterator, data_config=self.config.data, split=split,
                          global_batch_size=int(self.config.train.batch_size), seed=int(self.config.seed),
-                         repeat=repeat)
+                         repeat=repeat, **kwargs)
 
 
 def free_port():

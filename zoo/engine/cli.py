@@ -10,8 +10,11 @@ from zoo.models import ConfigError
 
 def define_flags():
   """--config (a configs/*.py file, with --config.KEY=VALUE overrides), --workdir and the multi-host flags."""
+  # New keys are accepted by the flag parser so that any model field can be overridden even when the config file
+  # does not list it (`--config.model.chunk_coef=0`); `validate_config` and `build_model` then reject unknown keys
+  # with the list of valid ones.
   config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/dense_lm.py",
-                                  lock_config=True)
+                                  lock_config=False, accept_new_attributes=True)
   flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl, tb/ and eval results")
   flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
   flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")

@@ -82,7 +82,10 @@ class Experiment:
     return restore_variables(path, target.variables())
 
   def make_iterator(self, split, repeat, drop_remainder=True):
+    """This host's iterator over `split`. A partial last batch is kept only in single-process runs: hosts could
+    otherwise run different numbers of (collective) eval steps."""
     from zoo.data import make_iterator
+    drop_remainder = drop_remainder or jax.process_count() > 1
     return make_iterator(self.config.data, split=split, global_batch_size=int(self.config.train.batch_size),
                          seed=int(self.config.seed), process_index=jax.process_index(),
                          process_count=jax.process_count(), repeat=repeat, drop_remainder=drop_remainder)
