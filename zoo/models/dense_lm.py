@@ -197,6 +197,37 @@ class DenseLM(nn.Module):
     return tuple(KVCache.create(batch_size, max_length, self.resolved_kv_heads, self.resolved_head_dim,
                                 jnp.dtype(self.dtype)) for _ in range(self.num_layers))
 
+  def embed_tokens(self, tokens, positions, cache, deterministic):
+    """The input side every decoder LM of the zoo shares; call it from the model's compact `__call__`.
+
+    Checks `tokens` [batch, length] and `cache`, fills default positions and embeds (with dropout).
+
+    Returns:
+      (the `Embed` module for a tied output, x [batch, length, embed_dim], positions [batch, length]).
+    """
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if cache is not None and len(cache) != self.num_layers:
+      raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
+    if positions is None:
+      positions = default_positions(tokens, cache)
+    embed = Embed(self.vocab_size, self.embed_dim, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                  name="embed")
+    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+    return embed, nn.Dropout(self.dropout_rate)(x, deterministic=deterministic), positions
+
+  def output_logits(self, embed, x):
+    """The output side every decoder LM shares: final RMSNorm, tied or untied projection -> float32 logits
+    [batch, length, vocab_size]."""
+    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
+                            name="lm_head")(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
     """Next-token logits.
@@ -210,16 +241,8 @@ class DenseLM(nn.Module):
     Returns:
       (logits [batch, length, vocab_size] float32, ModelOutput with the updated cache when `cache` was given).
     """
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
-    if cache is not None and len(cache) != self.num_layers:
-      raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
-    if positions is None:
-      positions = default_positions(tokens, cache)
+    embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
-    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
     new_cache = []
     for i in range(self.num_layers):
@@ -227,13 +250,7 @@ class DenseLM(nn.Module):
                         dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
       x, layer_cache, _ = block(x, positions, None if cache is None else cache[i], None, deterministic)
       new_cache.append(layer_cache)
-    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
-    if self.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
-                            name="lm_head")(x)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = self.output_logits(embed, x)
     return logits, ModelOutput(cache=None if cache is None else tuple(new_cache))
 
   def _attention_norm_params(self):

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zoo.layers import ACTIVATIONS, MLP, DecoderBlock, DenseGeneral, Embed, RMSNorm
-from zoo.models.dense_lm import DenseLM, default_positions
+from zoo.layers import ACTIVATIONS, MLP, DecoderBlock
+from zoo.models.dense_lm import DenseLM
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import stack_layer_metrics
@@ -144,14 +144,8 @@ class DuoLM(DenseLM):
     if routes is not None and routes.shape != tokens.shape + (self.num_layers,):
       raise ValueError(f"routes must be [batch, length, num_layers]={tokens.shape + (self.num_layers,)}, got "
                        f"{routes.shape}")
-    if cache is not None and len(cache) != self.num_layers:
-      raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
-    if positions is None:
-      positions = default_positions(tokens, cache)
+    embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
-    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
     ffn = lambda name: DuoFFN(self.mlp_dim, self.resolved_small_mlp_dim, activation=self.mlp_activation,
                               route_mode=self.route_mode, dtype=dtype, param_dtype=param_dtype, name=name)
@@ -172,13 +166,7 @@ class DuoLM(DenseLM):
         expected_big = expected_big + probs[..., BIG]
         metrics["router_entropy"] = jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
       layer_metrics.append(metrics)
-    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
-    if self.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
-                            name="lm_head")(x)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = self.output_logits(embed, x)
     aux = jnp.zeros((), jnp.float32)
     if self.route_mode == "router" and routes is None:
       aux = self.budget_coef * jnp.mean(jax.nn.relu(expected_big - self.big_budget))

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.layers import DecoderBlock, DenseGeneral, Embed, RMSNorm
+from zoo.layers import DecoderBlock, Embed
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.dense_lm import DenseLM, default_positions
 from zoo.models.output import ModelOutput
@@ -202,13 +202,7 @@ class ReadMeLM(DenseLM):
       new_cache.append(layer_cache)
       layer_metrics.append(metrics)
       scores.append(layer_scores)
-    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
-    if self.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
-                            name="lm_head")(x)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = self.output_logits(embed, x)
     if self.train_phase == "router":
       logits = jax.lax.stop_gradient(logits)
     metrics = stack_layer_metrics(layer_metrics)

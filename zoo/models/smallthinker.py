@@ -33,8 +33,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import DecoderBlock, DenseGeneral, Embed, RMSNorm
-from zoo.models.dense_lm import default_positions
+from zoo.layers import DecoderBlock
 from zoo.models.moe_lm import MoELM
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, register_model
@@ -125,16 +124,8 @@ class SmallThinkerLM(MoELM):
     Returns:
       (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
     """
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
-    if cache is not None and len(cache) != self.num_layers:
-      raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
-    if positions is None:
-      positions = default_positions(tokens, cache)
+    embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
-    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     block_cls = nn.remat(PreRoutedBlock, static_argnums=(5,)) if self.remat else PreRoutedBlock
     moe = set(self.moe_layers)
     new_cache, aux_losses, layer_metrics = [], [], []
@@ -149,12 +140,6 @@ class SmallThinkerLM(MoELM):
         aux, metrics = ffn_aux
         aux_losses.append(aux)
         layer_metrics.append({**metrics, **aux})
-    x = RMSNorm(self.norm_epsilon, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
-    if self.tie_embeddings:
-      logits = embed.attend(x)
-    else:
-      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
-                            name="lm_head")(x)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = self.output_logits(embed, x)
     return logits, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
                                cache=None if cache is None else tuple(new_cache))
