@@ -271,6 +271,11 @@ def test_mixtral_config_matches_dense_active_params():
   assert moe.num_experts == 8 and moe.num_experts_per_tok == 2
   assert abs(moe.num_active_params() - dense.num_params()) / dense.num_params() < 0.01
   assert moe.num_params() > 2.5 * dense.num_params()
+  # Training FLOPs follow the active parameters: the routed experts a token skips cost nothing.
+  skipped = len(moe.moe_layers) * (8 - 2) * 3 * moe.embed_dim * moe.expert_mlp_dim
+  assert moe.num_params() - moe.num_active_params() == skipped
+  routers = len(moe.moe_layers) * moe.embed_dim * 8
+  assert moe.train_flops_per_token(128) - dense.train_flops_per_token(128) == pytest.approx(6 * routers)
 
 
 @pytest.mark.parametrize("overrides,match", [

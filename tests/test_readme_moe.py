@@ -115,6 +115,10 @@ def test_model_shapes_params_and_one_route_for_all_layers():
   tokens = _tokens()
   variables = model.init(jax.random.key(0), tokens)
   assert count_params(variables["params"]) == model.num_params()
+  # A token uses the shared expert and one of the 3 domain experts: 2 of them are skipped in each of 2 layers.
+  domain_experts = sum(count_params(variables["params"][f"layers_{i}"]["ffn"][name])
+                       for i in range(2) for name in ("gate", "up", "down"))
+  assert model.num_params() - model.num_active_params() == domain_experts * 2 // 3
   logits, out = jax.jit(model.apply)(variables, tokens)
   assert logits.shape == (2, 6, DIMS["vocab_size"])
   assert out.metrics["expert_load"].shape == (2, 3)

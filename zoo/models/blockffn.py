@@ -140,3 +140,7 @@ class BlockFFNLM(MoELM):
     dense_ffn = (3 if ACTIVATIONS[self.mlp_activation][1] else 2) * e * self.mlp_dim
     block = e * self.num_experts + self.num_experts + 2 * e * self.num_experts * self.expert_mlp_dim
     return super(MoELM, self).num_params() + len(self.moe_layers) * (block - dense_ffn)
+
+  def num_active_params(self):
+    """All parameters: training runs every expert (the ReLU router's sparsity is data-dependent, not a fixed k)."""
+    return self.num_params()

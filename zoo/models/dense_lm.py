@@ -285,13 +285,17 @@ class DenseLM(nn.Module):
     head = 0 if self.tie_embeddings else e * self.vocab_size
     return self.vocab_size * e + self.num_layers * per_layer + e + head
 
+  def num_active_params(self):
+    """Parameters one token uses; all of them in a dense model (routed models override this)."""
+    return self.num_params()
+
   def train_flops_per_token(self, seq_len):
-    """Training FLOPs per token (`zoo.layers.train_flops_per_token`): matmul params = all params except the input
-    embedding lookup and the norm scales, plus the output projection. With MLA, `q k^T` runs over
+    """Training FLOPs per token (`zoo.layers.train_flops_per_token`): matmul params = the active params
+    (`num_active_params`) except the input embedding lookup and the norm scales, plus the output projection. With MLA, `q k^T` runs over
     `heads * (qk_nope_head_dim + qk_rope_head_dim)` and `probs v` over `heads * v_head_dim`, so the attention width
     is their mean."""
     e = self.embed_dim
-    matmul = self.num_params() - self.vocab_size * e - (2 * self.num_layers + 1) * e
+    matmul = self.num_active_params() - self.vocab_size * e - (2 * self.num_layers + 1) * e
     matmul -= self.num_layers * self._attention_norm_params()
     if self.tie_embeddings:
       matmul += self.vocab_size * e

@@ -227,3 +227,8 @@ class ReadMeLM(DenseLM):
     router = self.vocab_size * e + self.router_layers * router_block + e + e * self.num_experts
     return super().num_params() + self.num_layers * (moe_ffn - dense_ffn) + router
 
+  def num_active_params(self):
+    """Parameters one token uses: `num_params()` minus the `num_experts - 1` domain experts it skips per layer."""
+    mats = 3 if ACTIVATIONS[self.mlp_activation][1] else 2
+    return self.num_params() - self.num_layers * (self.num_experts - 1) * mats * self.embed_dim * self.expert_width
+
