@@ -261,6 +261,7 @@ def train(config, workdir, *, devices=None, progress=True):
   steps = int(t.steps)
   primary = jax.process_index() == 0
   writer = MetricsWriter(workdir, enabled=primary)
+  writer.write_config(config)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.checkpoint.keep),
                       use_async=bool(config.checkpoint["async"]))
   train_iter = exp.make_iterator(config.data.train_split, repeat=True)

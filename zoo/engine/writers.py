@@ -37,9 +37,25 @@ class MetricsWriter:
         self._tb.add_scalar(key, value, int(step))
     self._tb.flush()
 
+  def write_config(self, config):
+    """Writes the run's resolved config to `workdir/config.json` (read back by `read_config`, `tools/compare_runs.py`)."""
+    if self.enabled:
+      with open(os.path.join(os.path.dirname(self.path), "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def read_config(workdir):
+  """The `ml_collections.ConfigDict` a run in `workdir` was trained with (its `config.json`)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no config.json in {workdir}: train.py writes it when a run starts")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def read_metrics(workdir):
