@@ -1,11 +1,13 @@
 """Expert-cache hit rate, Belady vs LRU, on the routes of a Read-ME model over validation text (papers.md A4,
 Read-ME Sec. 4.2). The pre-gate gives every token's expert ahead, which Belady's eviction needs.
 
-The model is the tiny `configs/readme_moe.py` architecture, RANDOMLY INITIALISED (no training), so the routes reflect
-an untrained pre-gate. Accesses are the tokens' experts in decoding order (sequence after sequence). Also reports the
-expert loads of lookahead expert-aware batching against arrival order (one load per batch of one expert).
+Without `--workdir` the model is the tiny `configs/readme_moe.py` architecture, RANDOMLY INITIALISED, so the routes
+reflect an untrained pre-gate; with `--workdir` it is that run's trained model (its `config.json` and latest
+checkpoint). Accesses are the tokens' experts in decoding order (sequence after sequence). Also reports the expert
+loads of lookahead expert-aware batching against arrival order (one load per batch of one expert).
 
   .venv/bin/python bench/readme_cache.py [--num_experts 8] [--batches 4]
+  .venv/bin/python bench/readme_cache.py --workdir workdirs/readme_backbone
 """
 import argparse
 
@@ -14,6 +16,9 @@ import numpy as np
 
 from configs.readme_moe import get_config
 from zoo.data import make_iterator
+from zoo.engine.checkpoint import restore_variables
+from zoo.engine.trainer import Experiment
+from zoo.engine.writers import read_config
 from zoo.models import build_model
 from zoo.routing.expert_cache import belady_hits, expert_aware_batches, hit_rate, lru_hits
 
@@ -23,14 +28,24 @@ def main():
   parser.add_argument("--num_experts", type=int, default=8)
   parser.add_argument("--batches", type=int, default=4)
   parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--workdir", default=None, help="a trained readme_moe run (default: a random init)")
   args = parser.parse_args()
-  config = get_config()
-  config.model.num_experts = args.num_experts
-  config.data.seq_len = args.seq_len
-  model = build_model(config.model)
+  if args.workdir:
+    config = read_config(args.workdir)
+    exp = Experiment(config)
+    variables = restore_variables(args.workdir, exp.abstract_state()[0].variables())
+    model = exp.model
+    args.num_experts = model.num_experts
+    print(f"trained model: {args.workdir}")
+  else:
+    config = get_config()
+    config.model.num_experts = args.num_experts
+    config.data.seq_len = args.seq_len
+    model = build_model(config.model)
   it = make_iterator(config.data, split="validation", global_batch_size=8, seed=0, repeat=False)
   batch = next(it)
-  variables = model.init(jax.random.key(0), batch["inputs"][:1])
+  if not args.workdir:
+    variables = model.init(jax.random.key(0), batch["inputs"][:1])
   route = jax.jit(lambda v, t: model.apply(v, t, method="route"))
   accesses = []
   for _ in range(args.batches):
