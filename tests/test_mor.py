@@ -220,6 +220,17 @@ def test_cached_decoding_equals_full_forward(kw):
     cache = o.cache
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5)
   np.testing.assert_array_equal(cache["length"], [9, 9])
+  # One sequence alone: a token that leaves early skips the remaining recursions (nothing else in the batch runs
+  # them), and the logits stay those of the full forward.
+  one = model.apply(v, 1, 16, method="init_cache")
+  pieces = []
+  for i in range(9):
+    logits, o = step(v, x[:1, i:i + 1], one)
+    pieces.append(logits)
+    one = o.cache
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full[:1], atol=2e-5)
+  if kw["router"] != "none":
+    assert np.asarray(apply(v, x[:1], method="depth_per_token")).min() < 3, "test needs an early exit in row 0"
   if kw["kv_mode"] == "recursion":  # recursion r caches the tokens that ran it: nested sets, the same depths
     active = np.asarray(cache["active"][:, :, :9])
     assert np.all(active[1:] <= active[:-1]) and not cache["active"][:, :, 9:].any()

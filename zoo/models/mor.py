@@ -377,11 +377,20 @@ class MoRLM(nn.Module):
             act = cache["active"][r].at[rows, positions].set(chosen, mode="drop")
             new_cache["active"] = new_cache["active"].at[r].set(act)
             mask = act[:, None, None, :]
-      y = x
-      out_kv = []
-      for j, layer_id in enumerate(layer_ids):
-        y, c, _ = self.layers[layer_id](y, pos, cache=kv_arg[j], mask=mask)
-        out_kv.append(c)
+      def run_block(module, y, kv, layer_ids=layer_ids, pos=pos, mask=mask):
+        out = []
+        for j, layer_id in enumerate(layer_ids):
+          y, c, _ = module.layers[layer_id](y, pos, cache=kv[j], mask=mask)
+          out.append(c)
+        return y, tuple(out)
+
+      if cache is not None and r > 0 and not gathered:
+        # Decoding: a recursion that no token of the batch runs is skipped, so early exits save compute (its
+        # cache is left as it was; recursion-wise caching marks the token inactive there, KV sharing reads r = 0).
+        y, out_kv = nn.cond(jnp.any(chosen), run_block, lambda module, y, kv: (y, tuple(kv)), self, x, tuple(kv_arg))
+      else:
+        y, out_kv = run_block(self, x, tuple(kv_arg))
+      out_kv = list(out_kv)
       if self.kv_mode == "share" and r == 0:
         shared = [c if isinstance(c, SharedKV) else SharedKV(*c.read()) for c in out_kv]
       if cache is not None and (self.kv_mode == "recursion" or r == 0):
