@@ -1,10 +1,16 @@
 """Config loading, overrides and the start-up errors (each names the key and what is allowed)."""
+import importlib
+import pathlib
+
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the override syntax the CLIs use)
 
 from configs import dense_lm, simplenet_digits
 from zoo.engine.config import validate_config
-from zoo.models import ConfigError
+from zoo.models import ConfigError, build_model
+
+SHIPPED = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "base"))
 
 
 @pytest.mark.parametrize("module, task", [(dense_lm, "lm"), (simplenet_digits, "classification")])
@@ -12,6 +18,15 @@ def test_shipped_configs_validate_and_take_their_task_from_the_data(module, task
   c = module.get_config()
   info = validate_config(c, num_devices=8)
   assert c.task == task == info["task"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_validates_and_builds_its_model(name):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  validate_config(c, num_devices=8)
+  model = build_model(c.model)
+  if hasattr(model, "num_active_params"):
+    assert 0 < model.num_active_params() <= model.num_params()
 
 
 def test_overrides_of_unknown_keys_are_rejected():
