@@ -45,22 +45,24 @@ def compare(workdir, *, batches=2, samples=32, batch_size=8, seed=0):
     sums[name] = (loss_sum + float(jnp.sum(losses * mask)), big_sum + float(jnp.sum(big * mask)),
                   count + float(mask.sum()))
 
+  routed_losses = jax.jit(lambda tokens, targets, routes: token_losses(model, variables, tokens, targets, routes))
+  router_apply = jax.jit(lambda tokens: model.apply(variables, tokens))
   for b in range(batches):
     batch = next(it)
     tokens, targets, mask = (jnp.asarray(batch[k]) for k in ("inputs", "targets", "mask"))
-    logits, out = model.apply(variables, tokens)
+    logits, out = router_apply(tokens)
     router_losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     # The router's big layers per token: the batch mean (padding rows included), the others' are exact.
     add("trained router", router_losses, jnp.full(tokens.shape, out.metrics["big_layers"]), mask)
     oracle = oracle_routes(model, variables, tokens, targets, big_layers=budget, num_samples=samples,
                            rng=jax.random.key(seed + b))
-    add(f"oracle (best of {samples})", token_losses(model, variables, tokens, targets, oracle["routes"]),
+    add(f"oracle (best of {samples})", routed_losses(tokens, targets, oracle["routes"]),
         jnp.full(tokens.shape, budget), mask)
     add("random routes", jnp.mean(oracle["sample_losses"], axis=0), jnp.full(tokens.shape, budget), mask)
     for route, name in ((BIG, "all big"), (1, "all small"), (0, "all skip")):
       routes = jnp.full(tokens.shape + (model.num_layers,), route, jnp.int32)
-      add(name, token_losses(model, variables, tokens, targets, routes),
-          jnp.full(tokens.shape, model.num_layers if route == BIG else 0), mask)
+      add(name, routed_losses(tokens, targets, routes), jnp.full(tokens.shape, model.num_layers if route == BIG else 0),
+          mask)
   return {name: (loss / count, big / count) for name, (loss, big, count) in sums.items()}, budget
 
 
