@@ -43,6 +43,19 @@ def _gather_rows(x_hbm, row_ids_ref, buf, sem, tile_start, k0, tm, tk):
   return buf[...]
 
 
+def _lhs_inputs(lhs, row_ids, lhs_spec, rhs_spec, rhs, padded_rows, acc_shape, tiling):
+  """(in_specs, operands, scratch_shapes) of a kernel whose grouped operand is `lhs` tiled by `lhs_spec`, or, with
+  `row_ids` (gather fusion), `lhs` left in HBM and read row by row through the SMEM-prefetched ids (padded to
+  `padded_rows`) into a VMEM buffer by DMA. The first scratch is the float32 accumulator of `acc_shape`."""
+  tm, tk, _ = tiling
+  acc = pltpu.VMEM(acc_shape, jnp.float32)
+  if row_ids is None:
+    return [lhs_spec, rhs_spec], (lhs, rhs), [acc]
+  padded_ids = jnp.pad(row_ids.astype(jnp.int32), (0, padded_rows - row_ids.shape[0]))
+  in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec(memory_space=pl.ANY), rhs_spec]
+  return in_specs, (padded_ids, lhs, rhs), [acc, pltpu.VMEM((tm, tk), lhs.dtype), pltpu.SemaphoreType.DMA]
+
+
 def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_ids=None, interpret=False):
   """out[j] = lhs_row(j) @ rhs[group(j)] with rows in no group zero.
 
@@ -109,15 +122,8 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
     rhs_spec = pl.BlockSpec((1, tn, tk), lambda n_i, v, k_i, off, gids, mt, nt: (gids[v], n_i, k_i))
   else:
     rhs_spec = pl.BlockSpec((1, tk, tn), lambda n_i, v, k_i, off, gids, mt, nt: (gids[v], k_i, n_i))
-  if gather:
-    padded_ids = jnp.pad(row_ids.astype(jnp.int32), (0, tiles_m * tm - m))
-    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec(memory_space=pl.ANY), rhs_spec]
-    operands = (padded_ids, lhs, rhs)
-    scratch = [pltpu.VMEM((tm, tn), jnp.float32), pltpu.VMEM((tm, tk), lhs.dtype), pltpu.SemaphoreType.DMA]
-  else:
-    in_specs = [pl.BlockSpec((tm, tk), lambda n_i, v, k_i, off, gids, mt, nt: (mt[v], k_i)), rhs_spec]
-    operands = (lhs, rhs)
-    scratch = [pltpu.VMEM((tm, tn), jnp.float32)]
+  lhs_spec = pl.BlockSpec((tm, tk), lambda n_i, v, k_i, off, gids, mt, nt: (mt[v], k_i))
+  in_specs, operands, scratch = _lhs_inputs(lhs, row_ids, lhs_spec, rhs_spec, rhs, tiles_m * tm, (tm, tn), tiling)
   call = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
@@ -200,15 +206,8 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
       out_ref[0] = acc_ref[...].astype(out_dtype)
 
   rhs_spec = pl.BlockSpec((tm, tn), lambda k_i, n_i, v, off, gids, mt, nt: (mt[v], n_i))
-  if gather:
-    padded_ids = jnp.pad(row_ids.astype(jnp.int32), (0, tiles_m * tm - m))
-    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec(memory_space=pl.ANY), rhs_spec]
-    operands = (padded_ids, lhs, rhs)
-    scratch = [pltpu.VMEM((tk, tn), jnp.float32), pltpu.VMEM((tm, tk), lhs.dtype), pltpu.SemaphoreType.DMA]
-  else:
-    in_specs = [pl.BlockSpec((tm, tk), lambda k_i, n_i, v, off, gids, mt, nt: (mt[v], k_i)), rhs_spec]
-    operands = (lhs, rhs)
-    scratch = [pltpu.VMEM((tk, tn), jnp.float32)]
+  lhs_spec = pl.BlockSpec((tm, tk), lambda k_i, n_i, v, off, gids, mt, nt: (mt[v], k_i))
+  in_specs, operands, scratch = _lhs_inputs(lhs, row_ids, lhs_spec, rhs_spec, rhs, tiles_m * tm, (tk, tn), tiling)
   call = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
