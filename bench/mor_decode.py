@@ -10,10 +10,11 @@ and the table adds each run's validation loss, so models of equal quality can be
 Each model decodes with `zoo.engine.generate` (one jitted prefill, then one jitted call per token); prints one table of
 tokens/s and the ratio to vanilla, measured in this run.
 
-What it measures: this implementation decodes a static batch, so a recursion runs for the whole batch and masks the
-tokens that left (see zoo/models/mor.py); early exits then save no compute at decoding, while KV sharing skips the
-key/value projections of recursions r > 0 and reads one recursion's cache. The paper's throughput gains come from
-continuous depth-wise batching (refilling the slots of exited tokens), which is not implemented here.
+What it measures: this implementation decodes a static batch, so a recursion runs for the whole batch while any of
+its tokens needs it, masking the tokens that left, and is skipped only when none does (see zoo/models/mor.py): early
+exits save compute at small batch sizes. KV sharing skips the key/value projections of recursions r > 0 and reads
+one recursion's cache. The paper's throughput gains come from continuous depth-wise batching (refilling the slots of
+exited tokens), which is not implemented here.
 """
 import argparse
 import os
