@@ -3,11 +3,14 @@ routed top-1 by the pre-gating router; sized for a 2-core CPU.
 
 Domains for expert extraction (`DOMAIN_GROUPS`, one expert each) group the `pystdlib` corpus's `domain` labels
 (`zoo/data/builders.py`): documentation prose, top-level stdlib modules, web / data-format packages, and the other
-packages (runtime, tooling, GUI). Extraction itself needs a trained `dense_lm` checkpoint, the per-group statistics
-(`zoo.routing.pregate.down_proj_inputs` + `neuron_importance` on batches drawn with `config.data.domains=group`) and
-`readme_params_from_dense`.
+packages (runtime, tooling, GUI). `tools/readme_extract.py` refactors a trained `dense_lm` run into this model's
+experts (per-group neuron statistics on batches drawn with `config.data.domains=group`):
 
-Alternating phases (Read-ME Sec. 3.2), each starting from the previous workdir:
+  python tools/readme_extract.py --config configs/readme_moe.py --workdir workdirs/readme_extracted \
+    --dense_workdir workdirs/dense_lm
+
+Alternating phases (Read-ME Sec. 3.2), each starting from the previous workdir (the first from the extracted one,
+`--config.init_from=workdirs/readme_extracted`, or from scratch as here):
 
   python train.py --config configs/readme_moe.py --workdir workdirs/readme_joint
   python train.py --config configs/readme_moe.py --workdir workdirs/readme_router \
