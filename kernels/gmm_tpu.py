@@ -7,7 +7,6 @@ same m-tile). tgmm runs (k-tiles, n-tiles, visits): consecutive visits of one gr
 tile is written when the group changes. The gather variant reads `x[row_ids]` rows straight from HBM by one DMA per
 row, so the routed copy of the activations is never materialised.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
