@@ -219,23 +219,43 @@ class MoELM(DenseLM):
       (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
     """
     embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
+    x, out = self.decoder_layers(x, positions, cache, deterministic, self.decoder_block)
+    return self.output_logits(embed, x), out
+
+  def decoder_block(self, i, is_moe, block_cls=DecoderBlock, attention=None, **block_kwargs):
+    """Layer i's block `layers_i`: `block_cls` (rematerialised if `remat`) with the MoE or the dense FFN and
+    `attention` (default: `attention_factory()`); `block_kwargs` go to `block_cls`."""
+    if self.remat:
+      block_cls = nn.remat(block_cls, static_argnums=(5,))
+    ffn = self.moe_ffn_factory() if is_moe else self.ffn_factory()
+    return block_cls(attention or self.attention_factory(), ffn, norm_epsilon=self.norm_epsilon,
+                     dropout_rate=self.dropout_rate, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+                     name=f"layers_{i}", **block_kwargs)
+
+  def decoder_layers(self, x, positions, cache, deterministic, make_block, ffn_kwargs=None):
+    """Runs the layers (`make_block(i, is_moe)`, e.g. `decoder_block`) and collects the MoE layers' aux losses and
+    metrics; call it from the model's compact `__call__`.
+
+    `ffn_kwargs(state)`, if given, makes the extra FFN arguments of each MoE layer (None for dense layers) from the
+    state the previous MoE layer returned as the third item of its aux (None before the first; RMoE's router state).
+
+    Returns:
+      (x, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
+    """
     moe = set(self.moe_layers)
-    new_cache, aux_losses, layer_metrics = [], [], []
+    state, new_cache, aux_losses, layer_metrics = None, [], [], []
     for i in range(self.num_layers):
-      ffn = self.moe_ffn_factory() if i in moe else self.ffn_factory()
-      block = block_cls(self.attention_factory(), ffn, norm_epsilon=self.norm_epsilon, dropout_rate=self.dropout_rate,
-                        dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
-      x, layer_cache, ffn_aux = block(x, positions, None if cache is None else cache[i], None, deterministic)
+      extra = () if ffn_kwargs is None else (ffn_kwargs(state) if i in moe else None,)
+      block = make_block(i, i in moe)
+      x, layer_cache, ffn_aux = block(x, positions, None if cache is None else cache[i], None, deterministic, *extra)
       new_cache.append(layer_cache)
       if i in moe:
-        aux, metrics = ffn_aux
+        aux, metrics, *rest = ffn_aux
+        state = rest[0] if rest else None
         aux_losses.append(aux)
         layer_metrics.append({**metrics, **aux})
-    logits = self.output_logits(embed, x)
-    return logits, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
-                               cache=None if cache is None else tuple(new_cache))
+    return x, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
+                          cache=None if cache is None else tuple(new_cache))
 
   def _weighted_aux(self, aux_losses):
     total = jnp.zeros((), jnp.float32)

@@ -22,11 +22,10 @@ precomputed routing), metrics stacked per MoE layer, weighted aux loss.
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import MLP, DecoderBlock
+from zoo.layers import MLP
 from zoo.models.moe_lm import MoELM
-from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, register_model
-from zoo.routing import MoEFFN, stack_layer_metrics
+from zoo.routing import MoEFFN
 from zoo.routing.recurrent import GRUCell, RecurrentRouter
 
 ROUTER_TYPES = ("gru", "linear")
@@ -137,26 +136,11 @@ class RMoELM(MoELM):
       (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
     """
     embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     gru_params = GRUCell(self.router_hidden_dim, name="router_gru")() if self.router_type == "gru" else None
-    block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
-    moe = set(self.moe_layers)
-    router_state, new_cache, aux_losses, layer_metrics = None, [], [], []
-    for i in range(self.num_layers):
-      ffn = self.moe_ffn_factory() if i in moe else self.ffn_factory()
-      ffn_kwargs = {"router_state": router_state, "gru_params": gru_params} if i in moe else None
-      block = block_cls(self.attention_factory(), ffn, norm_epsilon=self.norm_epsilon, dropout_rate=self.dropout_rate,
-                        dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
-      x, layer_cache, ffn_aux = block(x, positions, None if cache is None else cache[i], None, deterministic,
-                                      ffn_kwargs)
-      new_cache.append(layer_cache)
-      if i in moe:
-        aux, metrics, router_state = ffn_aux
-        aux_losses.append(aux)
-        layer_metrics.append({**metrics, **aux})
-    logits = self.output_logits(embed, x)
-    return logits, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
-                               cache=None if cache is None else tuple(new_cache))
+    # The router state goes along depth: each MoE layer's FFN returns it as the third item of its aux.
+    x, out = self.decoder_layers(x, positions, cache, deterministic, self.decoder_block,
+                                 ffn_kwargs=lambda state: {"router_state": state, "gru_params": gru_params})
+    return self.output_logits(embed, x), out
 
   def num_params(self):
     """Analytic parameter count: `moe_lm`'s, with each MoE layer's linear router (embed x E) replaced by W1_i and

@@ -35,9 +35,8 @@ import jax.numpy as jnp
 
 from zoo.layers import DecoderBlock
 from zoo.models.moe_lm import MoELM
-from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, register_model
-from zoo.routing import MoEFFN, stack_layer_metrics
+from zoo.routing import MoEFFN
 
 SMALLTHINKER_ROUTERS = ("sigmoid_topk", "softmax_topk")
 
@@ -125,21 +124,7 @@ class SmallThinkerLM(MoELM):
       (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
     """
     embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    block_cls = nn.remat(PreRoutedBlock, static_argnums=(5,)) if self.remat else PreRoutedBlock
-    moe = set(self.moe_layers)
-    new_cache, aux_losses, layer_metrics = [], [], []
-    for i in range(self.num_layers):
-      ffn = self.moe_ffn_factory() if i in moe else self.ffn_factory()
-      block = block_cls(self.layer_attention_factory(i), ffn, norm_epsilon=self.norm_epsilon,
-                        dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype,
-                        router=self._router() if i in moe else None, name=f"layers_{i}")
-      x, layer_cache, ffn_aux = block(x, positions, None if cache is None else cache[i], None, deterministic)
-      new_cache.append(layer_cache)
-      if i in moe:
-        aux, metrics = ffn_aux
-        aux_losses.append(aux)
-        layer_metrics.append({**metrics, **aux})
-    logits = self.output_logits(embed, x)
-    return logits, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
-                               cache=None if cache is None else tuple(new_cache))
+    make_block = lambda i, is_moe: self.decoder_block(i, is_moe, PreRoutedBlock, self.layer_attention_factory(i),
+                                                      router=self._router() if is_moe else None)
+    x, out = self.decoder_layers(x, positions, cache, deterministic, make_block)
+    return self.output_logits(embed, x), out
