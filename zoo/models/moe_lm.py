@@ -194,16 +194,21 @@ class MoELM(DenseLM):
       return Router(score="expert_choice", capacity_factor=float(self.num_experts_per_tok), **common)
     return Router(score="softmax", frozen=True, **common)
 
+  def expert_kwargs(self):
+    """The `MoEFFN` arguments these fields set (experts, k, dispatch, shared experts, dtypes)."""
+    return dict(num_experts=self.num_experts, expert_mlp_dim=self.expert_mlp_dim,
+                num_selected=self.num_experts_per_tok, activation=self.mlp_activation,
+                strategy=None if self.dispatch == "auto" else self.dispatch,
+                capacity_factor=self.capacity_factor or None,
+                shared_mlp_dim=self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim),
+                shared_gate=self.shared_expert_gate, dtype=jnp.dtype(self.dtype),
+                param_dtype=jnp.dtype(self.param_dtype))
+
   def moe_ffn_factory(self):
     """Builds the MoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""
-    kwargs = dict(num_experts=self.num_experts, expert_mlp_dim=self.expert_mlp_dim,
-                  num_selected=self.num_experts_per_tok, activation=self.mlp_activation,
-                  strategy=None if self.dispatch == "auto" else self.dispatch,
-                  capacity_factor=self.capacity_factor or None,
-                  shared_mlp_dim=self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim),
-                  shared_gate=self.shared_expert_gate, return_expert_ids=self.return_expert_ids,
-                  dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
-    return lambda name: _BlockMoEFFN(router=self._router(), name=name, **kwargs)
+    kwargs = self.expert_kwargs()
+    return lambda name: _BlockMoEFFN(router=self._router(), name=name, return_expert_ids=self.return_expert_ids,
+                                     **kwargs)
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):

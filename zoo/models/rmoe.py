@@ -115,11 +115,8 @@ class RMoELM(MoELM):
 
   def moe_ffn_factory(self):
     """Builds the RMoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""
-    kwargs = dict(num_experts=self.num_experts, expert_mlp_dim=self.expert_mlp_dim, activation=self.mlp_activation,
-                  strategy=None if self.dispatch == "auto" else self.dispatch,
-                  capacity_factor=self.capacity_factor or None,
-                  shared_mlp_dim=self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim),
-                  shared_mix=self.shared_mix, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    kwargs = {k: v for k, v in self.expert_kwargs().items() if k not in ("num_selected", "shared_gate")}
+    kwargs["shared_mix"] = self.shared_mix
     return lambda name: RMoEFFN(router=self._router(), name=name, **kwargs)
 
   @nn.compact

@@ -31,7 +31,6 @@ equals the full forward with 'dense' or 'dropless' dispatch.
 import functools
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from zoo.layers import DecoderBlock
 from zoo.models.moe_lm import MoELM
@@ -101,13 +100,7 @@ class SmallThinkerLM(MoELM):
                              sliding_window=None if nope else self.sliding_window)
 
   def moe_ffn_factory(self):
-    kwargs = dict(num_experts=self.num_experts, expert_mlp_dim=self.expert_mlp_dim,
-                  num_selected=self.num_experts_per_tok, activation=self.mlp_activation,
-                  strategy=None if self.dispatch == "auto" else self.dispatch,
-                  capacity_factor=self.capacity_factor or None,
-                  shared_mlp_dim=self.num_shared_experts * (self.shared_expert_mlp_dim or self.expert_mlp_dim),
-                  shared_gate=self.shared_expert_gate, dtype=jnp.dtype(self.dtype),
-                  param_dtype=jnp.dtype(self.param_dtype))
+    kwargs = self.expert_kwargs()
     return lambda name: PreRoutedMoEFFN(name=name, **kwargs)
 
   @nn.compact
