@@ -91,7 +91,8 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
                     mask=(ks < k)[:, None] & col_ok[None, :], other=0)
       return acc + _dot(a, b, 1, 0)
 
-    acc = lax.fori_loop(0, jnp.where(real, tiles_k, 0), body, jnp.zeros((tm, tn), jnp.float32))
+    # Not jnp.where(real, tiles_k, 0): Pallas-Triton lowers its literals as i1 and the loop fails to verify.
+    acc = lax.fori_loop(0, real.astype(jnp.int32) * tiles_k, body, jnp.zeros((tm, tn), jnp.float32))
     in_group = real & (rows >= offsets_ref[gid]) & (rows < offsets_ref[gid + 1])
     past_end = (v >= num_tiles - 1) & (rows >= offsets_ref[g])
     value = jnp.where(in_group[:, None], acc, 0).astype(out_dtype)

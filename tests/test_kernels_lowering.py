@@ -1,5 +1,10 @@
-"""The accelerator paths lower from this CPU host: Mosaic for TPU, Triton for CUDA (forward and gradients)."""
+"""The accelerator paths lower from this CPU host: Mosaic for TPU, Triton for CUDA (forward and gradients).
+
+Mosaic verifies its kernels while lowering; Triton does not (the GPU compiler parses the module later, on the
+device), so `test_triton_modules_verify` runs the MLIR verifier on every Triton module the kernels produce.
+"""
 import jax
+from jax._src.pallas.triton import pallas_call_registration  # private: where the Triton module is built
 import jax.numpy as jnp
 import pytest
 
@@ -48,3 +53,41 @@ def test_tgmm_lowers_for_both():
   gpu = jax.export.export(jax.jit(lambda *a: kernels.tgmm(*a, implementation="pallas_gpu")), platforms=["cuda"],
                           disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
   assert TRITON in gpu.mlir_module()
+
+
+@pytest.fixture
+def triton_modules(monkeypatch):
+  """Records (kernel name, verifier error or None) for every Triton module lowered while the fixture is active."""
+  built = []
+  lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
+
+  def lower_and_verify(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    name = result.module.operation.attributes["sym_name"].value
+    try:
+      result.module.operation.verify()
+      built.append((name, None))
+    except Exception as error:  # the MLIR verifier raises with the failing op and its source line
+      built.append((name, str(error)))
+    return result
+
+  monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+  return built
+
+
+@pytest.mark.parametrize("tiling", [None, (128, 64, 128)])
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_triton_modules_verify(triton_modules, dtype, gather, tiling):
+  def loss(x, rhs, sizes, row_ids):
+    if gather:
+      out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation="pallas_gpu", tiling=tiling)
+    else:
+      out = kernels.gmm(x, rhs, sizes, implementation="pallas_gpu", tiling=tiling)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  jax.export.export(jax.jit(jax.value_and_grad(loss, (0, 1))), platforms=["cuda"],
+                    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*_args(dtype))
+  suffix = "_gather_triton" if gather else "_triton"
+  assert sorted(name for name, _ in triton_modules) == sorted(["gmm" + suffix, "gmm_triton", "tgmm" + suffix])
+  assert [(name, error) for name, error in triton_modules if error] == []
