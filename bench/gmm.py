@@ -4,11 +4,13 @@ Usage:
   python bench/gmm.py                                  # full shapes, implementations available on this backend
   python bench/gmm.py --small                          # tiny shapes (CPU smoke test, < 1 minute)
   python bench/gmm.py --implementations xla,pallas_gpu --out bench/gmm_h100.md
+  python bench/gmm.py --implementations xla,pallas_gpu --tilings 64x64x128,128x64x128,128x32x128  # tile sweep
 
 Cases (bf16): Mixtral-like (g=8, k=4096, n=14336), fine-grained DeepSeekMoE-like (g=64, k=2048, n=1408), and the
 fine-grained case with Zipf-skewed group sizes. For each: forward (gmm) and backward (dlhs gmm + drhs tgmm) time,
 TFLOP/s, ratio to a dense matmul of equal FLOPs and to ragged_dot. Then an MoE layer (top-2 routing, sort, up gmm,
-SiLU, down gmm, weighted scatter combine; forward + backward) with and without the gather fusion.
+SiLU, down gmm, weighted scatter combine; forward + backward) with and without the gather fusion. With --tilings,
+every Pallas implementation is timed once per tiling (TMxTKxTN), each as its own row.
 """
 import argparse
 import os
@@ -43,6 +45,14 @@ def cases(small):
   return out
 
 
+def parse_tiling(text):
+  """'128x64x128' -> (128, 64, 128)."""
+  parts = text.lower().split("x")
+  if len(parts) != 3 or not all(p.isdigit() for p in parts):
+    raise SystemExit(f"a tiling is written TMxTKxTN, e.g. 128x64x128; got {text!r}")
+  return tuple(int(p) for p in parts)
+
+
 def timeit(fn, *args, reps):
   """Median seconds per call of a jitted fn (after a compile + warm-up call)."""
   jax.block_until_ready(fn(*args))
@@ -54,7 +64,19 @@ def timeit(fn, *args, reps):
   return float(np.median(times))
 
 
+def variants(impls, tilings):
+  """(label, implementation, tiling) per timed variant: xla once, each Pallas implementation once per tiling."""
+  out = []
+  for impl in impls:
+    if impl == "xla" or not tilings:
+      out.append((impl, impl, None))
+    else:
+      out += [(f"{impl} {'x'.join(map(str, t))}", impl, t) for t in tilings]
+  return out
+
+
 def bench_case(name, m, k, n, sizes, impls, reps):
+  """Table rows of one case; impls is a list of (label, implementation, tiling)."""
   key = jax.random.key(0)
   lhs = jax.random.normal(key, (m, k), jnp.bfloat16)
   rhs = jax.random.normal(jax.random.fold_in(key, 1), (len(sizes), k, n), jnp.bfloat16) / np.sqrt(k)
@@ -65,23 +87,24 @@ def bench_case(name, m, k, n, sizes, impls, reps):
   bwd_dense = jax.jit(jax.grad(lambda a, w: jnp.sum((a @ w).astype(jnp.float32)), (0, 1)))
   base = {"fwd": timeit(fwd_dense, lhs, dense_w, reps=reps), "bwd": timeit(bwd_dense, lhs, dense_w, reps=reps)}
   results = {}
-  for impl in ["xla"] + [i for i in impls if i != "xla"]:
-    fwd = jax.jit(lambda a, w, impl=impl: kernels.gmm(a, w, gs, implementation=impl))
-    bwd = jax.jit(jax.grad(lambda a, w, impl=impl: jnp.sum(kernels.gmm(a, w, gs, implementation=impl)
-                                                           .astype(jnp.float32)), (0, 1)))
-    results[impl] = {"fwd": timeit(fwd, lhs, rhs, reps=reps), "bwd": timeit(bwd, lhs, rhs, reps=reps)}
+  for label, impl, tiling in [("xla", "xla", None)] + [v for v in impls if v[0] != "xla"]:
+    def call(a, w, impl=impl, tiling=tiling):
+      return kernels.gmm(a, w, gs, implementation=impl, tiling=tiling)
+    fwd = jax.jit(call)
+    bwd = jax.jit(jax.grad(lambda a, w, call=call: jnp.sum(call(a, w).astype(jnp.float32)), (0, 1)))
+    results[label] = {"fwd": timeit(fwd, lhs, rhs, reps=reps), "bwd": timeit(bwd, lhs, rhs, reps=reps)}
   rows = []
-  for impl, t in results.items():
-    if impl not in impls:
+  for label, t in results.items():
+    if label not in [v[0] for v in impls]:
       continue
     for pass_, mult in (("fwd", 1), ("bwd", 2)):
-      rows.append(f"| {name} | {m}x{k}x{n}, g={len(sizes)} | {impl} | {pass_} | {t[pass_] * 1e3:.3f} | "
+      rows.append(f"| {name} | {m}x{k}x{n}, g={len(sizes)} | {label} | {pass_} | {t[pass_] * 1e3:.3f} | "
                   f"{mult * flops / t[pass_] / 1e12:.2f} | {base[pass_] / t[pass_]:.2f} | "
                   f"{results['xla'][pass_] / t[pass_]:.2f} |")
   return rows
 
 
-def moe_layer(impl, fused, num_experts, top_k):
+def moe_layer(impl, tiling, fused, num_experts, top_k):
   """Loss of a minimal dropless MoE FFN (sort by expert, up gmm, SiLU, down gmm, weighted combine)."""
   def loss(x, logits, w_up, w_down):
     t = x.shape[0]
@@ -90,10 +113,10 @@ def moe_layer(impl, fused, num_experts, top_k):
     row_ids = (order // top_k).astype(jnp.int32)
     sizes = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.int32)
     if fused:
-      h = kernels.gmm_gather(x, row_ids, w_up, sizes, implementation=impl)
+      h = kernels.gmm_gather(x, row_ids, w_up, sizes, implementation=impl, tiling=tiling)
     else:
-      h = kernels.gmm(x[row_ids], w_up, sizes, implementation=impl)
-    y = kernels.gmm(jax.nn.silu(h), w_down, sizes, implementation=impl)
+      h = kernels.gmm(x[row_ids], w_up, sizes, implementation=impl, tiling=tiling)
+    y = kernels.gmm(jax.nn.silu(h), w_down, sizes, implementation=impl, tiling=tiling)
     out = kernels.scatter_combine(y, row_ids, weights.reshape(-1)[order], t)
     return jnp.sum(out.astype(jnp.float32) ** 2)
   return jax.jit(jax.value_and_grad(loss, (0, 2, 3)))
@@ -107,10 +130,10 @@ def bench_moe(small, impls, reps):
   w_up = jax.random.normal(jax.random.fold_in(key, 2), (e, d, f), jnp.bfloat16) / np.sqrt(d)
   w_down = jax.random.normal(jax.random.fold_in(key, 3), (e, f, d), jnp.bfloat16) / np.sqrt(f)
   rows = []
-  for impl in impls:
-    times = {fused: timeit(moe_layer(impl, fused, e, top_k), x, logits, w_up, w_down, reps=reps)
+  for label, impl, tiling in impls:
+    times = {fused: timeit(moe_layer(impl, tiling, fused, e, top_k), x, logits, w_up, w_down, reps=reps)
              for fused in (False, True)}
-    rows.append(f"| {t} tokens, d={d}, f={f}, {e} experts top-{top_k} | {impl} | {times[False] * 1e3:.3f} | "
+    rows.append(f"| {t} tokens, d={d}, f={f}, {e} experts top-{top_k} | {label} | {times[False] * 1e3:.3f} | "
                 f"{times[True] * 1e3:.3f} | {times[False] / times[True]:.2f} |")
   return rows
 
@@ -120,6 +143,8 @@ def main():
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
   parser.add_argument("--implementations", default=None,
                       help=f"comma list from {kernels.IMPLEMENTATIONS}; default per backend {DEFAULTS}")
+  parser.add_argument("--tilings", default=None,
+                      help="comma list of TMxTKxTN; times each Pallas implementation once per tiling (default: its own)")
   parser.add_argument("--reps", type=int, default=None, help="timed calls per measurement (median)")
   parser.add_argument("--out", default=None, help="also write the markdown table to this file")
   args = parser.parse_args()
@@ -127,6 +152,8 @@ def main():
   impls = (args.implementations or DEFAULTS.get(backend, "xla")).split(",")
   for impl in impls:
     kernels.choose_implementation(impl)  # raises on an unknown name
+  tilings = [parse_tiling(t) for t in args.tilings.split(",")] if args.tilings else []
+  impls = variants(impls, tilings)
   reps = args.reps or (3 if args.small else 20)
   device = jax.devices()[0]
   lines = [f"## Grouped matmul, bf16, on {device.device_kind} ({backend}, jax {jax.__version__})", "",

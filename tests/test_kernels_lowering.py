@@ -4,14 +4,14 @@ Mosaic verifies its kernels while lowering; Triton does not (the GPU compiler pa
 device), so `test_triton_modules_verify` runs the MLIR verifier on every Triton module the kernels produce.
 """
 import jax
-from jax._src.pallas.triton import pallas_call_registration  # private: where the Triton module is built
 import jax.numpy as jnp
 import pytest
 
 import kernels
+from kernels import triton_modules
 
 S = jax.ShapeDtypeStruct
-TRITON = "__gpu$xla.gpu.triton"
+TRITON = triton_modules.TRITON_CUSTOM_CALL
 
 
 def _loss(implementation, gather):
@@ -25,7 +25,7 @@ def _loss(implementation, gather):
 
 
 def _args(dtype):
-  # k = 4100 is not a multiple of the default k-tiles (512 TPU, 32 GPU), n = 1408 not of the 512 n-tile.
+  # k = 4100 is not a multiple of the default k-tiles (512 TPU, 64 GPU), n = 1408 not of the 512 n-tile.
   return S((300, 4100), dtype), S((8, 4100, 1408), dtype), S((8,), jnp.int32), S((520,), jnp.int32)
 
 
@@ -55,30 +55,11 @@ def test_tgmm_lowers_for_both():
   assert TRITON in gpu.mlir_module()
 
 
-@pytest.fixture
-def triton_modules(monkeypatch):
-  """Records (kernel name, verifier error or None) for every Triton module lowered while the fixture is active."""
-  built = []
-  lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
-
-  def lower_and_verify(*args, **kwargs):
-    result = lower(*args, **kwargs)
-    name = result.module.operation.attributes["sym_name"].value
-    try:
-      result.module.operation.verify()
-      built.append((name, None))
-    except Exception as error:  # the MLIR verifier raises with the failing op and its source line
-      built.append((name, str(error)))
-    return result
-
-  monkeypatch.setattr(pallas_call_registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-  return built
-
 
 @pytest.mark.parametrize("tiling", [None, (128, 64, 128)])
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_triton_modules_verify(triton_modules, dtype, gather, tiling):
+def test_triton_modules_verify(dtype, gather, tiling):
   def loss(x, rhs, sizes, row_ids):
     if gather:
       out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation="pallas_gpu", tiling=tiling)
@@ -86,8 +67,9 @@ def test_triton_modules_verify(triton_modules, dtype, gather, tiling):
       out = kernels.gmm(x, rhs, sizes, implementation="pallas_gpu", tiling=tiling)
     return jnp.sum(out.astype(jnp.float32) ** 2)
 
-  jax.export.export(jax.jit(jax.value_and_grad(loss, (0, 1))), platforms=["cuda"],
-                    disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*_args(dtype))
+  with triton_modules.capture() as built:
+    triton_modules.lower_for_cuda(jax.value_and_grad(loss, (0, 1)), *_args(dtype))
   suffix = "_gather_triton" if gather else "_triton"
-  assert sorted(name for name, _ in triton_modules) == sorted(["gmm" + suffix, "gmm_triton", "tgmm" + suffix])
-  assert [(name, error) for name, error in triton_modules if error] == []
+  assert sorted(module.name for module in built) == sorted(["gmm" + suffix, "gmm_triton", "tgmm" + suffix])
+  assert [(module.name, module.error) for module in built if module.error] == []
+  assert all(module.asm.startswith('"builtin.module"') for module in built)

@@ -1,0 +1,32 @@
+"""bench/gmm.py, the one command of the GPU benchmark, runs end to end at --small shapes (interpreted Triton kernels)."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gmm_benchmark_small_with_tiling_sweep(tmp_path):
+  out = tmp_path / "gmm.md"
+  subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gmm.py"), "--small", "--implementations",
+                  "xla,interpret_gpu", "--tilings", "32x32x32,16x32x64", "--reps", "1", "--out", str(out)],
+                 check=True, capture_output=True, text=True, cwd=ROOT)
+  rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
+  gmm_rows = [[c.strip() for c in r] for r in rows if len(r) == 8 and r[0].strip() != "case"]
+  labels = {r[2] for r in gmm_rows}
+  assert labels == {"xla", "interpret_gpu 32x32x32", "interpret_gpu 16x32x64"}
+  assert len(gmm_rows) == 3 * 3 * 2  # cases x variants x (fwd, bwd)
+  for r in gmm_rows:
+    assert all(float(v) >= 0 for v in r[4:]), r
+    if r[2] == "xla":
+      assert float(r[7]) == 1.0  # ragged_dot against itself
+  moe_rows = [[c.strip() for c in r] for r in rows if len(r) == 5 and r[0].strip() != "layer"]
+  assert [r[1] for r in moe_rows] == ["xla", "interpret_gpu 32x32x32", "interpret_gpu 16x32x64"]
+  assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in moe_rows)
+
+
+def test_gmm_benchmark_rejects_a_bad_tiling():
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gmm.py"), "--small", "--tilings", "128x64"],
+                          capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode != 0
+  assert "TMxTKxTN" in result.stderr
