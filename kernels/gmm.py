@@ -128,8 +128,8 @@ def _pallas_gmm_bwd(impl, tiling, out_dtype, residuals, dout):
   if row_ids is None:
     dlhs = _kernel_gmm(impl, tiling, dout, rhs, group_sizes, lhs.dtype, transpose_rhs=True)
   else:
-    drows = _kernel_gmm(impl, tiling, dout, rhs, group_sizes, jnp.float32, transpose_rhs=True)
-    dlhs = jnp.zeros(lhs.shape, jnp.float32).at[row_ids].add(drows).astype(lhs.dtype)
+    drows = _kernel_gmm(impl, tiling, dout, rhs, group_sizes, lhs.dtype, transpose_rhs=True)
+    dlhs = jnp.zeros(lhs.shape, jnp.float32).at[row_ids].add(drows.astype(jnp.float32)).astype(lhs.dtype)
   drhs = _kernel_tgmm(impl, tiling, lhs, dout, group_sizes, rhs.dtype, row_ids=row_ids)
   return dlhs, drhs, None, None
 

@@ -40,7 +40,7 @@ def _load_lhs(lhs_ref, ids_ref, row0, row_ok, k0, tk, k):
 def compiler_params(tiling):
   """Triton launch parameters for a (tm, tk, tn) tiling: 8 warps (two warpgroups) from 128x128 output tiles.
 
-  [guess, from compile facts only] Compiled for sm_90 by tools/triton_compile.py, 128x64x128 tiles with 4 warps
+  [guess, from compile facts only] Compiled for sm_90 by tools/compile_kernels.py, 128x64x128 tiles with 4 warps
   spill registers (255 used) in gmm; with 8 warps nothing spills, every kernel uses wgmma and 3 stages need at most
   144 KiB of shared memory (tgmm). Speed is unmeasured.
   """

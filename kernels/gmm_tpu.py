@@ -5,7 +5,9 @@ gmm runs the grid (n-tiles, visits, k-tiles) with k innermost: an f32 accumulato
 the rows of the visit's group are written into the output tile (which stays in VMEM while consecutive visits hit the
 same m-tile). tgmm runs (k-tiles, n-tiles, visits): consecutive visits of one group accumulate, the group's output
 tile is written when the group changes. The gather variant reads `x[row_ids]` rows straight from HBM by one DMA per
-row, so the routed copy of the activations is never materialised.
+row, so the routed copy of the activations is never materialised. Mosaic cannot DMA one row of a 16-bit array (two
+rows share each 32-bit word of the TPU layout), so bfloat16 rows are fetched as the 32-bit words of their row pair
+and the row's half is picked in VMEM (twice the bytes of the row, still no copy).
 """
 
 import jax
@@ -26,33 +28,70 @@ def _k_mask(k_i, tk, k, shape, axis):
   return lax.broadcasted_iota(jnp.int32, shape, axis) + k_i * tk < k
 
 
-def _gather_rows(x_hbm, row_ids_ref, buf, sem, tile_start, k0, tm, tk):
-  """Copies x[row_ids[tile_start + r], k0:k0+tk] into buf[r] for r < tm (one DMA per row)."""
+def _gather_rows(x_hbm, row_ids_ref, parity_ref, buf, sem, tile_start, k0, tm, tk):
+  """x[row_ids[tile_start + r], k0:k0+tk] for r < tm, fetched by one DMA per row into buf: [tm, tk].
+
+  With `parity_ref` ([tm, 1] int32, row_id & 1) x is bfloat16: each DMA fetches the 32-bit words of the row pair
+  (2i, 2i + 1) holding the row (buf is int32), and the row's 16 bits are selected (low half: even row).
+  """
+  packed = parity_ref is not None
+  source = x_hbm.bitcast(jnp.int32) if packed else x_hbm  # packed: [t / 2, k] words of row pairs
+
   def start(r, carry):
     row = row_ids_ref[tile_start + r]
-    pltpu.make_async_copy(x_hbm.at[pl.ds(row, 1), pl.ds(k0, tk)], buf.at[pl.ds(r, 1)], sem).start()
+    if packed:
+      row = lax.shift_right_logical(row, 1)  # not `// 2`: Mosaic lowers integer floor division per chip
+    pltpu.make_async_copy(source.at[pl.ds(row, 1), pl.ds(k0, tk)], buf.at[pl.ds(r, 1)], sem).start()
     return carry
 
   def wait(r, carry):
-    pltpu.make_async_copy(x_hbm.at[pl.ds(0, 1), pl.ds(k0, tk)], buf.at[pl.ds(r, 1)], sem).wait()
+    pltpu.make_async_copy(source.at[pl.ds(0, 1), pl.ds(k0, tk)], buf.at[pl.ds(r, 1)], sem).wait()
     return carry
 
   lax.fori_loop(0, tm, start, 0)
   lax.fori_loop(0, tm, wait, 0)
-  return buf[...]
+  if not packed:
+    return buf[...]
+  words = buf[...]
+  half = jnp.where(parity_ref[...] == 1, lax.shift_right_logical(words, 16), words & 0xFFFF)
+  # A bfloat16 is the upper half of the float32 with the same value, so this conversion is exact.
+  return lax.bitcast_convert_type(lax.shift_left(half, 16), jnp.float32).astype(jnp.bfloat16)
 
 
 def _lhs_inputs(lhs, row_ids, lhs_spec, rhs_spec, rhs, padded_rows, acc_shape, tiling):
   """(in_specs, operands, scratch_shapes) of a kernel whose grouped operand is `lhs` tiled by `lhs_spec`, or, with
   `row_ids` (gather fusion), `lhs` left in HBM and read row by row through the SMEM-prefetched ids (padded to
-  `padded_rows`) into a VMEM buffer by DMA. The first scratch is the float32 accumulator of `acc_shape`."""
+  `padded_rows`) into a VMEM buffer by DMA; bfloat16 adds the ids' parity, tiled like `lhs_spec`'s rows. The first
+  scratch is the float32 accumulator of `acc_shape`.
+
+  Operand order: gather (ids, x, rhs[, parity]), otherwise (lhs, rhs).
+  """
   tm, tk, _ = tiling
   acc = pltpu.VMEM(acc_shape, jnp.float32)
   if row_ids is None:
     return [lhs_spec, rhs_spec], (lhs, rhs), [acc]
+  if lhs.dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"the Mosaic gather kernels take float32 or bfloat16 rows, got {lhs.dtype}")
   padded_ids = jnp.pad(row_ids.astype(jnp.int32), (0, padded_rows - row_ids.shape[0]))
   in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM), pl.BlockSpec(memory_space=pl.ANY), rhs_spec]
-  return in_specs, (padded_ids, lhs, rhs), [acc, pltpu.VMEM((tm, tk), lhs.dtype), pltpu.SemaphoreType.DMA]
+  if lhs.dtype == jnp.float32:
+    return in_specs, (padded_ids, lhs, rhs), [acc, pltpu.VMEM((tm, tk), lhs.dtype), pltpu.SemaphoreType.DMA]
+  if lhs.shape[0] % 2:  # row pairs need an even row count
+    lhs = jnp.pad(lhs, ((0, 1), (0, 0)))
+  parity_spec = pl.BlockSpec((tm, 1), lambda *grid_and_prefetch: (lhs_spec.index_map(*grid_and_prefetch)[0], 0))
+  return (in_specs + [parity_spec], (padded_ids, lhs, rhs, (padded_ids & 1).reshape(-1, 1)),
+          [acc, pltpu.VMEM((tm, tk), jnp.int32), pltpu.SemaphoreType.DMA])
+
+
+def _unpack_refs(refs, gather):
+  """Splits a kernel's refs into (row_ids, lhs, rhs, parity, out, acc, buf, sem); absent ones are None."""
+  if not gather:
+    lhs_ref, rhs_ref, out_ref, acc_ref = refs
+    return None, lhs_ref, rhs_ref, None, out_ref, acc_ref, None, None
+  if len(refs) == 7:
+    row_ids_ref, x_hbm, rhs_ref, out_ref, acc_ref, buf, sem = refs
+    return row_ids_ref, x_hbm, rhs_ref, None, out_ref, acc_ref, buf, sem
+  return refs
 
 
 def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_ids=None, interpret=False):
@@ -65,7 +104,7 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
     tiling: (tm, tk, tn); tk and tn multiples of 128 or the full dimension, tm a multiple of 8.
     out_dtype: output dtype.
     transpose_rhs: contract with rhs[g].T.
-    row_ids: optional [m] int32 row index into lhs (gather fusion); needs k % tk == 0.
+    row_ids: optional [m] int32 row index into lhs (gather fusion); needs k % tk == 0 and float32 or bfloat16.
     interpret: run the Pallas interpreter instead of Mosaic.
 
   Returns:
@@ -84,10 +123,7 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
     raise ValueError(f"gather-fused gmm needs k ({k}) divisible by tk ({tk})")
 
   def kernel(offsets_ref, gids_ref, mtiles_ref, ntiles_ref, *refs):
-    if gather:
-      row_ids_ref, x_hbm, rhs_ref, out_ref, acc_ref, buf, sem = refs
-    else:
-      lhs_ref, rhs_ref, out_ref, acc_ref = refs
+    row_ids_ref, lhs_ref, rhs_ref, parity_ref, out_ref, acc_ref, buf, sem = _unpack_refs(refs, gather)
     v, k_i = pl.program_id(1), pl.program_id(2)
     gid = gids_ref[v]
     real = v < ntiles_ref[0]
@@ -99,7 +135,7 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
     @pl.when(real)
     def _():
       if gather:
-        a = _gather_rows(x_hbm, row_ids_ref, buf, sem, mtiles_ref[v] * tm, k_i * tk, tm, tk)
+        a = _gather_rows(lhs_ref, row_ids_ref, parity_ref, buf, sem, mtiles_ref[v] * tm, k_i * tk, tm, tk)
       else:
         a = lhs_ref[...]
       b = rhs_ref[0]
@@ -150,7 +186,7 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
     group_sizes: [g] int32.
     tiling: (tm, tk, tn); tm and tn multiples of 128 or the full dimension, tk a multiple of 128 or full.
     out_dtype: output dtype.
-    row_ids: optional [m] int32 row index into lhs (gather fusion); needs k % tk == 0.
+    row_ids: optional [m] int32 row index into lhs (gather fusion); needs k % tk == 0 and float32 or bfloat16.
     interpret: run the Pallas interpreter instead of Mosaic.
 
   Returns:
@@ -168,10 +204,7 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
     raise ValueError(f"gather-fused tgmm needs k ({k}) divisible by tk ({tk})")
 
   def kernel(offsets_ref, gids_ref, mtiles_ref, ntiles_ref, *refs):
-    if gather:
-      row_ids_ref, x_hbm, rhs_ref, out_ref, acc_ref, buf, sem = refs
-    else:
-      lhs_ref, rhs_ref, out_ref, acc_ref = refs
+    row_ids_ref, lhs_ref, rhs_ref, parity_ref, out_ref, acc_ref, buf, sem = _unpack_refs(refs, gather)
     k_i, v = pl.program_id(0), pl.program_id(2)
     gid = gids_ref[v]
     num_tiles = ntiles_ref[0]
@@ -186,7 +219,7 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
     @pl.when(real)
     def _():
       if gather:
-        a = _gather_rows(x_hbm, row_ids_ref, buf, sem, mtiles_ref[v] * tm, k_i * tk, tm, tk)
+        a = _gather_rows(lhs_ref, row_ids_ref, parity_ref, buf, sem, mtiles_ref[v] * tm, k_i * tk, tm, tk)
       else:
         a = lhs_ref[...]
       b = rhs_ref[...]

@@ -3,7 +3,7 @@
 Mosaic (TPU) verifies its kernels while lowering; Pallas-Triton does not: the module travels as bytecode inside the
 custom call and is first parsed by the GPU compiler on the device. Capturing the modules here lets a CPU host run
 the MLIR verifier on them (tests/test_kernels_lowering.py) and compile them to PTX and cubin with the `triton`
-package (tools/triton_compile.py). The hook wraps a private jax function, the one place that builds the module.
+package (tools/compile_kernels.py). The hook wraps a private jax function, the one place that builds the module.
 """
 import contextlib
 from typing import NamedTuple, Optional
