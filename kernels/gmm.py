@@ -13,8 +13,11 @@ Implementations (`implementation=`):
   "interpret_gpu"  the Triton kernels run by the Pallas interpreter (any backend; for tests).
   "xla"            `jax.lax.ragged_dot` / `ragged_dot_general` (any backend).
 None picks per backend: TPU -> pallas_tpu, GPU -> pallas_gpu, CPU -> xla; a Pallas choice that cannot take the
-inputs (dtype) falls back to xla and logs why once.
+inputs (dtype) falls back to xla and logs why once. `with default_implementation(name):` replaces the per-backend
+choice inside the block (e.g. to compile the Mosaic path for a TPU from a CPU host, or to run xla on a GPU).
 """
+import contextlib
+import contextvars
 import functools
 import logging
 
@@ -35,12 +38,29 @@ DEFAULT_TILING = {"pallas_tpu": (128, 512, 512), "pallas_gpu": (128, 64, 128), "
 
 _log = logging.getLogger(__name__)
 _logged_reasons = set()
+_default_implementation = contextvars.ContextVar("kernels_default_implementation", default=None)
+
+
+@contextlib.contextmanager
+def default_implementation(implementation):
+  """Inside the block, calls with implementation=None use `implementation` (one of IMPLEMENTATIONS)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}")
+  token = _default_implementation.set(implementation)
+  try:
+    yield
+  finally:
+    _default_implementation.reset(token)
+
+
+def _log_once(message):
+  if message not in _logged_reasons:
+    _logged_reasons.add(message)
+    _log.warning(message)
 
 
 def _fall_back(reason):
-  if reason not in _logged_reasons:
-    _logged_reasons.add(reason)
-    _log.warning("kernels.gmm: using implementation='xla' because %s", reason)
+  _log_once(f"kernels.gmm: using implementation='xla' because {reason}")
   return "xla"
 
 
@@ -54,6 +74,8 @@ def choose_implementation(implementation, *dtypes):
   Returns:
     The implementation name.
   """
+  if implementation is None:
+    implementation = _default_implementation.get()
   if implementation is not None:
     if implementation not in IMPLEMENTATIONS:
       raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS} (or None for automatic)")
@@ -229,6 +251,10 @@ def gmm_gather(x, row_ids, rhs, group_sizes, *, implementation=None, tiling=None
   row_ids = row_ids.astype(jnp.int32)
   if impl == "xla":
     return jax.lax.ragged_dot(x[row_ids], rhs, group_sizes, preferred_element_type=out_dtype)
+  if impl in ("pallas_tpu", "interpret") and x.dtype == jnp.float16:
+    _log_once(f"kernels.gmm_gather: gathering float16 rows before the Mosaic gmm ({impl}), whose row DMAs take "
+              "float32 and bfloat16 only")
+    return _pallas_gmm(x[row_ids], rhs, group_sizes, None, impl, tiling, out_dtype)
   return _pallas_gmm(x, rhs, group_sizes, row_ids, impl, tiling, out_dtype)
 
 

@@ -138,3 +138,25 @@ def test_automatic_choice_falls_back_to_xla_and_logs_once(monkeypatch, caplog):
   assert kernels.choose_implementation(None, jnp.float32) == "pallas_gpu"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert kernels.choose_implementation(None, jnp.float32) == "xla"
+
+
+def test_default_implementation_replaces_the_backend_choice(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  with kernels.default_implementation("pallas_tpu"):
+    assert kernels.choose_implementation(None, jnp.bfloat16) == "pallas_tpu"
+    assert kernels.choose_implementation("xla", jnp.bfloat16) == "xla"  # an explicit choice still wins
+  assert kernels.choose_implementation(None, jnp.bfloat16) == "xla"
+  with pytest.raises(ValueError, match="is not one of"):
+    with kernels.default_implementation("mosaic"):
+      pass
+
+
+def test_float16_gather_on_mosaic_gathers_first(caplog):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 16)), jnp.float16)
+  rhs = jnp.ones((2, 16, 16), jnp.float16)
+  row_ids, sizes = jnp.array([5, 0, 3, 3], jnp.int32), jnp.array([1, 3], jnp.int32)
+  with caplog.at_level("WARNING", logger="kernels.gmm"):
+    out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation="interpret", tiling=(8, 16, 16))
+  assert any("gathering float16 rows" in r.getMessage() for r in caplog.records)
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(kernels.gmm(x[row_ids], rhs, sizes, implementation="xla"), np.float32))

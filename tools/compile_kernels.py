@@ -17,7 +17,9 @@ math). The `triton` package may be newer than the Triton inside jaxlib's GPU plu
 
 tpu: the whole forward + backward step is compiled ahead of time by XLA and Mosaic for one chip of each TPU
 generation (`jax.experimental.topologies`), in bfloat16 and float32; a kernel Mosaic rejects fails the row with
-Mosaic's message.
+Mosaic's message. `--model-configs` adds the training gradient of each config's model (bfloat16 activations,
+dropless gather-fused dispatch, its batch and sequence length) with the Pallas kernels forced
+(`kernels.default_implementation`).
 
 A kernel that does not compile is a bug the CPU tests cannot see; these are compile facts, not speed (bench/gmm.py
 on the accelerator measures speed).
@@ -158,6 +160,26 @@ def run_triton(args, cases, tilings):
   return lines
 
 
+def model_gradient(config_path, sharding):
+  """(grad fn, abstract args) of the LM loss of a config's model with dropless dispatch in bfloat16."""
+  from zoo.models import build_model  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("experiment_config", config_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  model = build_model(config.model, dispatch="dropless", dtype="bfloat16")
+  tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.data.seq_len), jnp.int32, sharding=sharding)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, tokens.shape[1]), jnp.int32)))
+  variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding), variables)
+
+  def loss(variables, tokens):
+    logits, out = model.apply(variables, tokens)
+    labels = jax.nn.one_hot(tokens[:, 1:], logits.shape[-1])
+    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits[:, :-1]), -1)) + out.aux_loss
+
+  return jax.grad(loss), (variables, tokens)
+
+
 def run_tpu(args, cases, tilings):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chips = args.chips.split(",")
@@ -191,6 +213,20 @@ def run_tpu(args, cases, tilings):
                     f"{time.perf_counter() - start:.1f} |")
             lines.append(line)
             print(line, flush=True)
+    for config_path in args.model_configs.split(",") if args.model_configs else []:
+      start = time.perf_counter()
+      try:
+        grad, abstract = model_gradient(config_path, sharding)
+        with kernels.default_implementation("pallas_tpu"):
+          jax.jit(grad).lower(*abstract).compile()
+        status = "yes"
+      except Exception as error:  # pylint: disable=broad-except
+        failures += 1
+        status = "**no**: " + str(error).splitlines()[0][:200].replace("|", "/")
+      line = (f"| {os.path.basename(config_path)} training gradient | {chip} ({topology.devices[0].device_kind}) | "
+              f"default | bfloat16 | dropless, gather-fused | {status} | {time.perf_counter() - start:.1f} |")
+      lines.append(line)
+      print(line, flush=True)
   if failures:
     print(f"{failures} step(s) failed to compile", file=sys.stderr)
   return lines
@@ -205,6 +241,8 @@ def main():
   parser.add_argument("--warps", default=None, help="triton: comma list of num_warps (default: the kernel's)")
   parser.add_argument("--stages", default=None, help="triton: comma list of num_stages (default: the kernel's)")
   parser.add_argument("--chips", default=",".join(TPU_TOPOLOGIES), help="tpu: comma list of TPU generations")
+  parser.add_argument("--model-configs", default="configs/moe_mixtral.py",
+                      help="tpu: comma list of config files whose model's training gradient to compile ('' for none)")
   parser.add_argument("--out", default=None, help="also write the markdown table to this file")
   args = parser.parse_args()
   gmm_bench = load_gmm_bench()
