@@ -14,12 +14,12 @@ S = jax.ShapeDtypeStruct
 TRITON = triton_modules.TRITON_CUSTOM_CALL
 
 
-def _loss(implementation, gather):
+def _loss(implementation, gather, tiling=None):
   def loss(x, rhs, sizes, row_ids):
     if gather:
-      out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation=implementation)
+      out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation=implementation, tiling=tiling)
     else:
-      out = kernels.gmm(x, rhs, sizes, implementation=implementation)
+      out = kernels.gmm(x, rhs, sizes, implementation=implementation, tiling=tiling)
     return jnp.sum(out.astype(jnp.float32) ** 2)
   return jax.value_and_grad(loss, (0, 1))
 
@@ -40,9 +40,7 @@ def test_tpu_path_lowers_to_mosaic(dtype, gather):
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_gpu_path_lowers_to_triton(dtype, gather):
-  exported = jax.export.export(
-      jax.jit(_loss("pallas_gpu", gather)), platforms=["cuda"],
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*_args(dtype))
+  exported = triton_modules.lower_for_cuda(_loss("pallas_gpu", gather), *_args(dtype))
   assert exported.mlir_module().count(f"stablehlo.custom_call @{TRITON}") == 3
 
 
@@ -50,25 +48,17 @@ def test_tgmm_lowers_for_both():
   args = (S((4100, 520), jnp.bfloat16), S((520, 1408), jnp.bfloat16), S((8,), jnp.int32))
   tpu = jax.export.export(jax.jit(lambda *a: kernels.tgmm(*a, implementation="pallas_tpu")), platforms=["tpu"])(*args)
   assert "tpu_custom_call" in tpu.mlir_module()
-  gpu = jax.export.export(jax.jit(lambda *a: kernels.tgmm(*a, implementation="pallas_gpu")), platforms=["cuda"],
-                          disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON)])(*args)
+  gpu = triton_modules.lower_for_cuda(lambda *a: kernels.tgmm(*a, implementation="pallas_gpu"), *args)
   assert TRITON in gpu.mlir_module()
 
 
-
-@pytest.mark.parametrize("tiling", [None, (128, 64, 128)])
+# The default tiling (8 warps) and the former 64x32x64 (4 warps).
+@pytest.mark.parametrize("tiling", [None, (64, 32, 64)])
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_triton_modules_verify(dtype, gather, tiling):
-  def loss(x, rhs, sizes, row_ids):
-    if gather:
-      out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation="pallas_gpu", tiling=tiling)
-    else:
-      out = kernels.gmm(x, rhs, sizes, implementation="pallas_gpu", tiling=tiling)
-    return jnp.sum(out.astype(jnp.float32) ** 2)
-
   with triton_modules.capture() as built:
-    triton_modules.lower_for_cuda(jax.value_and_grad(loss, (0, 1)), *_args(dtype))
+    triton_modules.lower_for_cuda(_loss("pallas_gpu", gather, tiling), *_args(dtype))
   suffix = "_gather_triton" if gather else "_triton"
   assert sorted(module.name for module in built) == sorted(["gmm" + suffix, "gmm_triton", "tgmm" + suffix])
   assert [(module.name, module.error) for module in built if module.error] == []
