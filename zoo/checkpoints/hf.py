@@ -88,8 +88,13 @@ def model_config_from_arch(arch):
 
 
 def hf_model_config(path):
-  """The zoo `config.model` of the Hugging Face model directory `path` (reads config.json only)."""
-  return model_config_from_arch(hf_spec.arch_from_config(hf_spec.read_config(path)))
+  """The zoo `config.model` of the Hugging Face model directory `path` (an optional `hf:` prefix is dropped).
+
+  Reads config.json and the safetensors headers only (`hf_spec.check_dir`: no tensor data), so a directory whose
+  config.json disagrees with its tensors (e.g. num_hidden_layers=10**6 beside the weights of 2 layers) raises
+  ConversionError naming the key and the tensors before any model is built.
+  """
+  return model_config_from_arch(hf_spec.check_dir(path).arch)
 
 
 def abstract_variables(model_config):
@@ -113,13 +118,9 @@ def load_hf_checkpoint(path, mesh=None, shardings=None, dtype=np.float32):
     (model_config ConfigDict, variables dict {'params': ..., and 'routing_state' when the model keeps one}); leaves
     are jax arrays (sharded when `mesh`/`shardings` is given).
   """
-  path = path[3:] if str(path).startswith("hf:") else str(path)
-  config = hf_spec.read_config(path)
-  arch = hf_spec.arch_from_config(config)
-  model_config = model_config_from_arch(arch)
-  tensors = safetensors_io.load_dir(path)
-  fused = hf_spec.check_tensors(tensors, arch)
-  canon = hf_spec.hf_to_canonical(tensors, arch, fused_experts=fused, dtype=dtype)
+  checked = hf_spec.check_dir(path)
+  model_config = model_config_from_arch(checked.arch)
+  canon = hf_spec.hf_to_canonical(checked.tensors, checked.arch, fused_experts=checked.fused_experts, dtype=dtype)
   _, boxed = abstract_variables(model_config)
   import flax.linen as nn
   abstract = nn.unbox(boxed)

@@ -16,6 +16,7 @@ Canonical layout (numpy, every kernel input-major as `zoo.layers.DenseGeneral` s
     gate/up [experts, embed, expert_mlp], down [experts, expert_mlp, embed], shared_gate/shared_up
     [embed, shared_mlp], shared_down [shared_mlp, embed], shared_expert_gate [embed, 1] (Qwen2-MoE).
 """
+import collections
 import dataclasses
 import json
 import os
@@ -38,12 +39,22 @@ class ConversionError(ValueError):
 
 
 def read_config(directory):
-  """The parsed `config.json` of a Hugging Face model directory."""
+  """The parsed `config.json` of a Hugging Face model directory; ConversionError naming the file when it is missing,
+  not valid JSON or not a JSON object."""
+  if not os.path.isdir(directory):
+    raise ConversionError(f"{directory}: " + ("is not a directory" if os.path.exists(directory) else
+                                              "no such directory") + "; expected a Hugging Face model directory")
   path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
+  if not os.path.isfile(path):
     raise ConversionError(f"{directory} has no config.json; expected a Hugging Face model directory")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConversionError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(config, dict):
+    raise ConversionError(f"{path}: a JSON {type(config).__name__}, not an object of settings")
+  return config
 
 
 def model_type(config):
@@ -56,17 +67,47 @@ def model_type(config):
   return kind
 
 
-def _get(config, *names, default=None):
+# The largest size a config.json may give (anything above is absurd: no tensor dimension is that large).
+MAX_SIZE = 2**31 - 1
+_REQUIRED = object()
+
+
+def _size(config, *names, minimum=1, default=_REQUIRED):
+  """The integer setting of the first of `names` that config.json sets (not null), else `default`.
+
+  Raises ConversionError naming the key when it is missing (and required) or not an integer in [minimum, MAX_SIZE].
+  """
   for name in names:
     if config.get(name) is not None:
-      return config[name]
+      value = config[name]
+      if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SIZE:
+        raise ConversionError(f"config.json {name}={value!r} is not a valid size; allowed: an integer from "
+                              f"{minimum} to {MAX_SIZE}")
+      return value
+  if default is _REQUIRED:
+    raise ConversionError(f"config.json has no {' / '.join(repr(n) for n in names)} (model_type="
+                          f"{config.get('model_type')!r} needs it)")
   return default
+
+
+def _number(config, name, default):
+  """The positive float setting `name` of config.json (`default` when unset); ConversionError naming the key."""
+  value = config.get(name)
+  if value is None:
+    return float(default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+    raise ConversionError(f"config.json {name}={value!r} is not valid; allowed: a positive number")
+  return float(value)
 
 
 def rope_settings(config):
   """(theta, scaling dict or None) from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4.x)."""
+  for key in ("rope_parameters", "rope_scaling"):
+    if not isinstance(config.get(key) or {}, dict):
+      raise ConversionError(f"config.json {key}={config[key]!r} is not an object; allowed: null or an object")
   params = dict(config.get("rope_parameters") or {})
-  theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+  theta = _number({"rope_theta": config.get("rope_theta"), **params}, "rope_theta", 10000.0)
+  params.pop("rope_theta", None)
   scaling = params or dict(config.get("rope_scaling") or {})
   kind = scaling.get("rope_type", scaling.get("type", "default"))
   if kind == "default":
@@ -126,16 +167,21 @@ def arch_from_config(config):
   """Read an `Arch` from a config.json dict; raises ConversionError for unsupported families or options."""
   family = model_type(config)
   if config.get("quantization_config"):
+    quant = config["quantization_config"]
     raise ConversionError(f"quantized checkpoints are not supported (quantization_config="
-                          f"{config['quantization_config'].get('quant_method', '?')}); use a bf16/fp32 checkpoint")
+                          f"{quant.get('quant_method', '?') if isinstance(quant, dict) else quant!r}); use a "
+                          "bf16/fp32 checkpoint")
   act = config.get("hidden_act", "silu")
   if act != "silu":
     raise ConversionError(f"hidden_act={act!r} is not supported; the zoo's SwiGLU needs 'silu'")
-  embed = config["hidden_size"]
-  heads = config["num_attention_heads"]
-  kv_heads = _get(config, "num_key_value_heads", default=heads)
+  embed = _size(config, "hidden_size")
+  heads = _size(config, "num_attention_heads")
+  kv_heads = _size(config, "num_key_value_heads", default=heads)
+  if heads % kv_heads:
+    raise ConversionError(f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads="
+                          f"{kv_heads}")
   theta, scaling = rope_settings(config)
-  layers = config["num_hidden_layers"]
+  layers = _size(config, "num_hidden_layers")
   attention_bias = bool(config.get("attention_bias", False))
   if attention_bias and family != "deepseek_v3":
     raise ConversionError(f"{family}: attention_bias=True (an output-projection bias) is not supported by "
@@ -144,13 +190,13 @@ def arch_from_config(config):
   if any(t != "full_attention" for t in layer_types):
     raise ConversionError(f"{family}: layer_types={layer_types} mixes attention types; only full_attention "
                           "layers are supported")
-  window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+  window = _size(config, "sliding_window", default=None) if config.get("use_sliding_window", True) else None
   if family in ("qwen2", "qwen3", "qwen2_moe") and not config.get("use_sliding_window", False):
     window = None
   common = dict(
-      family=family, vocab_size=config["vocab_size"], embed_dim=embed, num_layers=layers, num_heads=heads,
-      num_kv_heads=kv_heads, head_dim=_get(config, "head_dim", default=embed // heads),
-      mlp_dim=config["intermediate_size"], norm_epsilon=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+      family=family, vocab_size=_size(config, "vocab_size"), embed_dim=embed, num_layers=layers, num_heads=heads,
+      num_kv_heads=kv_heads, head_dim=_size(config, "head_dim", default=max(embed // heads, 1)),
+      mlp_dim=_size(config, "intermediate_size"), norm_epsilon=_number(config, "rms_norm_eps", 1e-6), rope_theta=theta,
       rope_scaling=scaling, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
       qkv_bias=family == "qwen2" or (family == "qwen2_moe" and config.get("qkv_bias", True)),
       qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(family),
@@ -159,9 +205,13 @@ def arch_from_config(config):
     raise ConversionError(f"olmoe: clip_qkv={config['clip_qkv']} is not supported (only clip_qkv=null)")
   if family not in MOE_FAMILIES:
     return Arch(**common)
-  experts = _get(config, "num_local_experts", "num_experts", "n_routed_experts")
-  moe = dict(num_experts=experts, experts_per_token=config["num_experts_per_tok"],
-             expert_mlp_dim=_get(config, "moe_intermediate_size", default=config["intermediate_size"]),
+  experts = _size(config, "num_local_experts", "num_experts", "n_routed_experts",
+                  minimum=0 if family in ("qwen2_moe", "qwen3_moe") else 1)
+  per_token = _size(config, "num_experts_per_tok")
+  if per_token > max(experts, 1):
+    raise ConversionError(f"config.json num_experts_per_tok={per_token} exceeds the {experts} experts")
+  moe = dict(num_experts=experts, experts_per_token=per_token,
+             expert_mlp_dim=_size(config, "moe_intermediate_size", "intermediate_size"),
              renormalize=family == "mixtral" or bool(config.get("norm_topk_prob", False)))
   if family in ("mixtral", "olmoe"):
     if family == "mixtral" and config.get("router_jitter_noise"):
@@ -169,25 +219,28 @@ def arch_from_config(config):
                             "option the converter does not carry; set it to 0")
     return Arch(**{**common, "moe_layers": (True,) * layers}, **moe)
   if family in ("qwen2_moe", "qwen3_moe"):
-    step, dense_only = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or [])
+    step, dense_only = _size(config, "decoder_sparse_step", default=1), set(config.get("mlp_only_layers") or [])
     flags = tuple(i not in dense_only and experts > 0 and (i + 1) % step == 0 for i in range(layers))
-    shared = config.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
+    shared = _size(config, "shared_expert_intermediate_size", minimum=0, default=0) if family == "qwen2_moe" else 0
     return Arch(**{**common, "moe_layers": flags}, **moe, shared_mlp_dim=shared, shared_expert_gate=shared > 0,
                 moe_every=step)
   # deepseek_v3
-  first, every = config.get("first_k_dense_replace", 0), config.get("moe_layer_freq", 1)
+  first = _size(config, "first_k_dense_replace", minimum=0, default=0)
+  every = _size(config, "moe_layer_freq", default=1)
   flags = tuple(i >= first and i % every == 0 for i in range(layers))
   if config.get("topk_method", "noaux_tc") != "noaux_tc" or config.get("scoring_func", "sigmoid") != "sigmoid":
     raise ConversionError(f"deepseek_v3: topk_method={config.get('topk_method')!r} / scoring_func="
                           f"{config.get('scoring_func')!r} are not supported (only 'noaux_tc' with 'sigmoid')")
-  return Arch(**{**common, "moe_layers": flags, "qk_norm": None, "head_dim": config["qk_rope_head_dim"]}, **moe,
-              shared_mlp_dim=moe["expert_mlp_dim"] * (config.get("n_shared_experts") or 0),
+  rope_dim = _size(config, "qk_rope_head_dim")
+  return Arch(**{**common, "moe_layers": flags, "qk_norm": None, "head_dim": rope_dim}, **moe,
+              shared_mlp_dim=moe["expert_mlp_dim"] * _size(config, "n_shared_experts", minimum=0, default=0),
               router="sigmoid", routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
-              n_group=config.get("n_group") or 1, topk_group=config.get("topk_group") or 1, router_bias=True,
-              mla=True, q_lora_rank=config.get("q_lora_rank"), kv_lora_rank=config["kv_lora_rank"],
-              qk_nope_head_dim=config["qk_nope_head_dim"], qk_rope_head_dim=config["qk_rope_head_dim"],
-              v_head_dim=config["v_head_dim"], rope_interleave=bool(config.get("rope_interleave", True)),
-              first_dense_layers=first, moe_every=every, mtp_layers=config.get("num_nextn_predict_layers", 0))
+              n_group=_size(config, "n_group", default=1), topk_group=_size(config, "topk_group", default=1),
+              router_bias=True, mla=True, q_lora_rank=_size(config, "q_lora_rank", default=None),
+              kv_lora_rank=_size(config, "kv_lora_rank"), qk_nope_head_dim=_size(config, "qk_nope_head_dim"),
+              qk_rope_head_dim=rope_dim, v_head_dim=_size(config, "v_head_dim"),
+              rope_interleave=bool(config.get("rope_interleave", True)), first_dense_layers=first, moe_every=every,
+              mtp_layers=_size(config, "num_nextn_predict_layers", minimum=0, default=0))
 
 
 # ------------------------------------------------------------------------------------------------ HF tensor names
@@ -260,19 +313,143 @@ def expected_tensors(arch, fused_experts=False):
 
 
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
+# Floating dtypes a parameter may be stored in (safetensors header names), and numpy dtype names -> header names.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_HEADER_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                  "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+                  "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def _describe(tensors):
+  """name -> (file or None, dtype as a safetensors header names it, shape tuple), without reading tensor data when
+  `tensors` is a `safetensors_io.Tensors` (it has `info(name)`); else from the arrays' dtype and shape."""
+  info = getattr(tensors, "info", None)
+  out = {}
+  for name in tensors:
+    if info is not None:
+      i = info(name)
+      out[name] = (i.file, i.dtype, tuple(i.shape))
+    else:
+      value = tensors[name]
+      dtype = np.dtype(value.dtype).name
+      out[name] = (None, _HEADER_DTYPES.get(dtype, dtype), tuple(np.shape(value)))
+  return out
+
+
+def _in(file):
+  return f" in {file}" if file else ""
+
+
+def _experts_key(arch):
+  return {"mixtral": "num_local_experts", "deepseek_v3": "n_routed_experts"}.get(arch.family, "num_experts")
+
+
+def _check_counts(described, arch):
+  """ConversionError naming num_hidden_layers / the experts key when the checkpoint holds another number of layers
+  or experts (checked before the expected tensor names are listed: a config with 10**6 layers fails at once)."""
+  layers = {}
+  for name in sorted(described):
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m:
+      layers.setdefault(int(m.group(1)), name)
+  found = max(layers) + 1 if layers else 0
+  if not arch.num_layers <= found <= arch.num_layers + arch.mtp_layers:
+    held = "no model.layers.* tensors"
+    if layers:
+      first, last = layers[min(layers)], layers[max(layers)]
+      held = (f"layers {min(layers)} to {max(layers)} ({first}{_in(described[first][0])} ... "
+              f"{last}{_in(described[last][0])})")
+    extra = f" plus {arch.mtp_layers} multi-token-prediction layers" if arch.mtp_layers else ""
+    raise ConversionError(f"config.json num_hidden_layers={arch.num_layers}{extra} disagrees with the checkpoint, "
+                          f"whose tensors hold {held}")
+  experts = {}
+  for name in sorted(described):
+    m = re.match(r"model\.layers\.(\d+)\.\w+\.experts\.(\d+)\.", name)
+    if m and int(m.group(1)) < arch.num_layers:
+      experts.setdefault(int(m.group(2)), name)
+  if experts and max(experts) + 1 != arch.num_experts:
+    last = experts[max(experts)]
+    raise ConversionError(f"config.json {_experts_key(arch)}={arch.num_experts} disagrees with the checkpoint, "
+                          f"whose tensors hold experts 0 to {max(experts)} ({last}{_in(described[last][0])})")
+
+
+def _anchors(arch, fused_experts):
+  """(config.json keys {key: value}, expected size, HF tensor, axis): for every size key, one tensor dimension that
+  it alone (or with the keys listed) determines, so that a disagreement names the key."""
+  a, s = arch, "model.layers.0.self_attn."
+  out = [({"vocab_size": a.vocab_size}, a.vocab_size, "model.embed_tokens.weight", 0),
+         ({"hidden_size": a.embed_dim}, a.embed_dim, "model.embed_tokens.weight", 1)]
+  if a.mla:
+    if a.q_lora_rank is not None:
+      out.append(({"q_lora_rank": a.q_lora_rank}, a.q_lora_rank, s + "q_a_proj.weight", 0))
+    out += [({"kv_lora_rank": a.kv_lora_rank}, a.kv_lora_rank, s + "kv_a_layernorm.weight", 0),
+            ({"kv_lora_rank": a.kv_lora_rank, "qk_rope_head_dim": a.qk_rope_head_dim},
+             a.kv_lora_rank + a.qk_rope_head_dim, s + "kv_a_proj_with_mqa.weight", 0),
+            ({"num_attention_heads": a.num_heads, "v_head_dim": a.v_head_dim}, a.num_heads * a.v_head_dim,
+             s + "o_proj.weight", 1),
+            ({"num_attention_heads": a.num_heads, "qk_nope_head_dim": a.qk_nope_head_dim, "v_head_dim": a.v_head_dim},
+             a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), s + "kv_b_proj.weight", 0)]
+  else:
+    if a.qk_norm == "head":
+      out.append(({"head_dim": a.head_dim}, a.head_dim, s + "q_norm.weight", 0))
+    out += [({"num_attention_heads": a.num_heads, "head_dim": a.head_dim}, a.num_heads * a.head_dim,
+             s + "q_proj.weight", 0),
+            ({"num_key_value_heads": a.num_kv_heads, "head_dim": a.head_dim}, a.num_kv_heads * a.head_dim,
+             s + "k_proj.weight", 0)]
+  dense = [i for i, moe in enumerate(a.moe_layers) if not moe]
+  if dense:
+    out.append(({"intermediate_size": a.mlp_dim}, a.mlp_dim, f"model.layers.{dense[0]}.mlp.gate_proj.weight", 0))
+  moe = [i for i, flag in enumerate(a.moe_layers) if flag]
+  if moe:
+    p = f"model.layers.{moe[0]}."
+    block, gate, _, _ = _expert_names(a)
+    mlp_key = "intermediate_size" if a.family in ("mixtral", "olmoe") else "moe_intermediate_size"
+    if fused_experts:
+      out += [({_experts_key(a): a.num_experts}, a.num_experts, p + "mlp.gate.weight", 0),
+              ({mlp_key: a.expert_mlp_dim}, 2 * a.expert_mlp_dim, p + "mlp.experts.gate_up_proj", 1)]
+    else:
+      out += [({_experts_key(a): a.num_experts}, a.num_experts, p + block + ".gate.weight", 0),
+              ({mlp_key: a.expert_mlp_dim}, a.expert_mlp_dim, f"{p}{block}.experts.0.{gate}.weight", 0)]
+    if a.shared_mlp_dim and a.family == "deepseek_v3":
+      out.append(({"moe_intermediate_size": a.expert_mlp_dim, "n_shared_experts": a.shared_mlp_dim // a.expert_mlp_dim},
+                  a.shared_mlp_dim, p + "mlp.shared_experts.gate_proj.weight", 0))
+    elif a.shared_mlp_dim:
+      out.append(({"shared_expert_intermediate_size": a.shared_mlp_dim}, a.shared_mlp_dim,
+                  p + "mlp.shared_expert.gate_proj.weight", 0))
+  return out
+
+
+def _size_problems(described, arch, fused_experts):
+  """One line per config.json size key that disagrees with the tensor shapes (see `_anchors`), naming the key(s),
+  the tensor and its file."""
+  problems = []
+  for keys, size, name, axis in _anchors(arch, fused_experts):
+    if name not in described or len(described[name][2]) <= axis or described[name][2][axis] == size:
+      continue
+    file, _, shape = described[name]
+    given = ", ".join(f"{k}={v}" for k, v in keys.items())
+    problems.append(f"{given} gives {size} but {name}{_in(file)} has shape {shape} (axis {axis})")
+  return problems
 
 
 def check_tensors(tensors, arch):
   """Validate the checkpoint's tensors against the config; returns whether experts are stored fused.
 
-  Raises ConversionError naming every missing or unexpected tensor and every shape mismatch (expected vs found).
+  Reads shapes and dtypes only (from the headers when `tensors` is a `safetensors_io.Tensors`). Raises
+  ConversionError, naming the tensors and their files:
+  - for a number of layers or experts in config.json that the tensors do not hold (key named);
+  - for a parameter stored as integers or bools (they are never cast to float);
+  - listing every missing or unexpected tensor and every shape mismatch (expected vs found), led by the
+    config.json size keys that disagree with a tensor dimension (see `_anchors`).
   Ignored: `rotary_emb.inv_freq` buffers, a tied `lm_head.weight`, and DeepSeek's multi-token-prediction layers
   (`model.layers.{n}` for n >= num_hidden_layers).
   """
   if any(name.endswith("weight_scale_inv") for name in tensors):
     raise ConversionError("the checkpoint holds FP8 block-quantised weights (*.weight_scale_inv); dequantise it to "
                           "bf16 first")
-  names = set(tensors)
+  described = _describe(tensors)
+  _check_counts(described, arch)
+  names = set(described)
   for name in list(names):
     m = re.match(r"model\.layers\.(\d+)\.", name)
     if any(p.match(name) for p in _IGNORED) or (name == "lm_head.weight" and arch.tie_embeddings) or (
@@ -280,15 +457,26 @@ def check_tensors(tensors, arch):
       names.discard(name)
   fused = any(".experts.gate_up_proj" in n for n in names)
   expected = expected_tensors(arch, fused_experts=fused)
+  present = sorted(names & set(expected))
+  integral = [f"{n}{_in(described[n][0])}: {described[n][1]}" for n in present if described[n][1] not in FLOAT_DTYPES]
+  if integral:
+    raise ConversionError(f"tensors that are not floating point ({len(integral)}): {_clip(integral)}; the model's "
+                          f"parameters are, and integer or bool tensors are never cast; allowed dtypes: "
+                          f"{', '.join(FLOAT_DTYPES)}")
   missing = sorted(set(expected) - names)
   unexpected = sorted(names - set(expected))
-  mismatched = [f"{n}: expected {expected[n]}, found {tuple(tensors[n].shape)}" for n in sorted(names & set(expected))
-                if tuple(tensors[n].shape) != expected[n]]
+  mismatched = [f"{n}: expected {expected[n]}, found {described[n][2]}" + (f" ({described[n][0]})" if described[n][0]
+                                                                             else "")
+                for n in present if described[n][2] != expected[n]]
   problems = []
+  sizes = _size_problems(described, arch, fused) if mismatched else []
+  if sizes:
+    problems.append(f"config.json sizes that disagree with the tensors ({len(sizes)}): {_clip(sizes)}")
   if missing:
     problems.append(f"missing tensors ({len(missing)}): {_clip(missing)}")
   if unexpected:
-    problems.append(f"unexpected tensors ({len(unexpected)}): {_clip(unexpected)}")
+    problems.append(f"unexpected tensors ({len(unexpected)}): " + _clip(
+        [f"{n}{_in(described[n][0])}" for n in unexpected]))
   if mismatched:
     problems.append(f"shape mismatches ({len(mismatched)}): {_clip(mismatched)}")
   if problems:
@@ -298,6 +486,37 @@ def check_tensors(tensors, arch):
 
 def _clip(items, limit=8):
   return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+HFDirectory = collections.namedtuple("HFDirectory", ["path", "config", "arch", "tensors", "fused_experts"])
+HFDirectory.__doc__ = """A checked Hugging Face model directory: its path, config.json dict, `Arch`, tensors (a
+`safetensors_io.Tensors` mapping, read on access) and whether the experts are stored fused."""
+
+
+def check_dir(path):
+  """Check a Hugging Face model directory from its config.json and its safetensors headers only (no tensor data is
+  read and nothing is allocated), so that an inconsistent directory is refused before any model is built.
+
+  Checks: config.json is a JSON object with valid sizes for a supported family; the index (if any) names shards
+  inside the directory that exist; every file's header is well formed; the tensors' names, shapes and dtypes are
+  those the family expects from config.json (`check_tensors`).
+
+  Args:
+    path: the directory (an optional `hf:` prefix is dropped).
+
+  Returns:
+    HFDirectory.
+
+  Raises:
+    ConversionError (or its subclass `safetensors_io.SafetensorsError`) with one line naming the file, key or tensor.
+  """
+  from zoo.checkpoints import safetensors_io  # it imports this module (for ConversionError)
+  path = path[3:] if str(path).startswith("hf:") else str(path)
+  config = read_config(path)
+  arch = arch_from_config(config)
+  tensors = safetensors_io.load_dir(path)
+  fused = check_tensors(tensors, arch)
+  return HFDirectory(path, config, arch, tensors, fused)
 
 
 # ------------------------------------------------------------------------------------------- HF <-> canonical
@@ -311,8 +530,16 @@ def hf_to_canonical(tensors, arch, *, fused_experts=False, dtype=np.float32):
   """Map HF tensors (validated by `check_tensors`) to the canonical layout, cast to `dtype`."""
   a, d = arch, arch.embed_dim
 
+  def floating(name):
+    value = np.asarray(tensors[name])
+    if _HEADER_DTYPES.get(value.dtype.name) not in FLOAT_DTYPES:
+      file = tensors.info(name).file if hasattr(tensors, "info") else None
+      raise ConversionError(f"tensor {name}{_in(file)} has dtype {value.dtype}; integer and bool tensors are never "
+                            f"cast to the model's floating parameters (allowed: {', '.join(FLOAT_DTYPES)})")
+    return value
+
   def t(name):
-    return np.asarray(tensors[name]).astype(dtype)
+    return floating(name).astype(dtype)
 
   def lin(name, *out_shape):
     """nn.Linear [out, in] -> [in, *out_shape]."""
@@ -372,7 +599,7 @@ def hf_to_canonical(tensors, arch, *, fused_experts=False, dtype=np.float32):
         down = np.stack([lin(f"{x}{e}.{dn}.weight") for e in range(a.num_experts)])
       ffn = {"router": router, "gate": gate, "up": up, "down": down}
       if a.router_bias:
-        ffn["router_bias"] = np.asarray(tensors[p + "mlp.gate.e_score_correction_bias"]).astype(np.float32)
+        ffn["router_bias"] = floating(p + "mlp.gate.e_score_correction_bias").astype(np.float32)
       if a.shared_mlp_dim:
         sh = p + ("mlp.shared_experts." if a.family == "deepseek_v3" else "mlp.shared_expert.")
         ffn.update(shared_gate=lin(sh + "gate_proj.weight"), shared_up=lin(sh + "up_proj.weight"),
