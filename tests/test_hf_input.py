@@ -1,8 +1,10 @@
-"""Bad Hugging Face input: each gets one clear line naming the file, tensor or key.
+"""Bad Hugging Face input and unsafe destinations: each gets one clear line naming the file, tensor or key, and no
+conversion loses or mixes a user's files.
 
 Covers the safetensors reader (the `safetensors` package: headers without tensor data, tensors read on access),
 integer/bool tensors, index entries outside the model directory and missing shards, truncated or malformed files,
-and config.json that is not JSON or disagrees with the tensor headers.
+config.json that is not JSON or disagrees with the tensor headers, and tools/convert_hf.py (one `error:` line with
+exit status 2; a non-empty OUT_DIR refused unless --overwrite, which replaces it whole; the source never touched).
 
 Needs torch and transformers (the `hf` extra) to build the tiny models.
 """
@@ -11,6 +13,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 
 import jax
@@ -19,10 +23,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from zoo.checkpoints import ConversionError, hf, hf_model_config, hf_spec, hf_testing, load_hf_checkpoint
+from zoo.checkpoints import ConversionError, export_hf, hf, hf_model_config, hf_spec, hf_testing, load_hf_checkpoint
 from zoo.checkpoints import safetensors_io
 from zoo.checkpoints.safetensors_io import SafetensorsError
+from zoo.engine.checkpoint import restore_params
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tools", "convert_hf.py")
 INDEX = "model.safetensors.index.json"
 
 
@@ -288,3 +295,161 @@ def test_experts_count_disagreeing_with_the_tensors_is_named(mixtral_zoo, tmp_pa
   with pytest.raises(ConversionError, match=r"num_local_experts=100000 disagrees with the checkpoint, whose tensors "
                                             r"hold experts 0 to 3 \(model\.layers\.\d\.block_sparse_moe\.experts\.3"):
     hf_model_config(directory)
+
+
+# ---------------------------------------------------------------------------------------------- destinations
+
+def test_write_dir_failure_keeps_the_old_directory(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "old.txt").write_text("old")
+
+  def failing(directory):
+    open(os.path.join(directory, "half.bin"), "wb").write(b"x")
+    raise RuntimeError("disk full")
+  with pytest.raises(RuntimeError, match="disk full"):
+    hf.write_dir(str(out), failing, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["old.txt"]
+  with pytest.raises(ConversionError, match=r"output directory .*out is not empty; allowed: a new or empty "
+                                            r"directory, or pass overwrite=True to replace it whole"):
+    hf.write_dir(str(out), lambda d: None)
+  hf.write_dir(str(out), lambda d: open(os.path.join(d, "new.txt"), "w").write("new"), overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["new.txt"]
+
+
+def test_export_refuses_a_directory_with_old_shards(mixtral_zoo, tmp_path):
+  src, _, model_config, variables = mixtral_zoo
+  out = _copy(src, tmp_path, "old")  # an older export: config.json + model.safetensors
+  before = _digest(out)
+  with pytest.raises(ConversionError, match=r"is not empty"):
+    export_hf(model_config, variables, out, "mixtral")
+  assert _digest(out) == before
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+def _cli(*args):
+  """(exit status, stderr) of tools/convert_hf.py run as a script."""
+  done = subprocess.run([sys.executable, "tools/convert_hf.py", *args], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  return done.returncode, done.stderr
+
+
+def _assert_error(result, *needles):
+  code, stderr = result
+  assert code == 2, stderr[-3000:]
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+
+
+def test_cli_refuses_non_empty_destinations(llama, mixtral_zoo, tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "metrics.jsonl").write_text("{}\n")
+  before = _digest(workdir)
+  _assert_error(_cli("to-zoo", llama, str(workdir)), f"output directory {workdir} is not empty", "--overwrite")
+  old_hf = _copy(mixtral_zoo[0], tmp_path, "old_hf")
+  before_hf = _digest(old_hf)
+  _assert_error(_cli("to-hf", mixtral_zoo[1], old_hf, "--family", "mixtral"), f"output directory {old_hf} is not "
+                "empty", "--overwrite")
+  assert _digest(workdir) == before and _digest(old_hf) == before_hf
+
+
+def test_cli_overwrite_replaces_the_destination_whole(llama, mixtral_zoo, tmp_path):
+  other = str(tmp_path / "other")
+  hf_testing.build("llama", other, seed=1)
+  out = str(tmp_path / "zoo")
+  hf.convert_hf_to_orbax(llama, out)
+  (tmp_path / "zoo" / "stale.txt").write_text("from an older run")
+  code, stderr = _cli("to-zoo", other, out, "--overwrite")
+  assert code == 0, stderr[-3000:]
+  assert sorted(os.listdir(tmp_path)) == ["other", "zoo"] and "stale.txt" not in os.listdir(out)
+  _, expected = load_hf_checkpoint(other)
+  restored = restore_params(out, jax.tree.map(np.zeros_like, expected["params"]))
+  jax.tree.map(np.testing.assert_array_equal, restored, expected["params"])
+
+  # to-hf over an older sharded export: the old shards and index go, so the loader reads the new model
+  src, zoo_dir, model_config, variables = mixtral_zoo
+  hf_out = tmp_path / "hf"
+  hf_out.mkdir()
+  tensors = _tensors(os.path.join(src, "model.safetensors"))
+  names = sorted(tensors)
+  half = len(names) // 2
+  zeros = {n: np.zeros_like(tensors[n]) for n in names}
+  safetensors_io.save_file({n: zeros[n] for n in names[:half]}, str(hf_out / "model-00001-of-00002.safetensors"))
+  safetensors_io.save_file({n: zeros[n] for n in names[half:]}, str(hf_out / "model-00002-of-00002.safetensors"))
+  json.dump({"weight_map": {n: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, n in enumerate(names)}},
+            open(hf_out / INDEX, "w"))
+  shutil.copy(os.path.join(src, "config.json"), hf_out / "config.json")
+  code, stderr = _cli("to-hf", zoo_dir, str(hf_out), "--family", "mixtral", "--overwrite")
+  assert code == 0, stderr[-3000:]
+  assert sorted(os.listdir(hf_out)) == ["config.json", "model.safetensors"]
+  assert sorted(os.listdir(tmp_path)) == ["hf", "other", "zoo"]
+  _, loaded = load_hf_checkpoint(str(hf_out))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, variables)
+
+
+def test_cli_never_writes_into_or_over_its_source(llama, mixtral_zoo, tmp_path):
+  src = _copy(llama, tmp_path, "models/llama")
+  before = _digest(str(tmp_path / "models"))
+  _assert_error(_cli("to-zoo", src, src, "--overwrite"), f"output directory {src} is the source")
+  _assert_error(_cli("to-zoo", src, os.path.join(src, "zoo"), "--overwrite"), "is inside the source")
+  _assert_error(_cli("to-zoo", src, str(tmp_path / "models"), "--overwrite"), "contains the source")
+  zoo_dir = mixtral_zoo[1]
+  zoo_before = _digest(zoo_dir)
+  _assert_error(_cli("to-hf", zoo_dir, os.path.join(zoo_dir, "hf"), "--family", "mixtral"), "is inside the source")
+  assert _digest(str(tmp_path / "models")) == before and _digest(zoo_dir) == zoo_before
+
+
+def _bad_input(kind, tmp_path, llama, mixtral_zoo):
+  """(argv, text the error line must hold) for one kind of bad input."""
+  out = str(tmp_path / "out")
+  if kind == "missing_source":
+    return ["to-zoo", str(tmp_path / "nope"), out], f"HF_DIR {tmp_path / 'nope'} does not exist"
+  if kind == "no_config":
+    (tmp_path / "empty").mkdir()
+    return ["to-zoo", str(tmp_path / "empty"), out], "has no config.json"
+  if kind == "unsupported":
+    directory = _copy(llama, tmp_path)
+    json.dump({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, open(f"{directory}/config.json", "w"))
+    return ["to-zoo", directory, out], "unsupported architecture: model_type='gpt2'"
+  if kind == "malformed_safetensors":
+    directory = _copy(llama, tmp_path)
+    tensor = _damage(os.path.join(directory, "model.safetensors"), "truncated")
+    return ["to-zoo", directory, out], f"tensor {tensor!r} ends at byte"
+  if kind == "no_checkpoint":
+    (tmp_path / "run").mkdir()
+    shutil.copy(os.path.join(mixtral_zoo[1], "zoo_config.json"), tmp_path / "run")
+    return ["to-hf", str(tmp_path / "run"), out, "--family", "mixtral"], "no checkpoint in"
+  if kind == "bad_model_config":
+    (tmp_path / "model.json").write_text("{name: moe_lm}")
+    return (["to-hf", mixtral_zoo[1], out, "--family", "mixtral", "--model-config", str(tmp_path / "model.json")],
+            "model.json is not valid JSON")
+  if kind == "wrong_model_config":
+    config = dict(mixtral_zoo[2].to_dict(), embed_dim=64)
+    json.dump(config, open(tmp_path / "model.json", "w"))
+    return (["to-hf", mixtral_zoo[1], out, "--family", "mixtral", "--model-config", str(tmp_path / "model.json")],
+            "does not fit the model config: variable ['params']['embed']['embedding'] has shape (96, 32), the config "
+            "gives (96, 64)")
+  if kind == "unknown_option":
+    return ["to-zoo", llama, out, "--force"], "unrecognized arguments: --force"
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing_source", "no_config", "unsupported", "malformed_safetensors",
+                                  "no_checkpoint", "bad_model_config", "wrong_model_config", "unknown_option"])
+def test_cli_errors_are_one_line_with_status_2(kind, llama, mixtral_zoo, tmp_path):
+  argv, needle = _bad_input(kind, tmp_path, llama, mixtral_zoo)
+  zoo_before = _digest(mixtral_zoo[1])
+  _assert_error(_cli(*argv), needle)
+  assert not os.path.exists(tmp_path / "out") and _digest(mixtral_zoo[1]) == zoo_before
+  assert not [name for name in os.listdir(tmp_path) if name.startswith(".out.")]  # no temporary directory left
+
+
+def test_cli_imports_the_installed_package(tmp_path):
+  assert "sys.path" not in open(SCRIPT).read()
+  done = subprocess.run([sys.executable, SCRIPT, "to-zoo", "--help"], cwd=str(tmp_path), capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0 and "--overwrite" in done.stdout, done.stderr

@@ -11,6 +11,9 @@ shared expert. Dispatch never drops tokens (`capacity_factor=0`).
 """
 import json
 import os
+import shutil
+import uuid
+import warnings
 
 import jax
 import ml_collections
@@ -143,25 +146,120 @@ def _place(path, value, sharding):
                           f"{sharding}: {str(e).splitlines()[0]}") from None
 
 
-def save_orbax(out_dir, model_config, variables):
+def check_destination(out_dir, *, overwrite=False, sources=(), option="overwrite=True"):
+  """Refuse an output directory a conversion could lose data in.
+
+  Allowed: a path that does not exist, an empty directory, or (with `overwrite`) a non-empty directory, which
+  `write_dir` then replaces whole.
+
+  Args:
+    out_dir: the output directory.
+    overwrite: whether a non-empty `out_dir` may be replaced.
+    sources: the conversion's inputs (directories or files); `out_dir` may not be one of them, lie inside one or
+      contain one (replacing it would modify the source).
+    option: how the caller names `overwrite` in the message (e.g. '--overwrite' for a command line).
+
+  Raises:
+    ConversionError naming `out_dir` and what is allowed.
+  """
+  out = os.path.realpath(out_dir)
+  for source in sources:
+    src = os.path.realpath(source)
+    if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
+      where = "is" if out == src else "is inside"
+      raise ConversionError(f"output directory {out_dir} {where} the source {source}; allowed: a directory outside "
+                            "the source (a conversion never modifies its source)")
+    if src.startswith(out.rstrip(os.sep) + os.sep):
+      raise ConversionError(f"output directory {out_dir} contains the source {source}; allowed: a directory that "
+                            "does not hold the source (a conversion never modifies its source)")
+  if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+    raise ConversionError(f"output directory {out_dir} exists and is not a directory; allowed: a new or empty "
+                          "directory")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ConversionError(f"output directory {out_dir} is not empty; allowed: a new or empty directory, or pass "
+                          f"{option} to replace it whole")
+
+
+def write_dir(out_dir, write, *, overwrite=False, sources=()):
+  """Create `out_dir` whole: `write(tmp)` fills a fresh temporary sibling directory, which then takes its place.
+
+  A failure in `write` removes the temporary directory and leaves `out_dir` as it was. With `overwrite`, an existing
+  `out_dir` is renamed aside, the new directory renamed in, and only then the old one removed (if renaming in fails,
+  the old one is renamed back), so `out_dir` never holds a mix of old and new files.
+
+  Args:
+    out_dir: the output directory (checked by `check_destination` with `overwrite` and `sources`).
+    write: function(directory) writing the output into `directory`.
+    overwrite: whether a non-empty `out_dir` may be replaced.
+    sources: the conversion's inputs, which `out_dir` may not be, lie in or contain.
+
+  Returns:
+    What `write` returns.
+  """
+  check_destination(out_dir, overwrite=overwrite, sources=sources)
+  out = os.path.abspath(out_dir)
+  parent, base = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f".{base}.partial-{uuid.uuid4().hex[:12]}")
+  os.mkdir(tmp)
+  aside = None
+  try:
+    result = write(tmp)
+    if os.path.lexists(out):
+      if os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out):
+        os.rmdir(out)
+      else:
+        aside = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(out, aside)
+    try:
+      os.rename(tmp, out)
+    except BaseException:
+      if aside is not None:
+        os.rename(aside, out)
+        aside = None
+      raise
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if aside is not None:
+    try:
+      if os.path.islink(aside):
+        os.unlink(aside)
+      else:
+        shutil.rmtree(aside)
+    except OSError as e:
+      warnings.warn(f"{out_dir} was replaced; its previous contents, moved to {aside}, could not be removed ({e})")
+  return result
+
+
+def save_orbax(out_dir, model_config, variables, *, overwrite=False, sources=()):
   """Write `variables` as step 0 of an orbax checkpoint in the engine's layout (`out_dir/checkpoints/0/state` with
-  `params` and `collections`), so `config.init_from=out_dir` restores them, plus `out_dir/zoo_config.json`."""
+  `params` and `collections`), so `config.init_from=out_dir` restores them, plus `out_dir/zoo_config.json`.
+
+  `out_dir` is written whole (`write_dir`): a non-empty `out_dir` is refused unless `overwrite`, which replaces it.
+  """
   import orbax.checkpoint as ocp
-  os.makedirs(out_dir, exist_ok=True)
   variables = dict(variables)
   state = {"params": variables.pop("params"), "collections": variables}
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), item_names=("state",))
-  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  manager.wait_until_finished()
-  manager.close()
-  with open(os.path.join(out_dir, ZOO_CONFIG_FILE), "w") as f:
-    json.dump(model_config.to_dict(), f, indent=2, sort_keys=True)
+
+  def write(directory):
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"), item_names=("state",))
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+    manager.close()
+    with open(os.path.join(directory, ZOO_CONFIG_FILE), "w") as f:
+      json.dump(model_config.to_dict(), f, indent=2, sort_keys=True)
+
+  write_dir(out_dir, write, overwrite=overwrite, sources=sources)
 
 
-def convert_hf_to_orbax(hf_dir, out_dir):
-  """Convert a Hugging Face directory to an orbax checkpoint + zoo config; returns the model config."""
+def convert_hf_to_orbax(hf_dir, out_dir, *, overwrite=False):
+  """Convert a Hugging Face directory to an orbax checkpoint + zoo config (`save_orbax`); returns the model config.
+
+  `out_dir` is checked first (`check_destination`: not the source, not non-empty unless `overwrite`)."""
+  check_destination(out_dir, overwrite=overwrite, sources=(hf_dir,))
   model_config, variables = load_hf_checkpoint(hf_dir)
-  save_orbax(out_dir, model_config, variables)
+  save_orbax(out_dir, model_config, variables, overwrite=overwrite, sources=(hf_dir,))
   return model_config
 
 
@@ -205,24 +303,30 @@ def hf_config_from_model_config(model_config, family):
           "attention_bias": False, "use_sliding_window": m.get("sliding_window") is not None}
 
 
-def export_hf(model_config, variables, out_dir, family):
+def export_hf(model_config, variables, out_dir, family, *, overwrite=False, sources=()):
   """Write a zoo MoE model as a Hugging Face directory (config.json + model.safetensors, per-expert layout).
 
   Args:
     model_config: the model's `config.model`.
     variables: its variables (`{'params': ...}`), jax or numpy arrays.
-    out_dir: directory to create.
+    out_dir: directory to create, written whole (`write_dir`).
     family: 'mixtral' or 'qwen3_moe'.
+    overwrite: replace a non-empty `out_dir` whole (else it is refused: old shards or an index beside the new file
+      would be loaded instead of it).
+    sources: the inputs the variables came from, which `out_dir` may not be, lie in or contain.
   """
   hf_config = hf_config_from_model_config(model_config, family)
   arch = hf_spec.arch_from_config(hf_config)
   canon = zoo_tree.variables_to_canonical(dict(variables), arch.num_layers)
   tensors = hf_spec.canonical_to_hf(canon, arch)
   hf_spec.check_tensors(tensors, arch)
-  os.makedirs(out_dir, exist_ok=True)
-  safetensors_io.save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
+
+  def write(directory):
+    safetensors_io.save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
+
+  write_dir(out_dir, write, overwrite=overwrite, sources=sources)
   return hf_config
 
 
