@@ -288,12 +288,24 @@ def test_absurd_config_sizes_are_refused_before_any_model_is_built(llama, tmp_pa
   _one_line(str(info.value))
 
 
+@pytest.mark.parametrize("key,value", [("sliding_window", 0), ("sliding_window", None), ("head_dim", None),
+                                       ("rms_norm_eps", 1)])
+def test_valid_config_edge_values_are_accepted(llama, tmp_path, key, value):
+  directory = _copy(llama, tmp_path)
+  config = json.load(open(os.path.join(directory, "config.json")))
+  json.dump({**config, key: value}, open(os.path.join(directory, "config.json"), "w"))
+  assert hf_model_config(directory).num_layers == 2
+
+
 def test_experts_count_disagreeing_with_the_tensors_is_named(mixtral_zoo, tmp_path):
   directory = _copy(mixtral_zoo[0], tmp_path)
   config = json.load(open(os.path.join(directory, "config.json")))
   json.dump({**config, "num_local_experts": 10**5}, open(os.path.join(directory, "config.json"), "w"))
   with pytest.raises(ConversionError, match=r"num_local_experts=100000 disagrees with the checkpoint, whose tensors "
                                             r"hold experts 0 to 3 \(model\.layers\.\d\.block_sparse_moe\.experts\.3"):
+    hf_model_config(directory)
+  json.dump({**config, "num_experts_per_tok": 5}, open(os.path.join(directory, "config.json"), "w"))
+  with pytest.raises(ConversionError, match=r"config.json num_experts_per_tok=5 exceeds the 4 experts"):
     hf_model_config(directory)
 
 

@@ -190,7 +190,7 @@ def arch_from_config(config):
   if any(t != "full_attention" for t in layer_types):
     raise ConversionError(f"{family}: layer_types={layer_types} mixes attention types; only full_attention "
                           "layers are supported")
-  window = _size(config, "sliding_window", default=None) if config.get("use_sliding_window", True) else None
+  window = _size(config, "sliding_window", minimum=0, default=None) if config.get("use_sliding_window", True) else None
   if family in ("qwen2", "qwen3", "qwen2_moe") and not config.get("use_sliding_window", False):
     window = None
   common = dict(
@@ -208,7 +208,7 @@ def arch_from_config(config):
   experts = _size(config, "num_local_experts", "num_experts", "n_routed_experts",
                   minimum=0 if family in ("qwen2_moe", "qwen3_moe") else 1)
   per_token = _size(config, "num_experts_per_tok")
-  if per_token > max(experts, 1):
+  if experts and per_token > experts:
     raise ConversionError(f"config.json num_experts_per_tok={per_token} exceeds the {experts} experts")
   moe = dict(num_experts=experts, experts_per_token=per_token,
              expert_mlp_dim=_size(config, "moe_intermediate_size", "intermediate_size"),
