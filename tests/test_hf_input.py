@@ -203,6 +203,10 @@ def _damage(path, kind):
     header[last]["shape"] = [header[last]["shape"][0] + 1, *header[last]["shape"][1:]]
     _write_raw(path, header, data)
     return last
+  if kind == "unknown_dtype":
+    header[last]["dtype"] = "Q99"
+    _write_raw(path, header, data)
+    return last
   if kind == "bad_entry":
     header[last]["shape"] = "x"
     _write_raw(path, header, data)
@@ -210,7 +214,8 @@ def _damage(path, kind):
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "header_not_json", "header_truncated", "byte_size", "bad_entry"])
+@pytest.mark.parametrize("kind", ["truncated", "header_not_json", "header_truncated", "byte_size", "unknown_dtype",
+                                  "bad_entry"])
 def test_malformed_files_name_the_file_and_tensor(llama, tmp_path, kind):
   directory = _copy(llama, tmp_path)
   path = os.path.join(directory, "model.safetensors")
@@ -224,7 +229,8 @@ def test_malformed_files_name_the_file_and_tensor(llama, tmp_path, kind):
     if tensor is not None:
       assert repr(tensor) in message
   expected = {"truncated": "the file is truncated", "header_not_json": "the header is not valid JSON",
-              "header_truncated": "the file is truncated", "byte_size": "needs", "bad_entry": "allowed: a list"}
+              "header_truncated": "the file is truncated", "byte_size": "needs",
+              "unknown_dtype": "dtype 'Q99'; allowed", "bad_entry": "allowed: a list"}
   assert expected[kind] in message
 
 

@@ -30,6 +30,8 @@ from zoo.checkpoints.hf_spec import ConversionError
 # Header dtype name -> bytes per element, for the dtypes `Tensors` can read.
 ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
              "U16": 2, "U8": 1, "BOOL": 1}
+# Dtypes the format defines that `Tensors` cannot read (float8, sub-byte floats, complex).
+OTHER_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2", "F4", "C64")
 INDEX_FILE = "model.safetensors.index.json"
 
 TensorInfo = collections.namedtuple("TensorInfo", ["file", "dtype", "shape"])
@@ -76,6 +78,9 @@ def _diagnose(path, reason):
       return SafetensorsError(f"{path}: tensor {name!r} has header entry {info!r}; allowed: "
                               "{dtype, shape, data_offsets}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in ITEMSIZES and dtype not in OTHER_DTYPES:
+      return SafetensorsError(f"{path}: tensor {name!r} has dtype {dtype!r}; allowed: "
+                              f"{', '.join(sorted(ITEMSIZES) + list(OTHER_DTYPES))}")
     if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                               for n in shape):
       return SafetensorsError(f"{path}: tensor {name!r} has shape {shape!r}; allowed: a list of integers >= 0")
@@ -207,14 +212,19 @@ def shard_files(directory):
     if not isinstance(entry, str) or not entry.endswith(".safetensors"):
       raise SafetensorsError(f"{where}; allowed: a relative path ending in .safetensors")
     parts = entry.replace("\\", "/").split("/")
-    path = os.path.normpath(os.path.join(root, entry))
-    if os.path.isabs(entry) or ".." in parts or not path.startswith(root + os.sep):
+    if os.path.isabs(entry) or ".." in parts or not os.path.normpath(os.path.join(root, entry)).startswith(
+        root + os.sep):
       raise SafetensorsError(f"{where} points outside the model directory; allowed: a relative path inside it "
                              "without '..'")
+    path = _shard_path(directory, entry)
     if not os.path.isfile(path):
       raise SafetensorsError(f"{where}: that shard is missing from {directory}")
     files.add(path)
   return sorted(files), weight_map
+
+
+def _shard_path(directory, entry):
+  return os.path.normpath(os.path.join(directory, entry))
 
 
 def read_headers(directory):
@@ -229,10 +239,8 @@ def read_headers(directory):
         raise SafetensorsError(f"{directory}: tensor {name!r} is stored twice ({infos[name].file} and {path})")
       infos[name] = info
   if weight_map is not None:
-    root = os.path.abspath(directory)
     for name, entry in weight_map.items():
-      shard = os.path.normpath(os.path.join(root, entry))
-      if name not in infos or infos[name].file != shard:
+      if name not in infos or infos[name].file != _shard_path(directory, entry):
         raise SafetensorsError(f"{os.path.join(directory, INDEX_FILE)}: weight_map places tensor {name!r} in "
                                f"{entry}, but " + (f"it is in {infos[name].file}" if name in infos else
                                                    "no shard holds it"))
