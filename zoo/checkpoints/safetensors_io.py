@@ -74,11 +74,11 @@ def _diagnose(path, reason):
     return SafetensorsError(f"{path}: the header's __metadata__ must map names to strings; got {metadata!r}")
   entries = []
   for name, info in header.items():
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
       return SafetensorsError(f"{path}: tensor {name!r} has header entry {info!r}; allowed: "
                               "{dtype, shape, data_offsets}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in ITEMSIZES and dtype not in OTHER_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZES and dtype not in OTHER_DTYPES:
       return SafetensorsError(f"{path}: tensor {name!r} has dtype {dtype!r}; allowed: "
                               f"{', '.join(sorted(ITEMSIZES) + list(OTHER_DTYPES))}")
     if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
