@@ -12,18 +12,23 @@ from absl import app, flags, logging
 from zoo.engine import cli
 
 cli.define_flags()
+flags.DEFINE_integer("step", None, "resume from this checkpoint step instead of the latest (e.g. when the latest is "
+                     "corrupted); the later steps are set aside (renamed, not deleted)")
 
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
+  cli.quiet_checkpoint_noise()
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100")
   cli.initialize()
   from zoo.engine.trainer import TrainingDivergedError, train
   try:
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
+    train(flags.FLAGS.config, flags.FLAGS.workdir, step=flags.FLAGS.step)
   except cli.USER_ERRORS as e:
     cli.fail(e)
+  except OSError as e:  # a full disk, a vanished mount: one line, not a traceback
+    cli.fail(f"{type(e).__name__}: {e}", code=1)
   except TrainingDivergedError as e:
     cli.fail(e, code=1)
 

@@ -50,7 +50,7 @@ def get_base_config(model=None, dataset="pystdlib"):
   c.checkpoint = ml_collections.ConfigDict({
       "every_steps": 200,  # 0 = only at the end (and on SIGTERM)
       "keep": 3,
-      "async": True,
+      "async_save": True,  # write in the background while training goes on
   })
   # Start the params and non-param collections from a zoo checkpoint directory (a workdir or its checkpoints/
   # folder) or from a Hugging Face model directory 'hf:DIR' (its config.json then sets config.model).

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,3 +55,60 @@ def test_train_resume_and_evaluate(tmp_path):
   assert json.loads(older.stdout.strip().splitlines()[-1])["step"] == 4
   missing = run("evaluate.py", *TINY, f"--workdir={tmp_path}", "--step=3")
   assert missing.returncode == 2 and "checkpoint step 3" in missing.stderr.strip().splitlines()[-1]
+
+
+def _one_error_line(result):
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, ["does not exist"]),
+    ("x = (\n", ["line 1", "SyntaxError"]),
+    ("def get_config():\n  return {'a': 1}\n", ["returned a dict", "ConfigDict"]),
+    ("import nonexistent_module_xyz\ndef get_config():\n  pass\n", ["ModuleNotFoundError", "nonexistent_module_xyz"]),
+    ("x = 1\n", ["defines no get_config()"]),
+    ("dir", ["is not a file"]),
+    ("txt", ["is not a .py file"]),
+])
+def test_bad_config_files_are_one_line(tmp_path, content, words):
+  path = tmp_path / "config.py"
+  if content == "dir":
+    path.mkdir()
+  elif content == "txt":
+    path = tmp_path / "config.txt"
+    path.write_text("hello\n")
+  elif content is not None:
+    path.write_text(content)
+  line = _one_error_line(run("train.py", f"--config={path}", f"--workdir={tmp_path / 'w'}"))
+  for word in words:
+    assert word in line, line
+  assert not (tmp_path / "w").exists()
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / "f").write_text("")
+  line = _one_error_line(run("train.py", *TINY, f"--workdir={tmp_path / 'f'}", "--config.train.steps=2"))
+  assert "is a file" in line
+
+
+def test_a_second_process_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_path):
+  first = subprocess.Popen([sys.executable, "train.py", *TINY, f"--workdir={tmp_path}", "--config.train.steps=100000",
+                            "--config.checkpoint.every_steps=10"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    lock = tmp_path / ".lock"
+    for _ in range(600):  # until the first run holds the workdir and has saved once
+      if lock.exists() and lock.read_text() and (tmp_path / "checkpoints" / "10").is_dir():
+        break
+      time.sleep(0.1)
+    assert first.poll() is None
+    line = _one_error_line(run("train.py", *TINY, f"--workdir={tmp_path}", "--config.train.steps=20"))
+    assert f"pid {first.pid}" in line and "one train.py per workdir" in line
+  finally:
+    first.kill()  # kill -9: the lock goes with the process
+    first.wait()
+  third = run("train.py", *TINY, f"--workdir={tmp_path}", "--config.train.steps=1")
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert "resumed from checkpoint step" in third.stdout

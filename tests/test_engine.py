@@ -23,7 +23,7 @@ def tiny_config(steps=6, **mesh):
   c.train.update(steps=steps, batch_size=16, log_every_steps=1, eval_every_steps=0, eval_batches=2)
   c.optimizer.update(lr=1e-2, warmup_steps=2)
   c.checkpoint.update(every_steps=2, keep=3)
-  c.checkpoint["async"] = False
+  c.checkpoint.async_save = False
   c.sample.max_new_tokens = 4
   c.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
   c.mesh.update(**mesh)
@@ -37,7 +37,7 @@ def losses(workdir):
 
 def wrap_train_step(monkeypatch, after_call):
   """Call `after_call(n, state)` after the n-th train step (n from 1); it may return a replacement state."""
-  original = trainer.Experiment.make_train_step
+  original = trainer.Experiment.compile_train_step
 
   def make(self, *args):
     step_fn = original(self, *args)
@@ -48,7 +48,7 @@ def wrap_train_step(monkeypatch, after_call):
       calls[0] += 1
       return after_call(calls[0], state) or state, metrics
     return wrapped
-  monkeypatch.setattr(trainer.Experiment, "make_train_step", make)
+  monkeypatch.setattr(trainer.Experiment, "compile_train_step", make)
 
 
 def test_short_run_loss_falls_and_logs(tmp_path):

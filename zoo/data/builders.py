@@ -25,6 +25,8 @@ import sysconfig
 import numpy as np
 import tensorflow_datasets as tfds
 
+from zoo.data.config import resolve_data_dir
+
 # Directories never read: installed packages, test suites, build files, codec tables.
 # pydoc_data is replaced by its topics (below); __phello__ is a test package.
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
@@ -184,7 +186,7 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds the embedded dataset `name` into `data_dir` unless it is there, and returns its builder.
 
   Safe when several processes call it at once: the build runs under an exclusive lock on
@@ -192,10 +194,11 @@ def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
 
   Args:
     name: a key of EMBEDDED_BUILDERS.
-    data_dir: the TFDS data directory.
+    data_dir: the TFDS data directory; None = the default of `zoo.data.config.resolve_data_dir`.
   """
   if name not in EMBEDDED_BUILDERS:
     raise ValueError(f"prepare: unknown embedded dataset {name!r}; allowed: {sorted(EMBEDDED_BUILDERS)}")
+  data_dir = resolve_data_dir(data_dir)
   builder = EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
   if builder.is_prepared():  # No lock needed, so a read-only data_dir works.
     return builder

@@ -46,6 +46,20 @@ def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:
   })
 
 
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> str:
+  """`data_dir`, or $ZOO_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets, with `~` expanded.
+
+  Raises:
+    ValueError: the directory is an existing file.
+  """
+  if data_dir is None:
+    data_dir = os.environ.get("ZOO_DATA_DIR") or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ValueError(f"data config: data_dir={data_dir!r} is a file; allowed: a directory (created when missing)")
+  return data_dir
+
+
 def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
   """Checks a data config and fills the keys it leaves out with the defaults of its dataset.
 
@@ -67,9 +81,7 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   if unknown:
     raise ValueError(f"data config: unknown key(s) {unknown}; allowed: {sorted(cfg)}")
   cfg.update(given)
-  if cfg["data_dir"] is None:
-    cfg["data_dir"] = os.environ.get("ZOO_DATA_DIR") or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  cfg["data_dir"] = os.path.expanduser(os.fspath(cfg["data_dir"]))
+  cfg["data_dir"] = resolve_data_dir(cfg["data_dir"])
   seq_len = cfg["seq_len"]
   if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
     raise ValueError(f"data config: seq_len={seq_len!r}; allowed: an int >= 2 (tokens per packed sequence)")

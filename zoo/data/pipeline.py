@@ -169,7 +169,7 @@ class _ToImageExample(grain.transforms.Map):
 
 def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *, split: str, global_batch_size: int,
                   seed: int, process_index: int = 0, process_count: int = 1,
-                  repeat: bool = True, drop_remainder: bool = True) -> grain.DatasetIterator:
+                  repeat: bool = True, drop_remainder: bool = True) -> "DataIterator":
   """A checkpointable iterator over this host's share of the batches of one split.
 
   Args:
@@ -185,7 +185,7 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
       (False, for exact evaluation: every example exactly once).
 
   Returns:
-    A grain DatasetIterator (`get_state()`/`set_state()`) of dicts of numpy arrays, B = global_batch_size //
+    A `DataIterator` (`get_state()`/`set_state()`, see there) of dicts of numpy arrays, B = global_batch_size //
     process_count: text {'inputs': int32 [B, T], 'targets': int32 [B, T], 'mask': float32 [B, T]} with T = seq_len;
     images {'image': float32 [B, H, W, C], 'label': int32 [B]}.
 
@@ -230,4 +230,42 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a script without absl.app has not parsed them
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["worker_count"]))
-  return iter(it)
+  fingerprint = {"dataset": cfg["name"], "split": split, "domains": list(cfg["domains"]), "examples": len(indices),
+                 "process_count": process_count}
+  if info["task"] == "lm":
+    fingerprint["seq_len"] = cfg["seq_len"]
+  return DataIterator(iter(it), fingerprint)
+
+
+class DataIterator:
+  """A grain iterator whose state also records which data it reads (`fingerprint`).
+
+  `get_state()` -> {'grain': grain's JSON state, 'fingerprint': {dataset, split, domains, examples, process_count,
+  seq_len}}. `set_state` refuses a state taken over other data (a resumed run would silently read another order), and
+  still takes the bare grain state that older checkpoints hold.
+  """
+
+  def __init__(self, iterator, fingerprint):
+    self._iterator = iterator
+    self.fingerprint = fingerprint
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iterator)
+
+  def get_state(self):
+    return {"grain": self._iterator.get_state(), "fingerprint": dict(self.fingerprint)}
+
+  def set_state(self, state):
+    """Raises ValueError naming the first key whose saved value differs from this iterator's data."""
+    if isinstance(state, dict) and "grain" in state and "fingerprint" in state:
+      for key, value in self.fingerprint.items():
+        saved = state["fingerprint"].get(key)
+        if saved != value:
+          raise ValueError(f"the saved data position was taken over {key}={saved!r} but this run reads {key}={value!r}; "
+                           f"allowed: the data config the checkpoint was written with (start a new workdir, with "
+                           f"config.init_from=<old workdir>, to train on other data)")
+      state = state["grain"]
+    self._iterator.set_state(state)

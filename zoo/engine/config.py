@@ -1,4 +1,6 @@
 """Start-up validation of an experiment config: every bad key or value fails at once with one clear message."""
+import math
+
 import ml_collections
 
 from zoo.engine import sharding
@@ -6,6 +8,8 @@ from zoo.engine.tasks import TASKS
 from zoo.models import ConfigError, build_model
 
 SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
+# Keys that were renamed: old full key -> new full key.
+RENAMED = {"checkpoint.async": "checkpoint.async_save"}
 
 
 def _base_config():
@@ -16,8 +20,20 @@ def _base_config():
 def _check_keys(section, config, allowed):
   unknown = sorted(set(config.keys()) - set(allowed))
   if unknown:
-    where = f"config.{section}." if section else "config."
-    raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys: {sorted(allowed)}")
+    where = f"{section}." if section else ""
+    key = where + unknown[0]
+    if key in RENAMED:
+      raise ConfigError(f"config.{key} was renamed config.{RENAMED[key]}; set that instead")
+    raise ConfigError(f"unknown key config.{key}; valid keys: {sorted(allowed)}")
+
+
+def _check_numbers(config, prefix="config"):
+  """Every number of the config is finite (a NaN or inf learning rate passes every comparison check but one)."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_numbers(value, f"{prefix}.{key}")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"{prefix}.{key}={value!r} is invalid; allowed: a finite number")
 
 
 def _check(cond, key, value, allowed):
@@ -53,6 +69,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check_keys("", config, base.keys())
   for section in ("mesh", "optimizer", "train", "checkpoint", "sample"):
     _check_keys(section, config[section], base[section].keys())
+  _check_numbers(config)
 
   o, t, ck = config.optimizer, config.train, config.checkpoint
   _check(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, list(SCHEDULES))

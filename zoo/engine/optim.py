@@ -41,7 +41,8 @@ def _decay_mask(params):
 def _labels(trainable, params):
   """'train' or 'frozen' for every leaf of `params` (boxed or not) from `trainable(unboxed params)`."""
   flags = jax.tree.leaves(trainable(nn.unbox(params)))
-  leaves, treedef = jax.tree.flatten(params)
+  # A boxed leaf (logical partitioning) takes its label whole, so the labels are a prefix of either tree.
+  leaves, treedef = jax.tree.flatten(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   if len(flags) != len(leaves) or not all(isinstance(f, bool) for f in flags):
     types = sorted({type(f).__name__ for f in flags})
     raise ValueError(f"trainable_params must return one Python bool per parameter ({len(leaves)} leaves, the "

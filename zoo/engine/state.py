@@ -23,9 +23,11 @@ class TrainState:
 
 
 def _init_fn(model, tx, task, dummy_batch):
+  """`dummy_batch`: arrays or ShapeDtypeStructs; zeros of their shapes are made inside the traced init."""
   def init(rng):
     params_rng, dropout_rng = jax.random.split(rng)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng}, task.inputs(dummy_batch),
+    batch = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), dummy_batch)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, task.inputs(batch),
                            deterministic=True)
     variables = dict(variables)
     params = variables.pop("params")

@@ -17,7 +17,8 @@ class Task:
   """One task.
 
   inputs: batch -> the model's positional input (`tokens` [B, T] or `images` [B, H, W, C]).
-  dummy_batch: (info, data_config, batch_size) -> a numpy batch with the right shapes, for `init`.
+  dummy_batch: (info, data_config, batch_size) -> a batch of jnp arrays with the right shapes; the engine only
+    takes its shapes (`jax.eval_shape`), so nothing is allocated.
   stats: (logits, batch) -> dict of weighted sums; `loss_sum / weight` is the loss that is minimised.
   finalize: (sums, info) -> dict of float metrics.
   throughput_key: the metrics.jsonl name of the throughput, and how many items a batch holds.
@@ -32,9 +33,9 @@ class Task:
 
 def _lm_dummy(info, data_config, batch_size):
   seq_len = int(data_config.seq_len)
-  z = np.zeros((batch_size, seq_len), np.int32)
-  return {"inputs": z, "targets": z, "mask": np.ones((batch_size, seq_len), np.float32),
-          "weight": np.ones((batch_size,), np.float32)}
+  z = jnp.zeros((batch_size, seq_len), jnp.int32)
+  return {"inputs": z, "targets": z, "mask": jnp.ones((batch_size, seq_len), jnp.float32),
+          "weight": jnp.ones((batch_size,), jnp.float32)}
 
 
 def _lm_stats(logits, batch):
@@ -53,8 +54,8 @@ def _lm_finalize(sums, info):
 
 
 def _cls_dummy(info, data_config, batch_size):
-  return {"image": np.zeros((batch_size, *info["image_shape"]), np.float32),
-          "label": np.zeros((batch_size,), np.int32), "weight": np.ones((batch_size,), np.float32)}
+  return {"image": jnp.zeros((batch_size, *info["image_shape"]), jnp.float32),
+          "label": jnp.zeros((batch_size,), jnp.int32), "weight": jnp.ones((batch_size,), jnp.float32)}
 
 
 def _cls_stats(logits, batch):

@@ -15,11 +15,13 @@ import numpy as np
 import optax
 
 from zoo.engine import sharding
-from zoo.engine.checkpoint import Checkpointer, checkpoint_dir, restore_variables
+from zoo.engine.checkpoint import CheckpointError, Checkpointer, CheckpointNotFound, checkpoint_dir, restore_variables
 from zoo.engine.config import dataset_info, validate_config
+from zoo.engine.memory import check_memory
 from zoo.engine.optim import make_optimizer
 from zoo.engine.state import abstract_state, create_train_state
 from zoo.engine.tasks import get_task, reduce_stats
+from zoo.engine.workdir import WorkdirLock, check_workdir, record_config
 from zoo.engine.writers import MetricsWriter, to_python
 from zoo.models import ConfigError, build_model
 
@@ -56,11 +58,14 @@ class Experiment:
     self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps),
                                             getattr(self.model, "trainable_params", None))
     shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
-    self.dummy = self.task.dummy_batch(self.info, config.data, shards)
+    # ShapeDtypeStructs: one row per batch shard (for init) and the global batch (for compiling the train step).
+    self.dummy = jax.eval_shape(lambda: self.task.dummy_batch(self.info, config.data, shards))
+    self.batch_spec = jax.eval_shape(lambda: self.task.dummy_batch(self.info, config.data,
+                                                                   int(config.train.batch_size)))
     self.local_batch = int(config.train.batch_size) // jax.process_count()
 
   def batch_shardings(self, batch):
-    return {k: sharding.batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+    return {k: sharding.batch_sharding(self.mesh, len(np.shape(v))) for k, v in batch.items()}
 
   def init_state(self):
     rng = jax.random.key(int(self.config.seed))
@@ -138,6 +143,18 @@ class Experiment:
 
     return jax.jit(step, in_shardings=(state_shardings, self.batch_shardings(batch_example)),
                    out_shardings=(state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+
+  def compile_train_step(self, state_shardings, abstract_state):
+    """The train step compiled ahead of time for `abstract_state`, refused when XLA's estimate of its memory (state,
+    batch and temporaries, per device) exceeds a device's memory; nothing is allocated before this check."""
+    shardings = self.batch_shardings(self.batch_spec)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+                      for k, v in self.batch_spec.items()}
+    with sharding.mesh_context(self.mesh):
+      compiled = self.make_train_step(state_shardings, self.dummy).lower(abstract_state, abstract_batch).compile()
+    check_memory(compiled, self.mesh.devices.flat[0], "train.batch_size (or raise train.grad_accum_steps), "
+                 "the input size (data.seq_len) or the model")
+    return compiled
 
   def host_metrics(self, metrics):
     """Train-step metrics on the host: the task's metrics of the batch, aux loss, grad norm, lr, model metrics."""
@@ -245,13 +262,16 @@ def _scalars(metrics):
   return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
 
 
-def train(config, workdir, *, devices=None, progress=True):
+def train(config, workdir, *, devices=None, progress=True, step=None):
   """Train (or resume) the experiment `config` in `workdir`.
 
-  Resumes from the latest checkpoint in `workdir/checkpoints` (the train state and every host's data-iterator
-  state), else starts from `config.init_from`'s params and non-param collections (a zoo checkpoint or 'hf:DIR')
-  or from scratch. Saves every `checkpoint.every_steps`, at
-  the end and on SIGTERM; stops with TrainingDivergedError on a NaN/inf loss without saving the bad state.
+  Resumes from the latest checkpoint in `workdir/checkpoints` (or from `step`, setting the later steps aside) with
+  the train state and every host's data-iterator state, else starts from `config.init_from`'s params and non-param
+  collections (a zoo checkpoint or 'hf:DIR') or from scratch. Everything that can be checked is checked before the
+  first step: the config, both data splits, the workdir (one training run at a time, `WorkdirLock`), the checkpoint
+  and whether a step fits in memory. Saves every `checkpoint.every_steps`, at the end (before the final evaluation)
+  and on SIGTERM, where the step is reported only once it is committed; stops with TrainingDivergedError on a NaN/inf
+  loss without saving the bad state.
 
   Returns:
     The final train state.
@@ -260,32 +280,54 @@ def train(config, workdir, *, devices=None, progress=True):
   t = config.train
   steps = int(t.steps)
   primary = jax.process_index() == 0
-  writer = MetricsWriter(workdir, enabled=primary)
-  writer.write_config(config)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.checkpoint.keep),
-                      use_async=bool(config.checkpoint["async"]))
-  train_iter = exp.make_iterator(config.data.train_split, repeat=True)
-  latest = ckpt.latest_step()
-  init_variables = exp.init_from_variables() if latest is None and config.init_from else None
+  workdir = check_workdir(workdir, create=True)
   with contextlib.ExitStack() as stack:
-    stack.enter_context(sharding.mesh_context(exp.mesh))
-    stack.callback(writer.close)
-    stack.callback(ckpt.close)
+    if primary:
+      stack.enter_context(WorkdirLock(workdir))
     sigterm = stack.enter_context(_Sigterm())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.checkpoint.keep),
+                        use_async=bool(config.checkpoint.async_save))
+    stack.callback(ckpt.close)
+    train_iter = exp.make_iterator(config.data.train_split, repeat=True)
+    exp.make_iterator(config.data.eval_split, repeat=False)  # a bad eval split fails now, not after training
+    latest = ckpt.latest_step()
+    if step is not None:
+      if step not in ckpt.all_steps():
+        raise CheckpointError(f"--step={step}: no such checkpoint in {ckpt.directory}; steps: {ckpt.all_steps()}")
+      moved = ckpt.set_aside_after(step)
+      if moved:
+        _log(primary, f"resuming from step {step}: later checkpoints set aside (kept) as {moved}")
+      latest = step
+    target, shardings = exp.abstract_state()
+    train_step = exp.compile_train_step(shardings, target)
+    init_variables = exp.init_from_variables() if latest is None and config.init_from else None
+    stack.enter_context(sharding.mesh_context(exp.mesh))
 
     if latest is not None:
-      target, shardings = exp.abstract_state()
       state, data_state = ckpt.restore(latest, target)
-      train_iter.set_state(data_state)
+      try:
+        train_iter.set_state(data_state)
+      except ValueError as e:
+        raise CheckpointError(f"checkpoint step {latest} in {ckpt.directory}: {e}") from None
       _log(primary, f"resumed from checkpoint step {latest} in {ckpt.directory}")
     else:
-      state, shardings = exp.init_state()
+      state, _ = exp.init_state()
       if init_variables is not None:
         state = with_variables(state, init_variables)
         _log(primary, f"variables initialised from {_init_from_name(config.init_from)}")
     start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, enabled=primary)
+    stack.callback(writer.close)
+    writer.truncate_after(start)
+    if primary:
+      changes = record_config(workdir, config, start)
+      if changes:
+        _log(primary, f"warning: resuming step {start} with a config that differs from the run's config.json (kept as "
+                      f"config.step{start}.json): " + "; ".join(changes))
+    if sigterm.received:
+      _log(primary, f"SIGTERM before the first step: nothing new to save (latest checkpoint: {latest}); stopping")
+      return state
 
-    train_step = exp.make_train_step(shardings, exp.dummy)
     eval_step = exp.make_eval_step(shardings, exp.dummy)
     eval_every = int(t.eval_every_steps)
     if start == 0 and eval_every:
@@ -293,15 +335,16 @@ def train(config, workdir, *, devices=None, progress=True):
 
     bar = _progress(primary and progress, start, steps)
     stack.callback(bar.close)
+    every = int(config.checkpoint.every_steps)
     items, tic = 0, time.perf_counter()
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
       items += exp.task.items(batch) * jax.process_count()
       state, metrics = train_step(state, sharding.global_batch(exp._pad(batch), exp.mesh))
       bar.update(1)
-      last = step == steps or sigterm.received
+      ckpt.poll()
       record = {}
-      if step % int(t.log_every_steps) == 0 or last:
+      if step % int(t.log_every_steps) == 0 or step == steps:
         metrics = exp.host_metrics(metrics)
         _check_finite(step, ckpt, metrics)
         elapsed = time.perf_counter() - tic
@@ -309,18 +352,24 @@ def train(config, workdir, *, devices=None, progress=True):
         record[exp.task.throughput_key] = items / max(elapsed, 1e-9)
         items, tic = 0, time.perf_counter()
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+      # Decided after this step's blocking work (the metrics fetch above): a SIGTERM that arrives later is seen at
+      # the end of the next step.
+      stop = sigterm.received
+      if (every and step % every == 0) or step == steps or stop:
+        metrics = exp.host_metrics(metrics)
+        _check_finite(step, ckpt, metrics, bool(_all_finite(state.params)))
+        ckpt.save(step, state, train_iter.get_state())
+      if step == steps or stop:
+        ckpt.wait()  # committed (and checksummed) before anything else can fail
       if (eval_every and step % eval_every == 0) or step == steps:
         record.update({f"eval_{k}": v for k, v in exp.run_eval(state, eval_step).items()})
       if record:
         writer.write(step, record)
         if primary and progress:
           bar.write(_format(step, record))
-      every = int(config.checkpoint.every_steps)
-      if (every and step % every == 0) or last:
-        metrics = exp.host_metrics(metrics)
-        _check_finite(step, ckpt, metrics, bool(_all_finite(state.params)))
-        ckpt.save(step, state, train_iter.get_state())
-      if sigterm.received:
+      if stop:
+        if step not in ckpt.all_steps():
+          raise CheckpointError(f"SIGTERM: checkpoint step {step} is not in {ckpt.directory} after its save")
         _log(primary, f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; stopping")
         break
     ckpt.wait()
@@ -333,9 +382,12 @@ def _check_finite(step, ckpt, metrics, params_finite=True):
   if np.isfinite(loss) and np.isfinite(grad_norm) and params_finite:
     return
   ckpt.wait()
+  good = ckpt.good_steps()
+  last = (f"The last good checkpoint is step {good[-1]} in {ckpt.directory}" if good else
+          f"No checkpoint was saved in {ckpt.directory} before it")
   raise TrainingDivergedError(
       f"loss={loss} grad_norm={grad_norm} params_finite={bool(params_finite)} at step {step}: training diverged; "
-      f"stopped without saving. The last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+      f"stopped without saving. {last}")
 
 
 def _init_from_name(init_from):
@@ -375,42 +427,58 @@ def evaluate(config, workdir, *, step=None, devices=None):
     (step, metrics dict of floats and lists, sample text or None).
   """
   exp = Experiment(config, devices)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), use_async=False)
+  from_init = step is None and bool(config.init_from) and _latest_step(workdir) is None
+  workdir = check_workdir(workdir, create=from_init)  # results are written there: refuse a read-only one now
   results = {}
-  try:
-    from_init = step is None and ckpt.latest_step() is None and bool(config.init_from)
-    step = 0 if from_init else ckpt.latest_step() if step is None else int(step)
-    if step is None:
-      raise CheckpointNotFound(f"no checkpoint in {ckpt.directory}; train first with train.py --workdir {workdir}, "
-                               "or set config.init_from")
-    init_variables = exp.init_from_variables() if from_init else None
+  if from_init:
+    step = 0
+    init_variables = exp.init_from_variables()
     with sharding.mesh_context(exp.mesh):
+      state, shardings = exp.init_state()
+      state = with_variables(state, init_variables)
+  else:
+    directory = os.path.join(workdir, "checkpoints")
+    if _latest_step(workdir) is None:
+      raise CheckpointNotFound(f"no checkpoint in {directory}; train first with train.py --workdir {workdir}, "
+                               "or set config.init_from")
+    ckpt = Checkpointer(directory, use_async=False, create=False)
+    try:
+      step = ckpt.latest_step() if step is None else int(step)
       target, shardings = exp.abstract_state()
-      if from_init:
-        state = with_variables(exp.init_state()[0], init_variables)
-      else:
+      with sharding.mesh_context(exp.mesh):
         state, _ = ckpt.restore(step, target)
-      results.update(exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy)))
-      if "return_expert_ids" in getattr(exp.model, "__dataclass_fields__", {}):
-        results.update(_routing_consistency(exp, state, workdir, step))
-      if hasattr(exp.model, "depth_per_token"):
-        results["depth_per_token_plot"] = _plot_depth(exp, state, workdir, step)
-      sample = _sample_text(exp, state) if config.task == "lm" and config.sample.max_new_tokens > 0 else None
-  finally:
-    ckpt.close()
+    finally:
+      ckpt.close()
+  with sharding.mesh_context(exp.mesh):
+    results.update(exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy)))
+    if "return_expert_ids" in getattr(exp.model, "__dataclass_fields__", {}):
+      results.update(_routing_consistency(exp, state, workdir, step))
+    if hasattr(exp.model, "depth_per_token"):
+      results["depth_per_token_plot"] = _plot_depth(exp, state, workdir, step)
+    sample = _sample_text(exp, state) if config.task == "lm" and config.sample.max_new_tokens > 0 else None
   if "expert_load" in results:
     results["expert_load_plot"] = _plot_expert_load(results["expert_load"], workdir, step)
   results = {k: to_python(v) for k, v in results.items()}
   if sample is not None:
     results["sample"] = sample
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{step}.json"), "w") as f:
+    path = os.path.join(workdir, f"eval_{step}.json")
+    with open(path + ".partial", "w") as f:
       json.dump({"step": step, **results}, f)
+    os.replace(path + ".partial", path)
   return step, results, sample
 
 
-class CheckpointNotFound(FileNotFoundError):
-  """evaluate() found no checkpoint to score."""
+def _latest_step(workdir):
+  """The latest checkpoint step in `workdir/checkpoints`, or None; creates nothing."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  ckpt = Checkpointer(directory, use_async=False, create=False)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
 
 
 def _tokenizer(config):

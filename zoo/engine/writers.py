@@ -37,6 +37,23 @@ class MetricsWriter:
         self._tb.add_scalar(key, value, int(step))
     self._tb.flush()
 
+  def truncate_after(self, step):
+    """Drop the records of steps after `step` (a resumed run logs them again) and any torn last line, atomically."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line)["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+          continue
+    partial = self.path + ".partial"
+    with open(partial, "w") as f:
+      f.writelines(kept)
+    os.replace(partial, self.path)
+
   def write_config(self, config):
     """Writes the run's resolved config to `workdir/config.json` (read back by `read_config`, `tools/compare_runs.py`)."""
     if self.enabled:
