@@ -7,8 +7,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from zoo.engine.sharding import LOGICAL_AXIS_RULES, logical_to_sharding, make_mesh
+from zoo.engine.sharding import make_mesh
 from zoo.layers import count_params
+from zoo.layers.axes import LOGICAL_AXIS_RULES, logical_to_sharding
 from zoo.models import ConfigError, build_model
 
 TINY = dict(name="dense_lm", vocab_size=32, num_layers=2, embed_dim=16, num_heads=4, num_kv_heads=2, mlp_dim=24)

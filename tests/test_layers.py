@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo.engine.sharding import LOGICAL_AXIS_RULES
+from zoo.layers.axes import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_sharding, mesh_axes
 from zoo.layers import (MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm, apply_rope,
                         attention_mask, count_params, dot_product_attention, mean_attended_keys, rms_norm,
                         rope_frequencies, scaled_rope_frequencies, segment_mask, train_flops_per_token)
@@ -271,6 +271,31 @@ def test_all_logical_names_are_in_the_sharding_table():
            for n in box.names}
   assert names <= {name for name, _ in LOGICAL_AXIS_RULES}
   assert {"embed", "heads", "kv_heads", "head_dim", "mlp", "norm"} <= names
+
+
+def test_axis_table_maps_onto_mesh_axes_and_the_engine_reexports_it():
+  for name, _ in LOGICAL_AXIS_RULES:
+    assert set(mesh_axes(name)) <= set(MESH_AXES), name
+  assert mesh_axes("batch") == ("data", "fsdp", "expert") and mesh_axes("length") == ()
+  with pytest.raises(ValueError, match="'rows' is not in the logical-axis rules"):
+    mesh_axes("rows")
+  mesh = jax.make_mesh((2, 1, 4, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  sharding = logical_to_sharding({"w": jax.sharding.PartitionSpec("expert", "embed", "expert_mlp")}, mesh)["w"]
+  assert sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
+  from zoo.engine import sharding as engine_sharding
+  assert engine_sharding.LOGICAL_AXIS_RULES is LOGICAL_AXIS_RULES
+  assert engine_sharding.logical_to_sharding is logical_to_sharding
+
+
+def test_packages_below_the_engine_do_not_import_it():
+  import pathlib
+  import re
+  root = pathlib.Path(__file__).resolve().parents[1] / "zoo"
+  offenders = [f"{path.relative_to(root.parent)}:{i}" for package in ("layers", "routing", "models", "checkpoints")
+               for path in sorted((root / package).glob("*.py"))
+               for i, line in enumerate(path.read_text().splitlines(), 1)
+               if re.match(r"\s*(from|import)\s+zoo\.engine\b", line)]
+  assert not offenders, f"these lines import zoo.engine: {offenders}"
 
 
 class _AuxFFN(nn.Module):

@@ -129,7 +129,7 @@ def load_hf_checkpoint(path, mesh=None, shardings=None, dtype=np.float32):
   abstract = nn.unbox(boxed)
   values = zoo_tree.canonical_to_variables(canon, abstract)
   if shardings is None and mesh is not None:
-    from zoo.engine.sharding import logical_to_sharding
+    from zoo.layers.axes import logical_to_sharding
     shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   if shardings is None:
     variables = jax.tree.map(jax.numpy.asarray, values)

@@ -1,7 +1,8 @@
-"""The one mesh and the one table of logical-axis rules.
+"""The one mesh, and the engine's access to the one table of logical-axis rules.
 
 Layers name their parameter and activation axes with logical names (`nn.with_logical_partitioning`,
-`nn.with_logical_constraint`); this table maps them onto the mesh axes ('data', 'fsdp', 'expert', 'tensor').
+`nn.with_logical_constraint`); the table `LOGICAL_AXIS_RULES` (in `zoo.layers.axes`, re-exported here with
+`MESH_AXES` and `logical_to_sharding`) maps them onto the mesh axes ('data', 'fsdp', 'expert', 'tensor').
 """
 import contextlib
 import math
@@ -10,25 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-
-# Logical axis name -> mesh axis (or tuple of axes, or None = replicated).
-LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("expert", "expert"),
-    ("expert_mlp", "tensor"),
-    ("layers", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("norm", None),
-)
+# The logical-axis table lives below the engine (layers, routing and checkpoints use it); re-exported here.
+from zoo.layers.axes import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_sharding  # noqa: F401
 
 
 def resolve_mesh_shape(mesh_config, num_devices):
@@ -55,14 +39,6 @@ def make_mesh(mesh_config, devices=None):
   devices = jax.devices() if devices is None else devices
   shape = resolve_mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
-
-
-def logical_to_sharding(logical_specs, mesh, rules=LOGICAL_AXIS_RULES):
-  """Map a pytree of logical PartitionSpecs onto NamedShardings of `mesh`."""
-  import flax.linen as nn
-  mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), mesh_specs,
-                      is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh, ndim):

@@ -16,7 +16,7 @@ class DenseGeneral(nn.Module):
   Attributes:
     features: output feature shape, an int or a tuple (e.g. `(heads, head_dim)`).
     axis: input axes to contract (e.g. `(-2, -1)` for `[.., heads, head_dim]` inputs).
-    kernel_axes: logical axis names of the kernel `[*contracted, *features]` (see `zoo/engine/sharding.py`).
+    kernel_axes: logical axis names of the kernel `[*contracted, *features]` (see `zoo/layers/axes.py`).
     use_bias: add a bias of shape `features` (logical names = the trailing `kernel_axes`).
     dtype: compute dtype; parameters are cast to it.
     param_dtype: storage dtype of the parameters.

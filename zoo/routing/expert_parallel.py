@@ -6,25 +6,21 @@ experts run on [local experts, devices * C, embed], and a second all-to-all brin
 Buffers have a static size, so this uses `jax.lax.all_to_all` (available on every backend, CPU included) rather
 than `ragged_all_to_all`.
 
-Mesh axes come from `zoo.engine.sharding.LOGICAL_AXIS_RULES`: tokens are sharded like 'batch', expert weights like
-'expert' (and their hidden dimension like 'expert_mlp', with a psum of the partial outputs when that axis is > 1).
+Mesh axes come from the logical-axis table `zoo.layers.axes.LOGICAL_AXIS_RULES`: tokens are sharded like 'batch',
+expert weights like 'expert' (and their hidden dimension like 'expert_mlp', with a psum of the partial outputs when
+that axis is > 1).
 """
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from zoo.engine.sharding import LOGICAL_AXIS_RULES
+from zoo.layers.axes import mesh_axes
 from zoo.routing import dispatch
-
-
-def _mesh_axes(name):
-  axes = dict(LOGICAL_AXIS_RULES)[name]
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _batch_shards(mesh):
   """(mesh axes of 'batch' present in `mesh`, number of token shards over them)."""
-  axes = tuple(a for a in _mesh_axes("batch") if a in mesh.shape)
+  axes = tuple(a for a in mesh_axes("batch") if a in mesh.shape)
   shards = 1
   for a in axes:
     shards *= mesh.shape[a]
@@ -45,7 +41,7 @@ def context_mesh(num_tokens):
     The (abstract) context mesh, or None.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  (expert_axis,) = _mesh_axes("expert")
+  (expert_axis,) = mesh_axes("expert")
   if mesh.empty or mesh.shape.get(expert_axis, 1) <= 1:
     return None
   return mesh if num_tokens % _batch_shards(mesh)[1] == 0 else None
@@ -71,8 +67,8 @@ def expert_parallel_ffn(x, expert_ids, weights, expert_weights, *, mesh, activat
   """
   num_experts, _, mlp = dispatch.check_expert_weights(expert_weights, activation)
   batch_axes, shards = _batch_shards(mesh)
-  (expert_axis,) = _mesh_axes("expert")
-  mlp_axes = tuple(a for a in _mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1)
+  (expert_axis,) = mesh_axes("expert")
+  mlp_axes = tuple(a for a in mesh_axes("expert_mlp") if mesh.shape.get(a, 1) > 1)
   devices = mesh.shape[expert_axis]
   if x.shape[0] % shards:
     raise ValueError(f"{x.shape[0]} tokens cannot be split over the batch mesh axes {batch_axes} ({shards} shards)")

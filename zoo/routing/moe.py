@@ -1,7 +1,7 @@
 """Linen modules that own routing parameters: `Router` (gate kernel, balancing bias) and `MoEFFN` (stacked experts).
 
 The math lives in the pure functions of `zoo.routing.routers` and `zoo.routing.dispatch`; these modules only create
-parameters (with logical axis names, see `zoo.engine.sharding.LOGICAL_AXIS_RULES`) and call them.
+parameters (with logical axis names, see `zoo.layers.axes.LOGICAL_AXIS_RULES`) and call them.
 """
 from typing import Any
 
