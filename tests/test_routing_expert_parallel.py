@@ -25,8 +25,12 @@ def _problem():
 
 
 def _loss(x, w, logits, mesh, strategy, capacity_factor):
+  """Local dispatch (mesh None) or expert parallelism over `mesh`."""
   r = routing.softmax_topk(logits, K)
-  y, metrics = routing.moe_ffn(x, r, w, strategy=strategy, mesh=mesh, capacity_factor=capacity_factor)
+  if mesh is None:
+    y, metrics = routing.moe_ffn(x, r, w, strategy=strategy, capacity_factor=capacity_factor)
+  else:
+    y, metrics = routing.expert_parallel_ffn(x, r.expert_ids, r.weights, w, mesh=mesh, capacity_factor=capacity_factor)
   return jnp.sum(jnp.sin(y)), (y, metrics)
 
 
@@ -75,6 +79,22 @@ def test_moe_ffn_module_with_mesh_matches_without():
   y_sharded, _, _ = jax.jit(sharded.apply)(variables, x)
   y_local, _, _ = local.apply(variables, x)
   np.testing.assert_allclose(y_sharded, y_local, rtol=1e-5, atol=1e-5)
+
+
+def test_local_dispatch_does_not_know_expert_parallelism():
+  # The MoE layer decides; dispatch (the local path) imports nothing of expert parallelism, which builds on it.
+  import ast
+  import inspect
+  imported = set()
+  for node in ast.walk(ast.parse(inspect.getsource(dispatch))):
+    if isinstance(node, ast.ImportFrom):
+      imported |= {f"{node.module}.{a.name}" for a in node.names}
+    elif isinstance(node, ast.Import):
+      imported |= {a.name for a in node.names}
+  assert not any("expert_parallel" in name for name in imported), imported
+  assert "mesh" not in inspect.signature(dispatch.moe_ffn).parameters
+  assert expert_parallel.expert_devices(make_mesh(dict(data=2, fsdp=1, expert=4, tensor=1))) == 4
+  assert expert_parallel.expert_devices(make_mesh(dict(data=8, fsdp=1, expert=1, tensor=1))) == 1
 
 
 def test_uneven_split_raises():

@@ -2,7 +2,8 @@
 
 Flow: router logits -> a router (`softmax_topk`, `sigmoid_topk`, `expert_choice`, ...) -> `Routing` record
 (expert ids, combine weights, probabilities, aux losses, metrics) -> `moe_ffn` (dispatch, experts, combine).
-The Linen modules `Router` and `MoEFFN` own the parameters.
+The Linen modules `Router` and `MoEFFN` own the parameters; `MoEFFN` runs either the local dispatch
+(`zoo.routing.dispatch.moe_ffn`) or expert parallelism (`zoo.routing.expert_parallel`).
 """
 from zoo.routing.dispatch import (GATED_ACTIVATIONS, PERMUTES, PLAIN_ACTIVATIONS, STRATEGIES, capacity,
                                   capacity_ffn, default_strategy, dense_ffn, dropless_ffn, moe_ffn)

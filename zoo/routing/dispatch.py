@@ -65,7 +65,7 @@ def expert_ffn_batched(xs, weights, activation):
   return jnp.einsum("ecm,emd->ecd", _hidden(gate, up, activation), weights["down"])
 
 
-def _as_slots(routing):
+def as_slots(routing):
   """(expert_ids [T, k] int32, weights [T, k] float32) from a Routing or a dense [T, E] weight matrix."""
   if isinstance(routing, jax.Array) or hasattr(routing, "shape"):
     if routing.ndim != 2:
@@ -229,9 +229,11 @@ def dropless_ffn(x, expert_ids, weights, expert_weights, activation, *, permute=
   return y, {"dropped_fraction": jnp.zeros((), jnp.float32)}
 
 
-def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", capacity_factor=None, mesh=None,
-            permute="fused"):
-  """Routed expert FFN: `y_t = sum_slots w_ts * FFN_{e_ts}(x_t)`.
+def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", capacity_factor=None, permute="fused"):
+  """Routed expert FFN on local tokens: `y_t = sum_slots w_ts * FFN_{e_ts}(x_t)`.
+
+  This is the local (single-program) dispatch. Expert parallelism over a mesh is
+  `zoo.routing.expert_parallel.expert_parallel_ffn`; the MoE layer (`zoo.routing.MoEFFN`) chooses between the two.
 
   Args:
     x: [tokens, embed] activations.
@@ -240,10 +242,8 @@ def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", c
     expert_weights: stacked expert weights (see the module docstring).
     strategy: 'dense' | 'capacity' | 'dropless', or None for `default_strategy()`.
     activation: 'swiglu' | 'reglu' | 'geglu' | 'silu' | 'relu' | 'gelu'.
-    capacity_factor: for 'capacity' (and expert parallelism): buffer size factor; None = no dropping. Ignored when
-      the routing fixes its own capacity (expert-choice).
-    mesh: a Mesh with an 'expert' axis of size > 1 switches to expert parallelism
-      (`zoo.routing.expert_parallel.expert_parallel_ffn`, capacity-buffered all-to-all); None = no explicit EP.
+    capacity_factor: for 'capacity': buffer size factor; None = no dropping. Ignored when the routing fixes its own
+      capacity (expert-choice).
     permute: 'dropless' only: 'fused' | 'custom_vjp' | 'gather' (see `dropless_ffn`).
 
   Returns:
@@ -254,16 +254,12 @@ def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", c
   num_experts, embed, _ = check_expert_weights(expert_weights, activation)
   if x.shape[-1] != embed:
     raise ValueError(f"x has embed {x.shape[-1]} but expert weights have embed {embed}")
-  expert_ids, weights = _as_slots(routing)
+  expert_ids, weights = as_slots(routing)
   if expert_ids.shape[0] != x.shape[0]:
     raise ValueError(f"routing has {expert_ids.shape[0]} tokens but x has {x.shape[0]}")
   if permute not in PERMUTES:
     raise ValueError(f"permute={permute!r} is unknown; allowed: {PERMUTES}")
   fixed_capacity = getattr(routing, "capacity", None)
-  if mesh is not None and mesh.shape.get("expert", 1) > 1:
-    from zoo.routing import expert_parallel
-    return expert_parallel.expert_parallel_ffn(x, expert_ids, weights, expert_weights, mesh=mesh,
-                                               activation=activation, capacity_factor=capacity_factor)
   strategy = default_strategy() if strategy is None else strategy
   if strategy == "dense":
     y, metrics = dense_ffn(x, expert_ids, weights, expert_weights, activation)

@@ -10,6 +10,8 @@ Mesh axes come from the logical-axis table `zoo.layers.axes.LOGICAL_AXIS_RULES`:
 expert weights like 'expert' (and their hidden dimension like 'expert_mlp', with a psum of the partial outputs when
 that axis is > 1).
 """
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -27,6 +29,12 @@ def _batch_shards(mesh):
   return axes, shards
 
 
+def expert_devices(mesh):
+  """How many devices `mesh` splits the experts over: the size of its mesh axes of 'expert' (1 = no expert
+  parallelism)."""
+  return math.prod(mesh.shape.get(a, 1) for a in mesh_axes("expert"))
+
+
 def context_mesh(num_tokens):
   """The mesh in context (`jax.set_mesh`) when it asks for expert parallelism over `num_tokens` tokens, else None.
 
@@ -41,8 +49,7 @@ def context_mesh(num_tokens):
     The (abstract) context mesh, or None.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  (expert_axis,) = mesh_axes("expert")
-  if mesh.empty or mesh.shape.get(expert_axis, 1) <= 1:
+  if mesh.empty or expert_devices(mesh) <= 1:
     return None
   return mesh if num_tokens % _batch_shards(mesh)[1] == 0 else None
 

@@ -1,7 +1,9 @@
 """Linen modules that own routing parameters: `Router` (gate kernel, balancing bias) and `MoEFFN` (stacked experts).
 
-The math lives in the pure functions of `zoo.routing.routers` and `zoo.routing.dispatch`; these modules only create
-parameters (with logical axis names, see `zoo.layers.axes.LOGICAL_AXIS_RULES`) and call them.
+The math lives in the pure functions of `zoo.routing.routers`, `zoo.routing.dispatch` and
+`zoo.routing.expert_parallel`; these modules only create parameters (with logical axis names, see
+`zoo.layers.axes.LOGICAL_AXIS_RULES`) and call them. `MoEFFN` is where the choice between local dispatch and expert
+parallelism is made.
 """
 from typing import Any
 
@@ -137,7 +139,7 @@ class MoEFFN(nn.Module):
       (`jax.set_mesh`, as in the engine's train step) when its 'expert' axis is > 1 and the tokens split evenly over
       its 'batch' axes (`zoo.routing.expert_parallel.context_mesh`), else the local `strategy`. Expert parallelism
       is capacity-buffered per device (`expert_parallel_ffn`; `capacity_factor=None` drops nothing and then equals
-      dropless dispatch).
+      dropless dispatch). This module makes the choice: `zoo.routing.dispatch.moe_ffn` is the local path only.
   """
   num_experts: int
   expert_mlp_dim: int
@@ -191,16 +193,34 @@ class MoEFFN(nn.Module):
       expert_weights[name] = param.astype(self.dtype)
     tokens = x.reshape(-1, embed).astype(self.dtype)
     tokens = nn.with_logical_constraint(tokens, ("batch", "embed"))
-    mesh = self.mesh if self.mesh is not None else expert_parallel.context_mesh(tokens.shape[0])
-    y, dispatch_metrics = dispatch.moe_ffn(tokens, routing, expert_weights, strategy=self.strategy,
-                                           activation=self.activation, capacity_factor=self.capacity_factor,
-                                           mesh=mesh, permute=self.permute)
+    y, dispatch_metrics = self._dispatch(tokens, routing, expert_weights)
     if self.shared_mlp_dim:
       y = y + self._shared(tokens, names)
     metrics = {**routing.metrics, **dispatch_metrics}
     if self.return_expert_ids:
       metrics["expert_ids"] = routing.expert_ids.reshape(x.shape[:-1] + routing.expert_ids.shape[-1:])
     return y.reshape(x.shape[:-1] + (embed,)), dict(routing.aux), metrics
+
+  def _dispatch(self, tokens, routing, expert_weights):
+    """Expert parallelism when `mesh` (or the mesh in context) splits the experts over devices, else local dispatch.
+
+    Args:
+      tokens: [tokens, embed] in `dtype`; routing: a Routing over them; expert_weights: the stacked expert weights.
+
+    Returns:
+      (y [tokens, embed], metrics {'dropped_fraction': scalar}).
+    """
+    if self.permute not in dispatch.PERMUTES:
+      raise ValueError(f"MoEFFN.permute={self.permute!r} is unknown; allowed: {dispatch.PERMUTES}")
+    mesh = self.mesh if self.mesh is not None else expert_parallel.context_mesh(tokens.shape[0])
+    if mesh is not None and expert_parallel.expert_devices(mesh) > 1:
+      expert_ids, weights = dispatch.as_slots(routing)
+      if expert_ids.shape[0] != tokens.shape[0]:
+        raise ValueError(f"routing has {expert_ids.shape[0]} tokens but x has {tokens.shape[0]}")
+      return expert_parallel.expert_parallel_ffn(tokens, expert_ids, weights, expert_weights, mesh=mesh,
+                                                 activation=self.activation, capacity_factor=self.capacity_factor)
+    return dispatch.moe_ffn(tokens, routing, expert_weights, strategy=self.strategy, activation=self.activation,
+                            capacity_factor=self.capacity_factor, permute=self.permute)
 
   def _shared(self, tokens, names):
     embed = tokens.shape[-1]
