@@ -231,6 +231,34 @@ def test_router_module_frozen_kernel_is_not_a_parameter():
   np.testing.assert_array_equal(r.expert_ids, routing.softmax_topk(x @ kernel, 2).expert_ids)
 
 
+def test_router_registry_builds_the_configured_routers():
+  assert set(routing.router_names()) >= {"softmax_topk", "sigmoid_topk", "expert_choice", "random"}
+  options = dict(num_experts=4, num_selected=2, n_group=2, topk_group=1, routed_scaling_factor=2.5)
+  softmax = routing.get_router("softmax_topk")(**options)
+  assert (softmax.score, softmax.frozen, softmax.bias_balancing, softmax.n_group) == ("softmax", False, False, 2)
+  sigmoid = routing.get_router("sigmoid_topk")(**options, bias=True, bias_update_rate=0.1)
+  assert (sigmoid.score, sigmoid.bias_balancing, sigmoid.bias_update_rate) == ("sigmoid", True, 0.1)
+  chooser = routing.get_router("expert_choice")(**options)
+  assert (chooser.score, chooser.capacity_factor) == ("expert_choice", 2.0)  # c = k: the cost of top-k
+  frozen = routing.get_router("random")(**options)
+  assert (frozen.score, frozen.frozen) == ("softmax", True)
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 16))
+  variables = frozen.init(jax.random.PRNGKey(1), x)
+  assert "params" not in variables  # the frozen kernel is state
+  with pytest.raises(ValueError, match="has no selection bias"):
+    routing.get_router("softmax_topk")(**options, bias=True)
+
+
+def test_router_registry_names_unknown_routers_and_refuses_duplicates():
+  with pytest.raises(ValueError, match=r"router 'top2' is unknown; choose one of \[.*'softmax_topk'"):
+    routing.get_router("top2")
+  factory = routing.get_router("softmax_topk")
+  assert factory.registry_name == "softmax_topk"
+  assert routing.register_router("softmax_topk")(factory) is factory  # registering the same factory again is fine
+  with pytest.raises(ValueError, match="registered twice"):
+    routing.register_router("softmax_topk")(lambda **options: None)
+
+
 def test_router_module_logical_axes():
   variables = routing.Router(4, 2).init(jax.random.PRNGKey(1), jnp.ones((3, 16)))
   assert variables["params"]["kernel"].names == ("embed", "expert")

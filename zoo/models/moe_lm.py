@@ -56,9 +56,9 @@ from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.dense_lm import DenseLM
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, register_model
-from zoo.routing import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, STRATEGIES, MoEFFN, Router, stack_layer_metrics
+from zoo.routing import (GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, STRATEGIES, MoEFFN, get_router, router_names,
+                         stack_layer_metrics)
 
-ROUTERS = ("softmax_topk", "sigmoid_topk", "expert_choice", "random")
 DISPATCH = ("auto",) + STRATEGIES
 # Unweighted aux losses a router returns -> the model field holding their coefficient.
 AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef"}
@@ -86,7 +86,8 @@ class MoELM(DenseLM):
     num_experts: routed experts E per MoE layer.
     num_experts_per_tok: k, experts per token (expert choice: the average c, capacity `C = tokens * k / E`).
     expert_mlp_dim: hidden width of one routed expert.
-    router: 'softmax_topk' | 'sigmoid_topk' | 'expert_choice' | 'random' (frozen).
+    router: a registered router name (`zoo.routing.router_names()`): 'softmax_topk' | 'sigmoid_topk' |
+      'expert_choice' | 'random' (frozen).
     renormalize: normalise the k combine weights to sum 1 (token-choice routers).
     capacity_factor: expert buffer size factor of 'capacity' dispatch, `C = ceil(cf * tokens * k / E)`; 0 = no
       dropping (C = tokens).
@@ -140,7 +141,7 @@ class MoELM(DenseLM):
     return tuple(i for i in range(self.num_layers) if i >= self.first_dense_layers and i % self.moe_every == 0)
 
   def _check(self):
-    choices = {"router": ROUTERS, "dispatch": DISPATCH}
+    choices = {"router": router_names(), "dispatch": DISPATCH}
     for key, allowed in choices.items():
       if getattr(self, key) not in allowed:
         raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is invalid; choose one of {allowed}")
@@ -180,19 +181,13 @@ class MoELM(DenseLM):
       raise ConfigError("config.model.shared_expert_gate=True needs num_shared_experts >= 1")
 
   def _router(self):
-    """A fresh unbound Router (`parent=None`: the MoE FFN that receives it adopts it as its 'router' child)."""
-    common = dict(parent=None, num_experts=self.num_experts, num_selected=self.num_experts_per_tok,
-                  renormalize=self.renormalize, n_group=self.n_group, topk_group=self.topk_group,
-                  routed_scaling_factor=self.routed_scaling_factor, jitter_eps=self.router_jitter,
-                  per_sequence_balance=self.per_sequence_balance)
-    if self.router == "softmax_topk":
-      return Router(score="softmax", **common)
-    if self.router == "sigmoid_topk":
-      return Router(score="sigmoid", bias_balancing=self.router_bias, bias_update_rate=self.bias_update_rate,
-                    **common)
-    if self.router == "expert_choice":
-      return Router(score="expert_choice", capacity_factor=float(self.num_experts_per_tok), **common)
-    return Router(score="softmax", frozen=True, **common)
+    """A fresh unbound router of the registered kind `router` (`zoo.routing.get_router`); `parent=None`: the MoE FFN
+    that receives it adopts it as its 'router' child."""
+    return get_router(self.router)(parent=None, num_experts=self.num_experts, num_selected=self.num_experts_per_tok,
+                                   renormalize=self.renormalize, n_group=self.n_group, topk_group=self.topk_group,
+                                   routed_scaling_factor=self.routed_scaling_factor, jitter_eps=self.router_jitter,
+                                   per_sequence_balance=self.per_sequence_balance, bias=self.router_bias,
+                                   bias_update_rate=self.bias_update_rate)
 
   def expert_kwargs(self):
     """The `MoEFFN` arguments these fields set (experts, k, dispatch, shared experts, dtypes)."""

@@ -4,6 +4,9 @@ The math lives in the pure functions of `zoo.routing.routers`, `zoo.routing.disp
 `zoo.routing.expert_parallel`; these modules only create parameters (with logical axis names, see
 `zoo.layers.axes.LOGICAL_AXIS_RULES`) and call them. `MoEFFN` is where the choice between local dispatch and expert
 parallelism is made.
+
+The routers models pick by name are registered here (`zoo.routing.registry`): 'softmax_topk', 'sigmoid_topk',
+'expert_choice' and 'random' (a frozen random softmax router), each a factory of a configured `Router`.
 """
 from typing import Any
 
@@ -14,8 +17,7 @@ import jax.numpy as jnp
 from zoo.routing import dispatch
 from zoo.routing import expert_parallel
 from zoo.routing import routers
-
-ROUTER_SCORES = ("softmax", "sigmoid", "expert_choice")
+from zoo.routing.registry import register_router
 
 
 def _expert_init():
@@ -36,6 +38,7 @@ class Router(nn.Module):
     2023, Sec. 3.2; use with score='softmax', renormalize=True: softmax over the top-k logits).
   jitter_eps > 0: multiplicative Uniform(1 - eps, 1 + eps) noise on the router input when `deterministic=False`
     (Switch Sec. 2.4); draws from the 'dropout' RNG stream.
+  Models build configured Routers by router name through the registry (`zoo.routing.get_router`, factories below).
 
   Attributes:
     num_experts: E.
@@ -75,7 +78,7 @@ class Router(nn.Module):
       Routing over the flattened tokens [prod(leading dims)].
     """
     if self.score not in ROUTER_SCORES:
-      raise ValueError(f"Router.score={self.score!r} is unknown; allowed: {ROUTER_SCORES}")
+      raise ValueError(f"Router.score={self.score!r} is unknown; allowed: {tuple(ROUTER_SCORES)}")
     if self.bias_balancing and self.score != "sigmoid":
       raise ValueError(f"Router.bias_balancing needs score='sigmoid', got score={self.score!r}")
     if self.per_sequence_balance and x.ndim != 3:
@@ -94,21 +97,75 @@ class Router(nn.Module):
     sequence_length = x.shape[-2] if self.per_sequence_balance else None
     common = dict(renormalize=self.renormalize, n_group=self.n_group, topk_group=self.topk_group,
                   routed_scaling_factor=self.routed_scaling_factor, sequence_length=sequence_length)
-    if self.score == "softmax":
-      return routers.softmax_topk(logits, self.num_selected, **common)
-    if self.score == "expert_choice":
-      return routers.expert_choice(logits, self.capacity_factor)
-    bias = None
-    if self.bias_balancing:
-      bias_var = self.variable("routing_state", "bias",
+    return ROUTER_SCORES[self.score](self, logits, common, deterministic)
+
+
+def _softmax_scores(router, logits, common, deterministic):
+  del deterministic
+  return routers.softmax_topk(logits, router.num_selected, **common)
+
+
+def _expert_choice_scores(router, logits, common, deterministic):
+  del common, deterministic
+  return routers.expert_choice(logits, router.capacity_factor)
+
+
+def _sigmoid_scores(router, logits, common, deterministic):
+  """`sigmoid_topk`, with the selection bias of `bias_balancing` kept (and updated) in 'routing_state'."""
+  bias = None
+  if router.bias_balancing:
+    bias_var = router.variable("routing_state", "bias",
                                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("expert",)),
-                               None, (self.num_experts,), jnp.float32)
-      bias = nn.meta.unbox(bias_var.value)
-    routing = routers.sigmoid_topk(logits, self.num_selected, bias=bias, **common)
-    if self.bias_balancing and not deterministic and self.is_mutable_collection("routing_state"):
-      bias_var.value = nn.meta.replace_boxed(
-          bias_var.value, routers.update_balance_bias(bias, routing.metrics["expert_load"], self.bias_update_rate))
-    return routing
+                               None, (router.num_experts,), jnp.float32)
+    bias = nn.meta.unbox(bias_var.value)
+  routing = routers.sigmoid_topk(logits, router.num_selected, bias=bias, **common)
+  if router.bias_balancing and not deterministic and router.is_mutable_collection("routing_state"):
+    bias_var.value = nn.meta.replace_boxed(
+        bias_var.value, routers.update_balance_bias(bias, routing.metrics["expert_load"], router.bias_update_rate))
+  return routing
+
+
+# `Router.score` -> the routing function `(router module, logits [tokens, E] float32, common kwargs, deterministic)
+# -> Routing` (called inside the router's compact `__call__`, so it may create the router's variables).
+ROUTER_SCORES = {"softmax": _softmax_scores, "sigmoid": _sigmoid_scores, "expert_choice": _expert_choice_scores}
+
+
+def _no_bias(name, bias):
+  if bias:
+    raise ValueError(f"router {name!r} has no selection bias (bias=True); use 'sigmoid_topk'")
+
+
+@register_router("softmax_topk")
+def softmax_topk_router(*, bias=False, bias_update_rate=0.0, **options):
+  """Softmax token-choice top-k (`routers.softmax_topk`): Switch (k=1), Mixtral, DeepSeek-V2 with groups."""
+  del bias_update_rate
+  _no_bias("softmax_topk", bias)
+  return Router(score="softmax", **options)
+
+
+@register_router("sigmoid_topk")
+def sigmoid_topk_router(*, bias=False, bias_update_rate=0.0, **options):
+  """Sigmoid top-k (`routers.sigmoid_topk`, DeepSeek-V3); `bias`: the selection bias in 'routing_state', moved by
+  aux-loss-free balancing when `bias_update_rate` > 0."""
+  return Router(score="sigmoid", bias_balancing=bias, bias_update_rate=bias_update_rate, **options)
+
+
+@register_router("expert_choice")
+def expert_choice_router(*, bias=False, bias_update_rate=0.0, **options):
+  """Expert choice (`routers.expert_choice`) with capacity factor c = `num_selected` (the average experts per token,
+  so it costs what top-k costs)."""
+  del bias_update_rate
+  _no_bias("expert_choice", bias)
+  return Router(score="expert_choice", capacity_factor=float(options["num_selected"]), **options)
+
+
+@register_router("random")
+def random_router(*, bias=False, bias_update_rate=0.0, **options):
+  """Frozen random softmax top-k router (SMoE-Dropout, Chen et al. 2023, Sec. 3.2): the kernel lives in
+  'routing_state' and is never trained."""
+  del bias_update_rate
+  _no_bias("random", bias)
+  return Router(score="softmax", frozen=True, **options)
 
 
 class MoEFFN(nn.Module):
