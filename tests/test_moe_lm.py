@@ -2,7 +2,7 @@
 
 Compiling is what costs here, so every model is initialised once and its jitted functions are shared between tests
 (the `functools.cache` helpers below): fields that do not change the parameters (dispatch, capacity, loss
-coefficients, `return_expert_ids`) reuse the variables of the config's model, and one jitted loss-and-gradient of
+coefficients) reuse the variables of the config's model, and one jitted loss-and-gradient of
 the tiny Mixtral serves the aux-loss, causality, cached-decoding, optimizer and expert-parallel tests. Init uses the
 'rbg' PRNG, whose initialisers compile about three times faster on CPU than threefry's.
 
@@ -93,10 +93,10 @@ def mixtral_loss(model, params, toks):
 @functools.cache
 def mixtral():
   """The tiny Mixtral config with dropless dispatch, nothing dropped under expert parallelism either
-  (capacity_factor=0), distinct loss coefficients and expert ids in the metrics; 8 sequences of 8 tokens (+1 target),
-  so that the 64 tokens split over 8 devices."""
+  (capacity_factor=0) and distinct loss coefficients; 8 sequences of 8 tokens (+1 target), so that the 64 tokens split
+  over 8 devices."""
   model = tiny_model("moe_mixtral", dispatch="dropless", capacity_factor=0.0, load_balance_coef=0.3,
-                     z_loss_coef=0.05, return_expert_ids=True)
+                     z_loss_coef=0.05)
   params = config_variables("moe_mixtral")["params"]
   loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(mixtral_loss, model), has_aux=True))
   return model, params, tokens(batch=8, length=9), loss_and_grad
@@ -121,7 +121,7 @@ def test_configs_init_and_apply_shapes(name):
   np.testing.assert_allclose(out.metrics["expert_load"].sum(-1), 1.0, rtol=1e-5)
   for key in ("dropped_fraction", "router_entropy", "router_z", "load_imbalance", "z_loss"):
     assert out.metrics[key].shape == (layers,), key
-  assert "expert_ids" not in out.metrics  # return_expert_ids is off by default
+  assert "expert_ids" not in out.metrics  # a per-token output, sown into 'intermediates' (not a metric)
   # load_imbalance is max/mean of expert_load.
   np.testing.assert_allclose(out.metrics["load_imbalance"], experts * out.metrics["expert_load"].max(-1), rtol=1e-5)
   # Dense layers have a plain MLP, MoE layers a router and stacked experts.
@@ -142,10 +142,14 @@ def test_aux_loss_is_the_weighted_sum_of_layer_losses():
   assert float(out.metrics["load_balance"].min()) >= 1.0 - 1e-5  # the Switch loss is >= 1 (uniform routing)
 
 
-def test_expert_ids_metric_is_the_routing_decision():
+def test_sown_expert_ids_are_the_routing_decision():
   model, params, toks, loss_and_grad = mixtral()
-  (_, (_, out)), _ = loss_and_grad(params, toks)
-  ids = np.asarray(out.metrics["expert_ids"])
+  (_, (logits, _)), _ = loss_and_grad(params, toks)
+  (sown_logits, out), state = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["intermediates"]))(
+      params, toks[:, :-1])
+  np.testing.assert_allclose(sown_logits, logits, rtol=1e-6, atol=1e-6)  # sowing changes nothing else
+  assert set(state["intermediates"]) == set(model.exposes) == {"expert_ids"}
+  ids = np.asarray(state["intermediates"]["expert_ids"])
   batch, length = toks.shape[0], toks.shape[1] - 1
   assert ids.dtype == np.int32 and ids.shape == (len(model.moe_layers), batch, length, model.num_experts_per_tok)
   assert ids.min() >= 0 and ids.max() < model.num_experts

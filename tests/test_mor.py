@@ -244,12 +244,14 @@ def test_causal_inference_future_does_not_change_past(kw):
   y = x.at[:, 6:].set((x[:, 6:] + 7) % TINY["vocab_size"])
   v = _random_variables(model, x, 6)
   apply = jitted(model)[0]
-  a, out = apply(v, x)
-  b, _ = apply(v, y)
+  (a, out), sown_x = apply(v, x, mutable=("intermediates",))
+  (b, _), sown_y = apply(v, y, mutable=("intermediates",))
   np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-5)
   assert not np.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
-  depth_x = np.asarray(apply(v, x, method="depth_per_token"))
-  depth_y = np.asarray(apply(v, y, method="depth_per_token"))
+  assert set(sown_x["intermediates"]) == set(model.exposes) == {"depth"}
+  depth_x, depth_y = np.asarray(sown_x["intermediates"]["depth"]), np.asarray(sown_y["intermediates"]["depth"])
+  assert depth_x.dtype == np.int32 and depth_x.shape == x.shape
+  np.testing.assert_array_equal(depth_x, apply(v, x, method="depth_per_token"))  # what evaluation plots
   np.testing.assert_array_equal(depth_x[:, :6], depth_y[:, :6])
   np.testing.assert_allclose(np.bincount(depth_x.ravel(), minlength=4) / 10, out.metrics["depth_hist"], atol=1e-6)
 

@@ -65,7 +65,10 @@ def test_routing_before_attention_is_what_the_ffn_uses(tiny):
   decode = jax.jit(lambda v, t, c: model.apply(v, t, cache=c, mutable=["intermediates"]))
   _, out = prefill(variables, tokens[:1, :7], cache)
   (logits, _), state = decode(variables, tokens[:1, 7:], out.cache)
-  prefetched = [np.asarray(state["intermediates"][f"layers_{i}"]["prefetch_expert_ids"][0])[0, 0] for i in range(2)]
+  prefetched = [np.asarray(state["intermediates"][f"layers_{i}"]["prefetch_expert_ids"])[0, 0] for i in range(2)]
+  # The model's per-token output is the same routing, stacked over the MoE layers.
+  np.testing.assert_array_equal(state["intermediates"]["expert_ids"][:, 0, 0], prefetched)
+  assert state["intermediates"]["expert_ids"].shape == (2, 1, 1, model.num_experts_per_tok)
   # Layer 0's routing comes from its block input, the raw embedding (before the attention norm and attention).
   embedding = params["embed"]["embedding"][tokens[0, 7]]
   top = np.argsort(-np.asarray(embedding @ params["layers_0"]["router"]["kernel"]))[:2]

@@ -84,7 +84,7 @@ def zoo_logits_and_routes(model, variables, toks):
 
   (logits, _), state = forward(variables, jnp.asarray(toks))
   captured = state.get("intermediates", {})
-  layers = sorted(captured, key=lambda name: int(name.rsplit("_", 1)[1]))
+  layers = sorted((n for n in captured if n.startswith("layers_")), key=lambda n: int(n.rsplit("_", 1)[1]))
   routes = [np.sort(np.asarray(captured[name]["ffn"]["router"]["__call__"][0].expert_ids), -1) for name in layers]
   return np.asarray(logits), routes
 

@@ -12,7 +12,9 @@ Sparsity" (thunlp/BlockFFN), Sec. 3:
   lambda_cs adapts during training (`zoo.routing.sparsity.update_chunk_lambda`, state in
   'routing_state/chunk_lambda');
 - metrics: token-level sparsity TLS and chunk-level sparsity CLS(L) per layer ('tls', 'cls'), besides the routing
-  metrics of `moe_lm` and the unweighted losses.
+  metrics of `moe_lm` and the unweighted losses;
+- per-token output (`exposes`, as `moe_lm`): `intermediates['expert_ids']` int32 [moe_layers, batch, length,
+  num_experts] with `apply(..., mutable=['intermediates'])`; slot e holds e where r_e > 0, else -1.
 
 Built on `moe_lm` (decoder blocks, attention, KV cache, metric stacking); of its routing fields only `num_experts`,
 `expert_mlp_dim`, `moe_every`, `first_dense_layers` and `dispatch` apply ('auto' = capacity on CPU, which with every
@@ -23,14 +25,15 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers.mlp import ACTIVATIONS
-from zoo.models.moe_lm import MoELM
+from zoo.models.moe_lm import MoELM, layer_expert_ids
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import MoEFFN, routing_from_dense
 from zoo.routing import sparsity
 
 
 class BlockFFNLayer(nn.Module):
-  """One BlockFFN FFN: ReLU router + non-gated block experts; returns `(y, (aux, metrics))` as `DecoderBlock` wants.
+  """One BlockFFN FFN: ReLU router + non-gated block experts; returns `(y, (aux, metrics, expert_ids))` for
+  `MoELM.decoder_layers` (expert_ids [batch, length, num_experts]: slot e holds e where r_e > 0, else -1).
 
   Attributes:
     num_experts, expert_mlp_dim: E blocks of this width.
@@ -49,7 +52,7 @@ class BlockFFNLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, deterministic=True):
-    """x: [batch, length, embed] -> (y [batch, length, embed], (aux, metrics))."""
+    """x: [batch, length, embed] -> (y [batch, length, embed], (aux, metrics, expert_ids))."""
     del deterministic
     r, logits = sparsity.ReLURouter(self.num_experts, name="router")(x)
     flat_r, flat_logits = r.reshape(-1, self.num_experts), logits.reshape(-1, self.num_experts)
@@ -73,7 +76,7 @@ class BlockFFNLayer(nn.Module):
     if x.shape[1] % self.chunk_length == 0:
       aux["chunk_sparsification"] = sparsity.chunk_sparsification_loss(r, self.chunk_length)
       metrics["cls"] = sparsity.chunk_level_sparsity(r, self.chunk_length)
-    return y, (aux, metrics)
+    return y, (aux, metrics, layer_expert_ids(routing, x))
 
 
 @register_model("blockffn")

@@ -14,7 +14,7 @@ block in the backward pass. The cache is one `KVCache` (or `MLACache` with MLA) 
 holds one absolute position, so `max_length` must cover prompt + generated tokens.
 """
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.core
 import flax.linen as nn
@@ -69,7 +69,10 @@ class DenseLM(nn.Module):
     dtype: compute dtype (name or dtype); logits are returned in float32.
     param_dtype: parameter dtype.
     remat: rematerialise each block in the backward pass (saves activation memory).
+
+  `exposes` (the `zoo.models` contract): the per-token outputs the model sows into 'intermediates'; none here.
   """
+  exposes: ClassVar[tuple[str, ...]] = ()
   vocab_size: int = 256
   num_layers: int = 2
   embed_dim: int = 64

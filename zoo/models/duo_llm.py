@@ -23,7 +23,12 @@ routes.
 
 Outputs: `metrics['route_fraction']` [layers, 3] (fraction of tokens on skip / small / big per layer),
 `metrics['big_layers']` (mean big layers per token) and, in 'router' mode, `metrics['router_entropy']` [layers].
+Per-token output (`exposes`, the `zoo.models` contract): with `apply(..., mutable=['intermediates'])`,
+`intermediates['routes']` int32 [batch, length, num_layers], the route each token ran in each layer (0 skip, 1 small,
+2 big; the layout of the `routes` argument, so they can be fed back).
 """
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,7 +36,7 @@ import optax
 
 from zoo.layers import ACTIVATIONS, MLP, DecoderBlock
 from zoo.models.dense_lm import DenseLM
-from zoo.models.output import ModelOutput
+from zoo.models.output import ModelOutput, sow_output
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import stack_layer_metrics
 
@@ -104,6 +109,7 @@ class DuoLM(DenseLM):
     big_budget: 'router' mode: at most this many big layers per token (0 = no limit) and the budget of the penalty.
     budget_coef: weight of the budget penalty ('router' mode).
   """
+  exposes: ClassVar[tuple[str, ...]] = ("routes",)
   small_mlp_dim: int = 0
   route_mode: str = "random"
   big_budget: int = 1
@@ -151,7 +157,7 @@ class DuoLM(DenseLM):
                               route_mode=self.route_mode, dtype=dtype, param_dtype=param_dtype, name=name)
     big_used = jnp.zeros(tokens.shape, jnp.int32)
     expected_big = jnp.zeros(tokens.shape, jnp.float32)
-    new_cache, layer_metrics = [], []
+    new_cache, layer_metrics, layer_routes_all = [], [], []
     for i in range(self.num_layers):
       ffn_kwargs = {"routes": None if routes is None else routes[..., i],
                     "big_left": self.big_budget - big_used if self.big_budget else None}
@@ -160,12 +166,14 @@ class DuoLM(DenseLM):
       x, layer_cache, (layer_routes, probs) = block(x, positions, None if cache is None else cache[i], None,
                                                     deterministic, ffn_kwargs)
       new_cache.append(layer_cache)
+      layer_routes_all.append(layer_routes)
       big_used = big_used + (layer_routes == BIG)
       metrics = {"route_fraction": jnp.mean(jax.nn.one_hot(layer_routes, len(ROUTES)), axis=(0, 1))}
       if probs is not None:
         expected_big = expected_big + probs[..., BIG]
         metrics["router_entropy"] = jnp.mean(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1))
       layer_metrics.append(metrics)
+    sow_output(self, "routes", lambda: jnp.stack(layer_routes_all, axis=-1))
     logits = self.output_logits(embed, x)
     aux = jnp.zeros((), jnp.float32)
     if self.route_mode == "router" and routes is None:

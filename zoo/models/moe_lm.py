@@ -29,9 +29,11 @@ Output (`ModelOutput`):
 - `aux_loss` = sum over MoE layers of `load_balance_coef * load_balance + z_loss_coef * z_loss`.
 - `metrics`: per-MoE-layer values stacked on a leading [moe_layers] axis: `expert_load` [moe_layers, experts]
   (fraction of assignments), `load_imbalance` (max load / mean load), `dropped_fraction`, `router_entropy`,
-  `router_z` (mean logsumexp of the router logits), and the unweighted losses `load_balance`, `z_loss`. With
-  `return_expert_ids=True` also `expert_ids` int32 [moe_layers, batch, length, k] (the experts of every token's slots,
-  -1 = empty; for `zoo.routing.consistency.routing_consistency`); off by default since the engine averages metrics.
+  `router_z` (mean logsumexp of the router logits), and the unweighted losses `load_balance`, `z_loss`.
+- Per-token output (`exposes = ('expert_ids',)`, the `zoo.models` contract): with
+  `apply(..., mutable=['intermediates'])` the model sows `intermediates['expert_ids']`, int32 [moe_layers, batch,
+  length, k], the experts of every token's slots (-1 = empty slot; for `zoo.routing.consistency`). Nothing is
+  computed without it.
 
 State outside the optimizer: the selection bias of a 'sigmoid_topk' router with `router_bias`
 (`routing_state/.../router/bias`, [experts] per MoE layer; aux-loss-free balancing moves it when `bias_update_rate` >
@@ -48,13 +50,15 @@ experts depend only on its own hidden state). 'capacity' dispatch drops assignme
 of the call, and expert choice picks tokens across the batch, so either can make decoding differ.
 """
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers import DecoderBlock
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.dense_lm import DenseLM
-from zoo.models.output import ModelOutput
+from zoo.models.output import ModelOutput, sow_output
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import (GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, STRATEGIES, MoEFFN, get_router, router_names,
                          stack_layer_metrics)
@@ -64,12 +68,22 @@ DISPATCH = ("auto",) + STRATEGIES
 AUX_COEFS = {"load_balance": "load_balance_coef", "z_loss": "z_loss_coef"}
 
 
+def layer_expert_ids(routing, x):
+  """A layer's routing decision per token: `routing.expert_ids` [tokens, k] as int32 [batch, length, k] (x's
+  leading dims; -1 = empty slot), the item MoE FFNs return to `MoELM.decoder_layers`."""
+  return routing.expert_ids.reshape(x.shape[:-1] + routing.expert_ids.shape[-1:]).astype(jnp.int32)
+
+
 class _BlockMoEFFN(MoEFFN):
-  """`MoEFFN` with the FFN interface of `DecoderBlock`: returns `(y, (aux, metrics))` instead of a 3-tuple."""
+  """`MoEFFN` with the FFN interface of `MoELM.decoder_layers`: returns `(y, (aux, metrics, expert_ids))`, the
+  expert ids [batch, length, k] of `layer_expert_ids`. Its `router` (required) is the child 'router'."""
 
   def __call__(self, x, *, deterministic=True):
-    y, aux, metrics = super().__call__(x, deterministic=deterministic)
-    return y, (aux, metrics)
+    if self.router.num_experts != self.num_experts:
+      raise ValueError(f"router.num_experts={self.router.num_experts} != MoEFFN.num_experts={self.num_experts}")
+    routing = self.router(x, deterministic=deterministic)
+    y, aux, metrics = super().__call__(x, deterministic=deterministic, routing=routing)
+    return y, (aux, metrics, layer_expert_ids(routing, x))
 
 
 @register_model("moe_lm")
@@ -105,9 +119,8 @@ class MoELM(DenseLM):
     router_bias: the 'sigmoid_topk' router keeps a per-expert selection bias (DeepSeek-V3's score correction,
       HF `e_score_correction_bias`) in 'routing_state'; it stays fixed unless `bias_update_rate` > 0.
     bias_update_rate: u of the aux-loss-free bias update (DeepSeek-V3 uses 1e-3); > 0 needs `router_bias`.
-    return_expert_ids: add `metrics['expert_ids']` int32 [moe_layers, batch, length, k] (for routing-consistency
-      metrics in evaluation; leave off in training, where the engine averages metrics).
   """
+  exposes: ClassVar[tuple[str, ...]] = ("expert_ids",)
   moe_every: int = 1
   first_dense_layers: int = 0
   num_experts: int = 8
@@ -129,7 +142,6 @@ class MoELM(DenseLM):
   router_jitter: float = 0.0
   router_bias: bool = False
   bias_update_rate: float = 0.0
-  return_expert_ids: bool = False
 
   def __post_init__(self):
     self._check()
@@ -202,8 +214,7 @@ class MoELM(DenseLM):
   def moe_ffn_factory(self):
     """Builds the MoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""
     kwargs = self.expert_kwargs()
-    return lambda name: _BlockMoEFFN(router=self._router(), name=name, return_expert_ids=self.return_expert_ids,
-                                     **kwargs)
+    return lambda name: _BlockMoEFFN(router=self._router(), name=name, **kwargs)
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
@@ -233,27 +244,32 @@ class MoELM(DenseLM):
                      name=f"layers_{i}", **block_kwargs)
 
   def decoder_layers(self, x, positions, cache, deterministic, make_block, ffn_kwargs=None):
-    """Runs the layers (`make_block(i, is_moe)`, e.g. `decoder_block`) and collects the MoE layers' aux losses and
-    metrics; call it from the model's compact `__call__`.
+    """Runs the layers (`make_block(i, is_moe)`, e.g. `decoder_block`), collects the MoE layers' aux losses and
+    metrics and sows their expert ids (`intermediates['expert_ids']` [moe_layers, batch, length, k], when
+    'intermediates' is mutable); call it from the model's compact `__call__`.
 
+    Each MoE layer's FFN returns `(y, (aux, metrics, expert_ids[, state]))`: unweighted aux losses, metrics, its
+    routing decision int32 [batch, length, k] (`layer_expert_ids`) and optionally a state for the next MoE layer.
     `ffn_kwargs(state)`, if given, makes the extra FFN arguments of each MoE layer (None for dense layers) from the
-    state the previous MoE layer returned as the third item of its aux (None before the first; RMoE's router state).
+    state the previous MoE layer returned (None before the first; RMoE's router state).
 
     Returns:
       (x, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
     """
     moe = set(self.moe_layers)
-    state, new_cache, aux_losses, layer_metrics = None, [], [], []
+    state, new_cache, aux_losses, layer_metrics, expert_ids = None, [], [], [], []
     for i in range(self.num_layers):
       extra = () if ffn_kwargs is None else (ffn_kwargs(state) if i in moe else None,)
       block = make_block(i, i in moe)
       x, layer_cache, ffn_aux = block(x, positions, None if cache is None else cache[i], None, deterministic, *extra)
       new_cache.append(layer_cache)
       if i in moe:
-        aux, metrics, *rest = ffn_aux
+        aux, metrics, ids, *rest = ffn_aux
         state = rest[0] if rest else None
         aux_losses.append(aux)
         layer_metrics.append({**metrics, **aux})
+        expert_ids.append(ids)
+    sow_output(self, "expert_ids", lambda: jnp.stack(expert_ids))
     return x, ModelOutput(aux_loss=self._weighted_aux(aux_losses), metrics=stack_layer_metrics(layer_metrics),
                           cache=None if cache is None else tuple(new_cache))
 

@@ -35,9 +35,13 @@ decisions depend only on its own hidden state, which depends only on earlier tok
 
 Training top-k with a static k runs the block only on the gathered chosen tokens (real compute savings); token-choice,
 causal decisions and capacity warm-up run the block on all tokens and mask the attention and the update.
+
+Per-token output (`exposes`, the `zoo.models` contract): with `apply(..., mutable=['intermediates'])`,
+`intermediates['depth']` int32 [batch, length], the recursions each token ran in this call (0..N_r; the selection
+rule of the call: training top-k when `deterministic=False`, the inference rule otherwise, as `depth_per_token`).
 """
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import flax.struct
@@ -47,7 +51,7 @@ import jax.numpy as jnp
 from zoo.layers import MLP, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm
 from zoo.layers import apply_rope, attention_mask, dot_product_attention, mean_attended_keys
 from zoo.layers.mlp import ACTIVATIONS
-from zoo.models.output import ModelOutput
+from zoo.models.output import ModelOutput, sow_output
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import depth as depth_routing
 from zoo.routing import losses
@@ -169,6 +173,7 @@ class MoRLM(nn.Module):
     kv_mode: 'recursion' (recursion-wise caching) or 'share' (recursive KV sharing).
     rope_theta, norm_epsilon, tie_embeddings, dtype: as in the dense LM.
   """
+  exposes: ClassVar[tuple[str, ...]] = ("depth",)
   vocab_size: int = 260
   embed_dim: int = 128
   num_layers: int = 6
@@ -268,12 +273,15 @@ class MoRLM(nn.Module):
     return cache
 
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
-    """tokens: [batch, length] int32 -> (logits [batch, length, vocab] float32, ModelOutput)."""
-    logits, output, _ = self._forward(tokens, positions, cache, deterministic)
+    """tokens: [batch, length] int32 -> (logits [batch, length, vocab] float32, ModelOutput); sows
+    `intermediates['depth']` [batch, length] int32 when 'intermediates' is mutable."""
+    logits, output, depth = self._forward(tokens, positions, cache, deterministic)
+    sow_output(self, "depth", depth)
     return logits, output
 
   def depth_per_token(self, tokens, positions=None):
-    """Recursions each token runs at inference: [batch, length] int32 in 0..N_r (for plots)."""
+    """Recursions each token runs at inference: [batch, length] int32 in 0..N_r (for plots; what `__call__` sows as
+    `intermediates['depth']` with `deterministic=True` and no cache)."""
     return self._forward(tokens, positions, None, True)[2]
 
   def _forward(self, tokens, positions, cache, deterministic):

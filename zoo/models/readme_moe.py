@@ -23,8 +23,13 @@ the full forward (routes depend only on the token prefix; dispatch drops nothing
 Output metrics: the `MoEFFN` routing metrics per layer stacked on [layers, ...] (`expert_load` [layers, experts], ...),
 plus `router_loss` and `router_accuracy` (agreement of the router's argmax with the target argmax) when the router
 loss is computed (phases 'router' and 'joint', no cache).
+
+Per-token output (`exposes`, the `zoo.models` contract): with `apply(..., mutable=['intermediates'])`,
+`intermediates['expert_ids']` int32 [num_layers, batch, length, 1], the pre-gate's expert of every token (the same
+in every layer, as Read-ME routes; the layout of `moe_lm`'s expert ids).
 """
 import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 from zoo.layers import DecoderBlock, Embed
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.dense_lm import DenseLM, default_positions
-from zoo.models.output import ModelOutput
+from zoo.models.output import ModelOutput, sow_output
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, STRATEGIES, MoEFFN, stack_layer_metrics
 from zoo.routing.pregate import (PreGateRouter, expert_activation_scores, pregate_loss, pregate_routing,
@@ -85,6 +90,7 @@ class ReadMeLM(DenseLM):
     dispatch: 'auto' | 'dense' | 'capacity' | 'dropless'.
     capacity_factor: 0 = no token dropped (the routes known ahead are the routes run).
   """
+  exposes: ClassVar[tuple[str, ...]] = ("expert_ids",)
   num_experts: int = 4
   keep_fraction: float = 0.5
   expert_mlp_dim: int = 0
@@ -186,6 +192,9 @@ class ReadMeLM(DenseLM):
                                                        None if cache is None else cache[self.num_layers:])
     flat_logits = router_logits.reshape(-1, self.num_experts)
     routing = pregate_routing(jax.lax.stop_gradient(flat_logits))
+    sow_output(self, "expert_ids", lambda: jnp.broadcast_to(
+        routing.expert_ids.reshape(tokens.shape + (-1,)).astype(jnp.int32),
+        (self.num_layers,) + tokens.shape + routing.expert_ids.shape[-1:]))
     with_scores = cache is None and self.train_phase != "backbone"
 
     embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")

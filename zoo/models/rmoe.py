@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers import MLP
-from zoo.models.moe_lm import MoELM
+from zoo.models.moe_lm import MoELM, layer_expert_ids
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import MoEFFN
 from zoo.routing.recurrent import GRUCell, RecurrentRouter
@@ -34,8 +34,8 @@ ROUTER_TYPES = ("gru", "linear")
 class RMoEFFN(nn.Module):
   """One RMoE FFN: a router (recurrent or linear), routed experts, optionally a shared expert mixed in.
 
-  Returns `(y, (aux, metrics, router_state))` through `DecoderBlock`; the model threads `router_state` to the next MoE
-  layer.
+  Returns `(y, (aux, metrics, expert_ids, router_state))` through `DecoderBlock` (expert_ids [batch, length, k]); the
+  model threads `router_state` to the next MoE layer.
 
   Attributes:
     router: an unbound `RecurrentRouter` or `zoo.routing.Router` (adopted as the child 'router').
@@ -70,7 +70,7 @@ class RMoEFFN(nn.Module):
       shared = MLP(self.shared_mlp_dim, activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
                    name="shared_expert")(x)
       y = (1.0 - self.shared_mix) * y + self.shared_mix * shared
-    return y, (aux, metrics, router_state)
+    return y, (aux, metrics, layer_expert_ids(routing, x), router_state)
 
 
 @register_model("rmoe")
@@ -134,7 +134,7 @@ class RMoELM(MoELM):
     """
     embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
     gru_params = GRUCell(self.router_hidden_dim, name="router_gru")() if self.router_type == "gru" else None
-    # The router state goes along depth: each MoE layer's FFN returns it as the third item of its aux.
+    # The router state goes along depth: each MoE layer's FFN returns it as the last item of its aux.
     x, out = self.decoder_layers(x, positions, cache, deterministic, self.decoder_block,
                                  ffn_kwargs=lambda state: {"router_state": state, "gru_params": gru_params})
     return self.output_logits(embed, x), out

@@ -12,7 +12,7 @@ every pooling stage (here channel-wise dropout, `dropout_rate`). Differences [gu
 Reduced configs: `width_multiplier` scales every width (rounded, at least 1), or `widths` gives all 13 explicitly;
 `num_pools` keeps only the first `num_pools` pooling stages, so e.g. `num_pools=3` works on 8x8 digits.
 """
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -40,7 +40,10 @@ class SimpleNet(nn.Module):
     bn_epsilon: BatchNorm epsilon.
     dtype: compute dtype (name or dtype); logits are returned in float32.
     param_dtype: parameter dtype.
+
+  `exposes` (the `zoo.models` contract): the per-token outputs the model sows into 'intermediates'; none here.
   """
+  exposes: ClassVar[tuple[str, ...]] = ()
   num_classes: int = 10
   width_multiplier: float = 1.0
   widths: tuple[int, ...] | None = None

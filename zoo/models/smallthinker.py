@@ -25,15 +25,18 @@ Paper sizes (README of SJTU-IPADS/SmallThinker; the tiny config in `configs/smal
 
 Decoding: the routing of layer i depends only on the token's block input, so in a decode step (one token per call
 with the KV cache) `layers_i` computes its routing before its attention; the routing is also sown as
-`intermediates/layers_i/prefetch_expert_ids` [batch, length, k] when 'intermediates' is mutable. Cached decoding
-equals the full forward with 'dense' or 'dropless' dispatch.
+`intermediates['layers_i']['prefetch_expert_ids']` int32 [batch, length, k] (the array itself, as
+`zoo.models.output.sow_output` stores it) when 'intermediates' is mutable, besides the model's
+`intermediates['expert_ids']` [moe_layers, batch, length, k] (`exposes`, as for `moe_lm`). Cached decoding equals the
+full forward with 'dense' or 'dropless' dispatch.
 """
 import functools
 
 import flax.linen as nn
 
 from zoo.layers import DecoderBlock
-from zoo.models.moe_lm import MoELM
+from zoo.models.moe_lm import MoELM, layer_expert_ids
+from zoo.models.output import sow_output
 from zoo.models.registry import ConfigError, register_model
 from zoo.routing import MoEFFN
 
@@ -41,13 +44,14 @@ SMALLTHINKER_ROUTERS = ("sigmoid_topk", "softmax_topk")
 
 
 class PreRoutedMoEFFN(MoEFFN):
-  """`MoEFFN` that only dispatches a routing computed earlier; returns `(y, (aux, metrics))` for `DecoderBlock`."""
+  """`MoEFFN` that only dispatches a routing computed earlier; returns `(y, (aux, metrics, expert_ids))` for
+  `MoELM.decoder_layers`."""
 
   def __call__(self, x, *, deterministic=True, routing=None):
     if routing is None:
       raise ValueError("PreRoutedMoEFFN needs the routing computed before attention (routing=...)")
     y, aux, metrics = super().__call__(x, deterministic=deterministic, routing=routing)
-    return y, (aux, metrics)
+    return y, (aux, metrics, layer_expert_ids(routing, x))
 
 
 class PreRoutedBlock(DecoderBlock):
@@ -64,7 +68,7 @@ class PreRoutedBlock(DecoderBlock):
     ffn_kwargs = None
     if self.router is not None:
       routing = self.router(x, deterministic=deterministic)  # raw residual stream, before the attention norm
-      self.sow("intermediates", "prefetch_expert_ids", routing.expert_ids.reshape(x.shape[:2] + (-1,)))
+      sow_output(self, "prefetch_expert_ids", lambda: layer_expert_ids(routing, x))
       ffn_kwargs = {"routing": routing}
     return super().__call__(x, positions, cache, mask, deterministic, ffn_kwargs)
 

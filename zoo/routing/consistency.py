@@ -2,8 +2,8 @@
 
 "Not All Models Suit Expert Offloading: On Local Routing Consistency of Mixture-of-Expert Models" (2025; the
 authors' code ljcleo/moe-lrc, src/30_srp_calc.py and src/41_sch_calc.py). Both metrics read only routing decisions,
-expert ids [tokens, k] per layer, so they apply to every routed model in the zoo (a model returns them as
-`metrics['expert_ids']` [layers, batch, length, k] when built with `return_expert_ids=True`).
+expert ids [tokens, k] per layer, so they apply to every routed model in the zoo (a model that routes tokens to experts
+sows them as `intermediates['expert_ids']` [layers, batch, length, k] in `apply(..., mutable=['intermediates'])`).
 
 - Segment Routing Best Performance, SRP(L): how well "expert e is active for the whole window" predicts the routing
   of every sliding window of L tokens. With `A[t, e] = 1` iff e is among token t's experts and `c_{w,e}` the uses of e
@@ -147,7 +147,7 @@ def routing_consistency(expert_ids, num_experts, *, segment_lengths=DEFAULT_SEGM
   """SRP and SCH of every layer of a routed model, for every segment length that fits the sequences.
 
   Args:
-    expert_ids: [layers, batch, length, k] int expert ids (e.g. `ModelOutput.metrics['expert_ids']`).
+    expert_ids: [layers, batch, length, k] int expert ids (e.g. a model's sown `intermediates['expert_ids']`).
     num_experts: E (the same in every layer).
     segment_lengths: candidate L values; those longer than `length` are dropped.
     cache_sizes: C values for SCH; default (k, 2k) clipped to E (papers.md A8: about twice the active experts

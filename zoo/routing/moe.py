@@ -188,8 +188,6 @@ class MoEFFN(nn.Module):
       dropping, at the cost of buffers as large as computing every expert).
     shared_mlp_dim: width of the shared-expert FFN (0 = none).
     shared_gate: sigmoid gate on the shared expert output.
-    return_expert_ids: add the routing decision to the metrics: 'expert_ids' int32 [..., k] (x's leading dims; -1 =
-      empty slot).
     dtype: compute dtype of the experts (routing is always float32).
     param_dtype: parameter dtype.
     mesh: a Mesh whose 'expert' axis > 1 enables expert parallelism (all-to-all); None = the mesh in context
@@ -208,7 +206,6 @@ class MoEFFN(nn.Module):
   capacity_factor: float | None = 1.25
   shared_mlp_dim: int = 0
   shared_gate: bool = False
-  return_expert_ids: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   mesh: Any = None
@@ -254,8 +251,6 @@ class MoEFFN(nn.Module):
     if self.shared_mlp_dim:
       y = y + self._shared(tokens, names)
     metrics = {**routing.metrics, **dispatch_metrics}
-    if self.return_expert_ids:
-      metrics["expert_ids"] = routing.expert_ids.reshape(x.shape[:-1] + routing.expert_ids.shape[-1:])
     return y.reshape(x.shape[:-1] + (embed,)), dict(routing.aux), metrics
 
   def _dispatch(self, tokens, routing, expert_weights):
