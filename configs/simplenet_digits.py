@@ -16,7 +16,7 @@ def get_config():
           "num_pools": 3,  # 8x8 -> 1x1 after three 2x2 poolings
           "dropout_rate": 0.1,
       },
-      dataset="digits")
+      dataset="digits", task="classification")
   config.optimizer.lr = 3e-3
   config.optimizer.warmup_steps = 50
   config.optimizer.weight_decay = 1e-4

@@ -66,8 +66,8 @@ def test_frozen_params_are_not_updated_not_even_by_weight_decay(tmp_path, monkey
   c.train.eval_batches = 1
   exp = trainer.Experiment(c)
   before, _ = exp.init_state()
-  before = jax.device_get(before.params)
-  after = jax.device_get(trainer.train(c, str(tmp_path), progress=False).params)
+  before = jax.device_get(before.variables()["params"])
+  after = jax.device_get(trainer.train(c, str(tmp_path), progress=False).variables()["params"])
   assert "layers_0" in before and "layers_1" in before
   for name in before:
     for x, y in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
@@ -84,9 +84,10 @@ def test_init_from_restores_the_non_param_collections(tmp_path):
       c, tmp_path / "a", lambda s: s.replace(collections=jax.tree.map(lambda x: x + 1.5, s.collections)))
   assert jax.tree.leaves(saved.collections)  # batch_stats
   c.init_from = str(tmp_path / "a")
+  exp = trainer.Experiment(c)
   fresh = saved.replace(params=jax.tree.map(jnp.zeros_like, saved.params),
                         collections=jax.tree.map(jnp.zeros_like, saved.collections))
-  loaded = trainer.with_variables(fresh, exp.init_from_variables())
+  loaded = exp.with_init_from(fresh, exp.abstract_state()[1], exp.load_init_from())
   for x, y in zip(jax.tree.leaves(loaded.variables()), jax.tree.leaves(saved.variables())):
     np.testing.assert_array_equal(x, y)
 

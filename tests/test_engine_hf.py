@@ -51,3 +51,22 @@ def test_fine_tune_and_evaluate_a_hugging_face_model(tmp_path):
   last = json.loads(result.stdout.strip().splitlines()[-1])
   np.testing.assert_allclose(last["loss"], hf_loss, rtol=1e-5)
   assert isinstance(last["sample"], str)
+
+
+def test_fine_tune_on_the_directory_tokenizer(tmp_path):
+  from test_tokenizers import build_tokenizer
+  from zoo.checkpoints import hf_testing
+  hf_dir = tmp_path / "hf"
+  hf_testing.build("llama", str(hf_dir), vocab_size=264)
+  build_tokenizer(hf_dir, vocab_size=264)  # beside the weights, as a Hugging Face directory has it
+  c = tiny_config(steps=2)
+  c.init_from = f"hf:{hf_dir}"
+  c.train.update(batch_size=8, eval_batches=1, eval_every_steps=0)
+  c.sample.max_new_tokens = 4
+  trainer.train(c, str(tmp_path / "run"), progress=False)
+  assert c.data.tokenizer == f"hf:{hf_dir}"  # set from the directory: the model's own token ids
+  batch = next(trainer.Experiment(c).make_iterator(c.data.eval_split, repeat=False))
+  assert batch["inputs"].max() > 258  # merged tokens, not bytes
+  assert np.isfinite(read_metrics(tmp_path / "run")[-1]["eval_bits_per_byte"])
+  _, results, sample = trainer.evaluate(c, str(tmp_path / "run"))
+  assert isinstance(sample, str) and results["bits_per_byte"] > 0

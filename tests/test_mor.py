@@ -91,14 +91,6 @@ def test_depth_histogram():
   np.testing.assert_allclose(reached, np.array([6, 3, 2]) / 7)
 
 
-def test_plot_depth_per_token(tmp_path):
-  path = tmp_path / "depth.png"
-  D.plot_depth_per_token(list("hello world"), np.arange(11) % 4, 3, str(path))
-  assert path.read_bytes()[:4] == b"\x89PNG"
-  with pytest.raises(ValueError, match="depths"):
-    D.plot_depth_per_token(list("ab"), [1], 3, str(path))
-
-
 # ---------------------------------------------------------------------------------------------------------- model
 
 import flax.linen as nn

@@ -142,9 +142,9 @@ def test_engine_train_step_with_expert_parallelism(tmp_path):
   config.mesh.update(data=-1, fsdp=1, expert=4, tensor=1)
   exp = trainer.Experiment(config)
   assert dict(exp.mesh.shape) == dict(data=2, fsdp=1, expert=4, tensor=1)
-  batch = exp._pad({"inputs": np.arange(64, dtype=np.int32).reshape(8, 8),
-                    "targets": np.arange(1, 65, dtype=np.int32).reshape(8, 8),
-                    "mask": np.ones((8, 8), np.float32)})
+  batch = exp.pad({"inputs": np.arange(64, dtype=np.int32).reshape(8, 8),
+                   "targets": np.arange(1, 65, dtype=np.int32).reshape(8, 8),
+                   "mask": np.ones((8, 8), np.float32), "target_bytes": np.ones((8, 8), np.float32)})
   with mesh_context(exp.mesh):
     state, shardings = exp.init_state()
     up = state.params["layers_0"]["ffn"]["up"]

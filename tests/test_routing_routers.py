@@ -264,13 +264,6 @@ def test_router_module_logical_axes():
   assert variables["params"]["kernel"].names == ("embed", "expert")
 
 
-def test_plot_expert_load_writes_png(tmp_path):
-  path = routing.plot_expert_load(jnp.full((3, 8), 1 / 8), tmp_path / "load.png")
-  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-  with pytest.raises(ValueError, match=r"\[layers, experts\]"):
-    routing.plot_expert_load(jnp.zeros((2, 2, 2)), tmp_path / "bad.png")
-
-
 def test_stack_layer_metrics():
   layers = [routing.softmax_topk(jnp.zeros((3, 4)), 1).metrics for _ in range(5)]
   stacked = routing.stack_layer_metrics(layers)

@@ -84,7 +84,7 @@ def main(argv):
         raise ValueError(f"the dense LM has {field}={getattr(dense, field)!r}, the Read-ME config "
                          f"{getattr(exp.model, field)!r}; they must match")
     dense_target, dense_shardings = dense_exp.abstract_state()
-    dense_params = restore_params(FLAGS.dense_workdir, dense_target.params)
+    dense_params = restore_params(FLAGS.dense_workdir, dense_target.variables()["params"])
   except cli.USER_ERRORS as e:
     cli.fail(e)
 
@@ -103,9 +103,9 @@ def main(argv):
     print(f"| {i} | {int(shared[i].sum())} | " + " | ".join(str(int(m.sum())) for m in experts[i]) + " |")
 
   state, shardings = exp.init_state()
-  params = readme_params_from_dense(dense_params, shared, experts, state.params)
-  state = state.replace(params=jax.device_put(params, shardings.params))
-  dense_state = dense_exp.init_state()[0].replace(params=dense_params)
+  params = readme_params_from_dense(dense_params, shared, experts, state.variables()["params"])
+  state = exp.with_params(state, params, shardings)
+  dense_state = dense_exp.with_params(dense_exp.init_state()[0], dense_params, dense_shardings)
   with sharding.mesh_context(exp.mesh):
     dense_loss = dense_exp.run_eval(dense_state, dense_exp.make_eval_step(dense_shardings, dense_exp.dummy))["loss"]
     extracted_loss = exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy))["loss"]

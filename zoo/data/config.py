@@ -10,6 +10,11 @@ Keys:
   domains: tuple of domain names to keep (datasets with a `domain` ClassLabel feature, e.g. pystdlib: 'docs',
     'modules', 'asyncio', 'email', ...); () keeps all.
   text_key: the Text feature holding the documents of a standard TFDS text dataset ('text' for lm1b and c4).
+  tokenizer: '' or 'bytes' (`ByteTokenizer`), 'hf:DIR' (the tokenizer.json of a Hugging Face model directory) or the
+    path of a tokenizer.json (`zoo.data.tokenizer`). With `config.init_from='hf:DIR'` the engine sets it to DIR's
+    tokenizer when it is '' and DIR has one.
+  label_key: '' reads text as one packed token stream (format 'text'); the name of a ClassLabel feature (e.g.
+    'domain') reads labelled windows instead (format 'labelled_text', see `zoo.data.pipeline`).
   shuffle: shuffle the examples (seeded by `make_iterator`'s seed; a new order every epoch).
   worker_count: grain worker processes; 0 reads in the calling process.
   train_split / eval_split: the TFDS split names the engine trains and evaluates on.
@@ -39,6 +44,8 @@ def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:
       "seq_len": 256,
       "domains": (),
       "text_key": "text",
+      "tokenizer": "",
+      "label_key": "",
       "shuffle": True,
       "worker_count": 0,
       "train_split": "train",
@@ -93,6 +100,9 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   workers = cfg["worker_count"]
   if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
     raise ValueError(f"data config: worker_count={workers!r}; allowed: an int >= 0")
+  for key in ("tokenizer", "label_key", "text_key"):
+    if not isinstance(cfg[key], str):
+      raise ValueError(f"data config: {key}={cfg[key]!r}; allowed: a string")
   if not isinstance(cfg["shuffle"], bool):
     raise ValueError(f"data config: shuffle={cfg['shuffle']!r}; allowed: True or False")
   return cfg

@@ -1,13 +1,19 @@
-"""grain input pipelines over TFDS array_record data sources (no TensorFlow needed).
+"""grain input pipelines over TFDS array_record data sources (no TensorFlow needed). A dataset states its format;
+tasks (`zoo.tasks`) say which formats they read.
 
-Text (`task='lm'`): each document becomes BOS + UTF-8 bytes + EOS (`ByteTokenizer`); documents are read in a seeded
-shuffled order (a new order each epoch), concatenated and cut into chunks of seq_len + 1 tokens (grain's
-concat-then-split packing; a chunk may span documents, which stay separated by their EOS/BOS; positions are not
-reset at document starts). Each chunk gives `inputs = chunk[:-1]`, `targets = chunk[1:]` (so the first token of a
-chunk is context only, never a target); only the last chunk of a finite stream (repeat=False) has padding, which
-holds PAD and has mask 0.
+Format 'text' (a Text feature `text_key`): each document becomes BOS + tokens + EOS (`data.tokenizer`, bytes by
+default); documents are read in a seeded shuffled order (a new order each epoch), concatenated and cut into chunks of
+seq_len + 1 tokens (grain's concat-then-split packing; a chunk may span documents, which stay separated by their
+EOS/BOS; positions are not reset at document starts). Each chunk gives `inputs = chunk[:-1]`, `targets = chunk[1:]`
+(so the first token of a chunk is context only, never a target) and `target_bytes` (the UTF-8 bytes of text each
+target stands for); only the last chunk of a finite stream (repeat=False) has padding, which holds PAD and has mask 0.
 
-Images (`task='classification'`): `image` as float32 (uint8 images are scaled to [0, 1]), `label` as int32.
+Format 'labelled_text' (a text dataset read with `data.label_key`, a ClassLabel feature such as pystdlib's
+'domain'): every document is tokenized once when the iterator is made and cut into windows of seq_len tokens (the
+last one padded), each labelled with its document's label; the windows are shuffled (a new order each epoch).
+`inputs` int32 [B, T], `mask` float32 [B, T], `label` int32 [B]. Meant for corpora that fit in memory as tokens.
+
+Format 'images': `image` as float32 (uint8 images are scaled to [0, 1]), `label` as int32.
 
 Multi-host: the examples of a split are dealt to hosts round-robin (host p reads examples p, p + P, ...), so hosts
 read disjoint examples; each host packs and batches its own share and yields global_batch_size // process_count rows.
@@ -30,7 +36,7 @@ import tensorflow_datasets as tfds
 
 from zoo.data import builders
 from zoo.data.config import resolve_data_config
-from zoo.data.tokenizer import ByteTokenizer
+from zoo.data.tokenizer import make_tokenizer
 
 # Reads run ahead in a few threads; the order (and so the iterator state) does not depend on them.
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
@@ -47,22 +53,33 @@ def _builder(cfg: dict[str, Any]) -> tfds.core.DatasetBuilder:
                      f"or a TFDS dataset name (see `tfds.list_builders()`)") from e
 
 
-def _task_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict[str, Any]:
+def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict[str, Any]:
   features = builder.info.features
   text_key = cfg["text_key"]
   if text_key in features and isinstance(features[text_key], tfds.features.Text):
-    tok = ByteTokenizer()
-    info = {"task": "lm", "vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
+    tok = make_tokenizer(cfg["tokenizer"])
+    info = {"format": "text", "vocab_size": tok.vocab_size, "pad_id": _pad_id(tok), "bos_id": tok.bos_id,
             "eos_id": tok.eos_id}
+    label_key = cfg["label_key"]
+    if label_key:
+      if not isinstance(features[label_key] if label_key in features else None, tfds.features.ClassLabel):
+        labels = sorted(k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel))
+        raise ValueError(f"data config: label_key={label_key!r} is not a ClassLabel feature of dataset "
+                         f"{cfg['name']!r}; allowed: {labels} or '' (packed text)")
+      info.update(format="labelled_text", num_classes=features[label_key].num_classes,
+                  label_names=tuple(features[label_key].names))
+  elif cfg["label_key"]:
+    raise ValueError(f"data config: label_key={cfg['label_key']!r} but dataset {cfg['name']!r} has no Text feature "
+                     f"text_key={text_key!r}; allowed: label_key='' for it")
   elif "image" in features and "label" in features and isinstance(features["label"], tfds.features.ClassLabel):
     shape = tuple(features["image"].shape)
     if None in shape:
       raise ValueError(f"dataset {cfg['name']!r} has images of varying shape {shape}; allowed: datasets whose "
                        f"'image' feature has a fixed shape (e.g. cifar10, digits)")
-    info = {"task": "classification", "num_classes": features["label"].num_classes, "image_shape": shape}
+    info = {"format": "images", "num_classes": features["label"].num_classes, "image_shape": shape}
   else:
     raise ValueError(f"dataset {cfg['name']!r} has features {sorted(features)}; allowed: a Text feature named "
-                     f"text_key={text_key!r} (task 'lm') or 'image' + ClassLabel 'label' (task 'classification')")
+                     f"text_key={text_key!r} (format 'text') or 'image' + ClassLabel 'label' (format 'images')")
   if "domain" in features and isinstance(features["domain"], tfds.features.ClassLabel):
     info["domains"] = tuple(features["domain"].names)
   return info
@@ -75,12 +92,17 @@ def dataset_info(data_config: Mapping[str, Any] | ml_collections.ConfigDict) -> 
     data_config: the data config (`zoo.data.config`).
 
   Returns:
-    {'task': 'lm', 'vocab_size', 'pad_id', 'bos_id', 'eos_id'} for text, or
-    {'task': 'classification', 'num_classes', 'image_shape': (H, W, C)} for images; plus 'domains' (the names) when
-    the dataset has a `domain` label.
+    {'format': 'text', 'vocab_size', 'pad_id', 'bos_id', 'eos_id'} (the tokenizer's) for text; the same plus
+    'num_classes' and 'label_names' with format 'labelled_text'; {'format': 'images', 'num_classes', 'image_shape':
+    (H, W, C)} for images; plus 'domains' (the names) when the dataset has a `domain` label.
   """
   cfg = resolve_data_config(data_config)
-  return _task_info(_builder(cfg), cfg)
+  return _format_info(_builder(cfg), cfg)
+
+
+def _pad_id(tokenizer) -> int:
+  """The id padding rows hold (always with mask 0): the tokenizer's PAD, else 0 [guess: any id works under mask 0]."""
+  return tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
 
 def _open_source(cfg: dict[str, Any], split: str):
@@ -140,21 +162,44 @@ def _select(source, builder, cfg: dict[str, Any]) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Tokenize(grain.transforms.Map):
-  """Record -> {'tokens': int32 [BOS + bytes + EOS]}."""
+  """Record -> {'tokens': int32 [BOS + ids + EOS], 'token_bytes': float32 [same]} (`make_tokenizer(tokenizer)`)."""
   text_key: str
+  tokenizer: str
 
   def map(self, record):
-    return {"tokens": ByteTokenizer().encode(record[self.text_key])}
+    tokens, token_bytes = make_tokenizer(self.tokenizer).encode_with_bytes(record[self.text_key])
+    return {"tokens": tokens, "token_bytes": token_bytes}
 
 
 @dataclasses.dataclass(frozen=True)
 class _ToLmExample(grain.transforms.Map):
-  """Packed chunk {'tokens' [T+1], 'tokens_segment_ids' [T+1]} -> inputs/targets int32 [T], mask float32 [T]."""
+  """Packed chunk {'tokens', 'token_bytes', 'tokens_segment_ids'} [T+1] -> inputs/targets int32 [T], mask and
+  target_bytes float32 [T]."""
+  pad_id: int
 
   def map(self, packed):
     real = packed["tokens_segment_ids"] != 0
-    tokens = np.where(real, packed["tokens"], ByteTokenizer.pad_id).astype(np.int32)
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": real[1:].astype(np.float32)}
+    tokens = np.where(real, packed["tokens"], self.pad_id).astype(np.int32)
+    mask = real[1:].astype(np.float32)
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": mask,
+            "target_bytes": np.where(real[1:], packed["token_bytes"][1:], 0).astype(np.float32)}
+
+
+def _labelled_windows(source, cfg: dict[str, Any], pad_id: int) -> list[dict[str, np.ndarray]]:
+  """Every record of `source` tokenized and cut into windows of seq_len tokens (last one padded), in record order:
+  [{'inputs': int32 [T], 'mask': float32 [T], 'label': int32 []}]."""
+  tok, length, windows = make_tokenizer(cfg["tokenizer"]), cfg["seq_len"], []
+  for i in range(len(source)):
+    record = source[i]
+    ids = tok.encode(record[cfg["text_key"]])
+    label = np.int32(record[cfg["label_key"]])
+    for start in range(0, len(ids), length):
+      piece = ids[start:start + length]
+      mask = np.zeros(length, np.float32)
+      mask[:len(piece)] = 1.0
+      windows.append({"inputs": np.pad(piece, (0, length - len(piece)), constant_values=pad_id).astype(np.int32),
+                      "mask": mask, "label": label})
+  return windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +253,12 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
   batch_size = global_batch_size // process_count
 
   source, builder = _open_source(cfg, split)
-  info = _task_info(builder, cfg)
-  indices = _select(source, builder, cfg)[process_index::process_count]
+  info = _format_info(builder, cfg)
+  indices = _select(source, builder, cfg)
+  if info["format"] == "labelled_text":  # the windows, not the documents, are dealt to the hosts
+    source, indices = _labelled_windows(_Subset(source, indices), cfg, info["pad_id"]), None
+    indices = list(range(len(source)))
+  indices = indices[process_index::process_count]
   if not indices:
     raise ValueError(f"dataset {cfg['name']!r} split={split!r} domains={cfg['domains'] or 'all'} has no examples for "
                      f"host {process_index} of {process_count}; allowed: a split, domain filter and process_count "
@@ -219,10 +268,13 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
     ds = ds.shuffle(int(seed))
   if repeat:
     ds = ds.repeat()
-  if info["task"] == "lm":
-    it = ds.map(_Tokenize(cfg["text_key"])).to_iter_dataset(_READ_OPTIONS)
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": cfg["seq_len"] + 1})
-    it = it.map(_ToLmExample()).batch(batch_size, drop_remainder=drop_remainder)
+  if info["format"] == "text":
+    it = ds.map(_Tokenize(cfg["text_key"], cfg["tokenizer"])).to_iter_dataset(_READ_OPTIONS)
+    length = cfg["seq_len"] + 1
+    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": length, "token_bytes": length})
+    it = it.map(_ToLmExample(info["pad_id"])).batch(batch_size, drop_remainder=drop_remainder)
+  elif info["format"] == "labelled_text":
+    it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(_READ_OPTIONS)
   else:
     ds = ds.map(_ToImageExample()).batch(batch_size, drop_remainder=drop_remainder)
     it = ds.to_iter_dataset(_READ_OPTIONS)
@@ -232,8 +284,9 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["worker_count"]))
   fingerprint = {"dataset": cfg["name"], "split": split, "domains": list(cfg["domains"]), "examples": len(indices),
                  "process_count": process_count}
-  if info["task"] == "lm":
+  if info["format"] != "images":
     fingerprint["seq_len"] = cfg["seq_len"]
+    fingerprint["tokenizer"] = cfg["tokenizer"]
   return DataIterator(iter(it), fingerprint)
 
 

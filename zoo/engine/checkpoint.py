@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 
 class CheckpointError(RuntimeError):
@@ -24,7 +25,13 @@ class CheckpointError(RuntimeError):
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
-  """Saves/restores the JSON state (`get_state()`) of this process's data iterator."""
+  """Saves/restores the JSON state (`get_state()`) of this process's data iterator.
+
+  grain ships an orbax handler for the same file layout (`grain.checkpoint.CheckpointHandler`), but it takes a grain
+  `DatasetIterator` object at restore time and writes its bare state; the zoo's iterator (`zoo.data.DataIterator`)
+  adds a fingerprint of the data it reads, and checkpoints written so far hold `{"value": state}`, which grain's
+  handler would pass on unread. This handler keeps those checkpoints readable.
+  """
 
   def save(self, directory: epath.Path, args: "IteratorStateSave"):
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -69,6 +76,7 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
 
 
 def _state_dict(state):
+  """What a step checkpoint holds: everything but the frozen parameters (saved once, see `Checkpointer`)."""
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
           "collections": state.collections}
 
@@ -82,6 +90,8 @@ def checkpoint_dir(path):
 
 # Written into a step's folder once orbax has committed it: the CRC-32 of every file of the step.
 MANIFEST = "zoo_checksums.json"
+# The frozen parameters of a run, written once (`Checkpointer.save`), beside the steps.
+FROZEN = "frozen"
 # Steps moved out of orbax's sight by `set_aside_after` are renamed `<step>.set_aside.<n>` (orbax reads only integer
 # folder names), never deleted.
 SET_ASIDE = ".set_aside."
@@ -126,6 +136,26 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async, create=create)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
     self._unsealed = []
+    self._frozen_saved = os.path.isdir(os.path.join(self.directory, FROZEN)) and self.latest_step() is not None
+
+  def _save_frozen(self, frozen):
+    """Write the frozen parameters once per run to `<directory>/frozen` (with its checksums); a store left by an
+    earlier run that saved no step is set aside, not deleted."""
+    path = os.path.join(self.directory, FROZEN)
+    if os.path.exists(path) and jax.process_index() == 0:
+      n = 0
+      while os.path.exists(f"{path}{SET_ASIDE}{n}"):
+        n += 1
+      os.rename(path, f"{path}{SET_ASIDE}{n}")
+    try:
+      with _quiet_orbax():
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(path, frozen)
+        checkpointer.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(self._save_failed("frozen parameters", e)) from None
+    self._seal(FROZEN)
+    self._frozen_saved = True
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -140,6 +170,8 @@ class Checkpointer:
       CheckpointError: this or the previous (asynchronous) save failed, e.g. a full disk; the message names the step.
     """
     self.wait()
+    if state.frozen and not self._frozen_saved:
+      self._save_frozen(state.frozen)
     try:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state)),
                                                       data=IteratorStateSave(data_state)), force=True)
@@ -253,11 +285,26 @@ class Checkpointer:
       raise CheckpointError(f"{where} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
                             "it is corrupted or was written by a different model/optimizer config. "
                             "Nothing was deleted.") from None
-    state = type(target)(**{k: _like(target_dict[k], v) for k, v in restored["state"].items()})
-    bad = _first_non_finite({"params": state.params, "opt_state": state.opt_state})
+    state = type(target)(**{k: _like(target_dict[k], v) for k, v in restored["state"].items()},
+                         frozen=self._restore_frozen(target.frozen) if target.frozen else {})
+    bad = _first_non_finite({"params": state.params, "opt_state": state.opt_state, "frozen": state.frozen})
     if bad:
       raise CheckpointError(self._corrupted(step, f"it holds non-finite values in {bad}"))
     return state, restored["data"]
+
+  def _restore_frozen(self, target):
+    path = os.path.join(self.directory, FROZEN)
+    if not os.path.isdir(path):
+      raise CheckpointError(f"{path} is missing: the frozen parameters of this run were saved there; allowed: the "
+                            "config the checkpoints were written with (config.json)")
+    problem = self.verify(FROZEN)
+    if problem:
+      raise CheckpointError(f"the frozen parameters in {path} are corrupted: {problem}. Nothing was deleted.")
+    mismatch = _mismatch(path, target)
+    if mismatch:
+      raise CheckpointError(f"the frozen parameters in {path} do not fit this config: {mismatch}")
+    with _quiet_orbax():
+      return ocp.StandardCheckpointer().restore(path, target)
 
   def set_aside_after(self, step):
     """Rename the steps after `step` to `<s>.set_aside.<n>` (out of orbax's sight, kept on disk), so that training
@@ -296,11 +343,8 @@ def _leaf_names(tree):
 def _mismatch(state_dir, target):
   """A sentence naming the first leaf whose presence or shape differs between the saved tree and `target`, or None.
   Reads the checkpoint's metadata only, so orbax never starts a restore that cannot succeed."""
-  try:
-    with _quiet_orbax():
-      metadata = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
-    saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(metadata) if hasattr(m, "shape")}
-  except Exception:  # pylint: disable=broad-except  # unreadable metadata: the restore itself reports it
+  saved = _saved_shapes(state_dir)
+  if not saved:  # unreadable metadata: the restore itself reports it
     return None
   wanted = _leaf_names(target)
   for key in sorted(set(saved) | set(wanted), key=lambda k: (not k.startswith("params."), k)):
@@ -355,45 +399,96 @@ def restore_params(path, target_params):
   return restore_variables(path, {"params": target_params})["params"]
 
 
-def restore_variables(path, target):
+def restore_variables(path, target, *, partial=False):
   """The variables of the latest checkpoint under `path`, for `config.init_from`.
 
   Args:
     path: a workdir or its checkpoints/ folder.
     target: `{'params': ..., <collection>: ...}` of ShapeDtypeStructs (or arrays) with target shardings: the params
       and the non-param collections (`routing_state`, `batch_stats`, ...) to restore; the optimizer state and step
-      are not read.
+      are not read. Frozen parameters the run saved beside its steps are read too.
+    partial: False: every leaf of `target` must be in the checkpoint. True: the leaves the checkpoint lacks are left
+      out of the result (they keep their initialisation, e.g. adapters added to a trained model).
 
   Returns:
-    The restored variables, in `target`'s structure.
+    The restored variables as nested dicts in `target`'s layout (only the leaves the checkpoint has, with partial).
+
+  Raises:
+    CheckpointNotFound / CheckpointError: no checkpoint, a corrupted one, or one whose parameters do not fit `target`
+      (a leaf the model lacks, a shape that differs, or with partial=False a leaf the checkpoint lacks).
   """
   directory = checkpoint_dir(path)
+  where = f"config.init_from={path!r}"
   if not os.path.isdir(directory):
-    raise CheckpointNotFound(f"config.init_from={path!r}: no such directory {directory}")
+    raise CheckpointNotFound(f"{where}: no such directory {directory}")
   ckpt = Checkpointer(directory, create=False)
   try:
     step = ckpt.latest_step()
     if step is None:
-      raise CheckpointNotFound(f"config.init_from={path!r}: no checkpoint found in {directory}")
-    problem = ckpt.verify(step)
-    if problem:
-      raise CheckpointError(f"config.init_from={path!r}: " + ckpt._corrupted(step, problem))
-    collections = {k: v for k, v in target.items() if k != "params"}
-    item = {"params": target["params"], **({"collections": collections} if collections else {})}
+      raise CheckpointNotFound(f"{where}: no checkpoint found in {directory}")
+    for name in (step, FROZEN):
+      problem = ckpt.verify(name) if os.path.isdir(os.path.join(directory, str(name))) else None
+      if problem:
+        raise CheckpointError(f"{where}: " + ckpt._corrupted(step, problem))
+    step_dir, frozen_dir = os.path.join(directory, str(step), "state"), os.path.join(directory, FROZEN)
+    in_step_dir = _saved_shapes(step_dir)
+    in_frozen_dir = {"params." + k: v for k, v in _saved_shapes(frozen_dir).items()}
+    saved = {**in_step_dir, **in_frozen_dir}
+    flat = {("params", *p) if k == "params" else ("collections", k, *p): leaf
+            for k, tree in target.items() for p, leaf in traverse_util.flatten_dict(dict(tree)).items()}
+    wanted = {".".join(map(str, p)): p for p in flat}
+    for name, shape in saved.items():
+      if name.startswith(("params.", "collections.")) and name not in wanted:
+        raise CheckpointError(f"{where}: the checkpoint holds {name} (shape {shape}), which the model does not have")
+    for name, p in wanted.items():
+      if name not in saved and not partial:
+        raise CheckpointError(f"{where}: {name} is not in checkpoint step {step} of {directory}")
+      if name in saved and saved[name] != tuple(flat[p].shape):
+        raise CheckpointError(f"{where}: {name} has shape {saved[name]} in the checkpoint but {tuple(flat[p].shape)} "
+                              "in the model")
+    in_step = {p: flat[p] for n, p in wanted.items() if n in in_step_dir}
+    in_frozen = {p[1:]: flat[p] for n, p in wanted.items() if n in in_frozen_dir}
+    restored = {}
     try:
       with _quiet_orbax():
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-    except Exception as e:
-      raise CheckpointError(f"config.init_from: checkpoint step {step} in {directory} cannot be restored "
+        if in_step:
+          restored.update(traverse_util.flatten_dict(_pytree_restore(step_dir, in_step)))
+        if in_frozen:
+          restored.update({("params", *k): v for k, v in
+                           traverse_util.flatten_dict(_pytree_restore(frozen_dir, in_frozen)).items()})
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"{where}: checkpoint step {step} in {directory} cannot be restored "
                             f"({type(e).__name__}: {_first_line(e)})") from None
   finally:
     ckpt.manager.close()
-  restored = _like(item, {k: restored["state"][k] for k in item})
-  bad = _first_non_finite(restored)
+  variables = {}
+  for p, value in restored.items():
+    key, rest = ("params", p[1:]) if p[0] == "params" else (p[1], p[2:])
+    variables.setdefault(key, {})[rest] = value
+  variables = {k: traverse_util.unflatten_dict(v) for k, v in variables.items()}
+  bad = _first_non_finite(variables)
   if bad:
-    raise CheckpointError(f"config.init_from: checkpoint step {step} in {directory} holds non-finite values in {bad}")
-  return {"params": restored["params"], **restored.get("collections", {})}
+    raise CheckpointError(f"{where}: checkpoint step {step} in {directory} holds non-finite values in {bad}")
+  return variables
+
+
+def _saved_shapes(state_dir):
+  """{orbax leaf name: shape} of a saved pytree (metadata only); {} when there is none."""
+  if not os.path.isdir(state_dir):
+    return {}
+  try:
+    with _quiet_orbax():
+      metadata = ocp.StandardCheckpointer().metadata(state_dir).item_metadata
+  except Exception:  # pylint: disable=broad-except  # unreadable metadata: the restore itself reports it
+    return {}
+  return {m.name: tuple(m.shape) for m in jax.tree.leaves(metadata) if hasattr(m, "shape")}
+
+
+def _pytree_restore(directory, flat_target):
+  """Restore the leaves `flat_target` ({path tuple: ShapeDtypeStruct or array}) of the pytree saved in `directory`."""
+  item = traverse_util.unflatten_dict(flat_target)
+  return ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
 
 
 def _like(target, tree):

@@ -1,10 +1,12 @@
-"""Start-up validation of an experiment config: every bad key or value fails at once with one clear message."""
+"""The experiment config: its schema (`base_config`, every key a run can use) and its start-up validation (every bad
+key or value fails at once with one clear message)."""
 import math
+import re
 
 import ml_collections
+from ml_collections import config_dict
 
 from zoo.engine import sharding
-from zoo.engine.tasks import TASKS
 from zoo.models import ConfigError, build_model
 
 SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
@@ -12,9 +14,91 @@ SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
 RENAMED = {"checkpoint.async": "checkpoint.async_save"}
 
 
+def base_config(model=None, dataset="pystdlib", task="lm"):
+  """The shared defaults of every experiment; an experiment file starts from them and sets its own values.
+
+  Args:
+    model: a dict of model keys (`name` plus the model's dataclass fields), or None.
+    dataset: the dataset name; `config.data` starts from its defaults in `zoo.data`.
+    task: the task (`zoo.tasks`): 'lm', 'classification', 'sequence_classification', ...
+
+  Returns:
+    A ConfigDict with every key a run can use, so `--config.KEY=VALUE` overrides of unknown keys fail at start-up and
+    `validate_config` rejects unknown keys set inside a config file.
+  """
+  import zoo.data  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = task
+  c.task_options = ml_collections.ConfigDict()  # the task's dataclass fields
+  c.model = ml_collections.ConfigDict(dict(model or {"name": ""}))
+  c.data = zoo.data.default_data_config(dataset) if dataset else ml_collections.ConfigDict({"name": ""})
+  # Mesh axis sizes; -1 = all remaining devices (at most one axis).
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+  c.optimizer = ml_collections.ConfigDict({
+      "lr": 1e-3,
+      "b1": 0.9,
+      "b2": 0.95,
+      "eps": 1e-8,
+      "weight_decay": 0.1,
+      "grad_clip_norm": 1.0,  # 0 = no clipping
+      "schedule": "warmup_cosine",  # 'warmup_cosine' | 'warmup_stable_decay' | 'constant'
+      "warmup_steps": 100,
+      "decay_fraction": 0.2,  # warmup_stable_decay: the final fraction of steps that decays to zero
+      "end_lr_fraction": 0.1,  # warmup_cosine: final lr = lr * end_lr_fraction
+  })
+  c.train = ml_collections.ConfigDict({
+      "steps": 1000,
+      "batch_size": 32,  # global batch, summed over hosts and devices
+      "grad_accum_steps": 1,
+      "eval_every_steps": 200,  # 0 = only at the end
+      "eval_batches": 10,  # batches of config.data.eval_split; <= 0 = the whole split
+      "log_every_steps": 20,
+  })
+  c.checkpoint = ml_collections.ConfigDict({
+      "every_steps": 200,  # 0 = only at the end (and on SIGTERM)
+      "keep": 3,
+      "async_save": True,  # write in the background while training goes on
+  })
+  # Where the initial variables come from: '' (a fresh init), a zoo checkpoint directory (a workdir or its
+  # checkpoints/ folder), 'hf:DIR' (a Hugging Face model directory; its config.json then sets config.model), or a
+  # mapping {sub-tree path: source} overlaid onto a fresh init (e.g. {'small': 'workdirs/a', 'large': 'hf:DIR'};
+  # '' is the whole tree). Sub-tree paths are '/'-joined keys of the params (and of the other collections).
+  c.init_from = config_dict.placeholder(object)
+  c.init_from = ""
+  # Regular expressions over '/'-joined parameter paths (`zoo.engine.partition`): when trainable_params is
+  # non-empty only the parameters it matches train; those frozen_params matches never train. Frozen parameters get
+  # no gradients and no optimizer state, and are saved once per run.
+  c.trainable_params = ()
+  c.frozen_params = ()
+  # Evaluators run by evaluate.py (`zoo.evaluators`); () = the task's and the model's defaults.
+  c.evals = ()
+  c.sample = ml_collections.ConfigDict({  # the 'sample' evaluator (lm)
+      "prompt": "def ",
+      "max_new_tokens": 128,
+      "temperature": 0.0,  # 0 = greedy
+      "top_k": 0,  # 0 = the whole vocabulary
+  })
+  return c
+
+
 def _base_config():
-  from configs.base import get_base_config
-  return get_base_config(dataset=None)
+  return base_config(dataset=None)
+
+
+def init_sources(config):
+  """`config.init_from` as {sub-tree path: source} ('' = the whole tree); {} for a fresh init.
+
+  Raises:
+    ConfigError: not a string or a mapping of strings.
+  """
+  value = config.get("init_from") or ""
+  if isinstance(value, str):
+    return {"": value} if value else {}
+  if hasattr(value, "items") and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+    return {k.strip("/"): v for k, v in value.items()}
+  raise ConfigError(f"config.init_from={value!r} is invalid; allowed: '', a checkpoint directory, 'hf:DIR', or a "
+                    "mapping {sub-tree path: source}")
 
 
 def _check_keys(section, config, allowed):
@@ -95,12 +179,23 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check(config.sample.temperature >= 0, "sample.temperature", config.sample.temperature, ">= 0 (0 = greedy)")
   _check(config.sample.top_k >= 0, "sample.top_k", config.sample.top_k, ">= 0 (0 = all)")
 
+  init_sources(config)
+  for key in ("trainable_params", "frozen_params", "evals"):
+    value = config[key]
+    _check(isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value), key, value,
+           "a tuple of strings")
+  for pattern in tuple(config.trainable_params) + tuple(config.frozen_params):
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"config: pattern {pattern!r} is not a regular expression ({e})") from None
+
   info = dataset_info(config.data)
-  task = info.get("task")
-  if config.task == "":
-    config.task = task
-  _check(config.task in TASKS, "task", config.task, sorted(TASKS))
-  _check(config.task == task, "task", config.task, f"{task!r}, the task of dataset {config.data.get('name')!r}")
+  from zoo.tasks import get_task  # pylint: disable=g-import-not-at-top
+  task = get_task(config.task, config.task_options)  # unknown tasks and options raise ConfigError
+  _check(info["format"] in task.formats, "task", config.task,
+         f"a task that reads format {info['format']!r} (dataset {config.data.get('name')!r}); task {config.task!r} "
+         f"reads {list(task.formats)}")
   build_model(config.model)  # unknown model names and keys raise ConfigError
   for key in ("vocab_size", "num_classes"):
     if key in info and key in config.model:

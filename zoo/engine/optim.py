@@ -1,5 +1,4 @@
-"""AdamW with gradient clipping and a learning-rate schedule; optionally frozen parameters."""
-import flax.linen as nn
+"""AdamW with gradient clipping and a learning-rate schedule."""
 import jax
 import optax
 
@@ -38,27 +37,14 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _labels(trainable, params):
-  """'train' or 'frozen' for every leaf of `params` (boxed or not) from `trainable(unboxed params)`."""
-  flags = jax.tree.leaves(trainable(nn.unbox(params)))
-  # A boxed leaf (logical partitioning) takes its label whole, so the labels are a prefix of either tree.
-  leaves, treedef = jax.tree.flatten(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  if len(flags) != len(leaves) or not all(isinstance(f, bool) for f in flags):
-    types = sorted({type(f).__name__ for f in flags})
-    raise ValueError(f"trainable_params must return one Python bool per parameter ({len(leaves)} leaves, the "
-                     f"structure of params); got {len(flags)} leaves of types {types}")
-  return jax.tree.unflatten(treedef, ["train" if f else "frozen" for f in flags])
-
-
-def make_optimizer(opt_config, total_steps, trainable=None):
-  """Returns (optax transformation, schedule).
+def make_optimizer(opt_config, total_steps):
+  """Returns (optax transformation, schedule). The engine applies it to the trainable parameters only
+  (`zoo.engine.partition`): frozen ones have no moments, no update and no weight decay, and clipping sees only the
+  trainable gradients.
 
   Args:
     opt_config: `config.optimizer`.
     total_steps: the training steps (for the schedule).
-    trainable: optional `params -> pytree of Python bool` of the same structure (decided by path, not by value);
-      the False leaves are frozen: their updates are zero, weight decay included, and they keep no Adam moments.
-      Clipping sees only the trainable gradients.
   """
   schedule = make_schedule(opt_config, total_steps)
   parts = []
@@ -66,7 +52,4 @@ def make_optimizer(opt_config, total_steps, trainable=None):
     parts.append(optax.clip_by_global_norm(float(opt_config.grad_clip_norm)))
   parts.append(optax.adamw(schedule, b1=float(opt_config.b1), b2=float(opt_config.b2), eps=float(opt_config.eps),
                            weight_decay=float(opt_config.weight_decay), mask=_decay_mask))
-  tx = optax.chain(*parts)
-  if trainable is not None:
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, lambda p: _labels(trainable, p))
-  return tx, schedule
+  return optax.chain(*parts), schedule

@@ -1,7 +1,8 @@
 """The train loop and the evaluation loop: sharded state, jitted steps, checkpoints, logging, NaN guard, SIGTERM.
 
 `train(config, workdir)` runs (or resumes) an experiment; `evaluate(config, workdir, step=None)` scores a checkpoint.
-Both are model-agnostic: the model comes from `zoo.models.build_model`, the scoring from `zoo.engine.tasks`.
+Both are model-agnostic: the model comes from `zoo.models`, how a batch feeds it and is scored from the task
+(`zoo.tasks`), what else evaluation computes from the evaluators (`zoo.evaluators`).
 """
 import contextlib
 import json
@@ -13,22 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
-from zoo.engine import sharding
-from zoo.engine.checkpoint import CheckpointError, Checkpointer, CheckpointNotFound, checkpoint_dir, restore_variables
-from zoo.engine.config import dataset_info, validate_config
+from zoo.engine import partition, sharding
+from zoo.engine.checkpoint import CheckpointError, Checkpointer, CheckpointNotFound, restore_variables
+from zoo.engine.config import dataset_info, init_sources, validate_config
 from zoo.engine.memory import check_memory
 from zoo.engine.optim import make_optimizer
-from zoo.engine.state import abstract_state, create_train_state
-from zoo.engine.tasks import get_task, reduce_stats
+from zoo.engine.state import abstract_state, create_train_state, init_variables
 from zoo.engine.workdir import WorkdirLock, check_workdir, record_config
 from zoo.engine.writers import MetricsWriter, to_python
+from zoo.evaluators import EvalContext, select
 from zoo.models import ConfigError, build_model
-
-# Per-token model metrics (e.g. `expert_ids` [layers, B, T, k]) are not averaged into the logged metrics.
-PER_TOKEN_METRICS = ("expert_ids",)
-# Validation batches whose expert ids feed the routing-consistency metrics of `evaluate`.
-ROUTING_BATCHES = 4
+from zoo.tasks import get_task, reduce_sums
 
 
 class TrainingDivergedError(RuntimeError):
@@ -36,10 +34,7 @@ class TrainingDivergedError(RuntimeError):
 
 
 class Experiment:
-  """Everything derived from a config: mesh, model, task, optimizer, jitted steps.
-
-  A model with a method `trainable_params(params) -> pytree of bool` (by path) trains only the True leaves: the
-  optimizer leaves the others unchanged, weight decay included.
+  """Everything derived from a config: mesh, model, task, evaluators, optimizer, the trainable/frozen split, steps.
 
   Args:
     config: the experiment config (validated here; `config.model` comes from the Hugging Face directory when
@@ -52,68 +47,113 @@ class Experiment:
     self.config = config
     use_hf_model_config(config)
     self.info = validate_config(config, num_devices=len(devices))
-    self.task = get_task(config.task)
+    self.task = get_task(config.task, config.task_options)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.model = build_model(config.model)
-    self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps),
-                                            getattr(self.model, "trainable_params", None))
+    self.evaluators = select(tuple(config.evals), self.model, self.task, config.task)
+    self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps))
     shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
     # ShapeDtypeStructs: one row per batch shard (for init) and the global batch (for compiling the train step).
-    self.dummy = jax.eval_shape(lambda: self.task.dummy_batch(self.info, config.data, shards))
-    self.batch_spec = jax.eval_shape(lambda: self.task.dummy_batch(self.info, config.data,
-                                                                   int(config.train.batch_size)))
+    self.dummy = self.task.batch_spec(self.info, config.data, shards)
+    self.batch_spec = self.task.batch_spec(self.info, config.data, int(config.train.batch_size))
     self.local_batch = int(config.train.batch_size) // jax.process_count()
+    abstract = jax.eval_shape(lambda r: init_variables(self.model, self.task, self.dummy, r), jax.random.key(0))
+    self.mask = partition.trainable_mask(abstract["params"], self.model, tuple(config.trainable_params),
+                                         tuple(config.frozen_params))
 
   def batch_shardings(self, batch):
     return {k: sharding.batch_sharding(self.mesh, len(np.shape(v))) for k, v in batch.items()}
 
   def init_state(self):
     rng = jax.random.key(int(self.config.seed))
-    return create_train_state(self.model, self.tx, self.task, self.dummy, self.mesh, rng)
+    return create_train_state(self.model, self.tx, self.task, self.dummy, self.mesh, self.mask, rng)
 
   def abstract_state(self):
-    return abstract_state(self.model, self.tx, self.task, self.dummy, self.mesh)
+    return abstract_state(self.model, self.tx, self.task, self.dummy, self.mesh, self.mask)
 
-  def init_from_variables(self):
-    """The params and non-param collections of `config.init_from`, 'hf:DIR' (a Hugging Face model directory) or a
-    zoo workdir / checkpoints folder (its latest checkpoint), placed in the train state's shardings. Call it outside
-    `sharding.mesh_context` (the Hugging Face loader unboxes abstract variables, which fails under a mesh)."""
-    path = self.config.init_from
-    target, shardings = self.abstract_state()
-    if path.startswith("hf:"):
-      from zoo.checkpoints import load_hf_checkpoint
-      _, variables = load_hf_checkpoint(path, shardings=shardings.variables())
-      return dict(variables)
-    return restore_variables(path, target.variables())
+  def load_init_from(self):
+    """The variables of each `config.init_from` source: [(sub-tree path, source, variables)] with the variables in
+    the layout of that sub-tree (only the leaves the source has). Call it outside `sharding.mesh_context` (the Hugging
+    Face loader unboxes abstract variables, which fails under a mesh).
+
+    Raises:
+      CheckpointError / ConversionError / ConfigError: a source that is missing, corrupted, or does not fit its
+        sub-tree (a leaf the model lacks or a shape that differs, named).
+    """
+    loaded = []
+    target = self.abstract_state()[0].variables()
+    for path, source in init_sources(self.config).items():
+      sub = _subtree(target, path)
+      if not sub.get("params"):
+        raise ConfigError(f"config.init_from: the model has no parameters under {path!r}")
+      if source.startswith("hf:"):
+        from zoo.checkpoints import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
+        _, variables = load_hf_checkpoint(source)
+        _check_fits(variables, sub, source)
+      else:
+        variables = restore_variables(source, sub, partial=True)
+      loaded.append((path, source, variables))
+    return loaded
+
+  def with_init_from(self, state, shardings, loaded):
+    """`state` with the loaded variables overlaid onto its fresh values (placed in `shardings`)."""
+    flat = traverse_util.flatten_dict(state.variables())
+    places = traverse_util.flatten_dict(shardings.variables())
+    for path, _, variables in loaded:
+      prefix = tuple(p for p in path.split("/") if p)
+      for key, value in traverse_util.flatten_dict(dict(variables)).items():
+        full = (key[0], *prefix, *key[1:])
+        flat[full] = jax.device_put(jnp.asarray(value, flat[full].dtype), places[full])
+    variables = traverse_util.unflatten_dict(flat)
+    params, frozen = partition.split(variables.pop("params"), self.mask)
+    return state.replace(params=params, frozen=frozen, collections={**state.collections, **variables})
+
+  def with_params(self, state, params, shardings):
+    """`state` with the whole params tree `params`, split into its trainable and frozen parts, placed in
+    `shardings`."""
+    trainable, frozen = partition.split(params, self.mask)
+    return state.replace(params=jax.device_put(trainable, shardings.params),
+                         frozen=jax.device_put(frozen, shardings.frozen))
 
   def make_iterator(self, split, repeat, drop_remainder=True):
     """This host's iterator over `split`. A partial last batch is kept only in single-process runs: hosts could
     otherwise run different numbers of (collective) eval steps."""
-    from zoo.data import make_iterator
+    from zoo.data import make_iterator  # pylint: disable=g-import-not-at-top
     drop_remainder = drop_remainder or jax.process_count() > 1
     return make_iterator(self.config.data, split=split, global_batch_size=int(self.config.train.batch_size),
                          seed=int(self.config.seed), process_index=jax.process_index(),
                          process_count=jax.process_count(), repeat=repeat, drop_remainder=drop_remainder)
 
-  def _apply(self, variables, batch, *, train, rng=None):
-    """Returns (logits, ModelOutput, updated non-param collections)."""
+  def task_rngs(self, rng):
+    """One key per random stream of the task, derived from `rng`."""
+    return {name: jax.random.fold_in(rng, 1 + i) for i, name in enumerate(self.task.rng_streams)}
+
+  def eval_rngs(self):
+    """The task's random keys for evaluation: the same at every evaluation, so scores compare."""
+    return self.task_rngs(jax.random.key(int(self.config.seed) + 2))
+
+  def _apply(self, variables, inputs, *, train, rng=None):
+    """Returns (outputs, ModelOutput, updated non-param collections)."""
     mutable = [k for k in variables if k != "params"] if train else False
     kwargs = {"rngs": {"dropout": rng}} if rng is not None else {}
-    out = self.model.apply(variables, self.task.inputs(batch), deterministic=not train, mutable=mutable, **kwargs)
+    out = self.model.apply(variables, **inputs, deterministic=not train, mutable=mutable, **kwargs)
     if train:
-      (logits, model_out), updated = out
-      return logits, model_out, dict(updated)
-    logits, model_out = out
-    return logits, model_out, {k: v for k, v in variables.items() if k != "params"}
+      (outputs, model_out), updated = out
+      return outputs, model_out, dict(updated)
+    outputs, model_out = out
+    return outputs, model_out, {k: v for k, v in variables.items() if k != "params"}
 
   def make_train_step(self, state_shardings, batch_example):
-    """A jitted `(state, batch) -> (state, metrics)` with explicit in/out shardings; the state is donated."""
+    """A jitted `(state, batch) -> (state, metrics)` with explicit in/out shardings; the state is donated. Only the
+    trainable parameters are differentiated (`state.params`); the frozen ones (`state.frozen`) are inputs."""
     accum = int(self.config.train.grad_accum_steps)
     base_rng = jax.random.key(int(self.config.seed) + 1)
 
-    def micro_loss(params, collections, micro, rng):
-      logits, model_out, collections = self._apply({"params": params, **collections}, micro, train=True, rng=rng)
-      stats = self.task.stats(logits, micro)
+    def micro_loss(params, frozen, collections, micro, rng):
+      inputs, targets = self.task.prepare(micro, self.task_rngs(rng))
+      variables = {"params": partition.merge(params, frozen), **collections}
+      outputs, model_out, collections = self._apply(variables, inputs, train=True, rng=rng)
+      stats = self.task.stats(outputs, targets, micro)
       loss = stats["loss_sum"] / jnp.maximum(stats["weight"], 1e-9) + model_out.aux_loss
       return loss, (stats, model_out, collections)
 
@@ -126,9 +166,10 @@ class Experiment:
       def body(carry, inputs):
         grads, collections = carry
         i, mb = inputs
-        (_, (stats, model_out, collections)), g = grad_fn(state.params, collections, mb, jax.random.fold_in(rng, i))
+        (_, (stats, model_out, collections)), g = grad_fn(state.params, state.frozen, collections, mb,
+                                                          jax.random.fold_in(rng, i))
         grads = jax.tree.map(lambda a, b: a + b / accum, grads, g)
-        return (grads, collections), (stats, model_out.aux_loss, _averageable(model_out.metrics))
+        return (grads, collections), (stats, model_out.aux_loss, model_out.metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, collections), (stats, aux, model_metrics) = jax.lax.scan(
@@ -152,7 +193,7 @@ class Experiment:
                       for k, v in self.batch_spec.items()}
     with sharding.mesh_context(self.mesh):
       compiled = self.make_train_step(state_shardings, self.dummy).lower(abstract_state, abstract_batch).compile()
-    check_memory(compiled, self.mesh.devices.flat[0], "train.batch_size (or raise train.grad_accum_steps), "
+    check_memory(compiled, self.mesh.local_devices[0], "train.batch_size (or raise train.grad_accum_steps), "
                  "the input size (data.seq_len) or the model")
     return compiled
 
@@ -165,10 +206,11 @@ class Experiment:
             "grad_norm": metrics["grad_norm"], "learning_rate": metrics["learning_rate"], **metrics["model"]}
 
   def make_eval_step(self, state_shardings, batch_example):
-    """A jitted `(state, batch) -> (stats sums, model metrics)`."""
+    """A jitted `(state, batch) -> (weighted sums, model metrics)`."""
     def step(state, batch):
-      logits, model_out, _ = self._apply(state.variables(), batch, train=False)
-      return self.task.stats(logits, batch), _averageable(model_out.metrics)
+      inputs, targets = self.task.prepare(batch, self.eval_rngs())
+      outputs, model_out, _ = self._apply(state.variables(), inputs, train=False)
+      return self.task.stats(outputs, targets, batch), model_out.metrics
     return jax.jit(step, in_shardings=(state_shardings, self.batch_shardings(batch_example)),
                    out_shardings=sharding.replicated(self.mesh))
 
@@ -184,16 +226,16 @@ class Experiment:
     for i, batch in enumerate(self.make_iterator(self.config.data.eval_split, repeat=False, drop_remainder=False)):
       if 0 < limit <= i:
         break
-      stats, metrics = eval_step(state, sharding.global_batch(self._pad(batch), self.mesh))
+      stats, metrics = eval_step(state, sharding.global_batch(self.pad(batch), self.mesh))
       sums.append(jax.device_get(stats))
       model_metrics.append(jax.device_get(metrics))
     if not sums:
       raise ValueError(f"config.data.eval_split={self.config.data.eval_split!r} gave no batches")
-    result = self.task.finalize(reduce_stats(sums), self.info)
+    result = self.task.finalize(reduce_sums(sums), self.info)
     result.update({k: np.mean([m[k] for m in model_metrics], axis=0) for k in model_metrics[0]})
     return result
 
-  def _pad(self, batch):
+  def pad(self, batch):
     """Add the per-example `weight` and pad a short last batch with zero-weight rows."""
     n = len(next(iter(batch.values())))
     batch = {**batch, "weight": np.ones((n,), np.float32)}
@@ -202,38 +244,54 @@ class Experiment:
     return {k: np.concatenate([v, np.zeros((self.local_batch - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
-def with_variables(state, variables):
-  """`state` with its params and the non-param collections of `variables` replaced by those of `variables`."""
-  variables = dict(variables)
-  params = variables.pop("params")
-  return state.replace(params=params, collections={**state.collections, **variables})
+def _subtree(variables, path):
+  """{collection: the sub-tree at `path` ('/'-joined keys; '' = all)} of the collections that have it."""
+  out = {}
+  for collection, tree in variables.items():
+    for key in (p for p in path.split("/") if p):
+      tree = tree.get(key) if hasattr(tree, "get") else None
+    if tree:
+      out[collection] = tree
+  return out
 
 
-def _averageable(metrics):
-  return {k: v for k, v in metrics.items() if k not in PER_TOKEN_METRICS}
+def _check_fits(variables, target, source):
+  """Every leaf of `variables` exists in `target` with the same shape (ConfigError naming the first that does not)."""
+  want = traverse_util.flatten_dict(dict(target))
+  for key, value in traverse_util.flatten_dict(dict(variables)).items():
+    if key not in want:
+      raise ConfigError(f"config.init_from: {source} holds {'/'.join(key)}, which the model does not have there")
+    if tuple(np.shape(value)) != tuple(want[key].shape):
+      raise ConfigError(f"config.init_from: {'/'.join(key)} has shape {tuple(np.shape(value))} in {source} but "
+                        f"{tuple(want[key].shape)} in the model")
 
 
 def use_hf_model_config(config):
-  """For `config.init_from='hf:DIR'`: set `config.model` from DIR's config.json (in place).
+  """For `config.init_from='hf:DIR'` (the whole tree): set `config.model` from DIR's config.json (in place), and
+  `config.data.tokenizer` to DIR's tokenizer when it is '' and DIR has a tokenizer.json.
 
   The Hugging Face config sets every architecture key it knows; the other keys of `config.model` (dtype, remat,
   dropout, dispatch, ...) are kept when `config.model.name` is the converted model's name, else `config.model` is
   replaced. Architecture keys given on the command line are overridden by the Hugging Face config.
 
   Raises:
-    ConfigError: the model's vocabulary is smaller than the dataset's token ids.
+    ConfigError: the model's vocabulary is smaller than the tokenizer's.
   """
-  if not config.init_from.startswith("hf:"):
+  source = init_sources(config).get("", "")
+  if not source.startswith("hf:"):
     return
-  from zoo.checkpoints import hf_model_config
-  hf = hf_model_config(config.init_from[3:])
+  from zoo.checkpoints import hf_model_config  # pylint: disable=g-import-not-at-top
+  from zoo.data.tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+  hf = hf_model_config(source[3:])
   kept = dict(config.model) if config.model.get("name") == hf.name else {}
   config.model = type(config.model)({**kept, **hf})
+  if not config.data.get("tokenizer") and HFTokenizer.available(source):
+    config.data.tokenizer = source
   info = dataset_info(config.data)
   if "vocab_size" in info and hf.vocab_size < info["vocab_size"]:
-    raise ConfigError(f"config.init_from={config.init_from!r}: the model's vocab_size={hf.vocab_size} is smaller "
-                      f"than the vocab_size={info['vocab_size']} of dataset {config.data.name!r}; allowed: a model "
-                      "whose vocabulary covers the dataset's token ids")
+    raise ConfigError(f"config.init_from={source!r}: the model's vocab_size={hf.vocab_size} is smaller than the "
+                      f"tokenizer's vocab_size={info['vocab_size']} (data.tokenizer={config.data.tokenizer!r}); "
+                      "allowed: a model whose vocabulary covers the data's token ids")
 
 
 class _Sigterm:
@@ -300,7 +358,7 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       latest = step
     target, shardings = exp.abstract_state()
     train_step = exp.compile_train_step(shardings, target)
-    init_variables = exp.init_from_variables() if latest is None and config.init_from else None
+    loaded = exp.load_init_from() if latest is None else []
     stack.enter_context(sharding.mesh_context(exp.mesh))
 
     if latest is not None:
@@ -312,9 +370,10 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       _log(primary, f"resumed from checkpoint step {latest} in {ckpt.directory}")
     else:
       state, _ = exp.init_state()
-      if init_variables is not None:
-        state = with_variables(state, init_variables)
-        _log(primary, f"variables initialised from {_init_from_name(config.init_from)}")
+      if loaded:
+        state = exp.with_init_from(state, shardings, loaded)
+        for path, source, variables in loaded:
+          _log(primary, f"initialised {partition.count(variables)} values of {path or 'the model'} from {source}")
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, enabled=primary)
     stack.callback(writer.close)
@@ -340,7 +399,7 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
     for step in range(start + 1, steps + 1):
       batch = next(train_iter)
       items += exp.task.items(batch) * jax.process_count()
-      state, metrics = train_step(state, sharding.global_batch(exp._pad(batch), exp.mesh))
+      state, metrics = train_step(state, sharding.global_batch(exp.pad(batch), exp.mesh))
       bar.update(1)
       ckpt.poll()
       record = {}
@@ -390,10 +449,6 @@ def _check_finite(step, ckpt, metrics, params_finite=True):
       f"stopped without saving. {last}")
 
 
-def _init_from_name(init_from):
-  return init_from if init_from.startswith("hf:") else checkpoint_dir(init_from)
-
-
 def _format(step, record):
   parts = [f"{k}={v:.4g}" for k, v in _scalars(record).items()]
   return f"step {step}: " + " ".join(parts)
@@ -410,32 +465,25 @@ def _progress(enabled, start, total):
 
 
 def evaluate(config, workdir, *, step=None, devices=None):
-  """Score the checkpoint `step` (default: the latest) of `workdir` on `config.data.eval_split`.
+  """Score the checkpoint `step` (default: the latest) of `workdir` on `config.data.eval_split`, then run the
+  evaluators (`config.evals`, `zoo.evaluators`: text sample, routing consistency, plots, ...).
 
-  Without a checkpoint in `workdir` and without `step`, scores the variables of `config.init_from` (a zoo
-  checkpoint or 'hf:DIR') as step 0.
-
-  LM: loss, perplexity, bits per byte and a text sample decoded with the KV cache (`config.sample`; with the
-  directory's tokenizer.json for 'hf:DIR' when it has one, else bytes). Classification: loss and accuracy. Both: the
-  model's routing metrics and a PNG heatmap of `expert_load` by layer. Models with a `return_expert_ids` field: the
-  local routing consistency of `ROUTING_BATCHES` validation batches (`srp_L<L>`, mean over layers, and
-  `sch_L<L>_C<C>`, papers.md A8) and its plot. Models with a `depth_per_token` method (Mixture-of-Recursions): a PNG of
-  the recursion depth of each token of one validation sequence. Writes `workdir/eval_<step>.json`; plots are
-  `workdir/<name>_<step>.png`.
+  Without a checkpoint in `workdir` and without `step`, scores the variables of `config.init_from` (zoo checkpoints
+  or 'hf:DIR') as step 0. Writes `workdir/eval_<step>.json`; evaluators write their files as
+  `workdir/<name>_<step>.<ext>`.
 
   Returns:
-    (step, metrics dict of floats and lists, sample text or None).
+    (step, results: the task's and the model's metrics plus every evaluator's results, the 'sample' text or None).
   """
   exp = Experiment(config, devices)
-  from_init = step is None and bool(config.init_from) and _latest_step(workdir) is None
+  from_init = step is None and bool(init_sources(config)) and _latest_step(workdir) is None
   workdir = check_workdir(workdir, create=from_init)  # results are written there: refuse a read-only one now
-  results = {}
   if from_init:
     step = 0
-    init_variables = exp.init_from_variables()
+    loaded = exp.load_init_from()
     with sharding.mesh_context(exp.mesh):
       state, shardings = exp.init_state()
-      state = with_variables(state, init_variables)
+      state = exp.with_init_from(state, shardings, loaded)
   else:
     directory = os.path.join(workdir, "checkpoints")
     if _latest_step(workdir) is None:
@@ -450,23 +498,17 @@ def evaluate(config, workdir, *, step=None, devices=None):
     finally:
       ckpt.close()
   with sharding.mesh_context(exp.mesh):
-    results.update(exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy)))
-    if "return_expert_ids" in getattr(exp.model, "__dataclass_fields__", {}):
-      results.update(_routing_consistency(exp, state, workdir, step))
-    if hasattr(exp.model, "depth_per_token"):
-      results["depth_per_token_plot"] = _plot_depth(exp, state, workdir, step)
-    sample = _sample_text(exp, state) if config.task == "lm" and config.sample.max_new_tokens > 0 else None
-  if "expert_load" in results:
-    results["expert_load_plot"] = _plot_expert_load(results["expert_load"], workdir, step)
+    results = exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy))
+    context = EvalContext(exp, state, workdir, step, results)
+    for evaluator in exp.evaluators:
+      results.update(evaluator(context))
   results = {k: to_python(v) for k, v in results.items()}
-  if sample is not None:
-    results["sample"] = sample
   if jax.process_index() == 0:
     path = os.path.join(workdir, f"eval_{step}.json")
     with open(path + ".partial", "w") as f:
       json.dump({"step": step, **results}, f)
     os.replace(path + ".partial", path)
-  return step, results, sample
+  return step, results, results.get("sample")
 
 
 def _latest_step(workdir):
@@ -479,76 +521,3 @@ def _latest_step(workdir):
     return ckpt.latest_step()
   finally:
     ckpt.close()
-
-
-def _tokenizer(config):
-  """The tokenizer of 'hf:DIR' when DIR has a tokenizer.json, else the byte tokenizer of the datasets."""
-  from zoo.data import ByteTokenizer
-  if config.init_from.startswith("hf:"):
-    from zoo.checkpoints import HFTokenizer
-    if HFTokenizer.available(config.init_from):
-      return HFTokenizer(config.init_from)
-  return ByteTokenizer()
-
-
-def _sample_text(exp, state):
-  from zoo.engine.generate import generate
-  tok = _tokenizer(exp.config)
-  s = exp.config.sample
-  prompt = tok.encode(s.prompt, add_eos=False)[None]
-  if prompt.shape[1] == 0:
-    raise ConfigError(f"config.sample.prompt={s.prompt!r} encodes to no tokens (the tokenizer adds no BOS); "
-                      "allowed: a non-empty prompt")
-  variables = jax.device_get(state.variables())
-  out = generate(exp.model, variables, prompt, max_new_tokens=int(s.max_new_tokens),
-                 rng=jax.random.key(int(exp.config.seed)), temperature=float(s.temperature), top_k=int(s.top_k),
-                 eos_id=tok.eos_id)
-  return tok.decode(np.asarray(out)[0])
-
-
-def _routing_consistency(exp, state, workdir, step):
-  """SRP and SCH (`zoo.routing.consistency`) of the expert ids of up to `ROUTING_BATCHES` validation batches.
-
-  Returns:
-    {'srp_L<L>': mean over MoE layers, 'sch_L<L>_C<C>': mean over MoE layers, 'routing_consistency_plot': path}.
-  """
-  from zoo.routing.consistency import plot_routing_consistency, routing_consistency
-  model = build_model(exp.config.model, return_expert_ids=True)
-
-  def expert_ids(variables, batch):
-    _, model_out = model.apply(variables, exp.task.inputs(batch))
-    return model_out.metrics["expert_ids"], batch["weight"]
-  forward = jax.jit(expert_ids, out_shardings=sharding.replicated(exp.mesh))
-  ids = []
-  for i, batch in enumerate(exp.make_iterator(exp.config.data.eval_split, repeat=False, drop_remainder=False)):
-    if i == ROUTING_BATCHES:
-      break
-    batch_ids, weight = jax.device_get(forward(state.variables(), sharding.global_batch(exp._pad(batch), exp.mesh)))
-    ids.append(batch_ids[:, weight > 0])  # [moe_layers, B, T, k] without the padding rows
-  result = routing_consistency(np.concatenate(ids, axis=1), model.num_experts)
-  out = {}
-  for j, length in enumerate(result["segment_lengths"]):
-    out[f"srp_L{length}"] = float(result["srp"][:, j].mean())
-    for c, size in enumerate(result["cache_sizes"]):
-      out[f"sch_L{length}_C{size}"] = float(result["sch"][:, j, c].mean())
-  out["routing_consistency_plot"] = plot_routing_consistency(
-      result, os.path.join(workdir, f"routing_consistency_{step}.png"))
-  return out
-
-
-def _plot_depth(exp, state, workdir, step):
-  """PNG of the recursions each token of the first validation sequence runs (`depth_per_token`)."""
-  from zoo.routing.depth import plot_depth_per_token
-  batch = next(iter(exp.make_iterator(exp.config.data.eval_split, repeat=False, drop_remainder=False)))
-  tokens = np.asarray(exp.task.inputs(batch)[:1])
-  depth = jax.jit(lambda v, t: exp.model.apply(v, t, method="depth_per_token"))(state.variables(), tokens)
-  tok = _tokenizer(exp.config)
-  pieces = [tok.decode([i]) for i in tokens[0]]
-  path = os.path.join(workdir, f"depth_per_token_{step}.png")
-  plot_depth_per_token(pieces, np.asarray(depth)[0], int(exp.config.model.num_recursions), path)
-  return path
-
-
-def _plot_expert_load(expert_load, workdir, step):
-  from zoo.routing import plot_expert_load
-  return plot_expert_load(np.asarray(expert_load), os.path.join(workdir, f"expert_load_{step}.png"))

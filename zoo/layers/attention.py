@@ -88,7 +88,7 @@ def dot_product_attention(q, k, v, mask=None):
 
 
 class Attention(nn.Module):
-  """Causal self-attention: q/k/v projections, optional qk-norm and RoPE, GQA, optional sliding window and KV cache.
+  """Self-attention (causal by default): q/k/v projections, optional qk-norm and RoPE, GQA, optional sliding window and KV cache.
 
   Parameters: `query/kernel` [embed, heads, head_dim], `key/kernel` and `value/kernel` [embed, kv_heads, head_dim],
   `out/kernel` [heads, head_dim, embed]; `*/bias` when `qkv_bias` (Qwen2); `query_norm/scale`, `key_norm/scale`
@@ -103,6 +103,7 @@ class Attention(nn.Module):
     rope_theta: RoPE base.
     rope_scaling: None or a Hugging Face-style RoPE scaling dict (`zoo.layers.rope.scaled_rope_frequencies`).
     sliding_window: if set, each query sees at most this many keys (itself included).
+    causal: mask the keys after each query (False: full attention, for encoders; with `mask` for padding).
     qk_norm: RMSNorm on q and k.
     qk_norm_scope: 'head' (one norm over head_dim, shared by the heads) or 'projection' (one norm over the whole
       q projection and one over the whole k projection).
@@ -116,6 +117,7 @@ class Attention(nn.Module):
   rope_theta: float = 10000.0
   rope_scaling: Any = None
   sliding_window: int | None = None
+  causal: bool = True
   qk_norm: bool = False
   qk_norm_scope: str = "head"
   qkv_bias: bool = False
@@ -167,7 +169,8 @@ class Attention(nn.Module):
     else:
       cache = cache.update(k, v, positions)
       k, v, k_positions, k_valid = cache.read()
-    full_mask = attention_mask(positions, k_positions, sliding_window=self.sliding_window, k_valid=k_valid)
+    full_mask = attention_mask(positions, k_positions, causal=self.causal, sliding_window=self.sliding_window,
+                               k_valid=k_valid)
     if mask is not None:
       full_mask = full_mask & mask
     out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), full_mask)

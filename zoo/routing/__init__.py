@@ -10,7 +10,7 @@ from zoo.routing.dispatch import (GATED_ACTIVATIONS, PERMUTES, PLAIN_ACTIVATIONS
                                   capacity_ffn, default_strategy, dense_ffn, dropless_ffn, moe_ffn)
 from zoo.routing.expert_parallel import expert_parallel_ffn
 from zoo.routing.losses import expert_fraction, load_balance_loss, router_z_loss
-from zoo.routing.metrics import plot_expert_load, routing_metrics, stack_layer_metrics
+from zoo.routing.metrics import routing_metrics, stack_layer_metrics
 from zoo.routing.moe import MoEFFN, Router
 from zoo.routing.registry import get_router, register_router, router_names
 from zoo.routing.routers import (Routing, expert_choice, group_limited_mask, jitter, routing_from_dense,
@@ -20,6 +20,6 @@ __all__ = [
     "GATED_ACTIVATIONS", "PERMUTES", "PLAIN_ACTIVATIONS", "STRATEGIES", "MoEFFN", "Router", "Routing", "capacity",
     "capacity_ffn", "default_strategy", "dense_ffn", "dropless_ffn", "expert_choice", "expert_fraction",
     "expert_parallel_ffn", "get_router", "group_limited_mask", "jitter", "load_balance_loss", "moe_ffn",
-    "plot_expert_load", "register_router", "router_names", "router_z_loss", "routing_from_dense", "routing_metrics",
+    "register_router", "router_names", "router_z_loss", "routing_from_dense", "routing_metrics",
     "sigmoid_topk", "smoe_dropout_k", "softmax_topk", "stack_layer_metrics", "update_balance_bias",
 ]

@@ -170,39 +170,3 @@ def routing_consistency(expert_ids, num_experts, *, segment_lengths=DEFAULT_SEGM
   sch = np.array([[[segment_cache_best_hit_rate(layer, num_experts, l, c) for c in cache_sizes] for l in lengths]
                   for layer in ids])
   return {"segment_lengths": np.array(lengths), "cache_sizes": np.array(cache_sizes), "srp": srp, "sch": sch}
-
-
-def plot_routing_consistency(result, path, *, title="Local routing consistency"):
-  """Saves a PNG of SRP and SCH against the segment length (one line per layer for SRP, per cache size for SCH).
-
-  Args:
-    result: the dict of `routing_consistency`.
-    path: output .png path.
-    title: figure title.
-
-  Returns:
-    path.
-  """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  lengths, srp, sch = result["segment_lengths"], np.asarray(result["srp"]), np.asarray(result["sch"])
-  fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-  for layer, row in enumerate(srp):
-    left.plot(lengths, row, marker="o", alpha=0.5, label=f"layer {layer}")
-  left.plot(lengths, srp.mean(0), color="black", linewidth=2, label="mean")
-  left.set_ylabel("SRP (best F1)")
-  for j, c in enumerate(result["cache_sizes"]):
-    right.plot(lengths, sch[:, :, j].mean(0), marker="o", label=f"C={c}")
-  right.set_ylabel("SCH (hit rate, mean over layers)")
-  for ax in (left, right):
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("segment length L")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path

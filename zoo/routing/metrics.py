@@ -42,37 +42,3 @@ def stack_layer_metrics(per_layer):
     if set(m) != keys:
       raise ValueError(f"layer {i} has metrics {sorted(m)}, layer 0 has {sorted(keys)}")
   return {k: jnp.stack([m[k] for m in per_layer]) for k in sorted(keys)}
-
-
-def plot_expert_load(expert_load, path, *, title="Expert load by layer"):
-  """Saves a PNG heatmap of expert load, one row per layer.
-
-  Args:
-    expert_load: [layers, experts] fraction of assignments per expert (e.g. `metrics['expert_load']`).
-    path: output .png path.
-    title: figure title.
-
-  Returns:
-    path.
-  """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
-
-  load = np.asarray(expert_load, dtype=np.float32)
-  if load.ndim == 1:
-    load = load[None]
-  if load.ndim != 2:
-    raise ValueError(f"expert_load must be [layers, experts], got shape {load.shape}")
-  layers, experts = load.shape
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * experts + 2), max(2.5, 0.3 * layers + 1.5)))
-  image = ax.imshow(load * experts, aspect="auto", cmap="viridis", interpolation="nearest")
-  fig.colorbar(image, ax=ax, label="load x experts (1 = balanced)")
-  ax.set_xlabel("expert")
-  ax.set_ylabel("layer")
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path

@@ -1,0 +1,63 @@
+"""One contract over every registered model (CONTRIBUTING.md, "Models"): it builds from a config, `init` and `apply`
+give `(output, ModelOutput)` with a finite scalar `aux_loss` and flat metrics, `num_params()` counts its parameters,
+it sows exactly the per-token outputs it `exposes`, and a language model decodes with its KV cache exactly as its full
+forward pass computes. A new model gets its tiny config here, or this test fails."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo.models import ModelOutput, build_model, model_names
+
+LM = dict(vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=24)
+TINY = {
+    "dense_lm": dict(LM),
+    "moe_lm": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, capacity_factor=0.0),
+    "rmoe": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, router_hidden_dim=8, dispatch="dense"),
+    "smallthinker": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, sliding_window=4,
+                         dispatch="dense"),
+    "blockffn": dict(LM, num_experts=4, expert_mlp_dim=8, chunk_length=4, dispatch="dense"),
+    "smoe_dropout": dict(LM, num_experts=4, num_experts_per_tok=4, expert_mlp_dim=8, k_min=1, k_schedule_steps=3,
+                         dispatch="dense"),
+    "readme_moe": dict(LM, num_experts=2, router_mlp_dim=16, dispatch="dense"),
+    "duo_llm": dict(LM, mlp_dim=16),
+    "mor": dict(LM, num_layers=4, head_dim=8, num_recursions=2, router="expert"),
+    "text_encoder": dict(LM, embed_dim=16, pooling="mean", num_classes=3),
+    "simplenet": dict(num_classes=10, widths=(4,) * 13, num_pools=0, dropout_rate=0.0),
+}
+IMAGES = ("simplenet",)
+
+
+def test_every_registered_model_has_a_tiny_config():
+  assert sorted(TINY) == model_names()
+
+
+def _inputs(name):
+  if name in IMAGES:
+    return {"images": jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))}
+  return {"tokens": jax.random.randint(jax.random.key(0), (2, 8), 0, LM["vocab_size"])}
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_model_contract(name):
+  model = build_model({"name": name, **TINY[name]})
+  inputs = _inputs(name)
+  variables = jax.jit(lambda r: model.init(r, **inputs))(jax.random.key(1))
+  (output, out), state = jax.jit(lambda v: model.apply(v, **inputs, mutable=["intermediates"]))(variables)
+  assert isinstance(out, ModelOutput) and out.aux_loss.shape == () and bool(jnp.isfinite(out.aux_loss))
+  assert all(isinstance(k, str) and hasattr(v, "shape") for k, v in out.metrics.items())  # flat: name -> array
+  assert bool(jnp.all(jnp.isfinite(output)))
+  top_level = {k for k, v in state.get("intermediates", {}).items() if not hasattr(v, "items")}  # not sub-modules
+  assert top_level == set(type(model).exposes)
+  if hasattr(model, "num_params"):
+    assert model.num_params() == sum(x.size for x in jax.tree.leaves(variables["params"]))
+  if hasattr(model, "init_cache"):
+    tokens = inputs["tokens"]
+    cache = model.init_cache(2, tokens.shape[1])
+    decode = jax.jit(lambda token, cache: model.apply(variables, token, cache=cache))
+    steps = []
+    for t in range(tokens.shape[1]):
+      logits, step_out = decode(tokens[:, t:t + 1], cache)
+      steps.append(logits)
+      cache = step_out.cache
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), output, atol=2e-5)
