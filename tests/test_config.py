@@ -13,11 +13,12 @@ SHIPPED = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "config
                  if p.stem not in ("__init__", "base"))
 
 
-@pytest.mark.parametrize("module, task", [(dense_lm, "lm"), (simplenet_digits, "classification")])
-def test_shipped_configs_validate_and_take_their_task_from_the_data(module, task):
+@pytest.mark.parametrize("module, task, data_format", [(dense_lm, "lm", "text"),
+                                                       (simplenet_digits, "classification", "images")])
+def test_shipped_configs_state_their_task_and_the_data_its_format(module, task, data_format):
   c = module.get_config()
   info = validate_config(c, num_devices=8)
-  assert c.task == task == info["task"]
+  assert c.task == task and info["format"] == data_format
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -48,8 +49,9 @@ def test_overrides_of_unknown_keys_are_rejected():
      r"config.optimizer.schedule='linear' is invalid; allowed: \['warmup_cosine', 'warmup_stable_decay', 'constant'\]"),
     (lambda c: c.train.__setitem__("steps", -5), r"config.train.steps=-5 is invalid; allowed: > 0"),
     (lambda c: c.train.__setitem__("grad_accum_steps", 3), r"config.train.grad_accum_steps=3 .*divisor"),
-    (lambda c: c.__setitem__("task", "classification"), r"config.task='classification' is invalid; allowed: 'lm'"),
-    (lambda c: c.__setitem__("task", "retrieval"), r"config.task='retrieval' is invalid; allowed: \['classification'"),
+    (lambda c: c.__setitem__("task", "classification"),
+     r"config.task='classification' is invalid; allowed: a task that reads format 'text'"),
+    (lambda c: c.__setitem__("task", "retrieval"), r"config.task='retrieval' is not a known task; choose one of \['"),
     (lambda c: c.model.__setitem__("vocab_size", 100), r"config.model.vocab_size=100 is invalid; allowed: >= 259"),
     (lambda c: c.mesh.__setitem__("fsdp", 3), r"config.mesh: 8 devices cannot be split with fixed axes"),
     (lambda c: c.mesh.update(data=2, fsdp=2), r"config.mesh .* uses 4 devices but 8 exist"),

@@ -66,7 +66,7 @@ def test_lm_batch_shapes_targets_and_masks(data_dir):
   it = make_iterator(_config(data_dir, seq_len=32), split="train", global_batch_size=4, seed=3)
   for _ in range(3):
     batch = next(it)
-    assert set(batch) == {"inputs", "targets", "mask"}
+    assert set(batch) == {"inputs", "targets", "mask", "target_bytes"}
     assert batch["inputs"].shape == batch["targets"].shape == batch["mask"].shape == (4, 32)
     assert batch["inputs"].dtype == batch["targets"].dtype == np.int32 and batch["mask"].dtype == np.float32
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
@@ -126,7 +126,7 @@ def test_repeat_false_ends_repeat_true_goes_on(data_dir):
 
 
 def test_digits_batches(data_dir):
-  assert dataset_info(_config(data_dir, "digits")) == {"task": "classification", "num_classes": 10,
+  assert dataset_info(_config(data_dir, "digits")) == {"format": "images", "num_classes": 10,
                                                        "image_shape": (8, 8, 1)}
   batch = next(make_iterator(_config(data_dir, "digits"), split="train", global_batch_size=16, seed=0))
   assert batch["image"].shape == (16, 8, 8, 1) and batch["image"].dtype == np.float32
@@ -183,13 +183,13 @@ def test_mock_tfds_text_and_image_datasets(tmp_path):
   with tfds.testing.mock_data(num_examples=12):
     lm = default_data_config("lm1b")
     lm.data_dir, lm.seq_len = str(tmp_path), 16
-    assert dataset_info(lm)["task"] == "lm" and dataset_info(lm)["vocab_size"] == TOK.vocab_size
+    assert dataset_info(lm)["format"] == "text" and dataset_info(lm)["vocab_size"] == TOK.vocab_size
     batch = next(make_iterator(lm, split="train", global_batch_size=2, seed=0))
     assert batch["inputs"].shape == (2, 16)
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     images = default_data_config("cifar10")
     images.data_dir = str(tmp_path)
-    assert dataset_info(images) == {"task": "classification", "num_classes": 10, "image_shape": (32, 32, 3)}
+    assert dataset_info(images) == {"format": "images", "num_classes": 10, "image_shape": (32, 32, 3)}
     batch = next(make_iterator(images, split="train", global_batch_size=4, seed=0))
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
