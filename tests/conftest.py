@@ -1,11 +1,26 @@
 """Every test runs on CPU with 8 virtual devices (set before jax is imported), and every process of the suite (the
 xdist workers and the train.py/evaluate.py subprocesses) shares one persistent XLA compilation cache: many tests
-compile the same small programs, and a cache hit takes a fraction of a compile."""
+compile the same small programs, and a cache hit takes a fraction of a compile. The cache has a size bound, which
+makes jax lock it (`filelock`) around each read and write: unbounded, a process can read an entry another is still
+writing.
+
+XLA's CPU backend compiles without LLVM optimisation (`--xla_backend_optimization_level=0`, or the flags in
+ZOO_TEST_XLA_FLAGS; 'default' for none): the suite's programs are small, so compiling dominates, and this halves the
+suite's time. The numbers stay IEEE float32 but may round differently from an optimised build, so a test that
+compares with figures recorded by a default build (test_regression.py) measures in a subprocess without the flag."""
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+UNOPTIMISED = os.environ.get("ZOO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0").replace("default", "")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+                                    UNOPTIMISED]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), ".pytest_cache", "jax"))
+    os.path.abspath(__file__))), ".pytest_cache", "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--all-configs", action="store_true", default=False,
+                   help="test_shipped_configs.py: train and evaluate every shipped config, not the three of CI")

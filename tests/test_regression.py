@@ -1,22 +1,27 @@
 """The engine trains the shipped configs exactly as before tasks became plug-ins: the training losses of their first
-steps equal those recorded with the earlier engine (tests/data/loss_regression.json, train.steps=50)."""
+steps equal those recorded with the earlier engine (tests/data/loss_regression.json, train.steps=50).
+
+The losses were recorded by a default (optimised) XLA build; the suite compiles unoptimised (conftest.py), which rounds
+differently and drifts by ~1e-4 within a few steps, so the measurement runs in a subprocess with the default flags."""
 import importlib
 import json
 import os
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
 
-from zoo.engine import sharding
-from zoo.engine.trainer import Experiment
-
 RECORDED = json.load(open(os.path.join(os.path.dirname(__file__), "data", "loss_regression.json")))
-STEPS = 8  # of the 50 recorded: enough to cover warmup, the optimizer and the data order
+STEPS = 4  # of the 50 recorded: warmup, the optimizer's first moments and the data order
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["dense_lm", "moe_mixtral", "simplenet_digits"])
-def test_first_steps_reproduce_the_recorded_losses(name):
+def first_losses(name, steps):
+  """The training losses of the first `steps` steps of configs/<name>.py with train.steps=50."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from zoo.engine import sharding  # pylint: disable=g-import-not-at-top
+  from zoo.engine.trainer import Experiment  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{name}").get_config()
   config.train.steps = 50
   exp = Experiment(config)
@@ -25,7 +30,23 @@ def test_first_steps_reproduce_the_recorded_losses(name):
   batches = exp.make_iterator(config.data.train_split, repeat=True)
   losses = []
   with sharding.mesh_context(exp.mesh):
-    for _ in range(STEPS):
+    for _ in range(steps):
       state, metrics = step(state, sharding.global_batch(exp.pad(next(batches)), exp.mesh))
       losses.append(float(exp.host_metrics(jax.device_get(metrics))["loss"]))
+  return losses
+
+
+@pytest.mark.parametrize("name", ["dense_lm", "moe_mixtral", "simplenet_digits"])
+def test_first_steps_reproduce_the_recorded_losses(name):
+  env = dict(os.environ, XLA_FLAGS=" ".join(f for f in os.environ["XLA_FLAGS"].split()
+                                             if not f.startswith("--xla_backend_optimization_level")))
+  result = subprocess.run([sys.executable, __file__, name, str(STEPS)], capture_output=True, text=True, cwd=ROOT,
+                          env=env, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  losses = json.loads(result.stdout.strip().splitlines()[-1])
   np.testing.assert_allclose(losses, RECORDED[name][:STEPS], rtol=2e-5)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, ROOT)
+  print(json.dumps(first_losses(sys.argv[1], int(sys.argv[2]))))
