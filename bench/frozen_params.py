@@ -12,6 +12,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from configs.dense_lm import get_config
@@ -32,13 +33,21 @@ def _config():
 
 
 def _former(exp):
-  """The experiment as the engine ran it before the split: every parameter differentiated and in the optimizer's
-  tree, the frozen ones masked to a zero update."""
-  frozen_mask = dict(exp.mask)
-  exp.mask = {path: True for path in frozen_mask}
-  labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-      lambda path, _: "train" if frozen_mask[tuple(k.key for k in path)] else "frozen", params)
-  exp.tx = optax.multi_transform({"train": exp.tx, "frozen": optax.set_to_zero()}, labels)
+  """The experiment as the engine ran it before the split: every parameter differentiated (the frozen gradients
+  summed over micro-batches and in the gradient norm), the frozen ones given a zero update and no Adam moments (as
+  `optax.multi_transform` with `set_to_zero` did)."""
+  mask, inner = dict(exp.mask), exp.tx
+  exp.mask = {path: True for path in mask}
+
+  def init(params):
+    return inner.init(partition.split(params, mask)[0])
+
+  def update(grads, state, params=None):
+    trainable, frozen = partition.split(grads, mask)
+    updates, state = inner.update(trainable, state, None if params is None else partition.split(params, mask)[0])
+    return partition.merge(updates, jax.tree.map(jnp.zeros_like, frozen)), state
+
+  exp.tx = optax.GradientTransformation(init, update)
   return exp
 
 
