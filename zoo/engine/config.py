@@ -54,6 +54,16 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
       "eval_every_steps": 200,  # 0 = only at the end
       "eval_batches": 10,  # batches of config.data.eval_split; <= 0 = the whole split
       "log_every_steps": 20,
+      # How the replicas combine (`zoo.engine.diloco`, papers.md H): 'data_parallel' (one model, gradients
+      # all-reduced every step), 'diloco', 'diloco_overlap' (the outer step applies the previous round's average),
+      # 'fedavg' (sample-weighted mean of the replicas), 'fedavg_hierarchical' (the same mean as a two-level tree).
+      "strategy": "data_parallel",
+      "replicas": 1,  # M: model replicas, each on devices / M devices with batch_size / M examples per step
+      "inner_steps": 50,  # H: inner optimizer steps per replica between outer steps
+      "outer_optimizer": "nesterov",  # 'nesterov' | 'sgd' (heavy-ball momentum; outer_momentum=0 = plain SGD)
+      "outer_lr": 0.7,  # DiLoCo's outer learning rate (FedAvg uses 1 without momentum)
+      "outer_momentum": 0.9,
+      "fedavg_groups": 1,  # fedavg_hierarchical: groups of replicas averaged first (a divisor of replicas)
   })
   c.checkpoint = ml_collections.ConfigDict({
       "every_steps": 200,  # 0 = only at the end (and on SIGTERM)
@@ -173,6 +183,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
          f"a divisor of train.batch_size={t.batch_size}")
   _check(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, ">= 0 (0 = only at the end)")
   _check(t.log_every_steps > 0, "train.log_every_steps", t.log_every_steps, "> 0")
+  strategies = ("data_parallel", "diloco", "diloco_overlap", "fedavg", "fedavg_hierarchical")
+  _check(t.strategy in strategies, "train.strategy", t.strategy, list(strategies))
+  _check(t.replicas >= 1, "train.replicas", t.replicas, ">= 1")
+  _check(t.inner_steps >= 1, "train.inner_steps", t.inner_steps, ">= 1 (inner steps per round)")
+  _check(t.outer_optimizer in ("nesterov", "sgd"), "train.outer_optimizer", t.outer_optimizer, ["nesterov", "sgd"])
+  _check(t.outer_lr > 0, "train.outer_lr", t.outer_lr, "> 0")
+  _check(0 <= t.outer_momentum < 1, "train.outer_momentum", t.outer_momentum, "[0, 1)")
+  _check(t.fedavg_groups >= 1 and t.replicas % t.fedavg_groups == 0, "train.fedavg_groups", t.fedavg_groups,
+         f"a divisor of train.replicas={t.replicas}")
+  replicas = 1 if t.strategy == "data_parallel" else int(t.replicas)
+  _check(t.batch_size % replicas == 0, "train.replicas", t.replicas, f"a divisor of train.batch_size={t.batch_size}")
+  _check(replicas == 1 or (t.batch_size // replicas) % t.grad_accum_steps == 0, "train.grad_accum_steps",
+         t.grad_accum_steps, f"a divisor of the replica batch train.batch_size / train.replicas = "
+         f"{t.batch_size // replicas}")
   _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, ">= 0 (0 = only at the end)")
   _check(ck.keep >= 1, "checkpoint.keep", ck.keep, ">= 1")
   _check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", config.sample.max_new_tokens, ">= 0")
@@ -203,12 +227,22 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
              f">= {info[key]}, the {key} of dataset {config.data.name!r}")
 
   if num_devices is not None:
+    _check(num_devices % replicas == 0 or replicas % num_devices == 0, "train.replicas", t.replicas,
+           f"a divisor of the {num_devices} devices (each replica on devices / replicas of them) or a multiple of "
+           f"them (replicas / devices replicas on each device)")
+    per_replica = max(num_devices // replicas, 1)
     try:
-      shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, num_devices)))
+      shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, per_replica)))
     except ValueError as e:
-      raise ConfigError(str(e)) from None
+      where = f" (the mesh of one replica: {per_replica} of the {num_devices} devices)" if replicas > 1 else ""
+      raise ConfigError(f"{e}{where}") from None
     shards = shape["data"] * shape["fsdp"] * shape["expert"]
     micro = t.batch_size // t.grad_accum_steps
-    _check(micro % shards == 0, "train.batch_size", t.batch_size,
-           f"a multiple of grad_accum_steps x data x fsdp x expert = {t.grad_accum_steps} x {shards}")
+    if replicas == 1:
+      _check(micro % shards == 0, "train.batch_size", t.batch_size,
+             f"a multiple of grad_accum_steps x data x fsdp x expert = {t.grad_accum_steps} x {shards}")
+    else:
+      _check(micro % (replicas * shards) == 0, "train.batch_size", t.batch_size,
+             f"a multiple of grad_accum_steps x replicas x (data x fsdp x expert of one replica) = "
+             f"{t.grad_accum_steps} x {replicas} x {shards}")
   return info

@@ -334,6 +334,9 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
   Returns:
     The final train state.
   """
+  if config.train.get("strategy", "data_parallel") != "data_parallel":  # DiLoCo, FedAvg: their own trainer
+    from zoo.engine import diloco  # pylint: disable=g-import-not-at-top
+    return diloco.train(config, workdir, devices=devices, progress=progress, step=step)
   exp = Experiment(config, devices)
   t = config.train
   steps = int(t.steps)
