@@ -2,7 +2,7 @@
 training; the two-level FedAvg tree equals the flat mean; each strategy's outer step applies the right average (the
 overlapped one the previous round's); a crash in the middle of an inner phase resumes to the losses of an
 uninterrupted run; the MoE as 4 replicas x 2 devices logs router drift and per-replica expert load; bad input fails in
-one line; two processes, each one island of replicas, train as one process (`-m slow`)."""
+one line; two processes, each one island of replicas, train as one process."""
 import os
 import subprocess
 import sys
@@ -240,9 +240,6 @@ def test_two_processes_each_one_island_match_one_process(tmp_path, monkeypatch, 
   # jax.distributed: 2 train.py processes of 1 CPU device each and 4 replicas, so each process is one island of 2
   # replicas, == one process with 2 devices fed the same global batches (host 0's rows, then host 1's: replicas 0-1
   # train on host 0's rows). The reference compiles what the crash test compiled (same model, M, devices).
-  if "slow" not in (request.config.getoption("markexpr") or ""):
-    pytest.skip("starts 2 train.py processes (~25 s on 2 cores, which would take this file past its time budget); "
-                "run with `pytest -m slow tests/test_diloco.py`")
   from test_multihost import TwoHostIterator, free_port
   from zoo.data import make_iterator
 
