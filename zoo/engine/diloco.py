@@ -82,9 +82,8 @@ from zoo.engine.config import validate_config
 from zoo.engine.memory import check_memory
 from zoo.engine.state import TrainState, init_variables, state_shardings
 from zoo.engine.trainer import (Experiment, _all_finite, _check_finite, _format, _log, _progress, _Sigterm,
-                                use_hf_model_config)
-from zoo.engine.workdir import WorkdirLock, check_workdir, record_config
-from zoo.engine.writers import MetricsWriter
+                                open_run_records, report_sigterm_save, resume_data, use_hf_model_config)
+from zoo.engine.workdir import WorkdirLock, check_workdir
 from zoo.models import ConfigError
 from zoo.tasks import reduce_sums
 
@@ -527,24 +526,13 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
     if latest is not None:
       packed, data_state = ckpt.restore(latest, strategy.abstract.packed())
       state = DiLoCoState.unpacked(packed)
-      try:
-        train_iter.set_state(data_state)
-      except ValueError as e:
-        raise CheckpointError(f"checkpoint step {latest} in {ckpt.directory}: {e}") from None
-      _log(primary, f"resumed from checkpoint step {latest} in {ckpt.directory}")
+      resume_data(train_iter, data_state, ckpt, latest, primary)
     else:
       state = strategy.init_state(loaded)
       for path, source, variables in loaded:
         _log(primary, f"initialised {partition.count(variables)} values of {path or 'the model'} from {source}")
     start = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir, enabled=primary)
-    stack.callback(writer.close)
-    writer.truncate_after(start)
-    if primary:
-      changes = record_config(workdir, config, start)
-      if changes:
-        _log(primary, f"warning: resuming step {start} with a config that differs from the run's config.json (kept as "
-                      f"config.step{start}.json): " + "; ".join(changes))
+    writer = open_run_records(stack, workdir, config, start, primary)
     if sigterm.received:
       _log(primary, f"SIGTERM before the first step: nothing new to save (latest checkpoint: {latest}); stopping")
       return state
@@ -604,9 +592,7 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
         if primary and progress:
           bar.write(_format(step, record))
       if stop:
-        if step not in ckpt.all_steps():
-          raise CheckpointError(f"SIGTERM: checkpoint step {step} is not in {ckpt.directory} after its save")
-        _log(primary, f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; stopping")
+        report_sigterm_save(step, ckpt, primary)
         break
     ckpt.wait()
     export.wait()

@@ -366,11 +366,7 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
 
     if latest is not None:
       state, data_state = ckpt.restore(latest, target)
-      try:
-        train_iter.set_state(data_state)
-      except ValueError as e:
-        raise CheckpointError(f"checkpoint step {latest} in {ckpt.directory}: {e}") from None
-      _log(primary, f"resumed from checkpoint step {latest} in {ckpt.directory}")
+      resume_data(train_iter, data_state, ckpt, latest, primary)
     else:
       state, _ = exp.init_state()
       if loaded:
@@ -378,14 +374,7 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
         for path, source, variables in loaded:
           _log(primary, f"initialised {partition.count(variables)} values of {path or 'the model'} from {source}")
     start = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir, enabled=primary)
-    stack.callback(writer.close)
-    writer.truncate_after(start)
-    if primary:
-      changes = record_config(workdir, config, start)
-      if changes:
-        _log(primary, f"warning: resuming step {start} with a config that differs from the run's config.json (kept as "
-                      f"config.step{start}.json): " + "; ".join(changes))
+    writer = open_run_records(stack, workdir, config, start, primary)
     if sigterm.received:
       _log(primary, f"SIGTERM before the first step: nothing new to save (latest checkpoint: {latest}); stopping")
       return state
@@ -430,12 +419,40 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
         if primary and progress:
           bar.write(_format(step, record))
       if stop:
-        if step not in ckpt.all_steps():
-          raise CheckpointError(f"SIGTERM: checkpoint step {step} is not in {ckpt.directory} after its save")
-        _log(primary, f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; stopping")
+        report_sigterm_save(step, ckpt, primary)
         break
     ckpt.wait()
   return state
+
+
+def resume_data(train_iter, data_state, ckpt, step, primary):
+  """Set this host's data position from checkpoint `step` of `ckpt` (a position of other data is refused)."""
+  try:
+    train_iter.set_state(data_state)
+  except ValueError as e:
+    raise CheckpointError(f"checkpoint step {step} in {ckpt.directory}: {e}") from None
+  _log(primary, f"resumed from checkpoint step {step} in {ckpt.directory}")
+
+
+def open_run_records(stack, workdir, config, start, primary):
+  """The run's MetricsWriter (closed by `stack`) with the records after `start` dropped; config.json recorded, a
+  resume with a changed config reported (the differing config kept as config.step<start>.json)."""
+  writer = MetricsWriter(workdir, enabled=primary)
+  stack.callback(writer.close)
+  writer.truncate_after(start)
+  if primary:
+    changes = record_config(workdir, config, start)
+    if changes:
+      _log(primary, f"warning: resuming step {start} with a config that differs from the run's config.json (kept as "
+                    f"config.step{start}.json): " + "; ".join(changes))
+  return writer
+
+
+def report_sigterm_save(step, ckpt, primary):
+  """After a SIGTERM save: report the step only once it is committed in `ckpt`."""
+  if step not in ckpt.all_steps():
+    raise CheckpointError(f"SIGTERM: checkpoint step {step} is not in {ckpt.directory} after its save")
+  _log(primary, f"SIGTERM: saved checkpoint step {step} in {ckpt.directory}; stopping")
 
 
 def _check_finite(step, ckpt, metrics, params_finite=True):
