@@ -3,10 +3,6 @@ training; the two-level FedAvg tree equals the flat mean; each strategy's outer 
 overlapped one the previous round's); a crash in the middle of an inner phase resumes to the losses of an
 uninterrupted run; the MoE as 4 replicas x 2 devices logs router drift and per-replica expert load; bad input fails in
 one line; two processes, each one island of replicas, train as one process."""
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,8 +16,6 @@ from zoo.engine.checkpoint import Checkpointer
 from zoo.engine.config import validate_config
 from zoo.engine.writers import read_metrics
 from zoo.models import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(strategy, replicas, inner_steps, steps=4, **train):
@@ -236,11 +230,11 @@ def test_bad_strategy_configs_fail_in_one_line(edit, message):
 
 
 @pytest.mark.slow
-def test_two_processes_each_one_island_match_one_process(tmp_path, monkeypatch, request):
+def test_two_processes_each_one_island_match_one_process(tmp_path, monkeypatch):
   # jax.distributed: 2 train.py processes of 1 CPU device each and 4 replicas, so each process is one island of 2
   # replicas, == one process with 2 devices fed the same global batches (host 0's rows, then host 1's: replicas 0-1
   # train on host 0's rows). The reference compiles what the crash test compiled (same model, M, devices).
-  from test_multihost import TwoHostIterator, free_port
+  from test_multihost import TwoHostIterator, launch_two_processes
   from zoo.data import make_iterator
 
   def two_host(self, split, repeat, drop_remainder=True):
@@ -249,22 +243,12 @@ def test_two_processes_each_one_island_match_one_process(tmp_path, monkeypatch, 
   c = config("diloco", 4, 2, steps=3)
   monkeypatch.setattr(diloco.DiLoCo, "make_iterator", two_host)
   trainer.train(c, str(tmp_path / "ref"), devices=jax.devices()[:2], progress=False)
-  port = free_port()
-  xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
-  env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
-  flags = [f"--config.{k}={v}" for k, v in {
+  launch_two_processes(tmp_path / "run", {
       "model.num_layers": 1, "model.embed_dim": 32, "model.num_heads": 2, "model.num_kv_heads": 1,
       "model.mlp_dim": 64, "data.seq_len": 16, "train.steps": 3, "train.batch_size": 16, "train.log_every_steps": 1,
       "train.eval_every_steps": 0, "train.eval_batches": 2, "optimizer.lr": 0.01, "optimizer.warmup_steps": 2,
       "optimizer.schedule": "constant", "checkpoint.every_steps": 0, "checkpoint.async_save": False,
-      "train.strategy": "diloco", "train.replicas": 4, "train.inner_steps": 2}.items()]
-  procs = [subprocess.Popen(
-      [sys.executable, "train.py", "--config=configs/dense_lm.py", f"--workdir={tmp_path / 'run'}", *flags,
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+      "train.strategy": "diloco", "train.replicas": 4, "train.inner_steps": 2}, devices_per_process=1)
   a, b = records(tmp_path / "ref"), records(tmp_path / "run")
   assert sorted(a) == sorted(b) == [1, 2, 3]
   for key in ("loss", "comm_bytes_total"):

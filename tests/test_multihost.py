@@ -5,6 +5,7 @@ Each host's pipeline reads its own disjoint share of the examples (`zoo.data.mak
 reference concatenates the two hosts' iterators into its global batch.
 """
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -64,18 +65,25 @@ def free_port():
     return s.getsockname()[1]
 
 
-def run_two_processes(workdir, steps):
+def launch_two_processes(workdir, overrides, devices_per_process):
+  """train.py on configs/dense_lm.py with `overrides` as 2 jax.distributed processes on 127.0.0.1, each with
+  `devices_per_process` CPU devices; returns their (stdout, stderr), both checked for exit status 0."""
   port = free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.steps": steps}.items()]
+  xla_flags = re.sub(r"device_count=\d+", f"device_count={devices_per_process}", os.environ["XLA_FLAGS"])
+  env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
+  flags = [f"--config.{k}={v}" for k, v in overrides.items()]
   procs = [subprocess.Popen(
       [sys.executable, "train.py", "--config=configs/dense_lm.py", f"--workdir={workdir}", *flags,
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
+  for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   return outputs
+
+
+def run_two_processes(workdir, steps):
+  return launch_two_processes(workdir, {**OVERRIDES, "train.steps": steps}, 4)
 
 
 def losses(workdir):
