@@ -85,7 +85,6 @@ from zoo.engine.trainer import (Experiment, _all_finite, _check_finite, _format,
                                 open_run_records, report_sigterm_save, resume_data, use_hf_model_config)
 from zoo.engine.workdir import WorkdirLock, check_workdir
 from zoo.models import ConfigError
-from zoo.tasks import reduce_sums
 
 STRATEGIES = ("diloco", "diloco_overlap", "fedavg", "fedavg_hierarchical")
 REPLICA = "replica"
@@ -400,18 +399,11 @@ class DiLoCo:
   def make_iterator(self, split, repeat, drop_remainder=True):
     """This host's iterator over `split` with the global batch `train.batch_size` (the data a data-parallel run of
     the same config reads, in the same order)."""
-    from zoo.data import make_iterator  # pylint: disable=g-import-not-at-top
-    drop_remainder = drop_remainder or jax.process_count() > 1
-    return make_iterator(self.config.data, split=split, global_batch_size=self.batch_size,
-                         seed=int(self.config.seed), process_index=jax.process_index(),
-                         process_count=jax.process_count(), repeat=repeat, drop_remainder=drop_remainder)
+    return self.exp.make_iterator(split, repeat, drop_remainder, global_batch_size=self.batch_size)
 
   def pad(self, batch):
     """Add the per-example `weight` and pad a short last batch with zero-weight rows (to this host's rows)."""
-    rows = self.batch_size // jax.process_count()
-    n = len(next(iter(batch.values())))
-    batch = {**batch, "weight": np.ones((n,), np.float32)}
-    return {k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    return self.exp.pad(batch, rows=self.batch_size // jax.process_count())
 
   def make_eval_step(self):
     """A jitted `(state: TrainState of theta_outer, batch [M, rows, ...]) -> (summed weighted sums, model metrics)`:
@@ -425,20 +417,9 @@ class DiLoCo:
 
   def run_eval(self, state, eval_step):
     """Score theta_outer on `config.data.eval_split` as `Experiment.run_eval` does (the same batches)."""
-    limit = int(self.config.train.eval_batches)
-    sums, model_metrics = [], []
-    outer = state.outer_state()
-    for i, batch in enumerate(self.make_iterator(self.config.data.eval_split, repeat=False, drop_remainder=False)):
-      if 0 < limit <= i:
-        break
-      stats, metrics = eval_step(outer, self.replica_batch(self.pad(batch)))
-      sums.append(jax.device_get(stats))
-      model_metrics.append(jax.device_get(metrics))
-    if not sums:
-      raise ValueError(f"config.data.eval_split={self.config.data.eval_split!r} gave no batches")
-    result = self.exp.task.finalize(reduce_sums(sums), self.info)
-    result.update({k: np.mean([m[k] for m in model_metrics], axis=0) for k in model_metrics[0]})
-    return result
+    batches = self.make_iterator(self.config.data.eval_split, repeat=False, drop_remainder=False)
+    return self.exp.run_eval(state.outer_state(), eval_step, batches,
+                             place=lambda batch: self.replica_batch(self.pad(batch)))
 
   def export_state(self, state):
     """theta_outer as the engine's TrainState (for `WORKDIR/checkpoints`): its optimizer state the replicas' inner

@@ -115,12 +115,14 @@ class Experiment:
     return state.replace(params=jax.device_put(trainable, shardings.params),
                          frozen=jax.device_put(frozen, shardings.frozen))
 
-  def make_iterator(self, split, repeat, drop_remainder=True):
-    """This host's iterator over `split`. A partial last batch is kept only in single-process runs: hosts could
-    otherwise run different numbers of (collective) eval steps."""
+  def make_iterator(self, split, repeat, drop_remainder=True, global_batch_size=None):
+    """This host's iterator over `split` in global batches of `global_batch_size` (default `train.batch_size`). A
+    partial last batch is kept only in single-process runs: hosts could otherwise run different numbers of
+    (collective) eval steps."""
     from zoo.data import make_iterator  # pylint: disable=g-import-not-at-top
     drop_remainder = drop_remainder or jax.process_count() > 1
-    return make_iterator(self.config.data, split=split, global_batch_size=int(self.config.train.batch_size),
+    global_batch_size = int(self.config.train.batch_size) if global_batch_size is None else global_batch_size
+    return make_iterator(self.config.data, split=split, global_batch_size=global_batch_size,
                          seed=int(self.config.seed), process_index=jax.process_index(),
                          process_count=jax.process_count(), repeat=repeat, drop_remainder=drop_remainder)
 
@@ -214,19 +216,26 @@ class Experiment:
     return jax.jit(step, in_shardings=(state_shardings, self.batch_shardings(batch_example)),
                    out_shardings=sharding.replicated(self.mesh))
 
-  def run_eval(self, state, eval_step):
+  def run_eval(self, state, eval_step, batches=None, place=None):
     """Score `state` on `config.data.eval_split` (`eval_batches` batches, or all when <= 0: every example exactly
     once, the last short batch padded with zero-weight rows).
+
+    Args:
+      batches: the host batches to score (default: this experiment's iterator over the eval split).
+      place: host batch -> eval_step's input (default: padded and laid over the mesh as a global batch).
 
     Returns:
       dict: the task's metrics plus the model's metrics averaged over batches (numpy).
     """
+    if batches is None:
+      batches = self.make_iterator(self.config.data.eval_split, repeat=False, drop_remainder=False)
+    place = place or (lambda batch: sharding.global_batch(self.pad(batch), self.mesh))
     limit = int(self.config.train.eval_batches)
     sums, model_metrics = [], []
-    for i, batch in enumerate(self.make_iterator(self.config.data.eval_split, repeat=False, drop_remainder=False)):
+    for i, batch in enumerate(batches):
       if 0 < limit <= i:
         break
-      stats, metrics = eval_step(state, sharding.global_batch(self.pad(batch), self.mesh))
+      stats, metrics = eval_step(state, place(batch))
       sums.append(jax.device_get(stats))
       model_metrics.append(jax.device_get(metrics))
     if not sums:
@@ -235,13 +244,15 @@ class Experiment:
     result.update({k: np.mean([m[k] for m in model_metrics], axis=0) for k in model_metrics[0]})
     return result
 
-  def pad(self, batch):
-    """Add the per-example `weight` and pad a short last batch with zero-weight rows."""
+  def pad(self, batch, rows=None):
+    """Add the per-example `weight` and pad a short last batch with zero-weight rows to `rows` (default: this host's
+    share of `train.batch_size`)."""
+    rows = self.local_batch if rows is None else rows
     n = len(next(iter(batch.values())))
     batch = {**batch, "weight": np.ones((n,), np.float32)}
-    if n == self.local_batch:
+    if n == rows:
       return batch
-    return {k: np.concatenate([v, np.zeros((self.local_batch - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    return {k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
 def _subtree(variables, path):
