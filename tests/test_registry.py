@@ -117,3 +117,45 @@ def test_every_model_sows_exactly_what_it_exposes(name):
   for key, value in sown.items():
     assert value.dtype == jnp.int32 and value.shape == _expected_shape(model, key, *inputs.shape[:2]), (key, value)
     assert key not in out.metrics
+
+
+def test_check_config_names_the_key_the_value_and_what_is_allowed():
+  import dataclasses
+
+  @dataclasses.dataclass
+  class Fields:
+    width: object = 4
+    window: object = None
+    coef: object = 0.5
+    rate: object = 0.0
+    kind: object = "a"
+    dtype: object = "float32"
+
+  rules = dict(positive=("width",), optional_positive=("window",), non_negative=("coef",),
+               intervals={"rate": "[0, 1)"}, choices={"kind": ("a", "b")}, dtypes=("dtype",))
+  registry.check_config(Fields(), **rules)
+  registry.check_config(Fields(window=3, rate=0.999, kind="b", dtype="bfloat16"), **rules)
+  bad = {"width": (0, r"config.model.width=0 must be a positive integer"),
+         "window": (2.5, r"config.model.window=2.5 must be a positive integer or None"),
+         "coef": (-1e-3, r"config.model.coef=-0.001 must be >= 0"),
+         "rate": (1.0, r"config.model.rate=1.0 must be in \[0, 1\)"),
+         "kind": ("c", r"config.model.kind='c' is invalid; choose one of \('a', 'b'\)"),
+         "dtype": ("float33", r"config.model.dtype='float33' is not a dtype")}
+  for key, (value, message) in bad.items():
+    with pytest.raises(ConfigError, match=message):
+      registry.check_config(Fields(**{key: value}), **rules)
+  with pytest.raises(ConfigError, match="must be a positive integer"):
+    registry.check_config(Fields(width=True), **rules)  # a bool is no width
+  with pytest.raises(ConfigError, match=r"must be in \(0, 1\]"):
+    registry.check_config(Fields(rate=0.0), intervals={"rate": "(0, 1]"})
+  registry.check_config(Fields(rate=1e9), intervals={"rate": "[0, inf)"})
+
+
+def test_a_renamed_key_is_read_under_its_new_name_with_a_warning(extra_models, monkeypatch, caplog):
+  cls = get_model_class("extra_model")
+  monkeypatch.setattr(cls, "renamed_keys", {"breadth": "width"}, raising=False)
+  with caplog.at_level("WARNING"):
+    assert build_model({"name": "extra_model", "breadth": 7}).width == 7
+  assert "config.model.breadth is now called config.model.width" in caplog.text
+  with pytest.raises(ConfigError, match="config.model.breadth was renamed to config.model.width .* set only"):
+    build_model({"name": "extra_model", "breadth": 7, "width": 8})
