@@ -13,16 +13,13 @@ SiLU, down gmm, weighted scatter combine; forward + backward) with and without t
 every Pallas implementation is timed once per tiling (TMxTKxTN), each as its own row.
 """
 import argparse
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402  (repository root on the path so the script runs from a checkout)
+import kernels
 
 DEFAULTS = {"tpu": "xla,pallas_tpu", "gpu": "xla,pallas_gpu", "cpu": "xla"}
 

@@ -18,20 +18,18 @@ exited tokens), which is not implemented here.
 """
 import argparse
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs.mor_vanilla import SHAPE, mor_model  # noqa: E402
-from zoo.data import make_iterator  # noqa: E402
-from zoo.engine.checkpoint import restore_variables  # noqa: E402
-from zoo.engine.generate import generate  # noqa: E402
-from zoo.engine.trainer import Experiment  # noqa: E402
-from zoo.engine.writers import read_config, read_metrics  # noqa: E402
-from zoo.models import build_model  # noqa: E402
+from configs.mor_vanilla import SHAPE, mor_model
+from zoo.data import make_iterator
+from zoo.engine.checkpoint import restore_variables
+from zoo.engine.generate import generate
+from zoo.engine.trainer import Experiment
+from zoo.engine.writers import read_config, read_metrics
+from zoo.models import build_model
 
 
 def main():

@@ -16,10 +16,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from zoo.engine.writers import read_config, read_metrics  # pylint: disable=g-import-not-at-top
-from zoo.models import build_model  # pylint: disable=g-import-not-at-top
+from zoo.engine.writers import read_config, read_metrics
+from zoo.models import build_model
 
 
 def summarize(workdir, extra_metrics=()):

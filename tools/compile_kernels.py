@@ -36,13 +36,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import kernels
+from kernels import gmm_gpu
+from kernels import triton_modules
+from kernels.gmm import DEFAULT_TILING
 
-import kernels  # noqa: E402  pylint: disable=g-import-not-at-top
-from kernels import gmm_gpu  # noqa: E402  pylint: disable=g-import-not-at-top
-from kernels import triton_modules  # noqa: E402  pylint: disable=g-import-not-at-top
-from kernels.gmm import DEFAULT_TILING  # noqa: E402  pylint: disable=g-import-not-at-top
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, whose bench/gmm.py is loaded
 
 # Largest dynamic shared memory one thread block may use, per compute capability (CUDA programming guide).
 SHARED_LIMIT_KIB = {80: 163, 86: 99, 89: 99, 90: 227}

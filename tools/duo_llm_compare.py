@@ -10,11 +10,9 @@ sampled routes with exactly `big_budget` big layers, `zoo.models.duo_llm.oracle_
 of the mean token loss and the mean big layers per token.
 """
 import argparse
-import os
 import sys
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def compare(workdir, *, batches=2, samples=32, batch_size=8, seed=0):

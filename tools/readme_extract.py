@@ -15,14 +15,11 @@ the Read-ME config's. Prints the neurons per expert and layer, and the validatio
 extracted model (routed by the untrained router) on `config.train.eval_batches` batches.
 """
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from zoo.engine import cli  # pylint: disable=g-import-not-at-top
+from zoo.engine import cli
 
 cli.define_flags()
 flags.DEFINE_string("dense_workdir", None, "workdir of the trained dense_lm run (its config.json and checkpoints)")
@@ -58,7 +55,6 @@ def domain_importance(dense, params, data_config, groups, *, batches, batch_size
 def main(argv):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}")
-  import jax
   from configs.readme_moe import DOMAIN_GROUPS
   from zoo.engine import sharding
   from zoo.engine.checkpoint import Checkpointer, restore_params
