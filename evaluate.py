@@ -9,6 +9,7 @@ scored as step 0. Routed models also get the local routing consistency (SRP/SCH)
 Prints human-readable results and, as its last line, one JSON object with the metrics (also written to
 DIR/eval_<step>.json).
 """
+
 import json
 
 from absl import app, flags, logging
@@ -26,6 +27,7 @@ def main(argv):
     cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.batch_size=64")
   cli.initialize()
   from zoo.engine.trainer import evaluate
+
   try:
     step, results, sample = evaluate(flags.FLAGS.config, flags.FLAGS.workdir, step=flags.FLAGS.step)
   except cli.USER_ERRORS as e:

@@ -7,13 +7,18 @@ Running the same command again resumes from the latest checkpoint in DIR. Multi-
 with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the JAX_* environment variables; TPU pods
 and SLURM are detected).
 """
+
 from absl import app, flags, logging
 
 from zoo.engine import cli
 
 cli.define_flags()
-flags.DEFINE_integer("step", None, "resume from this checkpoint step instead of the latest (e.g. when the latest is "
-                     "corrupted); the later steps are set aside (renamed, not deleted)")
+flags.DEFINE_integer(
+  "step",
+  None,
+  "resume from this checkpoint step instead of the latest (e.g. when the latest is "
+  "corrupted); the later steps are set aside (renamed, not deleted)",
+)
 
 
 def main(argv):
@@ -23,6 +28,7 @@ def main(argv):
     cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100")
   cli.initialize()
   from zoo.engine.trainer import TrainingDivergedError, train
+
   try:
     train(flags.FLAGS.config, flags.FLAGS.workdir, step=flags.FLAGS.step)
   except cli.USER_ERRORS as e:

@@ -5,6 +5,7 @@
 Router outputs r are random with a chosen fraction of (chunk, expert) pairs off for the whole chunk (CLS); prints
 one table of dense time / chunk-skip time measured in this run (a ratio > 1 is a speed-up).
 """
+
 import argparse
 import time
 
@@ -29,13 +30,20 @@ def main():
   a = parser.parse_args()
   keys = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(keys[0], (1, a.tokens, a.embed))
-  w = {"up": jax.random.normal(keys[1], (a.experts, a.embed, a.width)) / a.embed ** 0.5,
-       "down": jax.random.normal(keys[2], (a.experts, a.width, a.embed)) / a.width ** 0.5}
-  dense = jax.jit(lambda x, r: jnp.einsum("bte,bted->btd", r, jnp.stack(
-      [jax.nn.silu(x @ w["up"][e]) @ w["down"][e] for e in range(a.experts)], axis=2)))
+  w = {
+    "up": jax.random.normal(keys[1], (a.experts, a.embed, a.width)) / a.embed**0.5,
+    "down": jax.random.normal(keys[2], (a.experts, a.width, a.embed)) / a.width**0.5,
+  }
+  dense = jax.jit(
+    lambda x, r: jnp.einsum(
+      "bte,bted->btd", r, jnp.stack([jax.nn.silu(x @ w["up"][e]) @ w["down"][e] for e in range(a.experts)], axis=2)
+    )
+  )
   skip = jax.jit(lambda x, r: sparsity.chunk_sparse_ffn(x, r, w, a.chunk))
-  print(f"backend={jax.default_backend()} tokens={a.tokens} embed={a.embed} experts={a.experts} width={a.width} "
-        f"chunk={a.chunk}")
+  print(
+    f"backend={jax.default_backend()} tokens={a.tokens} embed={a.embed} experts={a.experts} width={a.width} "
+    f"chunk={a.chunk}"
+  )
   print(f"{'target CLS':>10} {'measured CLS':>12} {'dense/skip':>10}")
   for off in (0.0, 0.5, 0.75, 0.9):
     chunks = a.tokens // a.chunk

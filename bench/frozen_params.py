@@ -7,6 +7,7 @@ is donated); time is the median wall time of a step. Prints a markdown table; `-
 
   .venv/bin/python bench/frozen_params.py [--reps 10] [--out bench/RESULTS.md]
 """
+
 import argparse
 import statistics
 import time
@@ -66,8 +67,13 @@ def _measure(exp, reps):
       if i >= 2:  # the first steps warm up
         times.append(time.perf_counter() - start)
   trainable = partition.count(state.params)
-  return {"memory": need, "temporaries": parts["temporaries"], "time": statistics.median(times),
-          "trainable": trainable, "total": trainable + partition.count(state.frozen)}
+  return {
+    "memory": need,
+    "temporaries": parts["temporaries"],
+    "time": statistics.median(times),
+    "trainable": trainable,
+    "total": trainable + partition.count(state.frozen),
+  }
 
 
 def main(argv=None):
@@ -75,17 +81,24 @@ def main(argv=None):
   parser.add_argument("--reps", type=int, default=10)
   parser.add_argument("--out", help="append the table to this file")
   args = parser.parse_args(argv)
-  rows = {"gradients for all, zero update for frozen (former)": _measure(_former(Experiment(_config())), args.reps),
-          "frozen split before differentiation (engine)": _measure(Experiment(_config()), args.reps)}
+  rows = {
+    "gradients for all, zero update for frozen (former)": _measure(_former(Experiment(_config())), args.reps),
+    "frozen split before differentiation (engine)": _measure(Experiment(_config()), args.reps),
+  }
   former, split = rows.values()  # the former differentiates every parameter: its 'trainable' is the whole model
-  lines = [f"Train step of a {former['trainable'] / 1e6:.2f}M-parameter dense LM (6 layers, width 256, batch 16 x 128) "
-           f"training {split['trainable']:,} of its parameters ({100 * split['trainable'] / former['trainable']:.2f}%), "
-           f"{jax.devices()[0].platform}, {len(jax.devices())} device(s), jax {jax.__version__}:", "",
-           "| step | step memory (MiB) | of which temporaries (MiB) | step time (ms) | memory vs former | time vs former |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    f"Train step of a {former['trainable'] / 1e6:.2f}M-parameter dense LM (6 layers, width 256, batch 16 x 128) "
+    f"training {split['trainable']:,} of its parameters ({100 * split['trainable'] / former['trainable']:.2f}%), "
+    f"{jax.devices()[0].platform}, {len(jax.devices())} device(s), jax {jax.__version__}:",
+    "",
+    "| step | step memory (MiB) | of which temporaries (MiB) | step time (ms) | memory vs former | time vs former |",
+    "|---|---|---|---|---|---|",
+  ]
   for name, r in rows.items():
-    lines.append(f"| {name} | {r['memory'] / 2**20:.1f} | {r['temporaries'] / 2**20:.1f} | {1e3 * r['time']:.1f} | "
-                 f"{r['memory'] / former['memory']:.2f}x | {r['time'] / former['time']:.2f}x |")
+    lines.append(
+      f"| {name} | {r['memory'] / 2**20:.1f} | {r['temporaries'] / 2**20:.1f} | {1e3 * r['time']:.1f} | "
+      f"{r['memory'] / former['memory']:.2f}x | {r['time'] / former['time']:.2f}x |"
+    )
   table = "\n".join(lines)
   print(table)
   if args.out:

@@ -12,6 +12,7 @@ TFLOP/s, ratio to a dense matmul of equal FLOPs and to ragged_dot. Then an MoE l
 SiLU, down gmm, weighted scatter combine; forward + backward) with and without the gather fusion. With --tilings,
 every Pallas implementation is timed once per tiling (TMxTKxTN), each as its own row.
 """
+
 import argparse
 import time
 
@@ -85,8 +86,10 @@ def bench_case(name, m, k, n, sizes, impls, reps):
   base = {"fwd": timeit(fwd_dense, lhs, dense_w, reps=reps), "bwd": timeit(bwd_dense, lhs, dense_w, reps=reps)}
   results = {}
   for label, impl, tiling in [("xla", "xla", None)] + [v for v in impls if v[0] != "xla"]:
+
     def call(a, w, impl=impl, tiling=tiling):
       return kernels.gmm(a, w, gs, implementation=impl, tiling=tiling)
+
     fwd = jax.jit(call)
     bwd = jax.jit(jax.grad(lambda a, w, call=call: jnp.sum(call(a, w).astype(jnp.float32)), (0, 1)))
     results[label] = {"fwd": timeit(fwd, lhs, rhs, reps=reps), "bwd": timeit(bwd, lhs, rhs, reps=reps)}
@@ -95,14 +98,17 @@ def bench_case(name, m, k, n, sizes, impls, reps):
     if label not in [v[0] for v in impls]:
       continue
     for pass_, mult in (("fwd", 1), ("bwd", 2)):
-      rows.append(f"| {name} | {m}x{k}x{n}, g={len(sizes)} | {label} | {pass_} | {t[pass_] * 1e3:.3f} | "
-                  f"{mult * flops / t[pass_] / 1e12:.2f} | {base[pass_] / t[pass_]:.2f} | "
-                  f"{results['xla'][pass_] / t[pass_]:.2f} |")
+      rows.append(
+        f"| {name} | {m}x{k}x{n}, g={len(sizes)} | {label} | {pass_} | {t[pass_] * 1e3:.3f} | "
+        f"{mult * flops / t[pass_] / 1e12:.2f} | {base[pass_] / t[pass_]:.2f} | "
+        f"{results['xla'][pass_] / t[pass_]:.2f} |"
+      )
   return rows
 
 
 def moe_layer(impl, tiling, fused, num_experts, top_k):
   """Loss of a minimal dropless MoE FFN (sort by expert, up gmm, SiLU, down gmm, weighted combine)."""
+
   def loss(x, logits, w_up, w_down):
     t = x.shape[0]
     weights, experts = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32)), top_k)  # [t, top_k]
@@ -116,6 +122,7 @@ def moe_layer(impl, tiling, fused, num_experts, top_k):
     y = kernels.gmm(jax.nn.silu(h), w_down, sizes, implementation=impl, tiling=tiling)
     out = kernels.scatter_combine(y, row_ids, weights.reshape(-1)[order], t)
     return jnp.sum(out.astype(jnp.float32) ** 2)
+
   return jax.jit(jax.value_and_grad(loss, (0, 2, 3)))
 
 
@@ -128,20 +135,28 @@ def bench_moe(small, impls, reps):
   w_down = jax.random.normal(jax.random.fold_in(key, 3), (e, f, d), jnp.bfloat16) / np.sqrt(f)
   rows = []
   for label, impl, tiling in impls:
-    times = {fused: timeit(moe_layer(impl, tiling, fused, e, top_k), x, logits, w_up, w_down, reps=reps)
-             for fused in (False, True)}
-    rows.append(f"| {t} tokens, d={d}, f={f}, {e} experts top-{top_k} | {label} | {times[False] * 1e3:.3f} | "
-                f"{times[True] * 1e3:.3f} | {times[False] / times[True]:.2f} |")
+    times = {
+      fused: timeit(moe_layer(impl, tiling, fused, e, top_k), x, logits, w_up, w_down, reps=reps)
+      for fused in (False, True)
+    }
+    rows.append(
+      f"| {t} tokens, d={d}, f={f}, {e} experts top-{top_k} | {label} | {times[False] * 1e3:.3f} | "
+      f"{times[True] * 1e3:.3f} | {times[False] / times[True]:.2f} |"
+    )
   return rows
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
-  parser.add_argument("--implementations", default=None,
-                      help=f"comma list from {kernels.IMPLEMENTATIONS}; default per backend {DEFAULTS}")
-  parser.add_argument("--tilings", default=None,
-                      help="comma list of TMxTKxTN; times each Pallas implementation once per tiling (default: its own)")
+  parser.add_argument(
+    "--implementations", default=None, help=f"comma list from {kernels.IMPLEMENTATIONS}; default per backend {DEFAULTS}"
+  )
+  parser.add_argument(
+    "--tilings",
+    default=None,
+    help="comma list of TMxTKxTN; times each Pallas implementation once per tiling (default: its own)",
+  )
   parser.add_argument("--reps", type=int, default=None, help="timed calls per measurement (median)")
   parser.add_argument("--out", default=None, help="also write the markdown table to this file")
   args = parser.parse_args()
@@ -153,14 +168,23 @@ def main():
   impls = variants(impls, tilings)
   reps = args.reps or (3 if args.small else 20)
   device = jax.devices()[0]
-  lines = [f"## Grouped matmul, bf16, on {device.device_kind} ({backend}, jax {jax.__version__})", "",
-           "Ratios > 1 mean faster than the dense matmul of equal FLOPs / than jax.lax.ragged_dot.", "",
-           "| case | m x k x n | implementation | pass | ms | TFLOP/s | vs dense | vs ragged_dot |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"## Grouped matmul, bf16, on {device.device_kind} ({backend}, jax {jax.__version__})",
+    "",
+    "Ratios > 1 mean faster than the dense matmul of equal FLOPs / than jax.lax.ragged_dot.",
+    "",
+    "| case | m x k x n | implementation | pass | ms | TFLOP/s | vs dense | vs ragged_dot |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for case in cases(args.small):
     lines += bench_case(*case, impls, reps)
-  lines += ["", "### MoE layer (forward + backward), with and without the gather fusion", "",
-            "| layer | implementation | unfused ms | fused ms | speed-up |", "|---|---|---|---|---|"]
+  lines += [
+    "",
+    "### MoE layer (forward + backward), with and without the gather fusion",
+    "",
+    "| layer | implementation | unfused ms | fused ms | speed-up |",
+    "|---|---|---|---|---|",
+  ]
   lines += bench_moe(args.small, impls, reps)
   table = "\n".join(lines)
   print(table)

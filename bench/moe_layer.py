@@ -8,6 +8,7 @@ appends it to FILE. `--small` shrinks the shapes so that a CPU run finishes in a
 
   .venv/bin/python bench/moe_layer.py [--small] [--tokens 2048] [--reps 5] [--out bench/RESULTS.md]
 """
+
 import argparse
 import statistics
 import time
@@ -19,13 +20,13 @@ from zoo import routing
 from zoo.routing import dispatch
 
 CONFIGS = (
-    # name, experts, k, embed, expert width
-    ("top-2 of 8, d=512", 8, 2, 512, 1024),
-    ("fine-grained top-6 of 64, d=512", 64, 6, 512, 256),
+  # name, experts, k, embed, expert width
+  ("top-2 of 8, d=512", 8, 2, 512, 1024),
+  ("fine-grained top-6 of 64, d=512", 64, 6, 512, 256),
 )
 SMALL_CONFIGS = (
-    ("top-2 of 8, d=128", 8, 2, 128, 256),
-    ("fine-grained top-6 of 32, d=128", 32, 6, 128, 64),
+  ("top-2 of 8, d=128", 8, 2, 128, 256),
+  ("fine-grained top-6 of 32, d=128", 32, 6, 128, 64),
 )
 SMALL_TOKENS = 512
 
@@ -48,6 +49,7 @@ def _moe_step(k, strategy, capacity_factor, permute="fused"):
     else:
       y, _ = routing.moe_ffn(x, r, w, strategy=strategy, capacity_factor=capacity_factor)
     return jnp.sum(y * y)
+
   return jax.jit(jax.grad(loss, (0, 1, 2)))
 
 
@@ -55,6 +57,7 @@ def _dense_step():
   def loss(x, w):
     y = (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
     return jnp.sum(y * y)
+
   return jax.jit(jax.grad(loss, (0, 1)))
 
 
@@ -64,27 +67,35 @@ def run(tokens, reps, dtype, configs=CONFIGS):
     ks = jax.random.split(jax.random.PRNGKey(0), 8)
     x = jax.random.normal(ks[0], (tokens, embed), dtype)
     router_kernel = jax.random.normal(ks[1], (embed, experts), jnp.float32) * 0.02
-    w = {"gate": jax.random.normal(ks[2], (experts, embed, width), dtype) * embed ** -0.5,
-         "up": jax.random.normal(ks[3], (experts, embed, width), dtype) * embed ** -0.5,
-         "down": jax.random.normal(ks[4], (experts, width, embed), dtype) * width ** -0.5}
-    dense_w = {"gate": jax.random.normal(ks[5], (embed, k * width), dtype) * embed ** -0.5,
-               "up": jax.random.normal(ks[6], (embed, k * width), dtype) * embed ** -0.5,
-               "down": jax.random.normal(ks[7], (k * width, embed), dtype) * (k * width) ** -0.5}
+    w = {
+      "gate": jax.random.normal(ks[2], (experts, embed, width), dtype) * embed**-0.5,
+      "up": jax.random.normal(ks[3], (experts, embed, width), dtype) * embed**-0.5,
+      "down": jax.random.normal(ks[4], (experts, width, embed), dtype) * width**-0.5,
+    }
+    dense_w = {
+      "gate": jax.random.normal(ks[5], (embed, k * width), dtype) * embed**-0.5,
+      "up": jax.random.normal(ks[6], (embed, k * width), dtype) * embed**-0.5,
+      "down": jax.random.normal(ks[7], (k * width, embed), dtype) * (k * width) ** -0.5,
+    }
     t_dense = _time(_dense_step(), (x, dense_w), reps)
     t_all = _time(_moe_step(k, "dense", None), (x, router_kernel, w), reps)
     variants = [("dense FFN, equal active FLOPs", t_dense), ("all experts ('dense')", t_all)]
-    for label, strategy, cf, permute in (("capacity, cf=1.0", "capacity", 1.0, None),
-                                         ("capacity, cf=1.25", "capacity", 1.25, None),
-                                         ("dropless, gather-fused (no permuted copy)", "dropless", None, "fused"),
-                                         ("dropless, custom_vjp permutation", "dropless", None, "custom_vjp"),
-                                         ("dropless, gather permutation", "dropless", None, "gather")):
+    for label, strategy, cf, permute in (
+      ("capacity, cf=1.0", "capacity", 1.0, None),
+      ("capacity, cf=1.25", "capacity", 1.25, None),
+      ("dropless, gather-fused (no permuted copy)", "dropless", None, "fused"),
+      ("dropless, custom_vjp permutation", "dropless", None, "custom_vjp"),
+      ("dropless, gather permutation", "dropless", None, "gather"),
+    ):
       step = _moe_step(k, strategy, cf, permute or "fused")
       variants.append((label, _time(step, (x, router_kernel, w), reps)))
     for label, t in variants:
       rows.append(f"| {name} | {label} | {t * 1e3:.1f} | {t / t_dense:.2f} | {t / t_all:.2f} |")
-  header = (f"MoE layer forward+backward, {tokens} tokens, {jnp.dtype(dtype).name}, "
-            f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), median of {reps}\n\n"
-            "| config | variant | ms | / dense equal-FLOPs | / all experts |\n|---|---|---|---|---|")
+  header = (
+    f"MoE layer forward+backward, {tokens} tokens, {jnp.dtype(dtype).name}, "
+    f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), median of {reps}\n\n"
+    "| config | variant | ms | / dense equal-FLOPs | / all experts |\n|---|---|---|---|---|"
+  )
   return "\n".join([header] + rows) + "\n"
 
 

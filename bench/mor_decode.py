@@ -16,6 +16,7 @@ exits save compute at small batch sizes. KV sharing skips the key/value projecti
 one recursion's cache. The paper's throughput gains come from continuous depth-wise batching (refilling the slots of
 exited tokens), which is not implemented here.
 """
+
 import argparse
 import os
 import time
@@ -42,15 +43,19 @@ def main():
     cases = [_trained(w) for w in a.workdirs.split(",")]
     data = cases[0][3].data
     batch = next(make_iterator(data, split=data.eval_split, global_batch_size=a.batch, seed=0, repeat=False))
-    prompt = jnp.asarray(batch["inputs"][:, :a.prompt])
+    prompt = jnp.asarray(batch["inputs"][:, : a.prompt])
   else:
     prompt = jax.random.randint(jax.random.key(0), (a.batch, a.prompt), 3, SHAPE["vocab_size"])
-    cases = [(label, build_model(cfg), None, None) for label, cfg in (
+    cases = [
+      (label, build_model(cfg), None, None)
+      for label, cfg in (
         ("vanilla (dense_lm)", {"name": "dense_lm", **SHAPE}),
         ("recursive N_r=3", mor_model(3, "none")),
         ("MoR expert N_r=3, recursion-wise KV", mor_model(3, "expert")),
         ("MoR expert N_r=3, KV sharing", mor_model(3, "expert", "share")),
-        ("MoR token N_r=3, recursion-wise KV", mor_model(3, "token")))]
+        ("MoR token N_r=3, recursion-wise KV", mor_model(3, "token")),
+      )
+    ]
   rows = []
   for label, model, variables, config in cases:
     if variables is None:

@@ -9,6 +9,7 @@ loads of lookahead expert-aware batching against arrival order (one load per bat
   .venv/bin/python bench/readme_cache.py [--num_experts 8] [--batches 4]
   .venv/bin/python bench/readme_cache.py --workdir workdirs/readme_backbone
 """
+
 import argparse
 
 import jax

@@ -10,6 +10,7 @@ for models without one) and the last evaluation's loss and bits per byte (accura
 adds other evaluation keys (their mean when the value is a list, e.g. one per layer); `--every-eval` adds the
 validation loss at every evaluated step.
 """
+
 import argparse
 import os
 import sys
@@ -38,9 +39,16 @@ def summarize(workdir, extra_metrics=()):
   params = model.num_params() if hasattr(model, "num_params") else None
   active = model.num_active_params() if hasattr(model, "num_active_params") else params
   last = evals[-1]
-  row = {"run": os.path.basename(os.path.normpath(workdir)), "model": config.model.name, "params": params,
-         "active_params": active, "steps": steps, "tokens": tokens, "train_flops": flops,
-         "eval_step": last["step"]}
+  row = {
+    "run": os.path.basename(os.path.normpath(workdir)),
+    "model": config.model.name,
+    "params": params,
+    "active_params": active,
+    "steps": steps,
+    "tokens": tokens,
+    "train_flops": flops,
+    "eval_step": last["step"],
+  }
   for key in ("eval_loss", "eval_bits_per_byte", "eval_accuracy", *(f"eval_{m}" for m in extra_metrics)):
     if key in last:
       row[key] = float(np.mean(last[key]))

@@ -24,6 +24,7 @@ dropless gather-fused dispatch, its batch and sequence length) with the Pallas k
 A kernel that does not compile is a bug the CPU tests cannot see; these are compile facts, not speed (bench/gmm.py
 on the accelerator measures speed).
 """
+
 import argparse
 import importlib.util
 import os
@@ -37,8 +38,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from kernels import gmm_gpu
-from kernels import triton_modules
+from kernels import gmm_gpu, triton_modules
 from kernels.gmm import DEFAULT_TILING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, whose bench/gmm.py is loaded
@@ -73,18 +73,21 @@ def bench_cases(gmm_bench, wanted=None):
 
 def moe_step(implementation, tiling, gather):
   """Gradient (in x and rhs) of a loss through gmm or gmm_gather: lowers the forward and both backward kernels."""
+
   def loss(x, rhs, sizes, row_ids):
     if gather:
       out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation=implementation, tiling=tiling)
     else:
       out = kernels.gmm(x, rhs, sizes, implementation=implementation, tiling=tiling)
     return jnp.sum(out.astype(jnp.float32))
+
   return jax.grad(loss, (0, 1))
 
 
 def step_args(m, k, n, g, dtype, sharding=None):
   def struct(shape, dt):
     return jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+
   return struct((m, k), dtype), struct((g, k, n), dtype), struct((g,), jnp.int32), struct((m,), jnp.int32)
 
 
@@ -96,8 +99,13 @@ def triton_kernels(m, k, n, g, tiling):
   with triton_modules.capture() as gathered:
     triton_modules.lower_for_cuda(moe_step("pallas_gpu", tiling, True), *args)
   # Lowering order of a gradient: forward, dlhs, drhs.
-  found = {"gmm": plain[0], "gmm rhs^T (dlhs)": plain[1], "tgmm (drhs)": plain[2],
-           "gmm gather": gathered[0], "tgmm gather (drhs)": gathered[2]}
+  found = {
+    "gmm": plain[0],
+    "gmm rhs^T (dlhs)": plain[1],
+    "tgmm (drhs)": plain[2],
+    "gmm gather": gathered[0],
+    "tgmm gather (drhs)": gathered[2],
+  }
   for label, module in found.items():
     if module.error:
       raise RuntimeError(f"the Triton module of {label} fails MLIR verification:\n{module.error}")
@@ -109,25 +117,35 @@ def compile_triton(module, arch, warps, stages):
   import triton  # pylint: disable=g-import-not-at-top
   from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
   from triton.backends.nvidia.compiler import get_ptxas  # pylint: disable=g-import-not-at-top
+
   with tempfile.TemporaryDirectory() as tmp:
     source = os.path.join(tmp, f"{module.name}.ttir")
     with open(source, "w") as f:
       f.write(module.asm)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": warps, "num_stages": stages})
+    compiled = triton.compile(
+      source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
     ptx = compiled.asm["ptx"]
     ptx_path = os.path.join(tmp, "kernel.ptx")
     with open(ptx_path, "w") as f:
       f.write(ptx)
     suffix = "a" if arch >= 90 else ""
-    report = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", ptx_path, "-o",
-                             os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    report = subprocess.run(
+      [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", ptx_path, "-o", os.path.join(tmp, "kernel.cubin")],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stderr
   registers = re.search(r"Used (\d+) registers", report)
   spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-  return {"shared_kib": compiled.metadata.shared / 1024,
-          "registers": int(registers.group(1)) if registers else -1,
-          "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else -1,
-          "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"), "cp_async": ptx.count("cp.async.")}
+  return {
+    "shared_kib": compiled.metadata.shared / 1024,
+    "registers": int(registers.group(1)) if registers else -1,
+    "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else -1,
+    "wgmma": ptx.count("wgmma.mma_async"),
+    "mma": ptx.count("mma.sync"),
+    "cp_async": ptx.count("cp.async."),
+  }
 
 
 def run_triton(args, cases, tilings):
@@ -135,9 +153,13 @@ def run_triton(args, cases, tilings):
     import triton  # pylint: disable=g-import-not-at-top
   except ImportError:
     sys.exit("compiling for GPU needs the Triton compiler: pip install triton")
-  lines = [f"## Triton kernels compiled for sm_{args.arch} (triton {triton.__version__}, jax {jax.__version__})", "",
-           "| case | tiling | warps | stages | kernel | shared KiB | fits | registers | spilled bytes | wgmma | mma | "
-           "cp.async |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"## Triton kernels compiled for sm_{args.arch} (triton {triton.__version__}, jax {jax.__version__})",
+    "",
+    "| case | tiling | warps | stages | kernel | shared KiB | fits | registers | spilled bytes | wgmma | mma | "
+    "cp.async |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   print("\n".join(lines), flush=True)
   limit = SHARED_LIMIT_KIB.get(args.arch)
   for name, m, k, n, g in cases:
@@ -151,9 +173,11 @@ def run_triton(args, cases, tilings):
           for label, module in modules.items():
             r = compile_triton(module, args.arch, num_warps, num_stages)
             fits = "?" if limit is None else ("yes" if r["shared_kib"] <= limit else "**no**")
-            line = (f"| {name} | {'x'.join(map(str, tiling))} | {num_warps} | {num_stages} | {label} | "
-                    f"{r['shared_kib']:.0f} | {fits} | {r['registers']} | {r['spill_bytes']} | {r['wgmma']} | "
-                    f"{r['mma']} | {r['cp_async']} |")
+            line = (
+              f"| {name} | {'x'.join(map(str, tiling))} | {num_warps} | {num_stages} | {label} | "
+              f"{r['shared_kib']:.0f} | {fits} | {r['registers']} | {r['spill_bytes']} | {r['wgmma']} | "
+              f"{r['mma']} | {r['cp_async']} |"
+            )
             lines.append(line)
             print(line, flush=True)
   return lines
@@ -162,6 +186,7 @@ def run_triton(args, cases, tilings):
 def model_gradient(config_path, sharding):
   """(grad fn, abstract args) of the LM loss of a config's model with dropless dispatch in bfloat16."""
   from zoo.models import build_model  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location("experiment_config", config_path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -181,20 +206,27 @@ def model_gradient(config_path, sharding):
 
 def run_tpu(args, cases, tilings):
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   chips = args.chips.split(",")
   unknown = sorted(set(chips) - set(TPU_TOPOLOGIES))
   if unknown:
     sys.exit(f"unknown chip(s) {unknown}; choose from {sorted(TPU_TOPOLOGIES)}")
-  lines = [f"## Mosaic kernels compiled ahead of time for TPU (jax {jax.__version__})", "",
-           "| case | chip | tiling | dtype | step | compiles | seconds |", "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"## Mosaic kernels compiled ahead of time for TPU (jax {jax.__version__})",
+    "",
+    "| case | chip | tiling | dtype | step | compiles | seconds |",
+    "|---|---|---|---|---|---|---|",
+  ]
   print("\n".join(lines), flush=True)
   failures = 0
   for chip in chips:
     try:
       topology = topologies.get_topology_desc(topology_name=TPU_TOPOLOGIES[chip], platform="tpu")
     except Exception as error:  # pylint: disable=broad-except
-      sys.exit(f"cannot describe a {chip} TPU here ({error}); compiling for TPU needs libtpu: "
-               "pip install 'jax[tpu]==<installed jax version>'")
+      sys.exit(
+        f"cannot describe a {chip} TPU here ({error}); compiling for TPU needs libtpu: "
+        "pip install 'jax[tpu]==<installed jax version>'"
+      )
     sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
     for name, m, k, n, g in cases:
       for tiling in tilings or [DEFAULT_TILING["pallas_tpu"]]:
@@ -207,9 +239,11 @@ def run_tpu(args, cases, tilings):
             except Exception as error:  # pylint: disable=broad-except
               failures += 1
               status = "**no**: " + str(error).splitlines()[0][:200].replace("|", "/")
-            line = (f"| {name} | {chip} ({topology.devices[0].device_kind}) | {'x'.join(map(str, tiling))} | "
-                    f"{jnp.dtype(dtype).name} | {'gather gmm' if gather else 'gmm'} fwd + bwd | {status} | "
-                    f"{time.perf_counter() - start:.1f} |")
+            line = (
+              f"| {name} | {chip} ({topology.devices[0].device_kind}) | {'x'.join(map(str, tiling))} | "
+              f"{jnp.dtype(dtype).name} | {'gather gmm' if gather else 'gmm'} fwd + bwd | {status} | "
+              f"{time.perf_counter() - start:.1f} |"
+            )
             lines.append(line)
             print(line, flush=True)
     for config_path in args.model_configs.split(",") if args.model_configs else []:
@@ -222,8 +256,10 @@ def run_tpu(args, cases, tilings):
       except Exception as error:  # pylint: disable=broad-except
         failures += 1
         status = "**no**: " + str(error).splitlines()[0][:200].replace("|", "/")
-      line = (f"| {os.path.basename(config_path)} training gradient | {chip} ({topology.devices[0].device_kind}) | "
-              f"default | bfloat16 | dropless, gather-fused | {status} | {time.perf_counter() - start:.1f} |")
+      line = (
+        f"| {os.path.basename(config_path)} training gradient | {chip} ({topology.devices[0].device_kind}) | "
+        f"default | bfloat16 | dropless, gather-fused | {status} | {time.perf_counter() - start:.1f} |"
+      )
       lines.append(line)
       print(line, flush=True)
   if failures:
@@ -240,8 +276,11 @@ def main():
   parser.add_argument("--warps", default=None, help="triton: comma list of num_warps (default: the kernel's)")
   parser.add_argument("--stages", default=None, help="triton: comma list of num_stages (default: the kernel's)")
   parser.add_argument("--chips", default=",".join(TPU_TOPOLOGIES), help="tpu: comma list of TPU generations")
-  parser.add_argument("--model-configs", default="configs/moe_mixtral.py",
-                      help="tpu: comma list of config files whose model's training gradient to compile ('' for none)")
+  parser.add_argument(
+    "--model-configs",
+    default="configs/moe_mixtral.py",
+    help="tpu: comma list of config files whose model's training gradient to compile ('' for none)",
+  )
   parser.add_argument("--out", default=None, help="also write the markdown table to this file")
   args = parser.parse_args()
   gmm_bench = load_gmm_bench()

@@ -12,6 +12,7 @@ directory beside it and swapped in at the end, so a failed conversion leaves OUT
 the source, lie inside it or contain it; the source is never modified. Bad input (a missing or malformed source, an
 unsupported model, ...) prints one line `error: ...` and exits with status 2.
 """
+
 import argparse
 import json
 import os
@@ -39,6 +40,7 @@ def _check_source(path, what):
 
 def _to_zoo(args):
   from zoo.checkpoints import check_destination, convert_hf_to_orbax
+
   _check_source(args.src, "HF_DIR")
   if not os.path.isfile(os.path.join(args.src, "config.json")):
     raise _UsageError(f"HF_DIR {args.src} has no config.json; expected a Hugging Face model directory")
@@ -49,14 +51,14 @@ def _to_zoo(args):
 
 def _read_model_config(path):
   import ml_collections
+
   try:
     with open(path, encoding="utf-8") as f:
       config = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise _UsageError(f"model config {path} is not valid JSON ({e})") from None
   if not isinstance(config, dict) or not isinstance(config.get("name"), str):
-    raise _UsageError(f"model config {path} must be a JSON object with the model's 'name' and fields "
-                      "(a config.model)")
+    raise _UsageError(f"model config {path} must be a JSON object with the model's 'name' and fields (a config.model)")
   return ml_collections.ConfigDict(config)
 
 
@@ -64,40 +66,55 @@ def _restore(src, abstract):
   """The variables of the latest checkpoint of the workdir (or checkpoints folder) `src`, read-only."""
   import jax
   import orbax.checkpoint as ocp
+
   from zoo.engine.checkpoint import checkpoint_dir
+
   directory = checkpoint_dir(src)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
-                                  item_names=("state",))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False), item_names=("state",))
   try:
     step = manager.latest_step()
     if step is None:
       raise _UsageError(f"no checkpoint in {directory} (expected {directory}/<step>/state)")
     target = {"params": abstract["params"], "collections": {k: v for k, v in abstract.items() if k != "params"}}
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+          )
+        ),
+      )
     except Exception as e:  # orbax/tensorstore raise many types; all mean the same here
       first = (str(e).strip().splitlines() or [""])[0][:300]
-      raise _UsageError(f"checkpoint step {step} in {directory} cannot be restored into the model config "
-                        f"({type(e).__name__}: {first}); it is corrupted or belongs to another model") from None
+      raise _UsageError(
+        f"checkpoint step {step} in {directory} cannot be restored into the model config "
+        f"({type(e).__name__}: {first}); it is corrupted or belongs to another model"
+      ) from None
   finally:
     manager.close()
   state = restored["state"]
-  variables = {"params": jax.tree.unflatten(jax.tree.structure(target["params"]), jax.tree.leaves(state["params"])),
-               **state.get("collections", {})}
+  variables = {
+    "params": jax.tree.unflatten(jax.tree.structure(target["params"]), jax.tree.leaves(state["params"])),
+    **state.get("collections", {}),
+  }
   wanted = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
   for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
     name = jax.tree_util.keystr(path)
     if name in wanted and tuple(leaf.shape) != tuple(wanted[name]):
-      raise _UsageError(f"checkpoint step {step} in {directory} does not fit the model config: variable {name} "
-                        f"has shape {tuple(leaf.shape)}, the config gives {tuple(wanted[name])}")
+      raise _UsageError(
+        f"checkpoint step {step} in {directory} does not fit the model config: variable {name} "
+        f"has shape {tuple(leaf.shape)}, the config gives {tuple(wanted[name])}"
+      )
   return variables
 
 
 def _to_hf(args):
   import flax.linen as nn
+
   from zoo.checkpoints import check_destination, export_hf
   from zoo.checkpoints.hf import ZOO_CONFIG_FILE, abstract_variables
+
   _check_source(args.src, "ZOO_DIR")
   config_path = args.model_config or os.path.join(args.src, ZOO_CONFIG_FILE)
   if not os.path.isfile(config_path):
@@ -115,6 +132,7 @@ def _expected_errors():
   """The exception types that mean bad input (printed as one line), imported only once a command has run."""
   from zoo.checkpoints import ConversionError
   from zoo.models.registry import ConfigError
+
   return _UsageError, ConversionError, ConfigError, OSError
 
 

@@ -9,10 +9,9 @@ sampled routes with exactly `big_budget` big layers, `zoo.models.duo_llm.oracle_
 `big_budget` big layers (the mean over the samples), and every layer big / small / skipped. Prints a markdown table
 of the mean token loss and the mean big layers per token.
 """
+
 import argparse
 import sys
-
-
 
 
 def compare(workdir, *, batches=2, samples=32, batch_size=8, seed=0):
@@ -20,6 +19,7 @@ def compare(workdir, *, batches=2, samples=32, batch_size=8, seed=0):
   import jax
   import jax.numpy as jnp
   import optax
+
   from zoo.data import make_iterator
   from zoo.engine.checkpoint import restore_variables
   from zoo.engine.trainer import Experiment
@@ -33,14 +33,16 @@ def compare(workdir, *, batches=2, samples=32, batch_size=8, seed=0):
   variables = restore_variables(workdir, exp.abstract_state()[0].variables())
   model = exp.model.clone(route_mode="router")
   budget = model.big_budget or model.num_layers
-  it = make_iterator(config.data, split=config.data.eval_split, global_batch_size=batch_size, seed=seed,
-                     repeat=False)
+  it = make_iterator(config.data, split=config.data.eval_split, global_batch_size=batch_size, seed=seed, repeat=False)
   sums = {}
 
   def add(name, losses, big, mask):
     loss_sum, big_sum, count = sums.get(name, (0.0, 0.0, 0.0))
-    sums[name] = (loss_sum + float(jnp.sum(losses * mask)), big_sum + float(jnp.sum(big * mask)),
-                  count + float(mask.sum()))
+    sums[name] = (
+      loss_sum + float(jnp.sum(losses * mask)),
+      big_sum + float(jnp.sum(big * mask)),
+      count + float(mask.sum()),
+    )
 
   routed_losses = jax.jit(lambda tokens, targets, routes: token_losses(model, variables, tokens, targets, routes))
   router_apply = jax.jit(lambda tokens: model.apply(variables, tokens))
@@ -51,15 +53,24 @@ def compare(workdir, *, batches=2, samples=32, batch_size=8, seed=0):
     router_losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     # The router's big layers per token: the batch mean (padding rows included), the others' are exact.
     add("trained router", router_losses, jnp.full(tokens.shape, out.metrics["big_layers"]), mask)
-    oracle = oracle_routes(model, variables, tokens, targets, big_layers=budget, num_samples=samples,
-                           rng=jax.random.key(seed + b))
-    add(f"oracle (best of {samples})", routed_losses(tokens, targets, oracle["routes"]),
-        jnp.full(tokens.shape, budget), mask)
+    oracle = oracle_routes(
+      model, variables, tokens, targets, big_layers=budget, num_samples=samples, rng=jax.random.key(seed + b)
+    )
+    add(
+      f"oracle (best of {samples})",
+      routed_losses(tokens, targets, oracle["routes"]),
+      jnp.full(tokens.shape, budget),
+      mask,
+    )
     add("random routes", jnp.mean(oracle["sample_losses"], axis=0), jnp.full(tokens.shape, budget), mask)
     for route, name in ((BIG, "all big"), (1, "all small"), (0, "all skip")):
       routes = jnp.full(tokens.shape + (model.num_layers,), route, jnp.int32)
-      add(name, routed_losses(tokens, targets, routes), jnp.full(tokens.shape, model.num_layers if route == BIG else 0),
-          mask)
+      add(
+        name,
+        routed_losses(tokens, targets, routes),
+        jnp.full(tokens.shape, model.num_layers if route == BIG else 0),
+        mask,
+      )
   return {name: (loss / count, big / count) for name, (loss, big, count) in sums.items()}, budget
 
 

@@ -14,6 +14,7 @@ The dense run's `config.json` (written by train.py) gives its model; its width, 
 the Read-ME config's. Prints the neurons per expert and layer, and the validation loss of the dense LM and of the
 extracted model (routed by the untrained router) on `config.train.eval_batches` batches.
 """
+
 import os
 
 import numpy as np
@@ -28,14 +29,23 @@ flags.DEFINE_float("keep_fraction", None, "fraction of neurons each group keeps 
 flags.mark_flag_as_required("dense_workdir")
 
 # Fields of the dense model that the Read-ME backbone must share.
-SHARED_FIELDS = ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim", "mlp_activation",
-                 "tie_embeddings")
+SHARED_FIELDS = (
+  "vocab_size",
+  "num_layers",
+  "embed_dim",
+  "num_heads",
+  "num_kv_heads",
+  "mlp_dim",
+  "mlp_activation",
+  "tie_embeddings",
+)
 
 
 def domain_importance(dense, params, data_config, groups, *, batches, batch_size, seed):
   """[layers, groups, mlp] mean |input of down| of `dense` over `batches` batches of each group's documents."""
   from zoo.data import make_iterator
   from zoo.routing.pregate import down_proj_inputs, neuron_importance
+
   per_group = []
   for name, domains in groups.items():
     cfg = data_config.copy_and_resolve_references()
@@ -68,8 +78,10 @@ def main(argv):
     if config.model.name != "readme_moe":
       raise ValueError(f"config.model.name={config.model.name!r}; readme_extract writes a 'readme_moe' checkpoint")
     if int(config.model.num_experts) != len(DOMAIN_GROUPS):
-      raise ValueError(f"config.model.num_experts={config.model.num_experts} but there are {len(DOMAIN_GROUPS)} "
-                       f"domain groups ({sorted(DOMAIN_GROUPS)}), one expert each")
+      raise ValueError(
+        f"config.model.num_experts={config.model.num_experts} but there are {len(DOMAIN_GROUPS)} "
+        f"domain groups ({sorted(DOMAIN_GROUPS)}), one expert each"
+      )
     dense_config = read_config(FLAGS.dense_workdir)
     if dense_config.model.name != "dense_lm":
       raise ValueError(f"{FLAGS.dense_workdir} trained {dense_config.model.name!r}; extraction needs a dense_lm run")
@@ -77,21 +89,32 @@ def main(argv):
     dense = dense_exp.model
     for field in SHARED_FIELDS:
       if getattr(dense, field) != getattr(exp.model, field):
-        raise ValueError(f"the dense LM has {field}={getattr(dense, field)!r}, the Read-ME config "
-                         f"{getattr(exp.model, field)!r}; they must match")
+        raise ValueError(
+          f"the dense LM has {field}={getattr(dense, field)!r}, the Read-ME config "
+          f"{getattr(exp.model, field)!r}; they must match"
+        )
     dense_target, dense_shardings = dense_exp.abstract_state()
     dense_params = restore_params(FLAGS.dense_workdir, dense_target.variables()["params"])
   except cli.USER_ERRORS as e:
     cli.fail(e)
 
   keep = FLAGS.keep_fraction if FLAGS.keep_fraction is not None else exp.model.keep_fraction
-  importance = domain_importance(dense, dense_params, config.data, DOMAIN_GROUPS, batches=FLAGS.batches,
-                                 batch_size=int(config.train.batch_size), seed=int(config.seed))
+  importance = domain_importance(
+    dense,
+    dense_params,
+    config.data,
+    DOMAIN_GROUPS,
+    batches=FLAGS.batches,
+    batch_size=int(config.train.batch_size),
+    seed=int(config.seed),
+  )
   shared, experts = expert_masks(importance, keep_fraction=keep)
   shared_width, expert_width = extracted_widths(shared, experts)
   if shared_width > exp.model.shared_width or expert_width > exp.model.expert_width:
-    cli.fail(f"extracted widths shared={shared_width}, expert={expert_width} exceed the model's "
-             f"shared_width={exp.model.shared_width}, expert_width={exp.model.expert_width}")
+    cli.fail(
+      f"extracted widths shared={shared_width}, expert={expert_width} exceed the model's "
+      f"shared_width={exp.model.shared_width}, expert_width={exp.model.expert_width}"
+    )
   print(f"neurons kept per group: {int(round(keep * exp.model.mlp_dim))} of {exp.model.mlp_dim}")
   print("| layer | shared | " + " | ".join(DOMAIN_GROUPS) + " |")
   print("|---:|---:|" + "---:|" * len(DOMAIN_GROUPS))
