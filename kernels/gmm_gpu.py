@@ -21,7 +21,12 @@ def _cdiv(a, b):
 
 
 def _dot(a, b, contract_a, contract_b):
-  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  """a . b accumulated in float32. Triton's dot takes one element type, so mixed operands (a bfloat16 lhs with a
+  float32 cotangent in the backward) are promoted to the wider dtype (float32 for bfloat16 with float16), never
+  demoted."""
+  dtype = jnp.promote_types(a.dtype, b.dtype)
+  a, b = a.astype(dtype), b.astype(dtype)
+  precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
   return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)
 

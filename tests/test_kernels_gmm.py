@@ -160,3 +160,48 @@ def test_float16_gather_on_mosaic_gathers_first(caplog):
   assert any("gathering float16 rows" in r.getMessage() for r in caplog.records)
   np.testing.assert_allclose(np.asarray(out, np.float32),
                              np.asarray(kernels.gmm(x[row_ids], rhs, sizes, implementation="xla"), np.float32))
+
+
+def _relative_error(actual, expected):
+  """max |actual - expected| / max |expected|, in float64."""
+  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("implementation", ["interpret", "interpret_gpu", "xla"])
+def test_float32_cotangent_keeps_its_precision_with_bfloat16_lhs(implementation, gather):
+  """bfloat16 lhs, float32 rhs and output: the backward must not round the float32 cotangent to bfloat16 (which put
+  ~1e-3 relative error into the float32 drhs); drhs matches a float64 reference to float32 accuracy."""
+  rng = np.random.default_rng(0)
+  m, k, n, t = 40, 48, 24, 12
+  sizes = np.array([9, 0, 22], np.int32)  # an empty group and rows past the sum
+  x = jnp.asarray(rng.normal(size=(t if gather else m, k)), jnp.bfloat16)
+  rhs = jnp.asarray(rng.normal(size=(len(sizes), k, n)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+  assert np.any(np.asarray(cot) != np.asarray(cot.astype(jnp.bfloat16).astype(jnp.float32))), "cot must not be bf16"
+  row_ids = rng.integers(0, t, size=m).astype(np.int32) if gather else np.arange(m, dtype=np.int32)
+
+  def f(x, rhs):
+    kwargs = dict(implementation=implementation, tiling=TILING[implementation], preferred_element_type=jnp.float32)
+    if gather:
+      return kernels.gmm_gather(x, jnp.asarray(row_ids), rhs, jnp.asarray(sizes), **kwargs)
+    return kernels.gmm(x, rhs, jnp.asarray(sizes), **kwargs)
+
+  out, vjp = jax.vjp(f, x, rhs)
+  dx, drhs = jax.jit(vjp)(cot)
+  assert out.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and drhs.dtype == jnp.float32
+  lhs64, rhs64, cot64 = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (x, rhs, cot))
+  lhs64 = lhs64[row_ids]
+  want_drhs = np_tgmm(lhs64.T, cot64, sizes)
+  cot_rows = np.where(np.arange(m)[:, None] < sizes.sum(), cot64, 0)
+  drows = np_gmm(cot_rows, rhs64.transpose(0, 2, 1), sizes)
+  want_dx, spread = np.zeros((x.shape[0], k)), np.zeros((x.shape[0], k))
+  np.add.at(want_dx, row_ids, drows)
+  np.add.at(spread, row_ids, np.abs(drows))
+  assert _relative_error(drhs, want_drhs) <= 1e-5
+  assert np.all(np.asarray(drhs[1]) == 0), "the empty group gets exactly zero drhs"
+  # dx is bfloat16: the float64 value rounded once (gmm), or its rows rounded, summed (xla: in bfloat16) and rounded
+  # (gather); a rounded cotangent breaks these bounds by a factor of ~8 (gather) to ~200 (gmm).
+  bound = 2**-8 * np.abs(want_dx) if not gather else 2**-7 * (np.abs(want_dx) + spread)
+  np.testing.assert_array_less(np.abs(np.asarray(dx, np.float64) - want_dx), bound + 1e-5 * np.abs(want_dx).max())
