@@ -8,31 +8,11 @@ logged) [guess: Mixtral itself is dropless].
 
   python train.py --config configs/moe_mixtral.py --workdir workdirs/moe_mixtral
 """
-import ml_collections
-
-from configs.dense_lm import get_config as get_dense_config
-
-
-def moe_config(**moe):
-  """The dense LM's config with `config.model` turned into a `moe_lm` (dense model keys kept, `moe` keys added)."""
-  config = get_dense_config()
-  config.model = ml_collections.ConfigDict({**config.model.to_dict(), "name": "moe_lm", **moe})
-  return config
+from configs.base import SMALL_LM, moe_config
 
 
 def get_config():
-  dense_mlp = get_dense_config().model.mlp_dim
   return moe_config(
-      num_experts=8,
-      num_experts_per_tok=2,
-      expert_mlp_dim=dense_mlp // 2,
-      router="softmax_topk",
-      renormalize=True,
-      dispatch="auto",
-      capacity_factor=2.0,
-      moe_every=1,
-      first_dense_layers=0,
-      load_balance_coef=1e-2,
-      z_loss_coef=1e-3,
-      router_jitter=0.0,
-  )
+      num_experts=8, num_experts_per_tok=2, expert_mlp_dim=SMALL_LM["mlp_dim"] // 2,
+      router="softmax_topk", renormalize=True, capacity_factor=2.0,
+      load_balance_coef=1e-2, z_loss_coef=1e-3)

@@ -3,30 +3,18 @@ whose output is scaled by its own gate `sigmoid(x w_g)`.
 
 16 routed experts of a quarter of the dense FFN width, top-2, not renormalised (`norm_topk_prob=False` in
 Qwen1.5/Qwen2-MoE), plus one shared expert of half the dense width, so the active FFN matches the dense LM's
-(`configs/dense_lm.py`) [guess: Qwen's shared expert is 4 routed experts wide with top-4; halved here]. Load-balance loss 1e-3 (Qwen's `router_aux_loss_coef`), no z-loss.
+(`configs/dense_lm.py`) [guess: Qwen's shared expert is 4 routed experts wide with top-4; halved here]. Load-balance
+loss 1e-3 (Qwen's `router_aux_loss_coef`), no z-loss.
 
   python train.py --config configs/moe_qwen.py --workdir workdirs/moe_qwen
 """
-from configs.dense_lm import get_config as get_dense_config
-from configs.moe_mixtral import moe_config
+from configs.base import SMALL_LM, moe_config
 
 
 def get_config():
-  mlp = get_dense_config().model.mlp_dim
+  mlp = SMALL_LM["mlp_dim"]
   return moe_config(
-      num_experts=16,
-      num_experts_per_tok=2,
-      expert_mlp_dim=mlp // 4,
-      num_shared_experts=1,
-      shared_expert_mlp_dim=mlp // 2,
-      shared_expert_gate=True,
-      router="softmax_topk",
-      renormalize=False,
-      dispatch="auto",
-      capacity_factor=2.0,
-      moe_every=1,
-      first_dense_layers=0,
-      load_balance_coef=1e-3,
-      z_loss_coef=0.0,
-      router_jitter=0.0,
-  )
+      num_experts=16, num_experts_per_tok=2, expert_mlp_dim=mlp // 4,
+      num_shared_experts=1, shared_expert_mlp_dim=mlp // 2, shared_expert_gate=True,
+      router="softmax_topk", renormalize=False, capacity_factor=2.0,
+      load_balance_coef=1e-3, z_loss_coef=0.0)

@@ -18,7 +18,7 @@ Alternating phases (Read-ME Sec. 3.2), each starting from the previous workdir (
   python train.py --config configs/readme_moe.py --workdir workdirs/readme_backbone \
     --config.model.train_phase=backbone --config.init_from=workdirs/readme_router --config.optimizer.weight_decay=0
 """
-from configs.base import get_base_config
+from configs.base import small_lm, small_lm_config
 
 DOMAIN_GROUPS = {
     "docs": ("docs",),
@@ -31,29 +31,7 @@ DOMAIN_GROUPS = {
 
 
 def get_config():
-  config = get_base_config(
-      model={
-          "name": "readme_moe",
-          "vocab_size": 259,  # ByteTokenizer: 256 bytes + PAD, BOS, EOS
-          "num_layers": 4,
-          "embed_dim": 128,
-          "num_heads": 4,
-          "num_kv_heads": 2,
-          "mlp_dim": 384,  # the dense FFN the experts come from; shared and expert widths default to 192
-          "num_experts": len(DOMAIN_GROUPS),
-          "router_layers": 1,
-          "router_num_heads": 4,
-          "router_mlp_dim": 256,
-          "train_phase": "joint",
-      },
-      dataset="pystdlib")
-  config.data.seq_len = 128
-  config.optimizer.lr = 3e-3
-  config.optimizer.warmup_steps = 100
-  config.train.steps = 1200
-  config.train.batch_size = 32
-  config.train.eval_every_steps = 200
-  config.train.eval_batches = 16
-  config.train.log_every_steps = 50
-  config.checkpoint.every_steps = 200
-  return config
+  # The dense FFN (mlp_dim 384) the experts come from; shared and expert widths default to 192.
+  model = small_lm("readme_moe", num_experts=len(DOMAIN_GROUPS), router_layers=1, router_num_heads=4,
+                   router_mlp_dim=256, train_phase="joint")
+  return small_lm_config(model, steps=1200, batch_size=32, warmup_steps=100, eval_batches=16)

@@ -4,26 +4,18 @@ accuracy.
   python train.py --config configs/simplenet_digits.py --workdir workdirs/simplenet_digits
   python evaluate.py --config configs/simplenet_digits.py --workdir workdirs/simplenet_digits
 """
-from configs.base import get_base_config
+from configs.base import run_config
 
 
 def get_config():
-  config = get_base_config(
-      model={
+  return run_config(
+      {
           "name": "simplenet",
           "num_classes": 10,
           "width_multiplier": 0.125,
           "num_pools": 3,  # 8x8 -> 1x1 after three 2x2 poolings
           "dropout_rate": 0.1,
       },
-      dataset="digits", task="classification")
-  config.optimizer.lr = 3e-3
-  config.optimizer.warmup_steps = 50
-  config.optimizer.weight_decay = 1e-4
-  config.train.steps = 600
-  config.train.batch_size = 64
-  config.train.eval_every_steps = 200
-  config.train.eval_batches = 0  # the whole test split
-  config.train.log_every_steps = 50
-  config.checkpoint.every_steps = 200
-  return config
+      dataset="digits", task="classification", lr=3e-3, warmup_steps=50, weight_decay=1e-4, steps=600, batch_size=64,
+      eval_every_steps=200, log_every_steps=50,
+      eval_batches=0)  # the whole test split

@@ -9,23 +9,14 @@ The paper's 4B-A0.6B (32 layers, d 1536, 32 experts top-4 of width 768, GQA 12/2
   python train.py --config configs/smallthinker.py --workdir workdirs/smallthinker_softmax \
       --config.model.router=softmax_topk
 """
-from configs.moe_mixtral import moe_config
+from configs.base import update_model
+from configs.dense_lm import get_config as get_dense_config
 
 
 def get_config():
-  config = moe_config(
-      num_experts=8,
-      num_experts_per_tok=4,
-      expert_mlp_dim=96,
-      router="sigmoid_topk",
-      mlp_activation="reglu",
-      nope_every=4,
-      sliding_window=32,
-      dispatch="auto",
-      capacity_factor=2.0,
-      load_balance_coef=1e-2,
-      z_loss_coef=1e-3,
-  )
-  config.model.name = "smallthinker"
-  config.model.num_layers = 5
-  return config
+  return update_model(
+      get_dense_config(), name="smallthinker", num_layers=5,
+      num_experts=8, num_experts_per_tok=4, expert_mlp_dim=96, router="sigmoid_topk", mlp_activation="reglu",
+      nope_every=4, sliding_window=32,
+      dispatch="auto", capacity_factor=2.0,
+      load_balance_coef=1e-2, z_loss_coef=1e-3)

@@ -5,13 +5,13 @@ by the `domain` of their document; the validation split holds other files than t
 
   python train.py --config configs/text_classify_domains.py --workdir workdirs/text_classify_domains
 """
-from configs.base import get_base_config
+from configs.base import run_config
 from zoo.data.builders import stdlib_domains
 
 
 def get_config():
-  config = get_base_config(
-      model={
+  config = run_config(
+      {
           "name": "text_encoder",
           "vocab_size": 259,  # ByteTokenizer
           "num_layers": 2,
@@ -21,17 +21,9 @@ def get_config():
           "pooling": "mean",
           "num_classes": len(stdlib_domains()),  # the dataset's domain labels (only 'docs' and 'modules' are read)
       },
-      dataset="pystdlib",
-      task="sequence_classification")
+      task="sequence_classification", seq_len=256, lr=2e-3, warmup_steps=30, steps=300, batch_size=32,
+      eval_every_steps=100, log_every_steps=25,
+      eval_batches=0)  # every validation window
   config.data.label_key = "domain"
   config.data.domains = ("docs", "modules")
-  config.data.seq_len = 256
-  config.optimizer.lr = 2e-3
-  config.optimizer.warmup_steps = 30
-  config.train.steps = 300
-  config.train.batch_size = 32
-  config.train.eval_every_steps = 100
-  config.train.eval_batches = 0  # every validation window
-  config.train.log_every_steps = 25
-  config.checkpoint.every_steps = 100
   return config
