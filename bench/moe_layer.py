@@ -1,7 +1,7 @@
-"""Forward+backward time of one MoE layer under each dispatch strategy, as ratios.
+"""Forward+backward time of one MoE layer under each dispatch mode, as ratios.
 
 Ratios are to (a) a dense SwiGLU FFN with the same active FLOPs (hidden width k * expert width) and (b) computing
-all experts on every token (the 'dense' strategy). Router included (softmax top-k). Dropless dispatch is timed
+all experts on every token (the 'dense' dispatch). Router included (softmax top-k). Dropless dispatch is timed
 with its three token permutations: gather-fused ('fused': `kernels.gmm_gather` + `kernels.scatter_combine`, no
 permuted copy of the activations) and a sorted copy ('custom_vjp', 'gather'). Prints a markdown table; `--out FILE`
 appends it to FILE. `--small` shrinks the shapes so that a CPU run finishes in about a minute.
@@ -41,13 +41,13 @@ def _time(fn, args, reps):
   return statistics.median(times)
 
 
-def _moe_step(k, strategy, capacity_factor, permute="fused"):
+def _moe_step(k, mode, capacity_factor, permute="fused"):
   def loss(x, router_kernel, w):
     r = routing.softmax_topk(x @ router_kernel, k)
-    if strategy == "dropless":
+    if mode == "dropless":
       y, _ = dispatch.dropless_ffn(x, r.expert_ids, r.weights, w, "swiglu", permute=permute)
     else:
-      y, _ = routing.moe_ffn(x, r, w, strategy=strategy, capacity_factor=capacity_factor)
+      y, _ = routing.moe_ffn(x, r, w, dispatch=mode, capacity_factor=capacity_factor)
     return jnp.sum(y * y)
 
   return jax.jit(jax.grad(loss, (0, 1, 2)))
@@ -80,14 +80,14 @@ def run(tokens, reps, dtype, configs=CONFIGS):
     t_dense = _time(_dense_step(), (x, dense_w), reps)
     t_all = _time(_moe_step(k, "dense", None), (x, router_kernel, w), reps)
     variants = [("dense FFN, equal active FLOPs", t_dense), ("all experts ('dense')", t_all)]
-    for label, strategy, cf, permute in (
+    for label, mode, cf, permute in (
       ("capacity, cf=1.0", "capacity", 1.0, None),
       ("capacity, cf=1.25", "capacity", 1.25, None),
       ("dropless, gather-fused (no permuted copy)", "dropless", None, "fused"),
       ("dropless, custom_vjp permutation", "dropless", None, "custom_vjp"),
       ("dropless, gather permutation", "dropless", None, "gather"),
     ):
-      step = _moe_step(k, strategy, cf, permute or "fused")
+      step = _moe_step(k, mode, cf, permute or "fused")
       variants.append((label, _time(step, (x, router_kernel, w), reps)))
     for label, t in variants:
       rows.append(f"| {name} | {label} | {t * 1e3:.1f} | {t / t_dense:.2f} | {t / t_all:.2f} |")

@@ -121,7 +121,7 @@ def test_linear_baseline_params():
 def test_shared_expert_mix():
   x = jax.random.normal(jax.random.key(0), (2, 4, 16))
   ffn = lambda mix: RMoEFFN(Router(4, 2), num_experts=4, expert_mlp_dim=8, shared_mlp_dim=8, shared_mix=mix,
-                            strategy="dense")
+                            dispatch="dense")
   variables = ffn(0.5).init(jax.random.key(1), x)
   apply = jax.jit(lambda mix: ffn(mix).apply(variables, x)[0], static_argnums=0)
   routed, shared = apply(0.0), apply(1.0)

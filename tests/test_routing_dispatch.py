@@ -1,4 +1,4 @@
-"""Every dispatch strategy against a per-token, per-slot Python loop: forward and gradients."""
+"""Every dispatch mode against a per-token, per-slot Python loop: forward and gradients."""
 import functools
 
 import flax.linen as nn
@@ -57,7 +57,7 @@ ROUTERS = {
 }
 
 
-# (strategy, dropless permutation): every strategy, and dropless both gather-fused and with a permuted copy.
+# (dispatch, dropless permutation): every mode, and dropless both gather-fused and with a permuted copy.
 VARIANTS = [pytest.param("dense", "fused", id="dense"), pytest.param("capacity", "fused", id="capacity")] + [
     pytest.param("dropless", p, id=f"dropless-{p}") for p in dispatch.PERMUTES]
 
@@ -76,15 +76,15 @@ def _loop_reference(router):
   return jax.jit(jax.grad(loop_loss, (0, 1, 2), has_aux=True))(x, _weights("swiglu"), logits)
 
 
-@pytest.mark.parametrize("strategy,permute", VARIANTS)
+@pytest.mark.parametrize("dispatch,permute", VARIANTS)
 @pytest.mark.parametrize("router", sorted(ROUTERS))
-def test_strategy_matches_loop_forward_and_gradients(strategy, permute, router):
+def test_dispatch_matches_loop_forward_and_gradients(dispatch, permute, router):
   x, logits = _inputs()
   w = _weights("swiglu")
   route = ROUTERS[router]
 
   def loss(x, w, logits):
-    y, _ = routing.moe_ffn(x, route(logits), w, strategy=strategy, activation="swiglu", permute=permute)
+    y, _ = routing.moe_ffn(x, route(logits), w, dispatch=dispatch, activation="swiglu", permute=permute)
     return jnp.sum(jnp.sin(y)), y
 
   grads, y = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(x, w, logits)
@@ -101,8 +101,8 @@ def test_activations_match_loop(activation):
   w = _weights(activation, key=3)
   r = routing.softmax_topk(logits, 2)
   ref = _loop(x, r.expert_ids, r.weights, w, activation)
-  for strategy, permute in (("capacity", "fused"), ("dropless", "fused"), ("dropless", "custom_vjp")):
-    y, _ = routing.moe_ffn(x, r, w, strategy=strategy, activation=activation, permute=permute)
+  for dispatch, permute in (("capacity", "fused"), ("dropless", "fused"), ("dropless", "custom_vjp")):
+    y, _ = routing.moe_ffn(x, r, w, dispatch=dispatch, activation=activation, permute=permute)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -114,7 +114,7 @@ def test_capacity_drops_in_priority_order():
   r = routing.softmax_topk(logits, 2)
   cap = routing.capacity(TOKENS, 2, EXPERTS, 1.0)  # ceil(12 * 2 / 4) = 6
   assert cap == 6
-  y, metrics = routing.moe_ffn(x, r, w, strategy="capacity", capacity_factor=1.0)
+  y, metrics = routing.moe_ffn(x, r, w, dispatch="capacity", capacity_factor=1.0)
   # Reference: fill buffers first with every token's slot 0, then slot 1, token order within a slot.
   ids = np.asarray(r.expert_ids)
   counts = np.zeros(EXPERTS, int)
@@ -134,8 +134,8 @@ def test_unlimited_capacity_equals_dropless():
   x, logits = _inputs(7)
   w = _weights("swiglu")
   r = routing.softmax_topk(logits, 3)
-  y_cap, metrics = routing.moe_ffn(x, r, w, strategy="capacity", capacity_factor=None)
-  y_drop, _ = routing.moe_ffn(x, r, w, strategy="dropless")
+  y_cap, metrics = routing.moe_ffn(x, r, w, dispatch="capacity", capacity_factor=None)
+  y_drop, _ = routing.moe_ffn(x, r, w, dispatch="dropless")
   np.testing.assert_allclose(y_cap, y_drop, rtol=1e-5, atol=1e-6)
   assert float(metrics["dropped_fraction"]) == 0.0
 
@@ -145,37 +145,37 @@ def test_dense_weight_matrix_routing():
   w = _weights("relu")
   combine = jax.nn.relu(logits)  # ReLU routing: a variable number of experts per token
   ref = _loop(x, jnp.where(combine != 0, jnp.arange(EXPERTS), -1), combine, w, "relu")
-  for strategy, permute in [v.values for v in VARIANTS]:  # many empty slots: every token has E slots
-    y, _ = routing.moe_ffn(x, combine, w, strategy=strategy, activation="relu", permute=permute)
+  for dispatch, permute in [v.values for v in VARIANTS]:  # many empty slots: every token has E slots
+    y, _ = routing.moe_ffn(x, combine, w, dispatch=dispatch, activation="relu", permute=permute)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():
   x, logits = _inputs()
   r = routing.softmax_topk(logits, 2)
-  with pytest.raises(ValueError, match="strategy='sorted'"):
-    routing.moe_ffn(x, r, _weights("swiglu"), strategy="sorted")
+  with pytest.raises(ValueError, match="dispatch='sorted'"):
+    routing.moe_ffn(x, r, _weights("swiglu"), dispatch="sorted")
   with pytest.raises(ValueError, match="activation='tanh'"):
     routing.moe_ffn(x, r, _weights("swiglu"), activation="tanh")
   with pytest.raises(ValueError, match="needs expert weights"):
     routing.moe_ffn(x, r, _weights("relu"), activation="swiglu")
   with pytest.raises(ValueError, match="capacity_factor=0"):
-    routing.moe_ffn(x, r, _weights("swiglu"), strategy="capacity", capacity_factor=0)
+    routing.moe_ffn(x, r, _weights("swiglu"), dispatch="capacity", capacity_factor=0)
   with pytest.raises(ValueError, match="permute='scatter' is unknown"):
-    routing.moe_ffn(x, r, _weights("swiglu"), strategy="dropless", permute="scatter")
+    routing.moe_ffn(x, r, _weights("swiglu"), dispatch="dropless", permute="scatter")
   with pytest.raises(ValueError, match="routing has 12 tokens but x has 11"):
     routing.moe_ffn(x[:11], r, _weights("swiglu"))
 
 
-def test_default_strategy_per_backend():
-  assert routing.default_strategy("cpu") == "capacity"
-  assert routing.default_strategy("gpu") == "dropless"
-  assert routing.default_strategy("tpu") == "dropless"
+def test_default_dispatch_per_backend():
+  assert routing.default_dispatch("cpu") == "capacity"
+  assert routing.default_dispatch("gpu") == "dropless"
+  assert routing.default_dispatch("tpu") == "dropless"
 
 
 def test_moe_ffn_module_matches_functional_path():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, EMBED))
-  module = routing.MoEFFN(EXPERTS, MLP, num_selected=2, strategy="dropless", shared_mlp_dim=5, shared_gate=True)
+  module = routing.MoEFFN(EXPERTS, MLP, num_experts_per_tok=2, dispatch="dropless", shared_mlp_dim=5, shared_gate=True)
   variables = jax.jit(module.init)(jax.random.PRNGKey(1), x)
   params = nn.meta.unbox(variables)["params"]
   assert variables["params"]["gate"].names == ("expert", "embed", "expert_mlp")
@@ -209,16 +209,16 @@ def test_moe_ffn_module_precomputed_routing_and_custom_router():
     routing.MoEFFN(EXPERTS, MLP, router=routing.Router(3)).init(jax.random.PRNGKey(1), x)
 
 
-@functools.partial(jax.jit, static_argnames="strategy")
-def _bf16_forward(x, w, logits, strategy):
-  return routing.moe_ffn(x, routing.softmax_topk(logits, 2), w, strategy=strategy)[0]
+@functools.partial(jax.jit, static_argnames="dispatch")
+def _bf16_forward(x, w, logits, dispatch):
+  return routing.moe_ffn(x, routing.softmax_topk(logits, 2), w, dispatch=dispatch)[0]
 
 
 def test_bfloat16_experts_keep_dtype_and_float32_routing():
   x, logits = _inputs(9)
   w = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _weights("swiglu"))
   ref = _bf16_forward(x, _weights("swiglu"), logits, "dense")
-  for strategy in ("capacity", "dropless"):  # dropless: gather-fused
-    y = _bf16_forward(x.astype(jnp.bfloat16), w, logits.astype(jnp.bfloat16), strategy)
+  for dispatch in ("capacity", "dropless"):  # dropless: gather-fused
+    y = _bf16_forward(x.astype(jnp.bfloat16), w, logits.astype(jnp.bfloat16), dispatch)
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=0.1, atol=0.1)

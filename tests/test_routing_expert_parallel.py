@@ -24,11 +24,11 @@ def _problem():
   return x, logits, w
 
 
-def _loss(x, w, logits, mesh, strategy, capacity_factor):
+def _loss(x, w, logits, mesh, dispatch, capacity_factor):
   """Local dispatch (mesh None) or expert parallelism over `mesh`."""
   r = routing.softmax_topk(logits, K)
   if mesh is None:
-    y, metrics = routing.moe_ffn(x, r, w, strategy=strategy, capacity_factor=capacity_factor)
+    y, metrics = routing.moe_ffn(x, r, w, dispatch=dispatch, capacity_factor=capacity_factor)
   else:
     y, metrics = routing.expert_parallel_ffn(x, r.expert_ids, r.weights, w, mesh=mesh, capacity_factor=capacity_factor)
   return jnp.sum(jnp.sin(y)), (y, metrics)
@@ -74,7 +74,7 @@ def test_moe_ffn_module_with_mesh_matches_without():
   mesh = make_mesh(dict(data=2, fsdp=1, expert=4, tensor=1))
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, EMBED))
   sharded = routing.MoEFFN(EXPERTS, MLP, mesh=mesh, capacity_factor=None)
-  local = routing.MoEFFN(EXPERTS, MLP, strategy="dense")
+  local = routing.MoEFFN(EXPERTS, MLP, dispatch="dense")
   variables = local.init(jax.random.PRNGKey(1), x)
   y_sharded, _, _ = jax.jit(sharded.apply)(variables, x)
   y_local, _, _ = local.apply(variables, x)
@@ -119,7 +119,7 @@ def test_context_mesh_asks_for_expert_parallelism_only_when_it_can():
 
 def test_moe_ffn_module_picks_up_the_mesh_in_context():
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 8, EMBED))
-  module = routing.MoEFFN(EXPERTS, MLP, capacity_factor=None, strategy="dense")
+  module = routing.MoEFFN(EXPERTS, MLP, capacity_factor=None, dispatch="dense")
   variables = module.init(jax.random.PRNGKey(1), x)
   apply = jax.jit(module.apply)
   y_local, _, _ = apply(variables, x)

@@ -176,12 +176,6 @@ def test_jitter_bounds_and_identity():
   np.testing.assert_array_equal(routing.jitter(x, jax.random.PRNGKey(0), 0.0), x)
 
 
-def test_smoe_dropout_k_schedule():
-  assert [routing.smoe_dropout_k(t, 100, 8, 16) for t in (0, 50, 100, 200)] == [8, 12, 16, 16]
-  with pytest.raises(ValueError, match="k_min"):
-    routing.smoe_dropout_k(0, 100, 0, 4)
-
-
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="k=5"):
     routing.softmax_topk(jnp.zeros((2, 4)), 5)
@@ -233,7 +227,7 @@ def test_router_module_frozen_kernel_is_not_a_parameter():
 
 def test_router_registry_builds_the_configured_routers():
   assert set(routing.router_names()) >= {"softmax_topk", "sigmoid_topk", "expert_choice", "random"}
-  options = dict(num_experts=4, num_selected=2, n_group=2, topk_group=1, routed_scaling_factor=2.5)
+  options = dict(num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5)
   softmax = routing.get_router("softmax_topk")(**options)
   assert (softmax.score, softmax.frozen, softmax.bias_balancing, softmax.n_group) == ("softmax", False, False, 2)
   sigmoid = routing.get_router("sigmoid_topk")(**options, bias=True, bias_update_rate=0.1)

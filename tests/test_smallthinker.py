@@ -87,7 +87,7 @@ def test_routing_before_attention_is_what_the_ffn_uses(tiny):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(router="expert_choice"), "invalid for SmallThinker"),
+    (dict(router="expert_choice"), r"router='expert_choice' is invalid; choose one of \('sigmoid_topk', 'softmax_topk'\)"),
     (dict(nope_every=0), "nope_every=0"),
 ])
 def test_config_errors(overrides, match):

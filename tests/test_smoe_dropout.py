@@ -26,9 +26,9 @@ def test_k_schedules_by_hand(kind, k_min, k_max, total, steps, expected):
   assert got == expected
 
 
-def test_linear_schedule_matches_the_router_helper_and_traces():
-  for step in range(0, 11):
-    assert int(expert_count_schedule(step, 10, 8, 16)) == routing.smoe_dropout_k(step, 10, 8, 16)
+def test_linear_schedule_by_hand_and_traced():
+  # round(8 t / 100) + 8: the paper's linear growth from k_min = 8 to k_max = 16 over T = 100 steps, then flat.
+  assert [int(expert_count_schedule(t, 100, 8, 16)) for t in (0, 50, 100, 200)] == [8, 12, 16, 16]
   k = jax.jit(lambda s: expert_count_schedule(s, 10, 8, 16))(jnp.int32(5))
   assert int(k) == 12
 
@@ -48,6 +48,8 @@ def test_bad_schedules_raise():
     expert_count_schedule(0, 10, 1, 4, "sqrt")
   with pytest.raises(ValueError, match="k_min=5, k_max=4"):
     expert_count_schedule(0, 10, 5, 4)
+  with pytest.raises(ValueError, match="k_min=0"):
+    expert_count_schedule(0, 10, 0, 4)
 
 
 TINY = dict(name="smoe_dropout", vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
@@ -135,7 +137,7 @@ def test_cached_decoding_matches_the_full_forward(tiny):
     (dict(k_min=5), "k_min=5"),
     (dict(eval_k=7), "eval_k=7"),
     (dict(k_schedule="sqrt"), "k_schedule='sqrt'"),
-    (dict(router="softmax_topk"), "frozen router 'random'"),
+    (dict(router="softmax_topk"), "router is not a field of model 'smoe_dropout'"),  # its router is fixed
 ])
 def test_config_errors(overrides, match):
   with pytest.raises(ConfigError, match=match):

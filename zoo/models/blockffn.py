@@ -16,37 +16,39 @@ Sparsity" (thunlp/BlockFFN), Sec. 3:
 - per-token output (`exposes`, as `moe_lm`): `intermediates['expert_ids']` int32 [moe_layers, batch, length,
   num_experts] with `apply(..., mutable=['intermediates'])`; slot e holds e where r_e > 0, else -1.
 
-Built on `moe_lm` (decoder blocks, attention, KV cache, metric stacking); of its routing fields only `num_experts`,
-`expert_mlp_dim`, `moe_every`, `first_dense_layers` and `dispatch` apply ('auto' = capacity on CPU, which with every
-slot possible costs what 'dense' costs). The locality loss runs over each row of the batch as one document
+Built from the dense LM and `moe_lm`'s `ExpertLayers` (which layers have experts, E, expert width, dispatch, the
+layer loop collecting losses and metrics); `moe_lm`'s router and shared-expert keys do not apply and are rejected.
+dispatch 'auto' = capacity on CPU, which with every slot possible costs what 'dense' costs. The locality loss runs over each row of the batch as one document
 [guess: packed rows are not split at document boundaries].
 """
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers.mlp import ACTIVATIONS
-from zoo.models.moe_lm import MoELM, layer_expert_ids
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.dense_lm import DenseLM
+from zoo.models.moe_lm import ExpertLayers, layer_expert_ids
+from zoo.models.registry import check_config, register_model
 from zoo.routing import MoEFFN, routing_from_dense
 from zoo.routing import sparsity
 
 
 class BlockFFNLayer(nn.Module):
   """One BlockFFN FFN: ReLU router + non-gated block experts; returns `(y, (aux, metrics, expert_ids))` for
-  `MoELM.decoder_layers` (expert_ids [batch, length, num_experts]: slot e holds e where r_e > 0, else -1).
+  `ExpertLayers.expert_layers` (expert_ids [batch, length, num_experts]: slot e holds e where r_e > 0, else -1).
 
   Attributes:
     num_experts, expert_mlp_dim: E blocks of this width.
-    alpha: sharpness of the locality loss.
+    locality_alpha: sharpness alpha of the locality loss.
     chunk_length: chunk of the chunk-sparsification loss and of CLS (must divide the sequence length; training
       and full forwards only: a shorter call, e.g. cached decoding, skips both).
-    strategy: MoEFFN dispatch strategy, or 'chunk_skip'.
+    dispatch: MoEFFN dispatch, or 'chunk_skip'.
+    capacity_factor: of 'capacity' dispatch (`MoEFFN`).
   """
   num_experts: int
   expert_mlp_dim: int
-  alpha: float = 100.0
+  locality_alpha: float = 100.0
   chunk_length: int = 64
-  strategy: str | None = None
+  dispatch: str | None = None
+  capacity_factor: float | None = 1.25
   dtype: object = jnp.float32
   param_dtype: object = jnp.float32
 
@@ -58,9 +60,10 @@ class BlockFFNLayer(nn.Module):
     flat_r, flat_logits = r.reshape(-1, self.num_experts), logits.reshape(-1, self.num_experts)
     routing = routing_from_dense(flat_r, flat_logits, probs=sparsity.normalized_weights(flat_r))
     experts = MoEFFN(self.num_experts, self.expert_mlp_dim, activation="silu",
-                     strategy="dense" if self.strategy == "chunk_skip" else self.strategy, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="experts")
-    if self.strategy == "chunk_skip":
+                     dispatch="dense" if self.dispatch == "chunk_skip" else self.dispatch,
+                     capacity_factor=self.capacity_factor, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name="experts")
+    if self.dispatch == "chunk_skip":
       experts(x[:, :0], routing=routing_from_dense(flat_r[:0], flat_logits[:0]))  # creates the parameters only
       weights = {name: experts.variables["params"][name] for name in ("up", "down")}
       weights = {k: nn.meta.unbox(v).astype(self.dtype) for k, v in weights.items()}
@@ -69,7 +72,7 @@ class BlockFFNLayer(nn.Module):
       metrics = dict(routing.metrics)
     else:
       y, _, metrics = experts(x, routing=routing)
-    aux = {"activation_locality": sparsity.activation_locality_loss(logits, alpha=self.alpha)}
+    aux = {"activation_locality": sparsity.activation_locality_loss(logits, alpha=self.locality_alpha)}
     metrics = {"expert_load": metrics["expert_load"], "load_imbalance": metrics["load_imbalance"],
                "router_entropy": metrics["router_entropy"], "tls": sparsity.token_level_sparsity(r),
                "active_experts": jnp.mean(jnp.sum(r > 0, axis=-1).astype(jnp.float32))}
@@ -80,10 +83,10 @@ class BlockFFNLayer(nn.Module):
 
 
 @register_model("blockffn")
-class BlockFFNLM(MoELM):
-  """`moe_lm` with BlockFFN layers (see the module docstring).
+class BlockFFNLM(ExpertLayers, DenseLM):
+  """The dense LM with BlockFFN layers (see the module docstring).
 
-  Attributes (besides those of `MoELM` that apply):
+  Attributes (besides those of `DenseLM` and `ExpertLayers`):
     activation_locality_coef: lambda_al (2e-3).
     locality_alpha: alpha (100).
     chunk_coef: initial lambda_cs (5e-2); 0 turns the chunk loss off.
@@ -102,26 +105,23 @@ class BlockFFNLM(MoELM):
   chunk_interval: int = 100
   chunk_skip: bool = False
 
-  def _check(self):
-    super()._check()
-    for key in ("activation_locality_coef", "chunk_coef", "locality_alpha"):
-      if getattr(self, key) < 0:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)} must be >= 0")
-    for key in ("chunk_length", "chunk_warmup_steps", "chunk_interval"):
-      if getattr(self, key) < 1:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)} must be >= 1")
+  def __post_init__(self):
+    check_config(self, positive=("chunk_length", "chunk_warmup_steps", "chunk_interval"),
+                 non_negative=("activation_locality_coef", "chunk_coef", "locality_alpha"))
+    super().__post_init__()
 
   def moe_ffn_factory(self):
-    strategy = "chunk_skip" if self.chunk_skip else None if self.dispatch == "auto" else self.dispatch
-    return lambda name: BlockFFNLayer(self.num_experts, self.expert_mlp_dim, alpha=self.locality_alpha,
-                                      chunk_length=self.chunk_length, strategy=strategy,
-                                      dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-                                      name=name)
+    kwargs = self.expert_kwargs()
+    del kwargs["activation"]  # BlockFFN's experts are non-gated SiLU blocks
+    if self.chunk_skip:
+      kwargs["dispatch"] = "chunk_skip"
+    return lambda name: BlockFFNLayer(locality_alpha=self.locality_alpha, chunk_length=self.chunk_length, name=name,
+                                      **kwargs)
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
     """As `MoELM.__call__`; aux_loss = lambda_al * sum of locality losses + lambda_cs * sum of chunk losses."""
-    logits, out = super().__call__(tokens, positions=positions, cache=cache, deterministic=deterministic)
+    logits, out = self.expert_forward(tokens, positions, cache, deterministic)  # losses weighted below
     state = self.variable("routing_state", "chunk_lambda", sparsity.init_chunk_lambda_state, self.chunk_coef)
     aux = self.activation_locality_coef * jnp.sum(out.metrics["activation_locality"])
     metrics = dict(out.metrics)
@@ -134,15 +134,9 @@ class BlockFFNLM(MoELM):
     metrics["chunk_lambda"] = state.value["lambda"]
     return logits, out.replace(aux_loss=aux, metrics=metrics)
 
-  def _weighted_aux(self, aux_losses):
-    return jnp.zeros((), jnp.float32)  # weighted in __call__, where the adaptive lambda_cs lives
-
-  def num_params(self):
-    """Analytic parameter count: the dense LM with each BlockFFN layer's router, gain and non-gated experts."""
-    e = self.embed_dim
-    dense_ffn = (3 if ACTIVATIONS[self.mlp_activation][1] else 2) * e * self.mlp_dim
-    block = e * self.num_experts + self.num_experts + 2 * e * self.num_experts * self.expert_mlp_dim
-    return super(MoELM, self).num_params() + len(self.moe_layers) * (block - dense_ffn)
+  def moe_ffn_params(self):
+    """Parameters of one BlockFFN layer: ReLU router, its gain and the non-gated experts."""
+    return self.embed_dim * self.num_experts + self.num_experts + self.expert_ffn_params(gated=False)
 
   def num_active_params(self):
     """All parameters: training runs every expert (the ReLU router's sparsity is data-dependent, not a fixed k)."""

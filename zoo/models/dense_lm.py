@@ -26,7 +26,7 @@ from zoo.layers.attention import QK_NORM_SCOPES
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.layers.rope import check_rope_scaling
 from zoo.models.output import ModelOutput
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.registry import ConfigError, check_config, register_model
 
 
 def default_positions(tokens, cache):
@@ -101,19 +101,14 @@ class DenseLM(nn.Module):
   remat: bool = False
 
   def __post_init__(self):
-    positive = ("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim")
-    for key in positive:
-      if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be a positive integer")
+    check_config(self, positive=("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim"),
+                 intervals={"dropout_rate": "[0, 1)"}, dtypes=("dtype", "param_dtype"),
+                 choices={"attention": ("gqa", "mla"), "qk_norm_scope": QK_NORM_SCOPES,
+                          "mlp_activation": sorted(ACTIVATIONS)})
     if self.attention == "mla":
       self._check_mla()
-    elif self.attention == "gqa":
-      self._check_gqa()
     else:
-      raise ConfigError(f"config.model.attention={self.attention!r} is invalid; choose one of ('gqa', 'mla')")
-    if self.qk_norm_scope not in QK_NORM_SCOPES:
-      raise ConfigError(f"config.model.qk_norm_scope={self.qk_norm_scope!r} is invalid; choose one of "
-                        f"{QK_NORM_SCOPES}")
+      self._check_gqa()
     if self.rope_scaling is not None:
       if hasattr(self.rope_scaling, "to_dict"):
         object.__setattr__(self, "rope_scaling", self.rope_scaling.to_dict())
@@ -123,15 +118,6 @@ class DenseLM(nn.Module):
         raise ConfigError(f"config.model.rope_scaling: {e}") from None
       # Frozen, so that the module stays hashable (Linen hashes modules by their fields).
       object.__setattr__(self, "rope_scaling", flax.core.FrozenDict(self.rope_scaling))
-    if self.mlp_activation not in ACTIVATIONS:
-      raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ConfigError(f"config.model.dropout_rate={self.dropout_rate} must be in [0, 1)")
-    for key in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, key))
-      except TypeError as e:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is not a dtype (e.g. 'float32', 'bfloat16')") from e
     super().__post_init__()
 
   def _check_gqa(self):
@@ -145,18 +131,16 @@ class DenseLM(nn.Module):
                         "set head_dim explicitly")
     if self.resolved_head_dim % 2:
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+    check_config(self, optional_positive=("sliding_window",))
     if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
       raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
-    if self.sliding_window is not None and self.sliding_window < 1:
-      raise ConfigError(f"config.model.sliding_window={self.sliding_window} must be a positive integer or None")
 
   def _check_mla(self):
     for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
       value = getattr(self, key)
       if not isinstance(value, int) or value < 1:
         raise ConfigError(f"config.model.{key}={value!r} must be a positive integer with attention='mla'")
-    if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
-      raise ConfigError(f"config.model.q_lora_rank={self.q_lora_rank!r} must be a positive integer or None")
+    check_config(self, optional_positive=("q_lora_rank",))
     if self.qk_rope_head_dim % 2:
       raise ConfigError(f"config.model.qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
     gqa_only = {"head_dim": None, "num_kv_heads": None, "sliding_window": None, "qk_norm": False, "qkv_bias": False}

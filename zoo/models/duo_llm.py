@@ -37,7 +37,7 @@ import optax
 from zoo.layers import ACTIVATIONS, MLP, DecoderBlock
 from zoo.models.dense_lm import DenseLM
 from zoo.models.output import ModelOutput, sow_output
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.registry import ConfigError, check_config, register_model
 from zoo.routing import stack_layer_metrics
 
 ROUTES = ("skip", "small", "big")
@@ -116,14 +116,10 @@ class DuoLM(DenseLM):
   budget_coef: float = 0.1
 
   def __post_init__(self):
-    if self.route_mode not in ROUTE_MODES:
-      raise ConfigError(f"config.model.route_mode={self.route_mode!r} is invalid; choose one of {ROUTE_MODES}")
+    check_config(self, choices={"route_mode": ROUTE_MODES}, non_negative=("small_mlp_dim", "budget_coef"))
     if not 0 <= self.big_budget <= self.num_layers:
       raise ConfigError(f"config.model.big_budget={self.big_budget} is invalid; allowed 0 (no limit) .. "
                         f"num_layers={self.num_layers}")
-    if self.small_mlp_dim < 0 or self.budget_coef < 0:
-      raise ConfigError(f"config.model.small_mlp_dim={self.small_mlp_dim} and budget_coef={self.budget_coef} must "
-                        "be >= 0")
     super().__post_init__()
 
   @property

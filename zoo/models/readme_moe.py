@@ -39,13 +39,13 @@ from zoo.layers import DecoderBlock, Embed
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.dense_lm import DenseLM, default_positions
 from zoo.models.output import ModelOutput, sow_output
-from zoo.models.registry import ConfigError, register_model
-from zoo.routing import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, STRATEGIES, MoEFFN, stack_layer_metrics
+from zoo.models.registry import ConfigError, check_config, register_model
+from zoo.routing import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, DISPATCH_MODES, MoEFFN, stack_layer_metrics
 from zoo.routing.pregate import (PreGateRouter, expert_activation_scores, pregate_loss, pregate_routing,
                                  pregate_targets)
 
 TRAIN_PHASES = ("router", "backbone", "joint")
-DISPATCH = ("auto",) + STRATEGIES
+DISPATCH = ("auto",) + DISPATCH_MODES
 
 
 class ReadMeFFN(MoEFFN):
@@ -107,26 +107,18 @@ class ReadMeLM(DenseLM):
   capacity_factor: float = 0.0
 
   def __post_init__(self):
-    if self.train_phase not in TRAIN_PHASES:
-      raise ConfigError(f"config.model.train_phase={self.train_phase!r} is invalid; choose one of {TRAIN_PHASES}")
-    if self.dispatch not in DISPATCH:
-      raise ConfigError(f"config.model.dispatch={self.dispatch!r} is invalid; choose one of {DISPATCH}")
+    check_config(self, choices={"train_phase": TRAIN_PHASES, "dispatch": DISPATCH},
+                 positive=("num_experts", "router_layers", "router_num_heads", "router_mlp_dim"),
+                 intervals={"keep_fraction": "(0, 1]"},
+                 non_negative=("expert_mlp_dim", "shared_mlp_dim", "router_loss_coef", "label_smoothing",
+                               "hard_weight", "soft_weight", "capacity_factor"))
     if self.mlp_activation not in {**GATED_ACTIVATIONS, **PLAIN_ACTIVATIONS}:
       raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r} has no expert version; choose one of "
                         f"{sorted({**GATED_ACTIVATIONS, **PLAIN_ACTIVATIONS})}")
     if self.attention != "gqa":
       raise ConfigError(f"config.model.attention={self.attention!r}: readme_moe supports 'gqa' only")
-    for key in ("num_experts", "router_layers", "router_num_heads", "router_mlp_dim"):
-      if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be a positive integer")
     if self.num_experts < 2:
       raise ConfigError(f"config.model.num_experts={self.num_experts} must be >= 2 (one per domain)")
-    if not 0.0 < self.keep_fraction <= 1.0:
-      raise ConfigError(f"config.model.keep_fraction={self.keep_fraction} must be in (0, 1]")
-    for key in ("expert_mlp_dim", "shared_mlp_dim", "router_loss_coef", "label_smoothing", "hard_weight",
-                "soft_weight", "capacity_factor"):
-      if getattr(self, key) < 0:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)} must be >= 0")
     if self.embed_dim % self.router_num_heads or (self.embed_dim // self.router_num_heads) % 2:
       raise ConfigError(f"config.model.router_num_heads={self.router_num_heads} must split embed_dim="
                         f"{self.embed_dim} into heads of even width")
@@ -149,8 +141,8 @@ class ReadMeLM(DenseLM):
 
   def ffn_factory(self):
     return functools.partial(ReadMeFFN, num_experts=self.num_experts, expert_mlp_dim=self.expert_width,
-                             num_selected=1, activation=self.mlp_activation,
-                             strategy=None if self.dispatch == "auto" else self.dispatch,
+                             num_experts_per_tok=1, activation=self.mlp_activation,
+                             dispatch=None if self.dispatch == "auto" else self.dispatch,
                              capacity_factor=self.capacity_factor or None, shared_mlp_dim=self.shared_width,
                              dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
 

@@ -23,8 +23,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers import MLP
-from zoo.models.moe_lm import MoELM, layer_expert_ids
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.dense_lm import DenseLM
+from zoo.models.moe_lm import ExpertLayers, SharedExperts, TopKRouting, layer_expert_ids
+from zoo.models.registry import ConfigError, check_config, register_model
 from zoo.routing import MoEFFN
 from zoo.routing.recurrent import GRUCell, RecurrentRouter
 
@@ -39,7 +40,7 @@ class RMoEFFN(nn.Module):
 
   Attributes:
     router: an unbound `RecurrentRouter` or `zoo.routing.Router` (adopted as the child 'router').
-    num_experts, expert_mlp_dim, activation, strategy, capacity_factor: of the routed experts (`MoEFFN`).
+    num_experts, expert_mlp_dim, activation, dispatch, capacity_factor: of the routed experts (`MoEFFN`).
     shared_mlp_dim: width of the shared expert (0 = none).
     shared_mix: the shared expert's weight; the routed output gets `1 - shared_mix`.
   """
@@ -47,7 +48,7 @@ class RMoEFFN(nn.Module):
   num_experts: int
   expert_mlp_dim: int
   activation: str = "swiglu"
-  strategy: str | None = None
+  dispatch: str | None = None
   capacity_factor: float | None = 1.25
   shared_mlp_dim: int = 0
   shared_mix: float = 0.5
@@ -64,7 +65,7 @@ class RMoEFFN(nn.Module):
     else:
       routing = self.router(x, deterministic=deterministic)
     y, aux, metrics = MoEFFN(self.num_experts, self.expert_mlp_dim, activation=self.activation,
-                             strategy=self.strategy, capacity_factor=self.capacity_factor, dtype=self.dtype,
+                             dispatch=self.dispatch, capacity_factor=self.capacity_factor, dtype=self.dtype,
                              param_dtype=self.param_dtype, name="experts")(x, routing=routing)
     if self.shared_mlp_dim:
       shared = MLP(self.shared_mlp_dim, activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -74,10 +75,10 @@ class RMoEFFN(nn.Module):
 
 
 @register_model("rmoe")
-class RMoELM(MoELM):
-  """`moe_lm` with RMoE's layerwise recurrent router (see the module docstring).
+class RMoELM(ExpertLayers, TopKRouting, SharedExperts, DenseLM):
+  """`moe_lm`'s fields with RMoE's layerwise recurrent router (see the module docstring).
 
-  Attributes (besides `MoELM`'s; `router` must stay 'softmax_topk', the score RMoE uses):
+  Attributes (besides those of `moe_lm`'s field groups; `router` must stay 'softmax_topk', the score RMoE uses):
     router_type: 'gru' (RMoE) | 'linear' (the baseline: `moe_lm`'s linear router).
     router_hidden_dim: GRU width and output width of W1_i (256).
     shared_mix: with `num_shared_experts` >= 1, `y = (1 - shared_mix) routed + shared_mix shared` (0.5).
@@ -88,63 +89,48 @@ class RMoELM(MoELM):
   router_hidden_dim: int = 256
   shared_mix: float = 0.5
 
-  def _check(self):
-    super()._check()
-    if self.router_type not in ROUTER_TYPES:
-      raise ConfigError(f"config.model.router_type={self.router_type!r} is invalid; choose one of {ROUTER_TYPES}")
+  def __post_init__(self):
+    check_config(self, positive=("router_hidden_dim",), intervals={"shared_mix": "[0, 1]"},
+                 choices={"router_type": ROUTER_TYPES})
     if self.router != "softmax_topk":
       raise ConfigError(f"config.model.router={self.router!r}: RMoE routes with 'softmax_topk' (use router_type to "
                         "pick the recurrent or linear router)")
-    if not isinstance(self.router_hidden_dim, int) or self.router_hidden_dim < 1:
-      raise ConfigError(f"config.model.router_hidden_dim={self.router_hidden_dim!r} must be a positive integer")
-    if not 0.0 <= self.shared_mix <= 1.0:
-      raise ConfigError(f"config.model.shared_mix={self.shared_mix} must be in [0, 1]")
     if self.shared_expert_gate:
       raise ConfigError("config.model.shared_expert_gate=True is not part of RMoE; its shared expert is mixed by "
                         "shared_mix")
     if self.router_type == "gru" and self.router_jitter > 0:
       raise ConfigError(f"config.model.router_jitter={self.router_jitter} applies to router_type='linear' only")
+    super().__post_init__()
 
-  def _router(self):
+  def make_router(self):
     if self.router_type == "linear":
-      return super()._router()
-    return RecurrentRouter(parent=None, num_experts=self.num_experts, num_selected=self.num_experts_per_tok,
+      return super().make_router()
+    return RecurrentRouter(parent=None, num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                            hidden_dim=self.router_hidden_dim, renormalize=self.renormalize, n_group=self.n_group,
                            topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                            per_sequence_balance=self.per_sequence_balance)
 
   def moe_ffn_factory(self):
     """Builds the RMoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""
-    kwargs = {k: v for k, v in self.expert_kwargs().items() if k not in ("num_selected", "shared_gate")}
-    kwargs["shared_mix"] = self.shared_mix
-    return lambda name: RMoEFFN(router=self._router(), name=name, **kwargs)
+    kwargs = dict(self.expert_kwargs(), shared_mlp_dim=self.shared_mlp_dim, shared_mix=self.shared_mix)
+    return lambda name: RMoEFFN(router=self.make_router(), name=name, **kwargs)
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
-    """Next-token logits, the weighted router losses and the routing metrics.
-
-    Args:
-      tokens: [batch, length] int32.
-      positions: [batch, length] absolute positions (default: 0.., or continuing from the cache).
-      cache: the tuple from `init_cache` (one KVCache per layer), or None.
-      deterministic: False in training (dropout; router jitter of the linear baseline).
-
-    Returns:
-      (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
-    """
-    embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
+    """As `MoELM.__call__` (tokens [batch, length] -> logits [batch, length, vocab_size] float32, ModelOutput);
+    the router state runs along depth."""
     gru_params = GRUCell(self.router_hidden_dim, name="router_gru")() if self.router_type == "gru" else None
     # The router state goes along depth: each MoE layer's FFN returns it as the last item of its aux.
-    x, out = self.decoder_layers(x, positions, cache, deterministic, self.decoder_block,
-                                 ffn_kwargs=lambda state: {"router_state": state, "gru_params": gru_params})
-    return self.output_logits(embed, x), out
+    return self.expert_forward(tokens, positions, cache, deterministic, aux_coefs=self.aux_coefs(),
+                               ffn_kwargs=lambda state: {"router_state": state, "gru_params": gru_params})
+
+  def moe_ffn_params(self):
+    """Parameters of one MoE layer's FFN: its router (linear embed x E, or W1_i and W2_i), experts, shared expert."""
+    h = self.router_hidden_dim
+    router = self.router_params() if self.router_type == "linear" else self.embed_dim * h + h * self.num_experts
+    return router + self.expert_ffn_params() + self.shared_params()
 
   def num_params(self):
-    """Analytic parameter count: `moe_lm`'s, with each MoE layer's linear router (embed x E) replaced by W1_i and
-    W2_i and the shared GRU cell added (router_type='gru')."""
-    total = super().num_params()
-    if self.router_type == "linear":
-      return total
-    e, h, n = self.embed_dim, self.router_hidden_dim, self.num_experts
-    gru = 2 * 3 * h * h + 2 * 3 * h
-    return total + len(self.moe_layers) * (e * h + h * n - e * n) + gru
+    """Analytic parameter count: `ExpertLayers.num_params` plus the GRU cell the layers share (router_type='gru')."""
+    h = self.router_hidden_dim
+    return super().num_params() + (0 if self.router_type == "linear" else 2 * 3 * h * h + 2 * 3 * h)

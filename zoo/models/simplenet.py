@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.models.output import ModelOutput
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.registry import ConfigError, check_config, register_model
 
 # (width, kernel size) per convolution; the pooling stages follow the convolutions at these 0-based indices.
 CONVS = ((64, 3), (128, 3), (128, 3), (128, 3), (128, 3), (128, 3), (256, 3), (256, 3), (256, 3), (512, 3),
@@ -55,21 +55,12 @@ class SimpleNet(nn.Module):
   param_dtype: Any = "float32"
 
   def __post_init__(self):
-    if not isinstance(self.num_classes, int) or self.num_classes < 1:
-      raise ConfigError(f"config.model.num_classes={self.num_classes!r} must be a positive integer")
-    if self.width_multiplier <= 0:
-      raise ConfigError(f"config.model.width_multiplier={self.width_multiplier} must be positive")
+    check_config(self, positive=("num_classes",), intervals={"width_multiplier": "(0, inf)", "dropout_rate": "[0, 1)"},
+                 dtypes=("dtype", "param_dtype"))
     if self.widths is not None and (len(self.widths) != len(CONVS) or min(self.widths) < 1):
       raise ConfigError(f"config.model.widths={self.widths} must be {len(CONVS)} positive integers (or None)")
     if self.num_pools not in range(len(POOL_AFTER) + 1):
       raise ConfigError(f"config.model.num_pools={self.num_pools} must be in 0..{len(POOL_AFTER)}")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ConfigError(f"config.model.dropout_rate={self.dropout_rate} must be in [0, 1)")
-    for key in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, key))
-      except TypeError as e:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is not a dtype (e.g. 'float32')") from e
     super().__post_init__()
 
   @property

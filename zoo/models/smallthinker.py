@@ -35,9 +35,10 @@ import functools
 import flax.linen as nn
 
 from zoo.layers import DecoderBlock
-from zoo.models.moe_lm import MoELM, layer_expert_ids
+from zoo.models.dense_lm import DenseLM
+from zoo.models.moe_lm import ExpertLayers, TopKRouting, layer_expert_ids
 from zoo.models.output import sow_output
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.registry import check_config, register_model
 from zoo.routing import MoEFFN
 
 SMALLTHINKER_ROUTERS = ("sigmoid_topk", "softmax_topk")
@@ -45,7 +46,7 @@ SMALLTHINKER_ROUTERS = ("sigmoid_topk", "softmax_topk")
 
 class PreRoutedMoEFFN(MoEFFN):
   """`MoEFFN` that only dispatches a routing computed earlier; returns `(y, (aux, metrics, expert_ids))` for
-  `MoELM.decoder_layers`."""
+  `ExpertLayers.expert_layers`."""
 
   def __call__(self, x, *, deterministic=True, routing=None):
     if routing is None:
@@ -74,10 +75,11 @@ class PreRoutedBlock(DecoderBlock):
 
 
 @register_model("smallthinker")
-class SmallThinkerLM(MoELM):
-  """`moe_lm` with SmallThinker's pre-attention router, ReGLU experts and layer pattern (see the module docstring).
+class SmallThinkerLM(ExpertLayers, TopKRouting, DenseLM):
+  """A decoder of `moe_lm`'s expert layers and routers with SmallThinker's pre-attention router, ReGLU experts and
+  layer pattern (see the module docstring); no shared experts.
 
-  Attributes (besides `MoELM`'s):
+  Attributes (besides those of `DenseLM`, `ExpertLayers` and `TopKRouting`):
     nope_every: layer i with `i % nope_every == 0` uses NoPE global attention, the others RoPE with
       `sliding_window` (None = RoPE global); 4 in SmallThinker.
   """
@@ -85,13 +87,13 @@ class SmallThinkerLM(MoELM):
   router: str = "sigmoid_topk"
   nope_every: int = 4
 
-  def _check(self):
-    super()._check()
-    if self.router not in SMALLTHINKER_ROUTERS:
-      raise ConfigError(f"config.model.router={self.router!r} is invalid for SmallThinker; choose one of "
-                        f"{SMALLTHINKER_ROUTERS}")
-    if not isinstance(self.nope_every, int) or self.nope_every < 1:
-      raise ConfigError(f"config.model.nope_every={self.nope_every!r} must be a positive integer")
+  def __post_init__(self):
+    check_config(self, positive=("nope_every",), choices={"router": SMALLTHINKER_ROUTERS})
+    super().__post_init__()
+
+  def moe_ffn_params(self):
+    """Parameters of one MoE layer's FFN: router and routed experts."""
+    return self.router_params() + self.expert_ffn_params()
 
   def is_nope_global(self, i):
     """Whether layer i uses NoPE global attention (else RoPE with the sliding window)."""
@@ -109,19 +111,8 @@ class SmallThinkerLM(MoELM):
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
-    """Next-token logits, the weighted router losses and the routing metrics.
-
-    Args:
-      tokens: [batch, length] int32.
-      positions: [batch, length] absolute positions (default: 0.., or continuing from the cache).
-      cache: the tuple from `init_cache` (one KVCache per layer), or None.
-      deterministic: False in training (dropout, router jitter, bias update when 'routing_state' is mutable).
-
-    Returns:
-      (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
-    """
-    embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
+    """As `MoELM.__call__` (tokens [batch, length] -> logits [batch, length, vocab_size] float32, ModelOutput);
+    each layer routes before its attention."""
     make_block = lambda i, is_moe: self.decoder_block(i, is_moe, PreRoutedBlock, self.layer_attention_factory(i),
-                                                      router=self._router() if is_moe else None)
-    x, out = self.decoder_layers(x, positions, cache, deterministic, make_block)
-    return self.output_logits(embed, x), out
+                                                      router=self.make_router() if is_moe else None)
+    return self.expert_forward(tokens, positions, cache, deterministic, make_block, aux_coefs=self.aux_coefs())

@@ -15,14 +15,16 @@ counts forward passes in training, i.e. micro-batches when gradients are accumul
 k_max experts and the slots past k are emptied (`zoo.routing.sparsity.truncate_routing`), so a changing k does not
 recompile; the capacity buffers are sized for k_max.
 
-Everything else is `moe_lm` (decoder blocks, dispatch, metrics [moe_layers, ...] plus 'active_k'). The router is
-frozen, so the balance and z losses default to 0 (they would only push on the hidden states).
+Everything else is `moe_lm`'s expert layers and shared experts (decoder blocks, dispatch, metrics [moe_layers, ...]
+plus 'active_k'); its router keys do not apply (the router is fixed). The router is frozen, so the balance and z
+losses default to 0 (they would only push on the hidden states).
 """
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.models.moe_lm import MoELM
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.dense_lm import DenseLM
+from zoo.models.moe_lm import ExpertLayers, RouterLossWeights, SharedExperts, routed_ffn_factory
+from zoo.models.registry import ConfigError, check_config, register_model
 from zoo.routing import Router
 from zoo.routing.sparsity import K_SCHEDULES, expert_count_schedule, truncate_routing
 
@@ -30,7 +32,7 @@ from zoo.routing.sparsity import K_SCHEDULES, expert_count_schedule, truncate_ro
 class ScheduledRouter(Router):
   """A frozen random top-k_max router whose active k follows the step counter in 'routing_state' (Sec. 3.2).
 
-  Attributes (besides `Router`'s; `num_selected` is k_max):
+  Attributes (besides `Router`'s; `num_experts_per_tok` is k_max):
     k_min: k at step 0.
     k_schedule: one of `zoo.routing.sparsity.K_SCHEDULES`.
     k_schedule_steps: the step where k reaches k_max.
@@ -43,29 +45,32 @@ class ScheduledRouter(Router):
 
   @nn.compact
   def __call__(self, x, *, deterministic=True):
-    """x: [..., embed] -> Routing over the flattened tokens with k active slots of num_selected."""
+    """x: [..., embed] -> Routing over the flattened tokens with k active slots of num_experts_per_tok."""
     routing = super().__call__(x, deterministic=deterministic)
     step = self.variable("routing_state", "step", lambda: jnp.zeros((), jnp.int32))
     if deterministic:
-      k = self.eval_k or self.num_selected
+      k = self.eval_k or self.num_experts_per_tok
     else:
-      k = expert_count_schedule(step.value, self.k_schedule_steps, self.k_min, self.num_selected, self.k_schedule)
+      k = expert_count_schedule(step.value, self.k_schedule_steps, self.k_min, self.num_experts_per_tok, self.k_schedule)
       if self.is_mutable_collection("routing_state"):
         step.value = step.value + 1
     return truncate_routing(routing, k)
 
 
 @register_model("smoe_dropout")
-class SMoEDropoutLM(MoELM):
-  """`moe_lm` with SMoE-Dropout routing (see the module docstring).
+class SMoEDropoutLM(ExpertLayers, RouterLossWeights, SharedExperts, DenseLM):
+  """`moe_lm`'s expert layers with SMoE-Dropout routing (see the module docstring).
 
-  Attributes (besides `MoELM`'s; `router` must stay 'random', `num_experts_per_tok` is k_max):
+  Attributes (besides those of `DenseLM`, `ExpertLayers`, `RouterLossWeights` and `SharedExperts`):
+    num_experts_per_tok: k_max, the experts per token at the end of the schedule.
+    router_jitter: half-width of the multiplicative router-input noise in training (0 = off).
     k_min: active experts at the start of training.
     k_schedule: 'linear' (paper) | 'cosine' | 'exponential' | 'step' | 'constant'.
     k_schedule_steps: steps over which k grows to k_max (set it to the training steps).
     eval_k: experts per token at evaluation (0 = k_max); any value in 1..k_max.
   """
-  router: str = "random"
+  num_experts_per_tok: int = 2
+  router_jitter: float = 0.0
   load_balance_coef: float = 0.0
   z_loss_coef: float = 0.0
   k_min: int = 1
@@ -73,22 +78,35 @@ class SMoEDropoutLM(MoELM):
   k_schedule_steps: int = 1000
   eval_k: int = 0
 
-  def _check(self):
-    super()._check()
-    if self.router != "random":
-      raise ConfigError(f"config.model.router={self.router!r}: SMoE-Dropout needs the frozen router 'random'")
-    if self.k_schedule not in K_SCHEDULES:
-      raise ConfigError(f"config.model.k_schedule={self.k_schedule!r} is invalid; choose one of {K_SCHEDULES}")
+  def __post_init__(self):
+    check_config(self, positive=("k_schedule_steps",), non_negative=("router_jitter",),
+                 choices={"k_schedule": K_SCHEDULES})
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ConfigError(f"config.model.num_experts_per_tok={self.num_experts_per_tok} is invalid; allowed "
+                        f"1..num_experts={self.num_experts}")
     if not 1 <= self.k_min <= self.num_experts_per_tok:
       raise ConfigError(f"config.model.k_min={self.k_min} is invalid; allowed 1..num_experts_per_tok="
                         f"{self.num_experts_per_tok} (k_max)")
     if not 0 <= self.eval_k <= self.num_experts_per_tok:
       raise ConfigError(f"config.model.eval_k={self.eval_k} is invalid; allowed 0 (= k_max) or 1..num_experts_per_tok="
                         f"{self.num_experts_per_tok}")
-    if self.k_schedule_steps < 1:
-      raise ConfigError(f"config.model.k_schedule_steps={self.k_schedule_steps} must be >= 1")
+    super().__post_init__()
 
-  def _router(self):
-    return ScheduledRouter(parent=None, num_experts=self.num_experts, num_selected=self.num_experts_per_tok,
+  def make_router(self):
+    """This layer's frozen `ScheduledRouter` (unbound; the MoE FFN adopts it as its child 'router')."""
+    return ScheduledRouter(parent=None, num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                            score="softmax", frozen=True, jitter_eps=self.router_jitter, k_min=self.k_min,
                            k_schedule=self.k_schedule, k_schedule_steps=self.k_schedule_steps, eval_k=self.eval_k)
+
+  def moe_ffn_factory(self):
+    """Builds the MoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""
+    return routed_ffn_factory(self, **self.shared_ffn_kwargs())
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
+    """As `MoELM.__call__`: (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics, cache))."""
+    return self.expert_forward(tokens, positions, cache, deterministic, aux_coefs=self.aux_coefs())
+
+  def moe_ffn_params(self):
+    """Parameters of one MoE layer's FFN: routed and shared experts (the frozen router is in 'routing_state')."""
+    return self.expert_ffn_params() + self.shared_params()

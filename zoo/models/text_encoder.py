@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from zoo.layers import MLP, Attention, DecoderBlock, DenseGeneral, Embed, RMSNorm
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.output import ModelOutput
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.registry import ConfigError, check_config, register_model
 
 POOLINGS = ("mean", "first", "last")
 
@@ -48,22 +48,16 @@ class TextEncoder(nn.Module):
   param_dtype: Any = "float32"
 
   def __post_init__(self):
-    for key in ("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim"):
-      if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be a positive integer")
+    check_config(self, positive=("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim"),
+                 intervals={"dropout_rate": "[0, 1)"}, dtypes=("dtype", "param_dtype"),
+                 choices={"pooling": POOLINGS, "mlp_activation": sorted(ACTIVATIONS)})
     if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
       raise ConfigError(f"config.model.embed_dim={self.embed_dim} must split into num_heads={self.num_heads} heads "
                         "of even width (RoPE)")
     if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
       raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
-    if self.pooling not in POOLINGS:
-      raise ConfigError(f"config.model.pooling={self.pooling!r} is invalid; choose one of {POOLINGS}")
     if not isinstance(self.num_classes, int) or self.num_classes < 0:
       raise ConfigError(f"config.model.num_classes={self.num_classes!r} must be an integer >= 0 (0 = embeddings)")
-    if self.mlp_activation not in ACTIVATIONS:
-      raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ConfigError(f"config.model.dropout_rate={self.dropout_rate} must be in [0, 1)")
     super().__post_init__()
 
   @nn.compact

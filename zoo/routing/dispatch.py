@@ -1,6 +1,6 @@
 """Dispatch / combine: run the routed experts on their tokens and mix their outputs back.
 
-Every strategy reads only `routing.expert_ids` [tokens, k] (-1 = empty slot) and `routing.weights` [tokens, k]
+Every dispatch mode reads only `routing.expert_ids` [tokens, k] (-1 = empty slot) and `routing.weights` [tokens, k]
 (or a dense [tokens, experts] weight matrix), and computes `y_t = sum_slots w_ts * FFN_{e_ts}(x_t)`:
   - 'dense': every expert on every token, masked (reference; costs all experts).
   - 'capacity': each expert gets a buffer of C token slots, filled in priority order (all first choices before second
@@ -24,10 +24,10 @@ import kernels
 
 GATED_ACTIVATIONS = {"swiglu": jax.nn.silu, "reglu": jax.nn.relu, "geglu": jax.nn.gelu}
 PLAIN_ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu}
-STRATEGIES = ("dense", "capacity", "dropless")
+DISPATCH_MODES = ("dense", "capacity", "dropless")
 
 
-def default_strategy(backend=None):
+def default_dispatch(backend=None):
   """'capacity' on CPU (where a grouped matmul costs about one dense matmul per expert), 'dropless' elsewhere."""
   backend = jax.default_backend() if backend is None else backend
   return "capacity" if backend == "cpu" else "dropless"
@@ -229,7 +229,7 @@ def dropless_ffn(x, expert_ids, weights, expert_weights, activation, *, permute=
   return y, {"dropped_fraction": jnp.zeros((), jnp.float32)}
 
 
-def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", capacity_factor=None, permute="fused"):
+def moe_ffn(x, routing, expert_weights, *, dispatch=None, activation="swiglu", capacity_factor=None, permute="fused"):
   """Routed expert FFN on local tokens: `y_t = sum_slots w_ts * FFN_{e_ts}(x_t)`.
 
   This is the local (single-program) dispatch. Expert parallelism over a mesh is
@@ -240,7 +240,7 @@ def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", c
     routing: a `Routing` (uses `expert_ids`, `weights` and, if set, `capacity`) or a dense [tokens, experts] weight
       matrix (zeros = not routed).
     expert_weights: stacked expert weights (see the module docstring).
-    strategy: 'dense' | 'capacity' | 'dropless', or None for `default_strategy()`.
+    dispatch: 'dense' | 'capacity' | 'dropless', or None for `default_dispatch()`.
     activation: 'swiglu' | 'reglu' | 'geglu' | 'silu' | 'relu' | 'gelu'.
     capacity_factor: for 'capacity': buffer size factor; None = no dropping. Ignored when the routing fixes its own
       capacity (expert-choice).
@@ -260,14 +260,14 @@ def moe_ffn(x, routing, expert_weights, *, strategy=None, activation="swiglu", c
   if permute not in PERMUTES:
     raise ValueError(f"permute={permute!r} is unknown; allowed: {PERMUTES}")
   fixed_capacity = getattr(routing, "capacity", None)
-  strategy = default_strategy() if strategy is None else strategy
-  if strategy == "dense":
+  dispatch = default_dispatch() if dispatch is None else dispatch
+  if dispatch == "dense":
     y, metrics = dense_ffn(x, expert_ids, weights, expert_weights, activation)
-  elif strategy == "capacity":
+  elif dispatch == "capacity":
     cap = fixed_capacity or capacity(x.shape[0], expert_ids.shape[1], num_experts, capacity_factor)
     y, metrics = capacity_ffn(x, expert_ids, weights, expert_weights, activation, cap)
-  elif strategy == "dropless":
+  elif dispatch == "dropless":
     y, metrics = dropless_ffn(x, expert_ids, weights, expert_weights, activation, permute=permute)
   else:
-    raise ValueError(f"strategy={strategy!r} is unknown; allowed: {STRATEGIES} or None (automatic)")
+    raise ValueError(f"dispatch={dispatch!r} is unknown; allowed: {DISPATCH_MODES} or None (automatic)")
   return y.astype(x.dtype), metrics

@@ -42,7 +42,7 @@ class Router(nn.Module):
 
   Attributes:
     num_experts: E.
-    num_selected: k, experts per token (top-k scores).
+    num_experts_per_tok: k, experts per token (top-k scores).
     score, renormalize, n_group, topk_group, routed_scaling_factor: see `zoo.routing.routers`.
     bias_balancing: keep and update a selection bias (score='sigmoid' only).
     bias_update_rate: u of the bias update.
@@ -52,7 +52,7 @@ class Router(nn.Module):
     per_sequence_balance: compute the load-balance loss per sequence (input [batch, length, embed]).
   """
   num_experts: int
-  num_selected: int = 2
+  num_experts_per_tok: int = 2
   score: str = "softmax"
   renormalize: bool = True
   n_group: int = 1
@@ -102,7 +102,7 @@ class Router(nn.Module):
 
 def _softmax_scores(router, logits, common, deterministic):
   del deterministic
-  return routers.softmax_topk(logits, router.num_selected, **common)
+  return routers.softmax_topk(logits, router.num_experts_per_tok, **common)
 
 
 def _expert_choice_scores(router, logits, common, deterministic):
@@ -118,7 +118,7 @@ def _sigmoid_scores(router, logits, common, deterministic):
                                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("expert",)),
                                None, (router.num_experts,), jnp.float32)
     bias = nn.meta.unbox(bias_var.value)
-  routing = routers.sigmoid_topk(logits, router.num_selected, bias=bias, **common)
+  routing = routers.sigmoid_topk(logits, router.num_experts_per_tok, bias=bias, **common)
   if router.bias_balancing and not deterministic and router.is_mutable_collection("routing_state"):
     bias_var.value = nn.meta.replace_boxed(
         bias_var.value, routers.update_balance_bias(bias, routing.metrics["expert_load"], router.bias_update_rate))
@@ -152,11 +152,11 @@ def sigmoid_topk_router(*, bias=False, bias_update_rate=0.0, **options):
 
 @register_router("expert_choice")
 def expert_choice_router(*, bias=False, bias_update_rate=0.0, **options):
-  """Expert choice (`routers.expert_choice`) with capacity factor c = `num_selected` (the average experts per token,
+  """Expert choice (`routers.expert_choice`) with capacity factor c = `num_experts_per_tok` (the average experts per token,
   so it costs what top-k costs)."""
   del bias_update_rate
   _no_bias("expert_choice", bias)
-  return Router(score="expert_choice", capacity_factor=float(options["num_selected"]), **options)
+  return Router(score="expert_choice", capacity_factor=float(options["num_experts_per_tok"]), **options)
 
 
 @register_router("random")
@@ -178,10 +178,10 @@ class MoEFFN(nn.Module):
   Attributes:
     num_experts: E routed experts.
     expert_mlp_dim: hidden width of one routed expert.
-    num_selected: k, used when `router` is None (the default softmax top-k router).
+    num_experts_per_tok: k, used when `router` is None (the default softmax top-k router).
     activation: 'swiglu' | 'reglu' | 'geglu' (gated) or 'silu' | 'relu' | 'gelu' (plain).
-    router: a `Router` (unbound) to use instead of the default `Router(num_experts, num_selected)`.
-    strategy: dispatch strategy ('dense' | 'capacity' | 'dropless'; None = automatic per backend).
+    router: a `Router` (unbound) to use instead of the default `Router(num_experts, num_experts_per_tok)`.
+    dispatch: how tokens reach their experts ('dense' | 'capacity' | 'dropless'; None = automatic per backend).
     permute: 'dropless' token permutation: 'fused' (gather-fused grouped matmul + scatter combine) | 'custom_vjp' |
       'gather' (see `zoo.routing.dispatch.dropless_ffn`).
     capacity_factor: capacity factor for 'capacity' / expert parallelism (Switch's 1.25 by default; None = no
@@ -192,16 +192,16 @@ class MoEFFN(nn.Module):
     param_dtype: parameter dtype.
     mesh: a Mesh whose 'expert' axis > 1 enables expert parallelism (all-to-all); None = the mesh in context
       (`jax.set_mesh`, as in the engine's train step) when its 'expert' axis is > 1 and the tokens split evenly over
-      its 'batch' axes (`zoo.routing.expert_parallel.context_mesh`), else the local `strategy`. Expert parallelism
+      its 'batch' axes (`zoo.routing.expert_parallel.context_mesh`), else the local `dispatch`. Expert parallelism
       is capacity-buffered per device (`expert_parallel_ffn`; `capacity_factor=None` drops nothing and then equals
       dropless dispatch). This module makes the choice: `zoo.routing.dispatch.moe_ffn` is the local path only.
   """
   num_experts: int
   expert_mlp_dim: int
-  num_selected: int = 2
+  num_experts_per_tok: int = 2
   activation: str = "swiglu"
   router: Router | None = None
-  strategy: str | None = None
+  dispatch: str | None = None
   permute: str = "fused"
   capacity_factor: float | None = 1.25
   shared_mlp_dim: int = 0
@@ -233,7 +233,7 @@ class MoEFFN(nn.Module):
                        f"{sorted(dispatch.GATED_ACTIVATIONS) + sorted(dispatch.PLAIN_ACTIVATIONS)}")
     embed = x.shape[-1]
     if routing is None:
-      router = self.router if self.router is not None else Router(self.num_experts, self.num_selected,
+      router = self.router if self.router is not None else Router(self.num_experts, self.num_experts_per_tok,
                                                                   name="router")
       if router.num_experts != self.num_experts:
         raise ValueError(f"router.num_experts={router.num_experts} != MoEFFN.num_experts={self.num_experts}")
@@ -271,7 +271,7 @@ class MoEFFN(nn.Module):
         raise ValueError(f"routing has {expert_ids.shape[0]} tokens but x has {tokens.shape[0]}")
       return expert_parallel.expert_parallel_ffn(tokens, expert_ids, weights, expert_weights, mesh=mesh,
                                                  activation=self.activation, capacity_factor=self.capacity_factor)
-    return dispatch.moe_ffn(tokens, routing, expert_weights, strategy=self.strategy, activation=self.activation,
+    return dispatch.moe_ffn(tokens, routing, expert_weights, dispatch=self.dispatch, activation=self.activation,
                             capacity_factor=self.capacity_factor, permute=self.permute)
 
   def _shared(self, tokens, names):

@@ -82,14 +82,14 @@ class RecurrentRouter(nn.Module):
 
   Attributes:
     num_experts: E.
-    num_selected: k (RMoE: 2).
+    num_experts_per_tok: k (RMoE: 2).
     hidden_dim: GRU width (RMoE: 256).
     renormalize, n_group, topk_group, routed_scaling_factor: as in `zoo.routing.softmax_topk`.
     per_sequence_balance: compute the load-balance loss per sequence (x must be [batch, length, embed]).
     kernel_init: initialiser of W1_i and W2_i (N(0, 0.02) as RMoE).
   """
   num_experts: int
-  num_selected: int = 2
+  num_experts_per_tok: int = 2
   hidden_dim: int = 256
   renormalize: bool = True
   n_group: int = 1
@@ -122,7 +122,7 @@ class RecurrentRouter(nn.Module):
                     (self.hidden_dim, self.num_experts), jnp.float32)
     state = gru_cell(gru_params, tokens @ w1, state)
     logits = state @ w2
-    routing = routers.softmax_topk(logits, self.num_selected, renormalize=self.renormalize, n_group=self.n_group,
+    routing = routers.softmax_topk(logits, self.num_experts_per_tok, renormalize=self.renormalize, n_group=self.n_group,
                                    topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                                    sequence_length=x.shape[-2] if self.per_sequence_balance else None)
     return routing, state

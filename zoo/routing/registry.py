@@ -6,7 +6,7 @@ model has for its routers. The names are the values of the models' `router` conf
 models that accept a router by name.
 
 Factory signature (keyword arguments; a factory that does not use an option ignores it unless it contradicts it):
-`factory(*, num_experts, num_selected, renormalize=True, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+`factory(*, num_experts, num_experts_per_tok, renormalize=True, n_group=1, topk_group=1, routed_scaling_factor=1.0,
 jitter_eps=0.0, per_sequence_balance=False, bias=False, bias_update_rate=0.0, **module_kwargs) -> Linen module`
 whose `__call__(x [..., embed], *, deterministic)` returns a `zoo.routing.Routing` over the flattened tokens;
 `module_kwargs` (`parent`, `name`) go to the module.

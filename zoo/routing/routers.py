@@ -243,13 +243,3 @@ def jitter(x, rng, eps):
   noise = jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
   return (x.astype(jnp.float32) * noise).astype(x.dtype)
 
-
-def smoe_dropout_k(step, total_steps, k_min, k_max):
-  """SMoE-Dropout's linearly growing number of active experts: `k(t) = round((k_max - k_min) t / T) + k_min`.
-
-  (Chen et al. 2023, "Sparse MoE as the New Dropout", Sec. 3.2; a Python int, since k is a static shape.)
-  """
-  if not 1 <= k_min <= k_max:
-    raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
-  step = min(max(int(step), 0), total_steps)
-  return int(round((k_max - k_min) * step / total_steps)) + k_min

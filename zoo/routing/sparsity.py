@@ -27,7 +27,7 @@ def expert_count_schedule(step, total_steps, k_min, k_max, kind="linear"):
   """Active experts k at a training step (SMoE-Dropout, Sec. 3.2).
 
   With `s = clip(step / total_steps, 0, 1)`:
-    linear: `k = round((k_max - k_min) s) + k_min` (the paper's schedule, `zoo.routing.smoe_dropout_k`);
+    linear: `k = round((k_max - k_min) s) + k_min` (the paper's schedule);
     cosine [guess]: `k = round((k_max - k_min) (1 - cos(pi s)) / 2) + k_min`;
     exponential [guess]: `k = round(k_min (k_max / k_min)^s)` (geometric growth);
     step [guess]: k doubles at equal intervals, `k = min(k_min 2^floor((n + 1) s), k_max)` with
