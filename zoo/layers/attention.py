@@ -133,7 +133,10 @@ class Attention(nn.Module):
       x: [batch, length, embed].
       positions: [batch, length] int absolute positions.
       cache: optional KVCache; the new keys/values are written at `positions`, and the queries attend over the whole
-        cache.
+        cache. Any object with `update(k, v, positions) -> cache` and `read() -> (k, v, k_positions, k_valid)`
+        serves (k, v: [batch, keys, kv_heads, head_dim]; k_positions: [batch, keys]; k_valid: [batch, keys] bool or
+        None); one whose `read_only` is True supplies keys/values computed elsewhere (e.g. by an earlier recursion:
+        MoR's recursive KV sharing): it is only read, and no key/value projection runs.
       mask: optional extra bool mask, broadcastable to [batch, 1 or heads, length, k_length], ANDed with the
         causal/window mask; k_length = length without a cache, cache.max_length with one.
 
@@ -155,20 +158,22 @@ class Attention(nn.Module):
       return DenseGeneral((heads, self.head_dim), kernel_axes=("embed", axes, "head_dim"), use_bias=self.qkv_bias,
                           dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
-    q = proj("query", self.num_heads, "heads")
-    k = proj("key", kv_heads, "kv_heads")
-    v = proj("value", kv_heads, "kv_heads")
-    if self.qk_norm:
-      q, k = self._qk_norm(q, "query_norm"), self._qk_norm(k, "key_norm")
-    if self.use_rope:
-      q = apply_rope(q, positions, theta=self.rope_theta, rope_scaling=self.rope_scaling)
-      k = apply_rope(k, positions, theta=self.rope_theta, rope_scaling=self.rope_scaling)
+    def position(y):
+      return apply_rope(y, positions, theta=self.rope_theta, rope_scaling=self.rope_scaling) if self.use_rope else y
 
-    if cache is None:
-      k_positions, k_valid = positions, None
+    q = proj("query", self.num_heads, "heads")
+    q = position(self._qk_norm(q, "query_norm") if self.qk_norm else q)
+    if getattr(cache, "read_only", False):
+      k, v, k_positions, k_valid = cache.read()  # keys/values supplied by the caller: no key/value projections
     else:
-      cache = cache.update(k, v, positions)
-      k, v, k_positions, k_valid = cache.read()
+      k = proj("key", kv_heads, "kv_heads")
+      v = proj("value", kv_heads, "kv_heads")
+      k = position(self._qk_norm(k, "key_norm") if self.qk_norm else k)
+      if cache is None:
+        k_positions, k_valid = positions, None
+      else:
+        cache = cache.update(k, v, positions)
+        k, v, k_positions, k_valid = cache.read()
     full_mask = attention_mask(positions, k_positions, causal=self.causal, sliding_window=self.sliding_window,
                                k_valid=k_valid)
     if mask is not None:
