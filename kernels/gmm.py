@@ -16,6 +16,7 @@ None picks per backend: TPU -> pallas_tpu, GPU -> pallas_gpu, CPU -> xla; a Pall
 inputs (dtype) falls back to xla and logs why once. `with default_implementation(name):` replaces the per-backend
 choice inside the block (e.g. to compile the Mosaic path for a TPU from a CPU host, or to run xla on a GPU).
 """
+
 import contextlib
 import contextvars
 import functools
@@ -24,17 +25,19 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from kernels import gmm_gpu
-from kernels import gmm_tpu
-from kernels import reference
+from kernels import gmm_gpu, gmm_tpu, metadata, reference
 
 IMPLEMENTATIONS = ("pallas_tpu", "pallas_gpu", "interpret", "interpret_gpu", "xla")
 PALLAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # Default (tm, tk, tn) per kernel family. [guess] TPU: MXU-sized tiles whose double-buffered blocks fit VMEM;
 # GPU: the usual Hopper Triton bf16 tile, checked to compile for sm_90 without spills (gmm_gpu.compiler_params);
 # interpreter: few grid steps.
-DEFAULT_TILING = {"pallas_tpu": (128, 512, 512), "pallas_gpu": (128, 64, 128), "interpret": (128, 128, 128),
-                  "interpret_gpu": (64, 64, 64)}
+DEFAULT_TILING = {
+  "pallas_tpu": (128, 512, 512),
+  "pallas_gpu": (128, 64, 128),
+  "interpret": (128, 128, 128),
+  "interpret_gpu": (64, 64, 64),
+}
 
 _log = logging.getLogger(__name__)
 _logged_reasons = set()
@@ -115,22 +118,27 @@ def _tiling(implementation, tiling, m, k, n, *, divide_k=False):
   return tm, tk, tn
 
 
-def _kernel_gmm(impl, tiling, lhs, rhs, group_sizes, out_dtype, *, transpose_rhs=False, row_ids=None):
-  m = lhs.shape[0] if row_ids is None else row_ids.shape[0]
-  k = lhs.shape[1]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  module = gmm_gpu if impl in ("pallas_gpu", "interpret_gpu") else gmm_tpu
+def _kernel_module(impl):
+  """The module (gmm_tpu or gmm_gpu) whose kernels run implementation `impl`."""
+  return gmm_gpu if impl in ("pallas_gpu", "interpret_gpu") else gmm_tpu
+
+
+def _kernel_options(impl, tiling, dims, row_ids):
+  """Keyword arguments tiling, row_ids and interpret of a kernel call of `impl` on problem dims (m, k, n, g)."""
+  m, k, n, _ = dims
   tiles = _tiling(impl, tiling, m, k, n, divide_k=row_ids is not None)
-  return module.gmm(lhs, rhs, group_sizes, tiling=tiles, out_dtype=out_dtype, transpose_rhs=transpose_rhs,
-                    row_ids=row_ids, interpret=impl.startswith("interpret"))
+  return dict(tiling=tiles, row_ids=row_ids, interpret=impl.startswith("interpret"))
+
+
+def _kernel_gmm(impl, tiling, lhs, rhs, group_sizes, out_dtype, *, transpose_rhs=False, row_ids=None):
+  dims = metadata.gmm_dims(lhs, rhs, transpose_rhs=transpose_rhs, row_ids=row_ids)
+  options = _kernel_options(impl, tiling, dims, row_ids)
+  return _kernel_module(impl).gmm(lhs, rhs, group_sizes, out_dtype=out_dtype, transpose_rhs=transpose_rhs, **options)
 
 
 def _kernel_tgmm(impl, tiling, lhs_rows, rhs, group_sizes, out_dtype, *, row_ids=None):
-  m, k, n = rhs.shape[0], lhs_rows.shape[1], rhs.shape[1]
-  module = gmm_gpu if impl in ("pallas_gpu", "interpret_gpu") else gmm_tpu
-  tiles = _tiling(impl, tiling, m, k, n, divide_k=row_ids is not None)
-  return module.tgmm(lhs_rows, rhs, group_sizes, tiling=tiles, out_dtype=out_dtype, row_ids=row_ids,
-                     interpret=impl.startswith("interpret"))
+  options = _kernel_options(impl, tiling, metadata.tgmm_dims(lhs_rows, rhs, group_sizes), row_ids)
+  return _kernel_module(impl).tgmm(lhs_rows, rhs, group_sizes, out_dtype=out_dtype, **options)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -167,8 +175,9 @@ def _check(lhs, rhs, group_sizes, row_ids=None):
   if lhs.shape[1] != rhs.shape[1]:
     raise ValueError(f"contracting dims differ: lhs {lhs.shape} vs rhs {rhs.shape}")
   if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise ValueError(f"group_sizes must be an integer vector [g={rhs.shape[0]}], got {group_sizes.dtype}"
-                     f"{list(group_sizes.shape)}")
+    raise ValueError(
+      f"group_sizes must be an integer vector [g={rhs.shape[0]}], got {group_sizes.dtype}{list(group_sizes.shape)}"
+    )
   if row_ids is not None and (row_ids.ndim != 1 or not jnp.issubdtype(row_ids.dtype, jnp.integer)):
     raise ValueError(f"row_ids must be an integer vector [m], got {row_ids.dtype}{list(row_ids.shape)}")
 
@@ -221,8 +230,9 @@ def tgmm(lhs, rhs, group_sizes, *, implementation=None, tiling=None, preferred_e
   impl = choose_implementation(implementation, lhs.dtype, rhs.dtype)
   group_sizes = group_sizes.astype(jnp.int32)
   if impl == "xla":
-    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [0]), ([], [])),
-                                             lhs_ragged_dimensions=[1], rhs_group_dimensions=[])
+    dims = jax.lax.RaggedDotDimensionNumbers(
+      dot_dimension_numbers=(([1], [0]), ([], [])), lhs_ragged_dimensions=[1], rhs_group_dimensions=[]
+    )
     return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, preferred_element_type=out_dtype)
   return _kernel_tgmm(impl, tiling, lhs.T, rhs, group_sizes, out_dtype)
 
@@ -254,8 +264,10 @@ def gmm_gather(x, row_ids, rhs, group_sizes, *, implementation=None, tiling=None
   if impl == "xla":
     return jax.lax.ragged_dot(x[row_ids], rhs, group_sizes, preferred_element_type=out_dtype)
   if impl in ("pallas_tpu", "interpret") and x.dtype == jnp.float16:
-    _log_once(f"kernels.gmm_gather: gathering float16 rows before the Mosaic gmm ({impl}), whose row DMAs take "
-              "float32 and bfloat16 only")
+    _log_once(
+      f"kernels.gmm_gather: gathering float16 rows before the Mosaic gmm ({impl}), whose row DMAs take "
+      "float32 and bfloat16 only"
+    )
     return _pallas_gmm(x[row_ids], rhs, group_sizes, None, impl, tiling, out_dtype)
   return _pallas_gmm(x, rhs, group_sizes, row_ids, impl, tiling, out_dtype)
 

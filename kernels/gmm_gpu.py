@@ -7,6 +7,7 @@ write the same element). tgmm launches one program per (group, k-tile, n-tile) a
 an empty group runs zero iterations and stores exact zeros. With `row_ids` the lhs rows are loaded through the index
 vector (a pointer gather), so the routed copy of the activations is never materialised.
 """
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -16,10 +17,6 @@ from jax.experimental.pallas import triton as pltr
 from kernels import metadata as md
 
 
-def _cdiv(a, b):
-  return -(-a // b)
-
-
 def _dot(a, b, contract_a, contract_b):
   """a . b accumulated in float32. Triton's dot takes one element type, so mixed operands (a bfloat16 lhs with a
   float32 cotangent in the backward) are promoted to the wider dtype (float32 for bfloat16 with float16), never
@@ -27,8 +24,9 @@ def _dot(a, b, contract_a, contract_b):
   dtype = jnp.promote_types(a.dtype, b.dtype)
   a, b = a.astype(dtype), b.astype(dtype)
   precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)
+  return lax.dot_general(
+    a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+  )
 
 
 def _load_lhs(lhs_ref, ids_ref, row0, row_ok, k0, tk, k):
@@ -40,6 +38,32 @@ def _load_lhs(lhs_ref, ids_ref, row0, row_ok, k0, tk, k):
     return pltr.load(lhs_ref.at[pl.ds(row0, tm), pl.ds(k0, tk)], mask=mask, other=0)
   token = pltr.load(ids_ref.at[pl.ds(row0, tm)], mask=row_ok, other=0)
   return pltr.load(lhs_ref.at[token[:, None], cols[None, :]], mask=mask, other=0)
+
+
+def _split_refs(refs, gather):
+  """(row_ids or None, (lhs, rhs, out)) of a kernel's refs after the schedule refs."""
+  return (refs[0], refs[1:]) if gather else (None, refs)
+
+
+def _call(kernel, schedule, lhs, rhs, row_ids, *, name, out_shape, grid, tiling, interpret):
+  """Runs `kernel` over `grid` on (*schedule, [row_ids,] lhs, rhs), every operand and the output left in place.
+
+  `name` ("gmm" or "tgmm") names the kernel ("_gather_triton" added with row_ids, else "_triton"); `out_shape` is a
+  jax.ShapeDtypeStruct.
+  """
+  gather = row_ids is not None
+  operands = (*schedule, *((row_ids.astype(jnp.int32),) if gather else ()), lhs, rhs)
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  return pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=grid,
+    in_specs=[any_spec] * len(operands),
+    out_specs=any_spec,
+    compiler_params=compiler_params(tiling),
+    interpret=interpret,
+    name=f"{name}_gather_triton" if gather else f"{name}_triton",
+  )(*operands)
 
 
 def compiler_params(tiling):
@@ -69,18 +93,13 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
   Returns:
     [m, n].
   """
-  m = lhs.shape[0] if row_ids is None else row_ids.shape[0]
-  k = lhs.shape[1]
-  g = rhs.shape[0]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  m, k, n, g = md.gmm_dims(lhs, rhs, transpose_rhs=transpose_rhs, row_ids=row_ids)
   tm, tk, tn = tiling
-  tiles_k, tiles_n = _cdiv(k, tk), _cdiv(n, tn)
-  meta = md.make_group_metadata(group_sizes, m, tm, visit_empty_groups=False)
-  visits = md.num_visits(m, tm, g)
-  gather = row_ids is not None
+  tiles_k = md.cdiv(k, tk)
+  meta, visits = md.visit_schedule(group_sizes, m, tm, visit_empty_groups=False)
 
   def kernel(offsets_ref, gids_ref, mtiles_ref, ntiles_ref, *refs):
-    ids_ref, (lhs_ref, rhs_ref, out_ref) = (refs[0], refs[1:]) if gather else (None, refs)
+    ids_ref, (lhs_ref, rhs_ref, out_ref) = _split_refs(refs, row_ids is not None)
     v, n_i = pl.program_id(0), pl.program_id(1)
     gid = gids_ref[v]
     num_tiles = ntiles_ref[0]
@@ -94,11 +113,13 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
       a = _load_lhs(lhs_ref, ids_ref, mtiles_ref[v] * tm, row_ok, k0, tk, k)
       ks = k0 + jnp.arange(tk)
       if transpose_rhs:
-        b = pltr.load(rhs_ref.at[gid, pl.ds(n_i * tn, tn), pl.ds(k0, tk)],
-                      mask=col_ok[:, None] & (ks < k)[None, :], other=0)
+        b = pltr.load(
+          rhs_ref.at[gid, pl.ds(n_i * tn, tn), pl.ds(k0, tk)], mask=col_ok[:, None] & (ks < k)[None, :], other=0
+        )
         return acc + _dot(a, b, 1, 1)
-      b = pltr.load(rhs_ref.at[gid, pl.ds(k0, tk), pl.ds(n_i * tn, tn)],
-                    mask=(ks < k)[:, None] & col_ok[None, :], other=0)
+      b = pltr.load(
+        rhs_ref.at[gid, pl.ds(k0, tk), pl.ds(n_i * tn, tn)], mask=(ks < k)[:, None] & col_ok[None, :], other=0
+      )
       return acc + _dot(a, b, 1, 0)
 
     # Not jnp.where(real, tiles_k, 0): Pallas-Triton lowers its literals as i1 and the loop fails to verify.
@@ -109,17 +130,18 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
     mask = ((in_group | past_end) & row_ok)[:, None] & col_ok[None, :]
     pltr.store(out_ref.at[pl.ds(mtiles_ref[v] * tm, tm), pl.ds(n_i * tn, tn)], value, mask=mask)
 
-  operands = (*meta, *((row_ids.astype(jnp.int32),) if gather else ()), lhs, rhs)
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(visits, tiles_n),
-      in_specs=[any_spec] * len(operands),
-      out_specs=any_spec,
-      compiler_params=compiler_params(tiling),
-      interpret=interpret,
-      name="gmm_gather_triton" if gather else "gmm_triton")(*operands)
+  return _call(
+    kernel,
+    meta,
+    lhs,
+    rhs,
+    row_ids,
+    name="gmm",
+    out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+    grid=(visits, md.cdiv(n, tn)),
+    tiling=tiling,
+    interpret=interpret,
+  )
 
 
 def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=False):
@@ -137,15 +159,12 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
   Returns:
     [g, k, n].
   """
-  m = rhs.shape[0]
-  k, n = lhs.shape[1], rhs.shape[1]
-  g = group_sizes.shape[0]
+  m, k, n, g = md.tgmm_dims(lhs, rhs, group_sizes)
   tm, tk, tn = tiling
   offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)])
-  gather = row_ids is not None
 
   def kernel(offsets_ref, *refs):
-    ids_ref, (lhs_ref, rhs_ref, out_ref) = (refs[0], refs[1:]) if gather else (None, refs)
+    ids_ref, (lhs_ref, rhs_ref, out_ref) = _split_refs(refs, row_ids is not None)
     gid, k_i, n_i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, end = offsets_ref[gid], offsets_ref[gid + 1]
     cols = n_i * tn + jnp.arange(tn)
@@ -155,22 +174,27 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
       rows = start + i * tm + jnp.arange(tm)
       row_ok = rows < end
       a = _load_lhs(lhs_ref, ids_ref, start + i * tm, row_ok, k_i * tk, tk, k)
-      b = pltr.load(rhs_ref.at[pl.ds(start + i * tm, tm), pl.ds(n_i * tn, tn)],
-                    mask=row_ok[:, None] & (cols < n)[None, :], other=0)
+      b = pltr.load(
+        rhs_ref.at[pl.ds(start + i * tm, tm), pl.ds(n_i * tn, tn)], mask=row_ok[:, None] & (cols < n)[None, :], other=0
+      )
       return acc + _dot(a, b, 0, 0)
 
     acc = lax.fori_loop(0, (end - start + tm - 1) // tm, body, jnp.zeros((tk, tn), jnp.float32))
-    pltr.store(out_ref.at[gid, pl.ds(k_i * tk, tk), pl.ds(n_i * tn, tn)], acc.astype(out_dtype),
-               mask=(ks < k)[:, None] & (cols < n)[None, :])
+    pltr.store(
+      out_ref.at[gid, pl.ds(k_i * tk, tk), pl.ds(n_i * tn, tn)],
+      acc.astype(out_dtype),
+      mask=(ks < k)[:, None] & (cols < n)[None, :],
+    )
 
-  operands = (offsets, *((row_ids.astype(jnp.int32),) if gather else ()), lhs, rhs)
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-      grid=(g, _cdiv(k, tk), _cdiv(n, tn)),
-      in_specs=[any_spec] * len(operands),
-      out_specs=any_spec,
-      compiler_params=compiler_params(tiling),
-      interpret=interpret,
-      name="tgmm_gather_triton" if gather else "tgmm_triton")(*operands)
+  return _call(
+    kernel,
+    (offsets,),
+    lhs,
+    rhs,
+    row_ids,
+    name="tgmm",
+    out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
+    grid=(g, md.cdiv(k, tk), md.cdiv(n, tn)),
+    tiling=tiling,
+    interpret=interpret,
+  )

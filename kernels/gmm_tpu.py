@@ -10,6 +10,8 @@ rows share each 32-bit word of the TPU layout), so bfloat16 rows are fetched as 
 and the row's half is picked in VMEM (twice the bytes of the row, still no copy).
 """
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -17,10 +19,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import metadata as md
-
-
-def _cdiv(a, b):
-  return -(-a // b)
 
 
 def _k_mask(k_i, tk, k, shape, axis):
@@ -79,19 +77,76 @@ def _lhs_inputs(lhs, row_ids, lhs_spec, rhs_spec, rhs, padded_rows, acc_shape, t
   if lhs.shape[0] % 2:  # row pairs need an even row count
     lhs = jnp.pad(lhs, ((0, 1), (0, 0)))
   parity_spec = pl.BlockSpec((tm, 1), lambda *grid_and_prefetch: (lhs_spec.index_map(*grid_and_prefetch)[0], 0))
-  return (in_specs + [parity_spec], (padded_ids, lhs, rhs, (padded_ids & 1).reshape(-1, 1)),
-          [acc, pltpu.VMEM((tm, tk), jnp.int32), pltpu.SemaphoreType.DMA])
+  return (
+    in_specs + [parity_spec],
+    (padded_ids, lhs, rhs, (padded_ids & 1).reshape(-1, 1)),
+    [acc, pltpu.VMEM((tm, tk), jnp.int32), pltpu.SemaphoreType.DMA],
+  )
 
 
-def _unpack_refs(refs, gather):
-  """Splits a kernel's refs into (row_ids, lhs, rhs, parity, out, acc, buf, sem); absent ones are None."""
-  if not gather:
+def _call(kernel, name, grid, dimension_semantics, specs, out_shape, meta, operands, tiling, interpret):
+  """Runs `kernel` over `grid` with the schedule `meta` prefetched to SMEM.
+
+  Args:
+    kernel: the kernel body; `name` ("gmm" or "tgmm") names it, with "_gather" added under gather fusion.
+    grid, dimension_semantics: the three grid axes and their Mosaic semantics.
+    specs: BlockSpecs (lhs, rhs, out); the float32 accumulator is one output tile.
+    out_shape: jax.ShapeDtypeStruct of the output.
+    meta: md.GroupMetadata.
+    operands: (lhs, rhs, row_ids), row_ids None without gather fusion (see `_lhs_inputs`).
+    tiling, interpret: as in gmm.
+  """
+  lhs, rhs, row_ids = operands
+  lhs_spec, rhs_spec, out_spec = specs
+  tm, tk, _ = tiling
+  if row_ids is not None and lhs.shape[1] % tk:
+    raise ValueError(f"gather-fused {name} needs k ({lhs.shape[1]}) divisible by tk ({tk})")
+  padded_rows = None if row_ids is None else md.cdiv(row_ids.shape[0], tm) * tm
+  acc_shape = out_spec.block_shape[-2:]
+  in_specs, operands, scratch = _lhs_inputs(lhs, row_ids, lhs_spec, rhs_spec, rhs, padded_rows, acc_shape, tiling)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+    num_scalar_prefetch=4, grid=grid, in_specs=in_specs, out_specs=out_spec, scratch_shapes=scratch
+  )
+  call = pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid_spec=grid_spec,
+    compiler_params=pltpu.CompilerParams(dimension_semantics=dimension_semantics),
+    interpret=interpret,
+    name=name if row_ids is None else f"{name}_gather",
+  )
+  return call(*meta, *operands)
+
+
+class _Refs(NamedTuple):
+  """A kernel's refs after the four schedule refs; row_ids, parity, buf and sem are None where absent."""
+
+  row_ids: Any
+  lhs: Any
+  rhs: Any
+  parity: Any
+  out: Any
+  acc: Any
+  buf: Any
+  sem: Any
+
+
+def _unpack_refs(refs):
+  """Splits a kernel's refs (in the order of `_lhs_inputs` then output and scratch) into `_Refs`."""
+  if len(refs) == 4:  # no gather fusion: lhs, rhs, out, acc
     lhs_ref, rhs_ref, out_ref, acc_ref = refs
-    return None, lhs_ref, rhs_ref, None, out_ref, acc_ref, None, None
-  if len(refs) == 7:
+    return _Refs(None, lhs_ref, rhs_ref, None, out_ref, acc_ref, None, None)
+  if len(refs) == 7:  # float32 gather: ids, x, rhs, out, acc, buf, sem (bfloat16 adds the parity after rhs)
     row_ids_ref, x_hbm, rhs_ref, out_ref, acc_ref, buf, sem = refs
-    return row_ids_ref, x_hbm, rhs_ref, None, out_ref, acc_ref, buf, sem
-  return refs
+    return _Refs(row_ids_ref, x_hbm, rhs_ref, None, out_ref, acc_ref, buf, sem)
+  return _Refs(*refs)
+
+
+def _lhs_tile(r, row0, k_i, tm, tk):
+  """The grouped operand's tile [tm, tk]: its block, or with row_ids the rows of ids [row0, row0 + tm) at k-tile k_i."""
+  if r.row_ids is None:
+    return r.lhs[...]
+  return _gather_rows(r.lhs, r.row_ids, r.parity, r.buf, r.sem, row0, k_i * tk, tm, tk)
 
 
 def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_ids=None, interpret=False):
@@ -110,68 +165,50 @@ def gmm(lhs, rhs, group_sizes, *, tiling, out_dtype, transpose_rhs=False, row_id
   Returns:
     [m, n].
   """
-  m = lhs.shape[0] if row_ids is None else row_ids.shape[0]
-  k = lhs.shape[1]
-  g = rhs.shape[0]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  m, k, n, g = md.gmm_dims(lhs, rhs, transpose_rhs=transpose_rhs, row_ids=row_ids)
   tm, tk, tn = tiling
-  tiles_k, tiles_n, tiles_m = _cdiv(k, tk), _cdiv(n, tn), _cdiv(m, tm)
-  meta = md.make_group_metadata(group_sizes, m, tm, visit_empty_groups=False)
-  visits = md.num_visits(m, tm, g)
-  gather = row_ids is not None
-  if gather and k % tk:
-    raise ValueError(f"gather-fused gmm needs k ({k}) divisible by tk ({tk})")
+  tiles_k, tiles_n = md.cdiv(k, tk), md.cdiv(n, tn)
+  meta, visits = md.visit_schedule(group_sizes, m, tm, visit_empty_groups=False)
 
   def kernel(offsets_ref, gids_ref, mtiles_ref, ntiles_ref, *refs):
-    row_ids_ref, lhs_ref, rhs_ref, parity_ref, out_ref, acc_ref, buf, sem = _unpack_refs(refs, gather)
+    r = _unpack_refs(refs)
     v, k_i = pl.program_id(1), pl.program_id(2)
     gid = gids_ref[v]
     real = v < ntiles_ref[0]
 
     @pl.when(k_i == 0)
     def _():
-      acc_ref[...] = jnp.zeros_like(acc_ref)
+      r.acc[...] = jnp.zeros_like(r.acc)
 
     @pl.when(real)
     def _():
-      if gather:
-        a = _gather_rows(lhs_ref, row_ids_ref, parity_ref, buf, sem, mtiles_ref[v] * tm, k_i * tk, tm, tk)
-      else:
-        a = lhs_ref[...]
-      b = rhs_ref[0]
+      a = _lhs_tile(r, mtiles_ref[v] * tm, k_i, tm, tk)
+      b = r.rhs[0]
       if k % tk:
         a = jnp.where(_k_mask(k_i, tk, k, a.shape, 1), a, 0)
         b = jnp.where(_k_mask(k_i, tk, k, b.shape, 1 if transpose_rhs else 0), b, 0)
       contract = (1,) if transpose_rhs else (0,)
-      acc_ref[...] += lax.dot_general(a, b, (((1,), contract), ((), ())), preferred_element_type=jnp.float32)
+      r.acc[...] += lax.dot_general(a, b, (((1,), contract), ((), ())), preferred_element_type=jnp.float32)
 
     @pl.when(k_i == tiles_k - 1)
     def _():
       rows = mtiles_ref[v] * tm + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
       in_group = real & (rows >= offsets_ref[gid]) & (rows < offsets_ref[gid + 1])
       past_end = (v >= ntiles_ref[0] - 1) & (rows >= offsets_ref[g])
-      out_ref[...] = jnp.where(in_group, acc_ref[...].astype(out_dtype),
-                               jnp.where(past_end, jnp.zeros((), out_dtype), out_ref[...]))
+      r.out[...] = jnp.where(
+        in_group, r.acc[...].astype(out_dtype), jnp.where(past_end, jnp.zeros((), out_dtype), r.out[...])
+      )
 
   if transpose_rhs:
     rhs_spec = pl.BlockSpec((1, tn, tk), lambda n_i, v, k_i, off, gids, mt, nt: (gids[v], n_i, k_i))
   else:
     rhs_spec = pl.BlockSpec((1, tk, tn), lambda n_i, v, k_i, off, gids, mt, nt: (gids[v], k_i, n_i))
   lhs_spec = pl.BlockSpec((tm, tk), lambda n_i, v, k_i, off, gids, mt, nt: (mt[v], k_i))
-  in_specs, operands, scratch = _lhs_inputs(lhs, row_ids, lhs_spec, rhs_spec, rhs, tiles_m * tm, (tm, tn), tiling)
-  call = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4,
-          grid=(tiles_n, visits, tiles_k),
-          in_specs=in_specs,
-          out_specs=pl.BlockSpec((tm, tn), lambda n_i, v, k_i, off, gids, mt, nt: (mt[v], n_i)),
-          scratch_shapes=scratch),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-      interpret=interpret,
-      name="gmm_gather" if gather else "gmm")
-  return call(*meta, *operands)
+  out_spec = pl.BlockSpec((tm, tn), lambda n_i, v, k_i, off, gids, mt, nt: (mt[v], n_i))
+  grid, semantics = (tiles_n, visits, tiles_k), ("parallel", "arbitrary", "arbitrary")
+  out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+  specs, operands = (lhs_spec, rhs_spec, out_spec), (lhs, rhs, row_ids)
+  return _call(kernel, "gmm", grid, semantics, specs, out_shape, meta, operands, tiling, interpret)
 
 
 def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=False):
@@ -192,19 +229,12 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
   Returns:
     [g, k, n].
   """
-  m = rhs.shape[0]
-  k, n = lhs.shape[1], rhs.shape[1]
-  g = group_sizes.shape[0]
+  m, k, n, g = md.tgmm_dims(lhs, rhs, group_sizes)
   tm, tk, tn = tiling
-  tiles_k, tiles_n, tiles_m = _cdiv(k, tk), _cdiv(n, tn), _cdiv(m, tm)
-  meta = md.make_group_metadata(group_sizes, m, tm, visit_empty_groups=True)
-  visits = md.num_visits(m, tm, g)
-  gather = row_ids is not None
-  if gather and k % tk:
-    raise ValueError(f"gather-fused tgmm needs k ({k}) divisible by tk ({tk})")
+  meta, visits = md.visit_schedule(group_sizes, m, tm, visit_empty_groups=True)
 
   def kernel(offsets_ref, gids_ref, mtiles_ref, ntiles_ref, *refs):
-    row_ids_ref, lhs_ref, rhs_ref, parity_ref, out_ref, acc_ref, buf, sem = _unpack_refs(refs, gather)
+    r = _unpack_refs(refs)
     k_i, v = pl.program_id(0), pl.program_id(2)
     gid = gids_ref[v]
     num_tiles = ntiles_ref[0]
@@ -214,15 +244,12 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
 
     @pl.when(real & first)
     def _():
-      acc_ref[...] = jnp.zeros_like(acc_ref)
+      r.acc[...] = jnp.zeros_like(r.acc)
 
     @pl.when(real)
     def _():
-      if gather:
-        a = _gather_rows(lhs_ref, row_ids_ref, parity_ref, buf, sem, mtiles_ref[v] * tm, k_i * tk, tm, tk)
-      else:
-        a = lhs_ref[...]
-      b = rhs_ref[...]
+      a = _lhs_tile(r, mtiles_ref[v] * tm, k_i, tm, tk)
+      b = r.rhs[...]
       rows_a = mtiles_ref[v] * tm + lax.broadcasted_iota(jnp.int32, a.shape, 0)
       rows_b = mtiles_ref[v] * tm + lax.broadcasted_iota(jnp.int32, b.shape, 0)
       start, end = offsets_ref[gid], offsets_ref[gid + 1]
@@ -231,25 +258,16 @@ def tgmm(lhs, rhs, group_sizes, *, tiling, out_dtype, row_ids=None, interpret=Fa
         a_mask &= _k_mask(k_i, tk, k, a.shape, 1)
       a = jnp.where(a_mask, a, 0)
       b = jnp.where((rows_b >= start) & (rows_b < end), b, 0)
-      acc_ref[...] += lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+      r.acc[...] += lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     @pl.when(real & last)
     def _():
-      out_ref[0] = acc_ref[...].astype(out_dtype)
+      r.out[0] = r.acc[...].astype(out_dtype)
 
-  rhs_spec = pl.BlockSpec((tm, tn), lambda k_i, n_i, v, off, gids, mt, nt: (mt[v], n_i))
   lhs_spec = pl.BlockSpec((tm, tk), lambda k_i, n_i, v, off, gids, mt, nt: (mt[v], k_i))
-  in_specs, operands, scratch = _lhs_inputs(lhs, row_ids, lhs_spec, rhs_spec, rhs, tiles_m * tm, (tk, tn), tiling)
-  call = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=4,
-          grid=(tiles_k, tiles_n, visits),
-          in_specs=in_specs,
-          out_specs=pl.BlockSpec((1, tk, tn), lambda k_i, n_i, v, off, gids, mt, nt: (gids[v], k_i, n_i)),
-          scratch_shapes=scratch),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-      name="tgmm_gather" if gather else "tgmm")
-  return call(*meta, *operands)
+  rhs_spec = pl.BlockSpec((tm, tn), lambda k_i, n_i, v, off, gids, mt, nt: (mt[v], n_i))
+  out_spec = pl.BlockSpec((1, tk, tn), lambda k_i, n_i, v, off, gids, mt, nt: (gids[v], k_i, n_i))
+  grid, semantics = (md.cdiv(k, tk), md.cdiv(n, tn), visits), ("parallel", "parallel", "arbitrary")
+  specs, operands = (lhs_spec, rhs_spec, out_spec), (lhs, rhs, row_ids)
+  out_shape = jax.ShapeDtypeStruct((g, k, n), out_dtype)
+  return _call(kernel, "tgmm", grid, semantics, specs, out_shape, meta, operands, tiling, interpret)
