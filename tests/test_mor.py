@@ -96,7 +96,7 @@ def test_depth_histogram():
 import flax.linen as nn
 import optax
 
-from zoo.layers import DecoderBlock, MLP, count_params, train_flops_per_token as dense_train_flops
+from zoo.layers import Attention, DecoderBlock, MLP, count_params, train_flops_per_token as dense_train_flops
 from zoo.models import ConfigError, build_model
 from zoo.models import mor
 
@@ -133,7 +133,7 @@ def test_layer_schedules_by_hand():
 def test_param_counts(sharing, num_layers, unique, router):
   model = make(sharing=sharing, num_layers=num_layers, num_recursions=3, router=router)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens())["params"]
-  block = DecoderBlock(functools.partial(mor.RecursionAttention, num_heads=2, num_kv_heads=1, head_dim=16),
+  block = DecoderBlock(functools.partial(Attention, num_heads=2, num_kv_heads=1, head_dim=16),
                        functools.partial(MLP, hidden_dim=48))
   per_layer = count_params(jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, 4, 32)),
                                           jnp.zeros((1, 4), jnp.int32))["params"])

@@ -20,7 +20,8 @@ Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for 
 - KV (Sec. 2.2.2): `kv_mode='recursion'` (recursion-wise caching): at recursion r a query attends only to the tokens
   active at r, and the decoding cache of recursion r holds only their keys/values (marked in `active`).
   `kv_mode='share'` (recursive KV sharing): every recursion attends to the keys/values that recursion 0 computed for
-  all tokens (same slot of the shared block), and only recursion 0 is cached.
+  all tokens (same slot of the shared block), and only recursion 0 is cached. The layers' attention is
+  `zoo.layers.Attention`; KV sharing hands it recursion 0's keys/values as a read-only cache (`SharedKV`).
 
 Which tokens run recursion r:
 - training (`deterministic=False`): expert-choice top-k (capacity warm-up: the capacity decays from 1 to its target
@@ -48,8 +49,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from zoo.layers import MLP, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm
-from zoo.layers import apply_rope, attention_mask, dot_product_attention, mean_attended_keys
+from zoo.layers import MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm, mean_attended_keys
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.output import ModelOutput, sow_output
 from zoo.models.registry import ConfigError, register_model
@@ -63,9 +63,10 @@ ROUTERS = ("expert", "token", "none")
 
 @flax.struct.dataclass
 class SharedKV:
-  """Keys/values of recursion 0 that later recursions attend to (recursive KV sharing).
+  """Keys/values of recursion 0 that later recursions attend to (Sec. 2.2.2, recursive KV sharing).
 
-  `SharedKV()` (all None) asks the attention to capture its own keys/values; a filled record is read-only.
+  A cache of `zoo.layers.Attention`: `SharedKV()` (all None) captures the keys/values the attention computes
+  (`update`); a filled record is `read_only`: the attention attends to it and projects no keys/values.
   k, v: [batch, keys, kv_heads, head_dim]; positions: [batch, keys] int; valid: [batch, keys] bool or None.
   """
   k: Any = None
@@ -73,49 +74,17 @@ class SharedKV:
   positions: Any = None
   valid: Any = None
 
+  @property
+  def read_only(self):
+    return self.k is not None
 
-class RecursionAttention(nn.Module):
-  """GQA self-attention with RoPE whose keys/values may come from an earlier recursion (MoR Sec. 2.2.2, KV sharing).
+  def update(self, k, v, positions):
+    """The keys/values [batch, length, kv_heads, head_dim] computed at `positions` [batch, length], captured."""
+    return SharedKV(k, v, positions, None)
 
-  Same parameters and math as `zoo.layers.Attention` (query/key/value/out, RoPE, causal mask on absolute positions);
-  its `cache` argument is either a `KVCache` (written at `positions`, then attended), None, or a `SharedKV`: empty =
-  attend to its own keys/values and return them, filled = attend to those keys/values without projecting new ones.
-  """
-  num_heads: int
-  head_dim: int
-  num_kv_heads: int | None = None
-  rope_theta: float = 10000.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, positions, *, cache=None, mask=None):
-    """x: [batch, length, embed]; positions: [batch, length] -> (y [batch, length, embed], cache)."""
-    kv_heads = self.num_kv_heads or self.num_heads
-
-    def proj(name, heads, axes):
-      return DenseGeneral((heads, self.head_dim), kernel_axes=("embed", axes, "head_dim"), dtype=self.dtype,
-                          name=name)(x)
-
-    q = apply_rope(proj("query", self.num_heads, "heads"), positions, theta=self.rope_theta)
-    if isinstance(cache, SharedKV) and cache.k is not None:
-      k, v, k_positions, k_valid = cache.k, cache.v, cache.positions, cache.valid
-    else:
-      k = apply_rope(proj("key", kv_heads, "kv_heads"), positions, theta=self.rope_theta)
-      v = proj("value", kv_heads, "kv_heads")
-      if isinstance(cache, KVCache):
-        cache = cache.update(k, v, positions)
-        k, v, k_positions, k_valid = cache.read()
-      else:
-        k_positions, k_valid = positions, None
-        if isinstance(cache, SharedKV):
-          cache = SharedKV(k, v, positions, None)
-    full_mask = attention_mask(positions, k_positions, k_valid=k_valid)
-    if mask is not None:
-      full_mask = full_mask & mask
-    out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), full_mask)
-    y = DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_axes=("heads", "head_dim", "embed"), dtype=self.dtype,
-                     name="out")(out)
-    return y, cache
+  def read(self):
+    """(k, v, positions, valid)."""
+    return self.k, self.v, self.positions, self.valid
 
 
 def layer_schedule(sharing, num_layers, num_recursions):
@@ -237,7 +206,7 @@ class MoRLM(nn.Module):
     self.num_unique, self.first_id, self.schedule, self.last_id = layer_schedule(
         self.sharing, self.num_layers, self.num_recursions)
     dtype = jnp.dtype(self.dtype)
-    attention = functools.partial(RecursionAttention, num_heads=self.num_heads, head_dim=self.head_dim,
+    attention = functools.partial(Attention, num_heads=self.num_heads, head_dim=self.head_dim,
                                   num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta, dtype=dtype)
     ffn = functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.mlp_activation, dtype=dtype)
     self.embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype)
