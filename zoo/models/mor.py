@@ -116,6 +116,19 @@ def layer_schedule(sharing, num_layers, num_recursions):
   return base, None, recursions, None
 
 
+@flax.struct.dataclass
+class StepRoute:
+  """Which tokens run recursion r and how its output is combined (Sec. 2.2.1).
+
+  chosen: [batch, length] bool, the tokens that run recursion r.
+  gate: [batch, length] float32 weight of the block output (expert- and token-choice), or None (baseline).
+  last: [batch, length] bool, token-choice only: recursion r is the token's last one; None for the other routers.
+  """
+  chosen: Any
+  gate: Any = None
+  last: Any = None
+
+
 @register_model("mor")
 class MoRLM(nn.Module):
   """Mixture-of-Recursions decoder LM (papers.md A1); `router='none'` is the Recursive Transformer baseline.
@@ -254,6 +267,17 @@ class MoRLM(nn.Module):
     return self._forward(tokens, positions, None, True)[2]
 
   def _forward(self, tokens, positions, cache, deterministic):
+    """The whole model (Sec. 2): prelude, N_r routed recursions of the shared layers, coda, losses and metrics.
+
+    Args:
+      tokens: [batch, length] int32.
+      positions: [batch, length] int32 absolute positions, or None (after the cached ones).
+      cache: None or the decoding cache of `init_cache`.
+      deterministic: False in training (top-k selection, capacity warm-up, loss-free bias updates).
+
+    Returns:
+      (logits [batch, length, vocab] float32, ModelOutput, depth [batch, length] int32).
+    """
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
     b, t = tokens.shape
@@ -261,156 +285,244 @@ class MoRLM(nn.Module):
       start = jnp.zeros((b,), jnp.int32) if cache is None else cache["length"]
       positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     training = not deterministic
-    use_topk = cache is None and (training or self.inference_selection == "topk")
     if cache is not None and self.inference_selection == "topk" and self.router == "expert":
       raise ValueError("inference_selection='topk' sees future tokens and cannot decode with a cache; "
                        "use inference_selection='causal'")
+    use_topk = cache is None and (training or self.inference_selection == "topk")
+    ks, static_k = self._step_sizes(t, training, use_topk)
+    new_cache = None if cache is None else dict(cache)
+
+    h = self._prelude(tokens, positions, cache, new_cache)
+    aux, metrics, token_route = jnp.zeros((), jnp.float32), {}, None
+    if self.router == "token":
+      token_route, aux, metrics = self._route_token_choice(h, training)
+    active, ran = jnp.ones((b, t), bool), jnp.zeros((b, t), jnp.int32)
+    shared, decision_terms = None, []
+    for r in range(self.num_recursions):
+      if self.router == "expert":
+        route, terms = self._route_expert_step(r, h, active, ks[r], use_topk, cache)
+        decision_terms += terms
+      elif self.router == "token":
+        route = StepRoute(token_route[0] >= r, token_route[1], token_route[0] == r)
+      else:
+        route = StepRoute(active)
+      h, shared = self._recursion(r, h, positions, route, static_k, cache, new_cache, shared)
+      active = route.chosen
+      ran = ran + route.chosen.astype(jnp.int32)
+    logits = self._coda(h, positions, cache, new_cache)
+
+    aux = self._depth_losses_and_metrics(aux, metrics, decision_terms, ran)
+    if cache is not None:
+      new_cache["length"] = jnp.maximum(cache["length"], jnp.max(positions, axis=1) + 1)
+    return logits.astype(jnp.float32), ModelOutput(aux_loss=aux, metrics=metrics, cache=new_cache), ran
+
+  def _step_sizes(self, t, training, use_topk):
+    """Tokens kept per sequence by each expert-choice step, `k_r = int(cap_r T)` (Sec. 2.2.1), the capacity warmed
+    up from 1 in training (authors' code; advances `routing_state/step`).
+
+    Returns:
+      (ks: N_r ints, traced during a warm-up; static_k: the Python ints when training top-k runs the block on the
+      gathered chosen tokens, else None).
+    """
     caps = self.caps
     if self.router == "expert" and training and self.capacity_warmup_steps > 0:
       caps = depth_routing.capacity_at_step(self.caps, self.step.value, self.capacity_warmup_steps)
       if not self.is_initializing():
         self.step.value = self.step.value + 1
     ks = [depth_routing.capacity_to_k(caps[r], t) for r in range(self.num_recursions)]
-    static_k = ks if self.router == "expert" and use_topk and caps is self.caps else None
-    new_cache = dict(cache) if cache is not None else None
+    return ks, ks if self.router == "expert" and use_topk and caps is self.caps else None
 
+  def _prelude(self, tokens, positions, cache, new_cache):
+    """Embedding, then the unshared first layer of middle-* sharing (Sec. 2.1, Middle-Cycle); h [batch, length, d].
+    Writes the first layer's decoding cache into `new_cache`."""
     h = self.embed(tokens)
     if self.first_id is not None:
       h, c, _ = self.layers[self.first_id](h, positions, cache=None if cache is None else cache["first"])
       if cache is not None:
         new_cache["first"] = c
+    return h
 
-    aux = jnp.zeros((), jnp.float32)
-    metrics = {}
-    active = jnp.ones((b, t), bool)
-    ran = jnp.zeros((b, t), jnp.int32)
-    if self.router == "token":
-      bias = self.depth_bias if self.balance_bias_rate > 0 else None
-      router_logits = self.depth_router(h)
-      depth_index, token_weight, probs = depth_routing.token_choice_route(
-          router_logits, self.token_func, None if bias is None else bias.value)
-      flat_ids = depth_index.reshape(-1, 1)
-      balance = losses.load_balance_loss(probs.reshape(-1, self.num_recursions), flat_ids, self.num_recursions,
-                                         sequence_length=t)
-      z = losses.router_z_loss(router_logits.reshape(-1, self.num_recursions))
-      aux = aux + self.balance_coef * balance + self.z_coef * z
-      metrics.update(router_balance_loss=balance, router_z_loss=z)
-      if bias is not None and training and not self.is_initializing():
-        load = jnp.mean(jax.nn.one_hot(depth_index, self.num_recursions), axis=(0, 1))
-        bias.value = update_balance_bias(bias.value, load, self.balance_bias_rate)
-
-    shared = SharedKV()
-    bce_terms, acc_terms = [], []
-    for r, layer_ids in enumerate(self.schedule):
-      # Decide who runs recursion r, with which gate, and how the block output is combined.
-      gate = jnp.ones((b, t), jnp.float32)
-      last = jnp.zeros((b, t), bool)
-      if self.router == "expert":
-        logits_r = self.step_routers[r](h)[..., 0]
-        gate = self.alpha * jax.nn.sigmoid(logits_r)
-        targets = None if cache is not None else depth_routing.hierarchical_topk(gate, active, ks[r])
-        if self.causal_router == "aux_router":
-          decision_logits = self.aux_routers[r](jax.lax.stop_gradient(h))[..., 0]
-        else:
-          decision_logits = logits_r
-        if use_topk:
-          chosen = targets
-        elif self.caps[r] >= 1.0:
-          chosen = active
-        else:
-          chosen = depth_routing.causal_decision(decision_logits, active)
-        if targets is not None and self.caps[r] < 1.0:
-          bce_terms.append(depth_routing.bce_aux_loss(decision_logits, targets, active))
-          agree = jnp.where(active, (decision_logits >= 0) == targets, False)
-          acc_terms.append(jnp.sum(agree) / jnp.maximum(jnp.sum(active), 1))
-      elif self.router == "token":
-        chosen = depth_index >= r
-        last = depth_index == r
-        gate = token_weight
-      else:
-        chosen = active
-
-      kv_arg = [None] * len(layer_ids)
-      if self.kv_mode == "share":
-        kv_arg = list(shared if r > 0 else [SharedKV()] * len(layer_ids))
-        if cache is not None and r == 0:
-          kv_arg = list(cache["recursions"][0])
-      elif cache is not None:
-        kv_arg = list(cache["recursions"][r])
-
-      gathered = static_k is not None and static_k[r] < t
-      if gathered:
-        idx = depth_routing.chosen_indices(chosen, static_k[r])
-        take = lambda a: jnp.take_along_axis(a, idx if a.ndim == 2 else idx[..., None], axis=1)
-        x, pos, mask = take(h), take(positions), None
-      else:
-        x, pos = h, positions
-        mask = None
-        if self.kv_mode == "recursion":
-          if cache is None:
-            mask = chosen[:, None, None, :]
-          else:
-            rows = jnp.arange(b)[:, None]
-            act = cache["active"][r].at[rows, positions].set(chosen, mode="drop")
-            new_cache["active"] = new_cache["active"].at[r].set(act)
-            mask = act[:, None, None, :]
-      def run_block(module, y, kv, layer_ids=layer_ids, pos=pos, mask=mask):
-        out = []
-        for j, layer_id in enumerate(layer_ids):
-          y, c, _ = module.layers[layer_id](y, pos, cache=kv[j], mask=mask)
-          out.append(c)
-        return y, tuple(out)
-
-      if cache is not None and r > 0 and not gathered:
-        # Decoding: a recursion that no token of the batch runs is skipped, so early exits save compute (its
-        # cache is left as it was; recursion-wise caching marks the token inactive there, KV sharing reads r = 0).
-        y, out_kv = nn.cond(jnp.any(chosen), run_block, lambda module, y, kv: (y, tuple(kv)), self, x, tuple(kv_arg))
-      else:
-        y, out_kv = run_block(self, x, tuple(kv_arg))
-      out_kv = list(out_kv)
-      if self.kv_mode == "share" and r == 0:
-        shared = [c if isinstance(c, SharedKV) else SharedKV(*c.read()) for c in out_kv]
-      if cache is not None and (self.kv_mode == "recursion" or r == 0):
-        recs = list(new_cache["recursions"])
-        recs[r] = tuple(out_kv)
-        new_cache["recursions"] = tuple(recs)
-
-      if gathered:
-        g, l = take(gate), take(last)
-      else:
-        g, l = gate, last
-      if self.router == "expert":
-        update = x + g[..., None] * y
-      elif self.router == "token":
-        update = jnp.where(l[..., None], x + g[..., None] * y, y)
-      else:
-        update = y
-      if gathered:
-        h = h.at[jnp.arange(b)[:, None], idx].set(update.astype(h.dtype))
-      else:
-        h = jnp.where(chosen[..., None], update.astype(h.dtype), h)
-      active = chosen
-      ran = ran + chosen.astype(jnp.int32)
-
+  def _coda(self, h, positions, cache, new_cache):
+    """The unshared last layer of middle-* sharing (Sec. 2.1), the final norm and the output projection;
+    -> logits [batch, length, vocab]. Writes the last layer's decoding cache into `new_cache`."""
     if self.last_id is not None:
       h, c, _ = self.layers[self.last_id](h, positions, cache=None if cache is None else cache["last"])
       if cache is not None:
         new_cache["last"] = c
     h = self.final_norm(h)
-    logits = self.embed.attend(h) if self.tie_embeddings else self.lm_head(h)
+    return self.embed.attend(h) if self.tie_embeddings else self.lm_head(h)
 
-    if bce_terms:
-      bce = jnp.sum(jnp.stack(bce_terms))
+  def _route_token_choice(self, h, training):
+    """Token-choice routing (Sec. 2.2.1): one router before the recursions picks each token's depth (top-1 of N_r),
+    with the balance loss `N_r sum_i f_i P_i`, the router z-loss and, optionally, the loss-free bias (DeepSeek-V3
+    style, [guess] for MoR) updated in training.
+
+    Returns:
+      ((depth_index [batch, length] int32, weight [batch, length] float32), weighted aux loss, metrics).
+    """
+    bias = self.depth_bias if self.balance_bias_rate > 0 else None
+    router_logits = self.depth_router(h)
+    depth_index, token_weight, probs = depth_routing.token_choice_route(
+        router_logits, self.token_func, None if bias is None else bias.value)
+    n = self.num_recursions
+    balance = losses.load_balance_loss(probs.reshape(-1, n), depth_index.reshape(-1, 1), n,
+                                       sequence_length=h.shape[1])
+    z = losses.router_z_loss(router_logits.reshape(-1, n))
+    aux = jnp.zeros((), jnp.float32) + self.balance_coef * balance + self.z_coef * z
+    if bias is not None and training and not self.is_initializing():
+      load = jnp.mean(jax.nn.one_hot(depth_index, n), axis=(0, 1))
+      bias.value = update_balance_bias(bias.value, load, self.balance_bias_rate)
+    return (depth_index, token_weight), aux, {"router_balance_loss": balance, "router_z_loss": z}
+
+  def _route_expert_step(self, r, h, active, k, use_topk, cache):
+    """Expert-choice step r (Sec. 2.2.1): router r scores the active tokens, `g = alpha * sigmoid(W_r h)`.
+
+    Training (or `inference_selection='topk'`) keeps the top k of the active tokens (hierarchical); otherwise a token
+    continues iff the decision logit (the router's own, or the auxiliary router's on detached states) is >= 0, and
+    every active token when the capacity is 1. Without a cache, the BCE between the decision logits and the top-k
+    choice is returned with the decisions' accuracy.
+
+    Returns:
+      (StepRoute, [(bce, accuracy)] or []).
+    """
+    logits = self.step_routers[r](h)[..., 0]
+    gate = self.alpha * jax.nn.sigmoid(logits)
+    targets = None if cache is not None else depth_routing.hierarchical_topk(gate, active, k)
+    if self.causal_router == "aux_router":
+      decision = self.aux_routers[r](jax.lax.stop_gradient(h))[..., 0]
+    else:
+      decision = logits
+    if use_topk:
+      chosen = targets
+    elif self.caps[r] >= 1.0:
+      chosen = active
+    else:
+      chosen = depth_routing.causal_decision(decision, active)
+    terms = []
+    if targets is not None and self.caps[r] < 1.0:
+      agree = jnp.where(active, (decision >= 0) == targets, False)
+      terms.append((depth_routing.bce_aux_loss(decision, targets, active),
+                    jnp.sum(agree) / jnp.maximum(jnp.sum(active), 1)))
+    return StepRoute(chosen, gate), terms
+
+  def _recursion(self, r, h, positions, route, static_k, cache, new_cache, shared):
+    """Recursion r: the shared layers run on the tokens `route.chosen`, the others pass unchanged (Sec. 2.1, 2.2.1).
+
+    Training top-k with a static k runs the layers on the gathered chosen tokens only; otherwise on all tokens, with
+    the attention masked (recursion-wise caching) and the update kept for the chosen ones.
+
+    Args:
+      h: [batch, length, d]; positions: [batch, length]; route: StepRoute of recursion r.
+      shared: the recursion-0 keys/values of KV sharing (one SharedKV per layer), None before they exist.
+
+    Returns:
+      (h [batch, length, d], shared).
+    """
+    b, t = route.chosen.shape
+    kv = self._recursion_kv(r, shared, cache)
+    if static_k is not None and static_k[r] < t:
+      idx = depth_routing.chosen_indices(route.chosen, static_k[r])
+
+      def take(a):
+        return None if a is None else jnp.take_along_axis(a, idx if a.ndim == 2 else idx[..., None], axis=1)
+      x = take(h)
+      y, out_kv = self._shared_layers(r, x, take(positions), None, kv)
+      update = self._combine(x, y, take(route.gate), take(route.last))
+      h = h.at[jnp.arange(b)[:, None], idx].set(update.astype(h.dtype))
+    else:
+      mask = self._recursion_mask(r, route.chosen, positions, cache, new_cache)
+      # Decoding: a recursion that no token of the batch runs is skipped, so early exits save compute (its cache is
+      # left as it was; recursion-wise caching marks the token inactive there, KV sharing reads r = 0).
+      skip_unless = route.chosen if cache is not None and r > 0 else None
+      y, out_kv = self._shared_layers(r, h, positions, mask, kv, skip_unless)
+      update = self._combine(h, y, route.gate, route.last)
+      h = jnp.where(route.chosen[..., None], update.astype(h.dtype), h)
+    return h, self._store_kv(r, out_kv, shared, cache, new_cache)
+
+  def _shared_layers(self, r, x, positions, mask, kv, skip_unless=None):
+    """The unique layers recursion r runs (Sec. 2.1, parameter sharing: `self.schedule[r]`).
+
+    Args:
+      x: [batch, n, d] with positions [batch, n]; mask: extra attention mask or None; kv: one attention cache per
+        layer (KVCache, SharedKV or None).
+      skip_unless: optional [batch, length] bool; when none is True the layers are skipped (`nn.cond`).
+
+    Returns:
+      (y [batch, n, d], the layers' updated caches).
+    """
+    def run(module, y, kv):
+      out = []
+      for j, layer_id in enumerate(self.schedule[r]):
+        y, c, _ = module.layers[layer_id](y, positions, cache=kv[j], mask=mask)
+        out.append(c)
+      return y, tuple(out)
+
+    if skip_unless is None:
+      return run(self, x, kv)
+    return nn.cond(jnp.any(skip_unless), run, lambda module, y, kv: (y, tuple(kv)), self, x, kv)
+
+  def _combine(self, x, y, gate, last):
+    """A chosen token's new state from its input x and the layers' output y = Block(x) (Sec. 2.2.1; Block(x) holds
+    its own residual, authors' code): expert-choice `x + g * y`; token-choice y, and `x + g * y` at the token's last
+    recursion; the baseline y."""
+    if self.router == "expert":
+      return x + gate[..., None] * y
+    if self.router == "token":
+      return jnp.where(last[..., None], x + gate[..., None] * y, y)
+    return y
+
+  def _recursion_kv(self, r, shared, cache):
+    """The attention cache of each layer of recursion r (Sec. 2.2.2): recursion-wise caching reads the decoding cache
+    of recursion r (None in a full forward); KV sharing captures recursion 0's keys/values (`SharedKV()`, or the
+    decoding cache of recursion 0) and lets later recursions attend to them."""
+    n = len(self.schedule[r])
+    if self.kv_mode == "share" and r > 0:
+      return tuple(shared)
+    if cache is not None:
+      return tuple(cache["recursions"][r])
+    return (SharedKV(),) * n if self.kv_mode == "share" else (None,) * n
+
+  def _recursion_mask(self, r, chosen, positions, cache, new_cache):
+    """Recursion-wise caching (Sec. 2.2.2): at recursion r a query attends only to the tokens that run r; decoding
+    records them in the cache's `active[r]` (written into `new_cache`). KV sharing: None (all of recursion 0's keys).
+
+    Returns:
+      None or bool [batch, 1, 1, keys].
+    """
+    if self.kv_mode != "recursion":
+      return None
+    if cache is None:
+      return chosen[:, None, None, :]
+    rows = jnp.arange(chosen.shape[0])[:, None]
+    act = cache["active"][r].at[rows, positions].set(chosen, mode="drop")
+    new_cache["active"] = new_cache["active"].at[r].set(act)
+    return act[:, None, None, :]
+
+  def _store_kv(self, r, out_kv, shared, cache, new_cache):
+    """Keeps the keys/values recursion r produced (Sec. 2.2.2): recursion 0's become the `shared` ones of KV sharing;
+    the decoding cache keeps every recursion's (recursion-wise) or recursion 0's (sharing). Returns `shared`."""
+    if self.kv_mode == "share" and r == 0:
+      shared = [c if isinstance(c, SharedKV) else SharedKV(*c.read()) for c in out_kv]
+    if cache is not None and (self.kv_mode == "recursion" or r == 0):
+      recs = list(new_cache["recursions"])
+      recs[r] = tuple(out_kv)
+      new_cache["recursions"] = tuple(recs)
+    return shared
+
+  def _depth_losses_and_metrics(self, aux, metrics, decision_terms, ran):
+    """Adds the expert-choice BCE loss (summed over the steps, Sec. 2.2.1) to `aux` and the depth metrics (histogram,
+    fraction reaching each recursion, mean depth, capacity usage) to `metrics`; ran: [batch, length] int32.
+    Returns the aux loss."""
+    if decision_terms:
+      bce = jnp.sum(jnp.stack([bce for bce, _ in decision_terms]))
       aux = aux + self.bce_coef * bce
-      metrics.update(router_bce_loss=bce, router_decision_accuracy=jnp.mean(jnp.stack(acc_terms)))
+      metrics.update(router_bce_loss=bce,
+                     router_decision_accuracy=jnp.mean(jnp.stack([acc for _, acc in decision_terms])))
     hist, reached = depth_routing.depth_histogram(ran, self.num_recursions)
-    metrics.update(depth_hist=hist, depth_reached=reached,
-                   mean_depth=jnp.mean(ran.astype(jnp.float32)))
+    metrics.update(depth_hist=hist, depth_reached=reached, mean_depth=jnp.mean(ran.astype(jnp.float32)))
     if self.router == "expert":
       metrics["capacity_usage"] = reached / jnp.asarray(self.caps, jnp.float32)
-    if cache is not None:
-      new_cache["length"] = jnp.maximum(cache["length"], jnp.max(positions, axis=1) + 1)
-    return logits.astype(jnp.float32), ModelOutput(aux_loss=aux, metrics=metrics, cache=new_cache), ran
+    return aux
 
   def num_params(self):
     """Analytic unique-parameter count (equals `count_params` of the initialised params)."""
