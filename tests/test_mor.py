@@ -309,7 +309,10 @@ def test_loss_free_bias_updates_in_training_only():
 @pytest.mark.parametrize("kw,match", [(dict(router="mixed"), "router"), (dict(kv_mode="share", capacities=(0.5, 0.5)),
                                                                           "share"),
                                       (dict(capacities=(1.0, 1.5)), "capacities"),
-                                      (dict(num_layers=5, sharing="cycle"), "num_layers")])
+                                      (dict(num_layers=5, sharing="cycle"), "num_layers"),
+                                      (dict(head_dim=15), "even"), (dict(num_kv_heads=3), "divide"),
+                                      (dict(gate_scale=-1.0), "gate_scale"), (dict(dtype="float33"), "dtype"),
+                                      (dict(kv_mode="both"), "kv_mode")])
 def test_bad_config_raises(kw, match):
   with pytest.raises(ConfigError, match=match):
     make(num_recursions=2, **kw)
@@ -318,6 +321,17 @@ def test_bad_config_raises(kw, match):
 def test_registry_builds_mor():
   model = build_model({"name": "mor", **TINY, "num_layers": 4, "num_recursions": 2, "router": "none"})
   assert isinstance(model, mor.MoRLM)
+
+
+def test_old_key_names_build_the_same_model_with_a_warning(caplog):
+  base = {"name": "mor", **TINY, "num_layers": 4, "num_recursions": 2, "router": "token"}
+  renamed = {"balance_coef": ("load_balance_coef", 0.2), "z_coef": ("z_loss_coef", 1e-4), "alpha": ("gate_scale", 0.3)}
+  with caplog.at_level("WARNING"):
+    old = build_model({**base, **{key: value for key, (_, value) in renamed.items()}})
+  new = build_model({**base, **{key: value for key, value in renamed.values()}})
+  assert old == new and (new.load_balance_coef, new.z_loss_coef, new.gate_scale) == (0.2, 1e-4, 0.3)
+  for key, (new_key, _) in renamed.items():
+    assert f"config.model.{key} is now called config.model.{new_key}" in caplog.text
 
 
 def test_flops_account_for_early_exit():

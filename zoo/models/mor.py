@@ -8,14 +8,16 @@ Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for 
   `base_depth = (num_layers - 2) / N_r` layers are shared as above. Recursion r is the r-th chunk of `base_depth`
   layers of the effective middle stack (for `sequence` this chunking is a [guess]).
 - Routers (Sec. 2.2.1, `zoo.routing.depth`):
-  `router='expert'`: step r scores the tokens still active with `g = alpha * sigmoid(W_r h)` and keeps the top
-  `k_r = int(cap_r * T)` of them (hierarchical, causal order); chosen tokens update `h <- h + g * Block_r(h)` where
-  `Block_r(h)` already contains its own residual (authors' code), the others pass unchanged. Top-k over the sequence
-  sees the future, so a BCE loss (`causal_router='aux_loss'`: on the router's own logits; `'aux_router'`: on a
-  separate router fed with detached states) teaches a per-token decision `sigmoid(logit) >= 0.5` that inference uses.
+  `router='expert'`: step r scores the tokens still active with `g = gate_scale * sigmoid(W_r h)` (the paper's
+  alpha) and keeps the top `k_r = int(cap_r * T)` of them (hierarchical, causal order); chosen tokens update
+  `h <- h + g * Block_r(h)` where `Block_r(h)` already contains its own residual (authors' code), the others pass
+  unchanged. Top-k over the sequence sees the future, so a BCE loss (`causal_router='aux_loss'`: on the router's own
+  logits; `'aux_router'`: on a separate router fed with detached states) teaches a per-token decision
+  `sigmoid(logit) >= 0.5` that inference uses.
   `router='token'`: one router before the recursions, top-1 depth j of N_r; the token runs recursions 0..j with
   `h <- Block_r(h)` and, at its last recursion, `h <- h + p_j * Block_j(h)`; balance loss `N_r * sum_i f_i P_i`
-  (coefficient 0.1), z-loss (1e-5), optional loss-free bias (DeepSeek-V3 style, [guess] for MoR).
+  (`load_balance_coef` 0.1), z-loss (`z_loss_coef` 1e-5), optional loss-free bias (DeepSeek-V3 style, [guess] for
+  MoR).
   `router='none'`: the Recursive Transformer baseline, every token runs every recursion with `h <- Block_r(h)`.
 - KV (Sec. 2.2.2): `kv_mode='recursion'` (recursion-wise caching): at recursion r a query attends only to the tokens
   active at r, and the decoding cache of recursion r holds only their keys/values (marked in `active`).
@@ -52,7 +54,7 @@ import jax.numpy as jnp
 from zoo.layers import MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm, mean_attended_keys
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.output import ModelOutput, sow_output
-from zoo.models.registry import ConfigError, register_model
+from zoo.models.registry import ConfigError, check_config, register_model
 from zoo.routing import depth as depth_routing
 from zoo.routing import losses
 from zoo.routing.routers import update_balance_bias
@@ -143,19 +145,21 @@ class MoRLM(nn.Module):
     sharing: 'cycle' | 'sequence' | 'middle_cycle' | 'middle_sequence'.
     router: 'expert' | 'token' | 'none'.
     router_arch: 'linear' (d -> out) or 'mlp' (d -> 2d -> GELU -> out).
-    alpha: scale of the expert-choice gate `alpha * sigmoid(W h)` (0.1).
+    gate_scale: scale of the expert-choice gate `gate_scale * sigmoid(W h)` (0.1; the paper's alpha).
     capacities: expert-choice capacity per recursion; () = (N_r - r) / N_r.
     capacity_warmup_steps: cosine warm-up of the capacity from 1 (0 = none).
     causal_router: 'aux_loss' (BCE on the router logits) or 'aux_router' (separate router on detached states).
     bce_coef: weight of the BCE loss (1e-3), summed over recursion steps.
     inference_selection: 'causal' or 'topk' (see module docstring).
     token_func: 'softmax' | 'sigmoid' for token-choice.
-    balance_coef, z_coef: token-choice balance loss (0.1) and router z-loss (1e-5) weights.
+    load_balance_coef, z_loss_coef: token-choice balance loss (0.1) and router z-loss (1e-5) weights.
     balance_bias_rate: > 0 enables loss-free bias balancing of token-choice with this update rate.
     kv_mode: 'recursion' (recursion-wise caching) or 'share' (recursive KV sharing).
     rope_theta, norm_epsilon, tie_embeddings, dtype: as in the dense LM.
   """
   exposes: ClassVar[tuple[str, ...]] = ("depth",)
+  renamed_keys: ClassVar[dict[str, str]] = {"balance_coef": "load_balance_coef", "z_coef": "z_loss_coef",
+                                            "alpha": "gate_scale"}
   vocab_size: int = 260
   embed_dim: int = 128
   num_layers: int = 6
@@ -168,15 +172,15 @@ class MoRLM(nn.Module):
   sharing: str = "middle_cycle"
   router: str = "expert"
   router_arch: str = "linear"
-  alpha: float = 0.1
+  gate_scale: float = 0.1
   capacities: tuple = ()
   capacity_warmup_steps: int = 0
   causal_router: str = "aux_loss"
   bce_coef: float = 1e-3
   inference_selection: str = "causal"
   token_func: str = "softmax"
-  balance_coef: float = 0.1
-  z_coef: float = 1e-5
+  load_balance_coef: float = 0.1
+  z_loss_coef: float = 1e-5
   balance_bias_rate: float = 0.0
   kv_mode: str = "recursion"
   rope_theta: float = 10000.0
@@ -185,21 +189,21 @@ class MoRLM(nn.Module):
   dtype: Any = "float32"
 
   def __post_init__(self):
-    choices = {"router": ROUTERS, "router_arch": ("linear", "mlp"), "causal_router": ("aux_loss", "aux_router"),
-               "inference_selection": ("causal", "topk"), "token_func": ("softmax", "sigmoid"),
-               "kv_mode": ("recursion", "share")}
-    for key, allowed in choices.items():
-      if getattr(self, key) not in allowed:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is invalid; choose one of {allowed}")
-    for key in ("vocab_size", "embed_dim", "num_layers", "num_heads", "head_dim", "mlp_dim"):
-      if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} must be a positive integer")
+    check_config(self, positive=("vocab_size", "embed_dim", "num_layers", "num_heads", "head_dim", "mlp_dim",
+                                 "num_recursions"),
+                 optional_positive=("num_kv_heads",),
+                 non_negative=("capacity_warmup_steps", "bce_coef", "load_balance_coef", "z_loss_coef",
+                               "balance_bias_rate"),
+                 intervals={"gate_scale": "(0, inf)", "rope_theta": "(0, inf)", "norm_epsilon": "(0, inf)"},
+                 choices={"router": ROUTERS, "router_arch": ("linear", "mlp"),
+                          "causal_router": ("aux_loss", "aux_router"), "inference_selection": ("causal", "topk"),
+                          "token_func": ("softmax", "sigmoid"), "kv_mode": ("recursion", "share"),
+                          "sharing": SHARING, "mlp_activation": sorted(ACTIVATIONS)},
+                 dtypes=("dtype",))
     if self.head_dim % 2:
       raise ConfigError(f"config.model.head_dim={self.head_dim} must be even for RoPE")
-    if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+    if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
       raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
-    if self.mlp_activation not in ACTIVATIONS:
-      raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r}; choose one of {sorted(ACTIVATIONS)}")
     layer_schedule(self.sharing, self.num_layers, self.num_recursions)
     caps = self.caps
     if self.kv_mode == "share" and caps[0] < 1.0:
@@ -368,14 +372,14 @@ class MoRLM(nn.Module):
     balance = losses.load_balance_loss(probs.reshape(-1, n), depth_index.reshape(-1, 1), n,
                                        sequence_length=h.shape[1])
     z = losses.router_z_loss(router_logits.reshape(-1, n))
-    aux = jnp.zeros((), jnp.float32) + self.balance_coef * balance + self.z_coef * z
+    aux = jnp.zeros((), jnp.float32) + self.load_balance_coef * balance + self.z_loss_coef * z
     if bias is not None and training and not self.is_initializing():
       load = jnp.mean(jax.nn.one_hot(depth_index, n), axis=(0, 1))
       bias.value = update_balance_bias(bias.value, load, self.balance_bias_rate)
     return (depth_index, token_weight), aux, {"router_balance_loss": balance, "router_z_loss": z}
 
   def _route_expert_step(self, r, h, active, k, use_topk, cache):
-    """Expert-choice step r (Sec. 2.2.1): router r scores the active tokens, `g = alpha * sigmoid(W_r h)`.
+    """Expert-choice step r (Sec. 2.2.1): router r scores the active tokens, `g = gate_scale * sigmoid(W_r h)`.
 
     Training (or `inference_selection='topk'`) keeps the top k of the active tokens (hierarchical); otherwise a token
     continues iff the decision logit (the router's own, or the auxiliary router's on detached states) is >= 0, and
@@ -386,7 +390,7 @@ class MoRLM(nn.Module):
       (StepRoute, [(bce, accuracy)] or []).
     """
     logits = self.step_routers[r](h)[..., 0]
-    gate = self.alpha * jax.nn.sigmoid(logits)
+    gate = self.gate_scale * jax.nn.sigmoid(logits)
     targets = None if cache is not None else depth_routing.hierarchical_topk(gate, active, k)
     if self.causal_router == "aux_router":
       decision = self.aux_routers[r](jax.lax.stop_gradient(h))[..., 0]

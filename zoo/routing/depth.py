@@ -2,11 +2,11 @@
 
 Mixture-of-Recursions (Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for Adaptive
 Token-Level Computation"; papers.md A1):
-- expert-choice (Sec. 2.2.1): one router per recursion step scores the tokens still active, `g = alpha * sigmoid(W h)`;
-  step r keeps the top `k_r = int(cap_r * T)` of the tokens kept at step r-1 (hierarchical), in causal order;
-  default `cap_r = (N_r - r) / N_r`, optional cosine warm-up of the capacity from 1. Top-k over the sequence sees the
-  future, so inference decides per token: an auxiliary BCE loss teaches `sigmoid(logit) >= 0.5` to mean "chosen"
-  (or a separate auxiliary router learns it on detached states).
+- expert-choice (Sec. 2.2.1): one router per recursion step scores the tokens still active,
+  `g = gate_scale * sigmoid(W h)` (the paper's alpha); step r keeps the top `k_r = int(cap_r * T)` of the tokens kept
+  at step r-1 (hierarchical), in causal order; default `cap_r = (N_r - r) / N_r`, optional cosine warm-up of the
+  capacity from 1. Top-k over the sequence sees the future, so inference decides per token: an auxiliary BCE loss
+  teaches `sigmoid(logit) >= 0.5` to mean "chosen" (or a separate auxiliary router learns it on detached states).
 - token-choice (Sec. 2.2.1): one router before the recursions, softmax (or sigmoid) over the N_r depths, top-1 depth.
 
 Pure functions over arrays, routing math in float32; `DepthRouter` only owns parameters. The load-balance loss,
