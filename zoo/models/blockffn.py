@@ -24,11 +24,10 @@ dispatch 'auto' = capacity on CPU, which with every slot possible costs what 'de
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.models.decoder_parts import ExpertLayers, layer_expert_ids
 from zoo.models.dense_lm import DenseLM
-from zoo.models.moe_lm import ExpertLayers, layer_expert_ids
 from zoo.models.registry import check_config, register_model
-from zoo.routing import MoEFFN, routing_from_dense
-from zoo.routing import sparsity
+from zoo.routing import MoEFFN, routing_from_dense, sparsity
 
 
 class BlockFFNLayer(nn.Module):

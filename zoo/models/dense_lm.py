@@ -20,8 +20,18 @@ import flax.core
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import (MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, MLACache, MultiHeadLatentAttention,
-                        RMSNorm, train_flops_per_token)
+from zoo.layers import (
+  MLP,
+  Attention,
+  DecoderBlock,
+  DenseGeneral,
+  Embed,
+  KVCache,
+  MLACache,
+  MultiHeadLatentAttention,
+  RMSNorm,
+  train_flops_per_token,
+)
 from zoo.layers.attention import QK_NORM_SCOPES
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.layers.rope import check_rope_scaling

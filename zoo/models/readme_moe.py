@@ -40,9 +40,8 @@ from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.dense_lm import DenseLM, default_positions
 from zoo.models.output import ModelOutput, sow_output
 from zoo.models.registry import ConfigError, check_config, register_model
-from zoo.routing import GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, DISPATCH_MODES, MoEFFN, stack_layer_metrics
-from zoo.routing.pregate import (PreGateRouter, expert_activation_scores, pregate_loss, pregate_routing,
-                                 pregate_targets)
+from zoo.routing import DISPATCH_MODES, GATED_ACTIVATIONS, PLAIN_ACTIVATIONS, MoEFFN, stack_layer_metrics
+from zoo.routing.pregate import PreGateRouter, expert_activation_scores, pregate_loss, pregate_routing, pregate_targets
 
 TRAIN_PHASES = ("router", "backbone", "joint")
 DISPATCH = ("auto",) + DISPATCH_MODES

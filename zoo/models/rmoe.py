@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from zoo.layers import MLP
+from zoo.models.decoder_parts import ExpertLayers, SharedExperts, TopKRouting, layer_expert_ids
 from zoo.models.dense_lm import DenseLM
-from zoo.models.moe_lm import ExpertLayers, SharedExperts, TopKRouting, layer_expert_ids
 from zoo.models.registry import ConfigError, check_config, register_model
 from zoo.routing import MoEFFN
 from zoo.routing.recurrent import GRUCell, RecurrentRouter

@@ -35,8 +35,8 @@ import functools
 import flax.linen as nn
 
 from zoo.layers import DecoderBlock
+from zoo.models.decoder_parts import ExpertLayers, TopKRouting, layer_expert_ids
 from zoo.models.dense_lm import DenseLM
-from zoo.models.moe_lm import ExpertLayers, TopKRouting, layer_expert_ids
 from zoo.models.output import sow_output
 from zoo.models.registry import check_config, register_model
 from zoo.routing import MoEFFN

@@ -22,8 +22,8 @@ losses default to 0 (they would only push on the hidden states).
 import flax.linen as nn
 import jax.numpy as jnp
 
+from zoo.models.decoder_parts import ExpertLayers, RouterLossWeights, SharedExperts, routed_ffn_factory
 from zoo.models.dense_lm import DenseLM
-from zoo.models.moe_lm import ExpertLayers, RouterLossWeights, SharedExperts, routed_ffn_factory
 from zoo.models.registry import ConfigError, check_config, register_model
 from zoo.routing import Router
 from zoo.routing.sparsity import K_SCHEDULES, expert_count_schedule, truncate_routing
