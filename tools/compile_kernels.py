@@ -148,6 +148,24 @@ def compile_triton(module, arch, warps, stages):
   }
 
 
+def add_row(lines, cells):
+  """Appends the markdown table row of `cells` to `lines` and prints it."""
+  line = "| " + " | ".join(map(str, cells)) + " |"
+  lines.append(line)
+  print(line, flush=True)
+
+
+def compile_status(compile_step):
+  """(status, seconds) of running compile_step(): status "yes", or "**no**: " and the error's first line."""
+  start = time.perf_counter()
+  try:
+    compile_step()
+    status = "yes"
+  except Exception as error:  # pylint: disable=broad-except
+    status = "**no**: " + str(error).splitlines()[0][:200].replace("|", "/")
+  return status, time.perf_counter() - start
+
+
 def run_triton(args, cases, tilings):
   try:
     import triton  # pylint: disable=g-import-not-at-top
@@ -173,13 +191,9 @@ def run_triton(args, cases, tilings):
           for label, module in modules.items():
             r = compile_triton(module, args.arch, num_warps, num_stages)
             fits = "?" if limit is None else ("yes" if r["shared_kib"] <= limit else "**no**")
-            line = (
-              f"| {name} | {'x'.join(map(str, tiling))} | {num_warps} | {num_stages} | {label} | "
-              f"{r['shared_kib']:.0f} | {fits} | {r['registers']} | {r['spill_bytes']} | {r['wgmma']} | "
-              f"{r['mma']} | {r['cp_async']} |"
-            )
-            lines.append(line)
-            print(line, flush=True)
+            resources = [r[key] for key in ("registers", "spill_bytes", "wgmma", "mma", "cp_async")]
+            cells = [name, "x".join(map(str, tiling)), num_warps, num_stages, label, f"{r['shared_kib']:.0f}", fits]
+            add_row(lines, [*cells, *resources])
   return lines
 
 
@@ -228,40 +242,28 @@ def run_tpu(args, cases, tilings):
         "pip install 'jax[tpu]==<installed jax version>'"
       )
     sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+    device = f"{chip} ({topology.devices[0].device_kind})"
     for name, m, k, n, g in cases:
       for tiling in tilings or [DEFAULT_TILING["pallas_tpu"]]:
         for dtype in (jnp.bfloat16, jnp.float32):
           for gather in (False, True):
-            start = time.perf_counter()
-            try:
-              jax.jit(moe_step("pallas_tpu", tiling, gather)).lower(*step_args(m, k, n, g, dtype, sharding)).compile()
-              status = "yes"
-            except Exception as error:  # pylint: disable=broad-except
-              failures += 1
-              status = "**no**: " + str(error).splitlines()[0][:200].replace("|", "/")
-            line = (
-              f"| {name} | {chip} ({topology.devices[0].device_kind}) | {'x'.join(map(str, tiling))} | "
-              f"{jnp.dtype(dtype).name} | {'gather gmm' if gather else 'gmm'} fwd + bwd | {status} | "
-              f"{time.perf_counter() - start:.1f} |"
-            )
-            lines.append(line)
-            print(line, flush=True)
+            step = jax.jit(moe_step("pallas_tpu", tiling, gather))
+            status, seconds = compile_status(lambda: step.lower(*step_args(m, k, n, g, dtype, sharding)).compile())
+            failures += status != "yes"
+            step_name = f"{'gather gmm' if gather else 'gmm'} fwd + bwd"
+            cells = [name, device, "x".join(map(str, tiling)), jnp.dtype(dtype).name, step_name, status]
+            add_row(lines, [*cells, f"{seconds:.1f}"])
     for config_path in args.model_configs.split(",") if args.model_configs else []:
-      start = time.perf_counter()
-      try:
+
+      def compile_model():
         grad, abstract = model_gradient(config_path, sharding)
         with kernels.default_implementation("pallas_tpu"):
           jax.jit(grad).lower(*abstract).compile()
-        status = "yes"
-      except Exception as error:  # pylint: disable=broad-except
-        failures += 1
-        status = "**no**: " + str(error).splitlines()[0][:200].replace("|", "/")
-      line = (
-        f"| {os.path.basename(config_path)} training gradient | {chip} ({topology.devices[0].device_kind}) | "
-        f"default | bfloat16 | dropless, gather-fused | {status} | {time.perf_counter() - start:.1f} |"
-      )
-      lines.append(line)
-      print(line, flush=True)
+
+      status, seconds = compile_status(compile_model)
+      failures += status != "yes"
+      model = f"{os.path.basename(config_path)} training gradient"
+      add_row(lines, [model, device, "default", "bfloat16", "dropless, gather-fused", status, f"{seconds:.1f}"])
   if failures:
     print(f"{failures} step(s) failed to compile", file=sys.stderr)
   return lines
