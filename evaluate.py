@@ -12,7 +12,7 @@ DIR/eval_<step>.json).
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from zoo.engine import cli
 
@@ -21,19 +21,11 @@ flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the la
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  cli.quiet_checkpoint_noise()
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.batch_size=64")
-  cli.initialize()
+  cli.start(argv, "--config.train.batch_size=64")
   from zoo.engine.trainer import evaluate
 
-  try:
+  with cli.one_line_errors():
     step, results, sample = evaluate(flags.FLAGS.config, flags.FLAGS.workdir, step=flags.FLAGS.step)
-  except cli.USER_ERRORS as e:
-    cli.fail(e)
-  except OSError as e:  # a full disk, a vanished mount: one line, not a traceback
-    cli.fail(f"{type(e).__name__}: {e}", code=1)
   print(f"checkpoint step {step} of {flags.FLAGS.workdir}, split {flags.FLAGS.config.data.eval_split!r}:")
   for key, value in results.items():
     if isinstance(value, float):

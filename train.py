@@ -8,7 +8,7 @@ with --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the JA
 and SLURM are detected).
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from zoo.engine import cli
 
@@ -22,21 +22,11 @@ flags.DEFINE_integer(
 
 
 def main(argv):
-  logging.set_verbosity(logging.WARNING)
-  cli.quiet_checkpoint_noise()
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments {argv[1:]}; overrides look like --config.train.steps=100")
-  cli.initialize()
+  cli.start(argv, "--config.train.steps=100")
   from zoo.engine.trainer import TrainingDivergedError, train
 
-  try:
+  with cli.one_line_errors(fatal=TrainingDivergedError):
     train(flags.FLAGS.config, flags.FLAGS.workdir, step=flags.FLAGS.step)
-  except cli.USER_ERRORS as e:
-    cli.fail(e)
-  except OSError as e:  # a full disk, a vanished mount: one line, not a traceback
-    cli.fail(f"{type(e).__name__}: {e}", code=1)
-  except TrainingDivergedError as e:
-    cli.fail(e, code=1)
 
 
 if __name__ == "__main__":

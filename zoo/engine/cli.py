@@ -1,13 +1,15 @@
 """What train.py and evaluate.py share: flags, multi-host start-up, and one-line errors instead of tracebacks."""
+
 import ast
 import atexit
+import contextlib
 import logging as stdlib_logging
 import os
 import sys
 import threading
 
-from absl import flags
 import ml_collections
+from absl import flags, logging
 from ml_collections import config_flags
 
 from zoo.engine.checkpoint import CheckpointError
@@ -19,8 +21,9 @@ def define_flags():
   # New keys are accepted by the flag parser so that any model field can be overridden even when the config file
   # does not list it (`--config.model.chunk_coef=0`); `validate_config` and `build_model` then reject unknown keys
   # with the list of valid ones.
-  config_flags.DEFINE_config_file("config", None, "experiment config file, e.g. configs/dense_lm.py",
-                                  lock_config=False, accept_new_attributes=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "experiment config file, e.g. configs/dense_lm.py", lock_config=False, accept_new_attributes=True
+  )
   flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl, tb/ and eval results")
   flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
   flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
@@ -43,8 +46,10 @@ def parse_flags(argv):
     fail(f"--config={path}: {type(e).__name__}: {e}")
   config = flags.FLAGS.config
   if not isinstance(config, ml_collections.ConfigDict):
-    fail(f"--config={path}: get_config() returned a {type(config).__name__}; allowed: an ml_collections.ConfigDict "
-         "(start from configs.base.get_base_config)")
+    fail(
+      f"--config={path}: get_config() returned a {type(config).__name__}; allowed: an ml_collections.ConfigDict "
+      "(start from configs.base.get_base_config)"
+    )
   return rest
 
 
@@ -73,8 +78,10 @@ def check_config_file(path):
     line = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
     fail(f"--config={path}{line}: {type(e).__name__}: {getattr(e, 'msg', e)}")
   if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
-    fail(f"--config={path} defines no get_config(); allowed: a Python file defining get_config() that returns an "
-         "ml_collections.ConfigDict")
+    fail(
+      f"--config={path} defines no get_config(); allowed: a Python file defining get_config() that returns an "
+      "ml_collections.ConfigDict"
+    )
 
 
 def fail(error, code=2):
@@ -133,10 +140,14 @@ def quiet_checkpoint_noise():
   background threads with a traceback, and asyncio logs one ('Event loop is closed', 'Task exception was never
   retrieved') for every tensorstore write still pending when orbax gives up, and tensorstore prints 'Event loop is
   closed' tracebacks of its own."""
+
   class _NoCheckpointNoise(stdlib_logging.Filter):
     def filter(self, record):
-      return "orbax" not in record.pathname and record.name != "asyncio" and not (
-          record.exc_info and str(record.exc_info[1]) == "Event loop is closed")
+      return (
+        "orbax" not in record.pathname
+        and record.name != "asyncio"
+        and not (record.exc_info and str(record.exc_info[1]) == "Event loop is closed")
+      )
 
   for handler in stdlib_logging.getLogger().handlers:
     handler.addFilter(_NoCheckpointNoise())
@@ -146,9 +157,41 @@ def quiet_checkpoint_noise():
 def initialize():
   """Join the multi-host run described by the flags or the environment."""
   from zoo.engine.distributed import maybe_initialize
+
   maybe_initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id)
 
 
+def start(argv, override_example):
+  """An entry point's start: warnings-only logging, quiet checkpoint noise, no stray arguments (`override_example`
+  shows what an override looks like), then the multi-host join."""
+  logging.set_verbosity(logging.WARNING)
+  quiet_checkpoint_noise()
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; overrides look like {override_example}")
+  initialize()
+
+
+@contextlib.contextmanager
+def one_line_errors(fatal=()):
+  """Ends the process with one line for an error raised in the block: exit code 2 for USER_ERRORS, 1 for an OSError
+  (a full disk, a vanished mount) or one of the exception types `fatal`."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    fail(e)
+  except OSError as e:
+    fail(f"{type(e).__name__}: {e}", code=1)
+  except fatal as e:
+    fail(e, code=1)
+
+
 # Errors that mean "the user asked for something wrong": printed as one line, exit code 2.
-USER_ERRORS = (ConfigError, ValueError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError,
-               NotADirectoryError)
+USER_ERRORS = (
+  ConfigError,
+  ValueError,
+  CheckpointError,
+  FileNotFoundError,
+  PermissionError,
+  IsADirectoryError,
+  NotADirectoryError,
+)
