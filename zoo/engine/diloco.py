@@ -64,7 +64,6 @@ import copy
 import json
 import os
 import re
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -81,8 +80,8 @@ from zoo.engine.checkpoint import CheckpointError, Checkpointer
 from zoo.engine.config import validate_config
 from zoo.engine.memory import check_memory
 from zoo.engine.state import TrainState, init_variables, state_shardings
-from zoo.engine.trainer import (Experiment, _all_finite, _check_finite, _format, _log, _progress, _Sigterm,
-                                open_run_records, report_sigterm_save, resume_data, use_hf_model_config)
+from zoo.engine.trainer import (Experiment, _all_finite, _log, _Sigterm, open_run_records, resume_data, run_steps,
+                                use_hf_model_config)
 from zoo.engine.workdir import WorkdirLock, check_workdir
 from zoo.models import ConfigError
 
@@ -519,18 +518,9 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       return state
 
     eval_step = strategy.make_eval_step()
-    eval_every = int(t.eval_every_steps)
-    if start == 0 and eval_every:
-      writer.write(0, {f"eval_{k}": v for k, v in strategy.run_eval(state, eval_step).items()})
     export_fn = jax.jit(strategy.export_state, out_shardings=strategy.base_shardings)
 
-    bar = _progress(primary and progress, start, steps)
-    stack.callback(bar.close)
-    every = int(config.checkpoint.every_steps)
-    items, tic = 0, time.perf_counter()
-    for step in range(start + 1, steps + 1):
-      batch = next(train_iter)
-      items += exp.task.items(batch) * jax.process_count()
+    def advance(step, state, batch):
       state, metrics = inner_step(state, strategy.replica_batch(strategy.pad(batch)))
       is_outer = step % h == 0 or step == steps
       record = {}
@@ -541,40 +531,22 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
             record["router_drift"] = float(outer_metrics["router_drift"])
           if "replica_model" in metrics:
             record["replica_expert_load"] = np.asarray(jax.device_get(metrics["replica_model"]["expert_load"]))
-      bar.update(1)
-      ckpt.poll()
-      export.poll()
-      if step % int(t.log_every_steps) == 0 or step == steps or is_outer:
-        host, _ = _host_record(strategy, metrics)
-        _check_finite(step, ckpt, host)
-        elapsed = time.perf_counter() - tic
-        record.update(host)
-        record[exp.task.throughput_key] = items / max(elapsed, 1e-9)
-        items, tic = 0, time.perf_counter()
-        outer_steps = int(jax.device_get(state.outer_steps))
-        record.update(comm_bytes=strategy.outer_bytes if is_outer else 0,
-                      comm_bytes_total=outer_steps * strategy.outer_bytes,
-                      comm_bytes_data_parallel_total=step * strategy.grad_bytes, outer_steps=outer_steps)
-        bar.set_postfix(loss=f"{float(host['loss']):.4f}")
-      stop = sigterm.received
-      if (every and step % every == 0) or step == steps or stop:
-        host, _ = _host_record(strategy, metrics)
-        _check_finite(step, ckpt, host, bool(_all_finite((state.params, state.outer_params))))
-        data_state = train_iter.get_state()
-        ckpt.save(step, state.packed(), data_state)
-        export.save(step, export_fn(state), data_state)
-      if step == steps or stop:
-        ckpt.wait()
-        export.wait()
-      if (eval_every and step % eval_every == 0) or step == steps:
-        record.update({f"eval_{k}": v for k, v in strategy.run_eval(state, eval_step).items()})
-      if record:
-        writer.write(step, record)
-        if primary and progress:
-          bar.write(_format(step, record))
-      if stop:
-        report_sigterm_save(step, ckpt, primary)
-        break
-    ckpt.wait()
-    export.wait()
-  return state
+      return state, metrics, record, is_outer
+
+    def communication(step, state, is_outer):
+      """The communication ledger of a log record: bytes of this step's and all outer all-reduces, and what data
+      parallelism would have sent."""
+      outer_steps = int(jax.device_get(state.outer_steps))
+      return dict(comm_bytes=strategy.outer_bytes if is_outer else 0, comm_bytes_total=outer_steps * strategy.outer_bytes,
+                  comm_bytes_data_parallel_total=step * strategy.grad_bytes, outer_steps=outer_steps)
+
+    def save(step, state):
+      data_state = train_iter.get_state()
+      ckpt.save(step, state.packed(), data_state)
+      export.save(step, export_fn(state), data_state)
+
+    return run_steps(state, start=start, config=config, task=exp.task, train_iter=train_iter, writer=writer,
+                     sigterm=sigterm, primary=primary, progress=progress, stack=stack, checkpointers=(ckpt, export),
+                     advance=advance, host_metrics=lambda metrics: _host_record(strategy, metrics)[0],
+                     params_finite=lambda state: bool(_all_finite((state.params, state.outer_params))), save=save,
+                     evaluate=lambda state: strategy.run_eval(state, eval_step), log_extras=communication)

@@ -349,8 +349,6 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
     from zoo.engine import diloco  # pylint: disable=g-import-not-at-top
     return diloco.train(config, workdir, devices=devices, progress=progress, step=step)
   exp = Experiment(config, devices)
-  t = config.train
-  steps = int(t.steps)
   primary = jax.process_index() == 0
   workdir = check_workdir(workdir, create=True)
   with contextlib.ExitStack() as stack:
@@ -391,48 +389,92 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       return state
 
     eval_step = exp.make_eval_step(shardings, exp.dummy)
-    eval_every = int(t.eval_every_steps)
-    if start == 0 and eval_every:
-      writer.write(0, {f"eval_{k}": v for k, v in exp.run_eval(state, eval_step).items()})
 
-    bar = _progress(primary and progress, start, steps)
-    stack.callback(bar.close)
-    every = int(config.checkpoint.every_steps)
-    items, tic = 0, time.perf_counter()
-    for step in range(start + 1, steps + 1):
-      batch = next(train_iter)
-      items += exp.task.items(batch) * jax.process_count()
-      state, metrics = train_step(state, sharding.global_batch(exp.pad(batch), exp.mesh))
-      bar.update(1)
-      ckpt.poll()
-      record = {}
-      if step % int(t.log_every_steps) == 0 or step == steps:
-        metrics = exp.host_metrics(metrics)
-        _check_finite(step, ckpt, metrics)
-        elapsed = time.perf_counter() - tic
-        record.update(metrics)
-        record[exp.task.throughput_key] = items / max(elapsed, 1e-9)
-        items, tic = 0, time.perf_counter()
-        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-      # Decided after this step's blocking work (the metrics fetch above): a SIGTERM that arrives later is seen at
-      # the end of the next step.
-      stop = sigterm.received
-      if (every and step % every == 0) or step == steps or stop:
-        metrics = exp.host_metrics(metrics)
-        _check_finite(step, ckpt, metrics, bool(_all_finite(state.params)))
-        ckpt.save(step, state, train_iter.get_state())
-      if step == steps or stop:
-        ckpt.wait()  # committed (and checksummed) before anything else can fail
-      if (eval_every and step % eval_every == 0) or step == steps:
-        record.update({f"eval_{k}": v for k, v in exp.run_eval(state, eval_step).items()})
-      if record:
-        writer.write(step, record)
-        if primary and progress:
-          bar.write(_format(step, record))
-      if stop:
-        report_sigterm_save(step, ckpt, primary)
-        break
-    ckpt.wait()
+    def advance(step, state, batch):
+      del step
+      return (*train_step(state, sharding.global_batch(exp.pad(batch), exp.mesh)), {}, False)
+
+    return run_steps(state, start=start, config=config, task=exp.task, train_iter=train_iter, writer=writer,
+                     sigterm=sigterm, primary=primary, progress=progress, stack=stack, checkpointers=(ckpt,),
+                     advance=advance, host_metrics=exp.host_metrics,
+                     params_finite=lambda state: bool(_all_finite(state.params)),
+                     save=lambda step, state: ckpt.save(step, state, train_iter.get_state()),
+                     evaluate=lambda state: exp.run_eval(state, eval_step))
+
+
+def run_steps(state, *, start, config, task, train_iter, writer, sigterm, primary, progress, stack, checkpointers,
+              advance, host_metrics, params_finite, save, evaluate, log_extras=None):
+  """The step loop `train` and `zoo.engine.diloco.train` share, from step `start` + 1 to `config.train.steps`.
+
+  Evaluates at step 0 of a new run, every `train.eval_every_steps` and at the end; logs every
+  `train.log_every_steps`, at the end and when `advance` asks; saves every `checkpoint.every_steps`, at the end and on
+  SIGTERM (after the NaN guard: a non-finite loss, gradient norm or parameter stops the run with
+  TrainingDivergedError before anything is saved), then waits for the save before the final evaluation.
+
+  Args:
+    state: the state at step `start`.
+    task: the task (`items(batch)` counts the throughput).
+    train_iter: the training batches (a checkpointable iterator).
+    writer, sigterm, stack: the run's MetricsWriter, SIGTERM flag and ExitStack.
+    checkpointers: every Checkpointer the loop saves to (polled each step, waited for at the end); errors name the
+      first.
+    advance: `(step, state, batch) -> (state, device metrics, record, log_now)`: one step; `record` holds extra host
+      values for this step's record; `log_now` forces a log record.
+    host_metrics: device metrics -> {name: host value}.
+    params_finite: state -> whether every parameter is finite.
+    save: `(step, state)` starts this step's checkpoint saves.
+    evaluate: state -> {name: value} (written as 'eval_<name>').
+    log_extras: `(step, state, log_now) -> dict`, added to every log record (None = nothing).
+
+  Returns:
+    The last state.
+  """
+  t = config.train
+  steps, eval_every, every = int(t.steps), int(t.eval_every_steps), int(config.checkpoint.every_steps)
+  ckpt = checkpointers[0]
+  if start == 0 and eval_every:
+    writer.write(0, {f"eval_{k}": v for k, v in evaluate(state).items()})
+  bar = _progress(primary and progress, start, steps)
+  stack.callback(bar.close)
+  items, tic = 0, time.perf_counter()
+  for step in range(start + 1, steps + 1):
+    batch = next(train_iter)
+    items += task.items(batch) * jax.process_count()
+    state, metrics, record, log_now = advance(step, state, batch)
+    bar.update(1)
+    for checkpointer in checkpointers:
+      checkpointer.poll()
+    host = None
+    if step % int(t.log_every_steps) == 0 or step == steps or log_now:
+      host = host_metrics(metrics)
+      _check_finite(step, ckpt, host)
+      elapsed = time.perf_counter() - tic
+      record.update(host)
+      record[task.throughput_key] = items / max(elapsed, 1e-9)
+      items, tic = 0, time.perf_counter()
+      if log_extras is not None:
+        record.update(log_extras(step, state, log_now))
+      bar.set_postfix(loss=f"{float(host['loss']):.4f}")
+    # Decided after this step's blocking work (the metrics fetch above): a SIGTERM that arrives later is seen at the
+    # end of the next step.
+    stop = sigterm.received
+    if (every and step % every == 0) or step == steps or stop:
+      _check_finite(step, ckpt, host if host is not None else host_metrics(metrics), params_finite(state))
+      save(step, state)
+    if step == steps or stop:
+      for checkpointer in checkpointers:
+        checkpointer.wait()  # committed (and checksummed) before anything else can fail
+    if (eval_every and step % eval_every == 0) or step == steps:
+      record.update({f"eval_{k}": v for k, v in evaluate(state).items()})
+    if record:
+      writer.write(step, record)
+      if primary and progress:
+        bar.write(_format(step, record))
+    if stop:
+      report_sigterm_save(step, ckpt, primary)
+      break
+  for checkpointer in checkpointers:
+    checkpointer.wait()
   return state
 
 
