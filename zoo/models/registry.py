@@ -1,29 +1,24 @@
 """Model registry: `@register_model("name")` on a Linen module class; `build_model(config.model)` builds it.
 
 A model's config keys are exactly its dataclass fields (besides `name`), so an unknown key fails at start-up with the
-list of valid keys; a key a model renamed (its class attribute `renamed_keys`, old -> new) is read as the new key
-with a warning naming it. `check_config` holds the field checks every model's `__post_init__` shares. A model's name IS the name of its module: model `foo` is the class registered with
-`@register_model("foo")` in `zoo/models/foo.py`. Models are imported lazily, one module at a time: `get_model_class`
-imports `zoo.models.<name>` only when that model is asked for, and `model_names` lists the model modules without
-importing them. So a new architecture is one model file plus one config and needs no edit elsewhere, and a model
-whose optional dependency is missing breaks only its own lookup (a `ConfigError` naming the model and the missing
-module), never the others.
+list of valid keys; a key a model renamed (its class attribute `renamed_keys`, old -> new) is read as the new key with a
+warning naming it. `check_config` holds the field checks every model's `__post_init__` shares. A model's name IS the
+name of its module: model `foo` is the class registered with `@register_model("foo")` in `zoo/models/foo.py`. Models are
+imported lazily, one module at a time: `get_model_class` imports `zoo.models.<name>` only when that model is asked for,
+and `model_names` lists the model modules without importing them. So a new architecture is one model file plus one
+config and needs no edit elsewhere, and a model whose optional dependency is missing breaks only its own lookup (a
+`ConfigError` naming the model and the missing module), never the others.
 """
+
 import dataclasses
-import importlib
 import logging
-import pkgutil
 import re
 
+from zoo.registry import ConfigError, Registry
+
 PACKAGE = "zoo.models"
-# Modules of the package that hold no model: the registry itself, the shared output record and the decoder parts.
-SUPPORT_MODULES = ("decoder_parts", "output", "registry")
-
-_MODELS = {}
-
-
-class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the key and the allowed values."""
+# Modules of the package that hold no model: the registry itself and the shared output record.
+SUPPORT_MODULES = ("output", "registry")
 
 
 def _is_int(value):
@@ -41,8 +36,7 @@ def _in_interval(value, interval):
   return above and below
 
 
-def check_config(model, *, positive=(), optional_positive=(), non_negative=(), intervals=None, choices=None,
-                 dtypes=()):
+def check_config(model, *, positive=(), optional_positive=(), non_negative=(), intervals=None, choices=None, dtypes=()):
   """The field checks models share; the first violated one raises a `ConfigError` naming `config.model.<key>`, its
   value and what is allowed.
 
@@ -76,11 +70,48 @@ def check_config(model, *, positive=(), optional_positive=(), non_negative=(), i
       raise ConfigError(f"config.model.{key}={getattr(model, key)!r} is invalid; choose one of {tuple(allowed)}")
   for key in dtypes:
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (the registry itself needs no jax)
+
     try:
       jnp.dtype(getattr(model, key))
     except TypeError as e:
-      raise ConfigError(f"config.model.{key}={getattr(model, key)!r} is not a dtype (e.g. 'float32', "
-                        "'bfloat16')") from e
+      raise ConfigError(
+        f"config.model.{key}={getattr(model, key)!r} is not a dtype (e.g. 'float32', 'bfloat16')"
+      ) from e
+
+
+class _ModelRegistry(Registry):
+  """The models: a model's name is its module's name, and a failed lookup says how to fix it."""
+
+  def register(self, name):
+    register = super().register(name)
+
+    def wrap(cls):
+      module = cls.__module__
+      if module.startswith(PACKAGE + ".") and module != f"{PACKAGE}.{name}":
+        raise ValueError(
+          f"model class {cls.__qualname__} in {module} registers as {name!r}, but a model's name must be "
+          f"its module's name ({module.rsplit('.', 1)[1]!r}): rename the module to {name}.py or register "
+          f"it as {module.rsplit('.', 1)[1]!r}"
+        )
+      return register(cls)
+
+    return wrap
+
+  def _raise_import_failed(self, name, error):
+    missing = f"module {error.name!r}" if error.name else "a dependency"
+    raise ConfigError(
+      f"config.model.name={name!r}: model {name!r} cannot be imported, {missing} is missing ({error}); "
+      "install it to use this model (the other models are not affected)"
+    ) from error
+
+  def _raise_unregistered(self, name):
+    raise ConfigError(
+      f"config.model.name={name!r}: module {PACKAGE}.{name} registers no model named {name!r}; a model "
+      f"registers under its module's name with @register_model({name!r})"
+    )
+
+
+MODELS = _ModelRegistry("model", PACKAGE, "config.model.name", support_modules=SUPPORT_MODULES)
 
 
 def register_model(name):
@@ -92,31 +123,13 @@ def register_model(name):
   Raises:
     ValueError: the name is taken by another class, or differs from the `zoo.models` module defining the class.
   """
-  def wrap(cls):
-    module = cls.__module__
-    if module.startswith(PACKAGE + ".") and module != f"{PACKAGE}.{name}":
-      raise ValueError(f"model class {cls.__qualname__} in {module} registers as {name!r}, but a model's name must be "
-                       f"its module's name ({module.rsplit('.', 1)[1]!r}): rename the module to {name}.py or register "
-                       f"it as {module.rsplit('.', 1)[1]!r}")
-    if name in _MODELS and _MODELS[name] is not cls:
-      raise ValueError(f"model name {name!r} is registered twice ({_MODELS[name]} and {cls})")
-    _MODELS[name] = cls
-    cls.registry_name = name
-    return cls
-  return wrap
-
-
-def _model_modules():
-  """Names of the model modules of the package, found without importing them."""
-  import zoo.models as pkg
-  return {info.name for info in pkgutil.iter_modules(pkg.__path__)
-          if info.name not in SUPPORT_MODULES and not info.name.startswith("_")}
+  return MODELS.register(name)
 
 
 def model_names():
   """The known model names, sorted: every model module of `zoo.models` (none is imported) and any model registered
   from elsewhere."""
-  return sorted(_model_modules() | set(_MODELS))
+  return MODELS.names()
 
 
 def get_model_class(name):
@@ -126,21 +139,7 @@ def get_model_class(name):
     ConfigError: `name` is no model; its module cannot be imported (the message names the model and the missing
       dependency); or its module registers no model of that name.
   """
-  if isinstance(name, str) and name in _MODELS:
-    return _MODELS[name]
-  if not isinstance(name, str) or name not in _model_modules():
-    raise ConfigError(f"config.model.name={name!r} is not a known model; choose one of {model_names()}")
-  module = f"{PACKAGE}.{name}"
-  try:
-    importlib.import_module(module)
-  except ImportError as e:
-    missing = f"module {e.name!r}" if e.name else "a dependency"
-    raise ConfigError(f"config.model.name={name!r}: model {name!r} cannot be imported, {missing} is missing ({e}); "
-                      "install it to use this model (the other models are not affected)") from e
-  if name not in _MODELS:
-    raise ConfigError(f"config.model.name={name!r}: module {module} registers no model named {name!r}; a model "
-                      f"registers under its module's name with @register_model({name!r})")
-  return _MODELS[name]
+  return MODELS.get(name)
 
 
 def model_fields(cls):
@@ -159,10 +158,13 @@ def _apply_renames(cls, cfg):
     if old not in out:
       continue
     if new in out:
-      raise ConfigError(f"config.model.{old} was renamed to config.model.{new} (model {cls.registry_name!r}); "
-                        f"set only config.model.{new}")
-    logging.warning("config.model.%s is now called config.model.%s (model %r); reading it as %s", old, new,
-                    cls.registry_name, new)
+      raise ConfigError(
+        f"config.model.{old} was renamed to config.model.{new} (model {cls.registry_name!r}); "
+        f"set only config.model.{new}"
+      )
+    logging.warning(
+      "config.model.%s is now called config.model.%s (model %r); reading it as %s", old, new, cls.registry_name, new
+    )
     out[new] = out.pop(old)
   return out
 
@@ -178,8 +180,9 @@ def build_model(model_config, **overrides):
   kwargs = {}
   for key, value in _apply_renames(cls, {**cfg, **overrides}).items():
     if key not in fields:
-      raise ConfigError(f"config.model.{key} is not a field of model {cls.registry_name!r}; "
-                        f"valid keys: {sorted(fields)}")
+      raise ConfigError(
+        f"config.model.{key} is not a field of model {cls.registry_name!r}; valid keys: {sorted(fields)}"
+      )
     if hasattr(value, "to_dict"):
       value = value.to_dict()
     if isinstance(value, list):

@@ -12,7 +12,18 @@ whose `__call__(x [..., embed], *, deterministic)` returns a `zoo.routing.Routin
 `module_kwargs` (`parent`, `name`) go to the module.
 """
 
-_ROUTERS = {}
+from zoo.registry import Registry
+
+
+class _RouterRegistry(Registry):
+  """The routers: registered by zoo.routing's own modules (no package to import from); an unknown name is a
+  ValueError."""
+
+  def _raise_unknown(self, name):
+    raise ValueError(f"router {name!r} is unknown; choose one of {list(router_names())}")
+
+
+ROUTERS = _RouterRegistry("router")
 
 
 def register_router(name):
@@ -24,18 +35,12 @@ def register_router(name):
   Returns:
     The decorator; it returns the factory unchanged (with `registry_name` set).
   """
-  def wrap(factory):
-    if name in _ROUTERS and _ROUTERS[name] is not factory:
-      raise ValueError(f"router name {name!r} is registered twice ({_ROUTERS[name]} and {factory})")
-    _ROUTERS[name] = factory
-    factory.registry_name = name
-    return factory
-  return wrap
+  return ROUTERS.register(name)
 
 
 def router_names():
   """The registered router names, sorted."""
-  return tuple(sorted(_ROUTERS))
+  return tuple(ROUTERS.names())
 
 
 def get_router(name):
@@ -44,6 +49,4 @@ def get_router(name):
   Raises:
     ValueError: `name` is not registered; the message names it and the valid names.
   """
-  if name not in _ROUTERS:
-    raise ValueError(f"router {name!r} is unknown; choose one of {list(router_names())}")
-  return _ROUTERS[name]
+  return ROUTERS.get(name)
