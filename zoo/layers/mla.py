@@ -23,6 +23,7 @@ converts them, which gives the same attention logits exactly.
 RoPE scaling (`rope_scaling`, the Hugging Face `rope_parameters` dict): every type of `zoo.layers.rope`; under YaRN
 DeepSeek also multiplies the softmax scale by `mscale(factor, mscale_all_dim)^2` (`mla_softmax_scale`).
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.layers.attention import attention_mask
+from zoo.layers.kv_cache import check_positive_dims, slot_positions, write_slots
 from zoo.layers.linear import DenseGeneral
 from zoo.layers.norms import RMSNorm
 from zoo.layers.rope import apply_rope, rope_type, yarn_mscale
@@ -39,7 +41,7 @@ from zoo.layers.rope import apply_rope, rope_type, yarn_mscale
 def mla_softmax_scale(qk_head_dim, rope_scaling=None):
   """`qk_head_dim^-1/2`, times `mscale(factor, mscale_all_dim)^2` under YaRN scaling (DeepSeek-V2 code [guess: not
   in the paper's text])."""
-  scale = qk_head_dim ** -0.5
+  scale = qk_head_dim**-0.5
   if rope_type(rope_scaling) != "default" and rope_scaling.get("mscale_all_dim"):
     scale *= yarn_mscale(float(rope_scaling["factor"]), rope_scaling["mscale_all_dim"]) ** 2
   return scale
@@ -49,6 +51,7 @@ def mla_softmax_scale(qk_head_dim, rope_scaling=None):
 class MLACache:
   """The compressed MLA cache: latent: [batch, max_length, kv_lora_rank]; k_rope: [batch, max_length,
   qk_rope_head_dim] (already rotated); length: [batch] int32 (one past the largest position written)."""
+
   latent: jax.Array
   k_rope: jax.Array
   length: jax.Array
@@ -56,13 +59,13 @@ class MLACache:
   @classmethod
   def create(cls, batch_size, max_length, kv_lora_rank, qk_rope_head_dim, dtype=jnp.float32):
     """An empty cache (zeros, length 0)."""
-    for name, value in (("batch_size", batch_size), ("max_length", max_length), ("kv_lora_rank", kv_lora_rank),
-                        ("qk_rope_head_dim", qk_rope_head_dim)):
-      if int(value) < 1:
-        raise ValueError(f"MLACache.create: {name}={value} must be a positive integer")
-    return cls(latent=jnp.zeros((batch_size, max_length, kv_lora_rank), dtype),
-               k_rope=jnp.zeros((batch_size, max_length, qk_rope_head_dim), dtype),
-               length=jnp.zeros((batch_size,), jnp.int32))
+    dims = dict(max_length=max_length, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim)
+    check_positive_dims("MLACache", batch_size=batch_size, **dims)
+    return cls(
+      latent=jnp.zeros((batch_size, max_length, kv_lora_rank), dtype),
+      k_rope=jnp.zeros((batch_size, max_length, qk_rope_head_dim), dtype),
+      length=jnp.zeros((batch_size,), jnp.int32),
+    )
 
   @property
   def max_length(self):
@@ -71,23 +74,21 @@ class MLACache:
   def update(self, latent, k_rope, positions):
     """Write latent [batch, length, kv_lora_rank] and k_rope [batch, length, qk_rope_head_dim] at `positions`
     [batch, length] (each in [0, max_length))."""
-    if latent.shape[0] != self.latent.shape[0] or latent.shape[2:] != self.latent.shape[2:] or (
-        k_rope.shape[2:] != self.k_rope.shape[2:] or k_rope.shape[:2] != latent.shape[:2]):
-      raise ValueError(f"MLACache.update: latent {latent.shape} / k_rope {k_rope.shape} do not fit a cache of "
-                       f"shapes {self.latent.shape} / {self.k_rope.shape}")
-    if positions.shape != latent.shape[:2]:
-      raise ValueError(f"MLACache.update: positions {positions.shape} must be [batch, length] = {latent.shape[:2]}")
-    if latent.shape[1] > self.max_length:
-      raise ValueError(f"MLACache.update: {latent.shape[1]} new tokens do not fit max_length={self.max_length}")
-    rows = jnp.arange(latent.shape[0])[:, None]
-    return MLACache(latent=self.latent.at[rows, positions].set(latent.astype(self.latent.dtype), mode="drop"),
-                    k_rope=self.k_rope.at[rows, positions].set(k_rope.astype(self.k_rope.dtype), mode="drop"),
-                    length=jnp.maximum(self.length, jnp.max(positions, axis=1).astype(jnp.int32) + 1))
+    if (
+      latent.shape[0] != self.latent.shape[0]
+      or latent.shape[2:] != self.latent.shape[2:]
+      or (k_rope.shape[2:] != self.k_rope.shape[2:] or k_rope.shape[:2] != latent.shape[:2])
+    ):
+      raise ValueError(
+        f"MLACache.update: latent {latent.shape} / k_rope {k_rope.shape} do not fit a cache of "
+        f"shapes {self.latent.shape} / {self.k_rope.shape}"
+      )
+    buffers, length = write_slots("MLACache", (self.latent, self.k_rope), (latent, k_rope), positions, self.length)
+    return MLACache(latent=buffers[0], k_rope=buffers[1], length=length)
 
   def read(self):
     """Returns (latent, k_rope, key_positions [batch, max_length], key_valid [batch, max_length] bool)."""
-    slots = jnp.broadcast_to(jnp.arange(self.max_length, dtype=jnp.int32), (self.latent.shape[0], self.max_length))
-    return self.latent, self.k_rope, slots, slots < self.length[:, None]
+    return self.latent, self.k_rope, *slot_positions(self.length, self.max_length)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -113,6 +114,7 @@ class MultiHeadLatentAttention(nn.Module):
     latent_norm_epsilon: epsilon of the two latent RMSNorms (1e-6 in DeepSeek-V2/V3, independent of the block
       norms' epsilon).
   """
+
   num_heads: int
   kv_lora_rank: int
   qk_nope_head_dim: int
@@ -153,15 +155,15 @@ class MultiHeadLatentAttention(nn.Module):
     if self.q_lora_rank is None:
       q = DenseGeneral((h, nope + rope), kernel_axes=("embed", "heads", "head_dim"), name="query", **dense)(x)
     else:
-      c_q = DenseGeneral(self.q_lora_rank, kernel_axes=("embed", None), use_bias=self.use_bias, name="q_a",
-                         **dense)(x)
+      c_q = DenseGeneral(self.q_lora_rank, kernel_axes=("embed", None), use_bias=self.use_bias, name="q_a", **dense)(x)
       c_q = RMSNorm(**norm, name="q_a_norm")(c_q)
       q = DenseGeneral((h, nope + rope), kernel_axes=(None, "heads", "head_dim"), name="q_b", **dense)(c_q)
-    kv_a = DenseGeneral(self.kv_lora_rank + rope, kernel_axes=("embed", None), use_bias=self.use_bias, name="kv_a",
-                        **dense)(x)
-    latent = RMSNorm(**norm, name="kv_a_norm")(kv_a[..., :self.kv_lora_rank])
+    kv_a = DenseGeneral(
+      self.kv_lora_rank + rope, kernel_axes=("embed", None), use_bias=self.use_bias, name="kv_a", **dense
+    )(x)
+    latent = RMSNorm(**norm, name="kv_a_norm")(kv_a[..., : self.kv_lora_rank])
     rotary = dict(theta=self.rope_theta, rope_scaling=self.rope_scaling)
-    k_rope = apply_rope(kv_a[..., None, self.kv_lora_rank:], positions, **rotary)[..., 0, :]
+    k_rope = apply_rope(kv_a[..., None, self.kv_lora_rank :], positions, **rotary)[..., 0, :]
     q = jnp.concatenate([q[..., :nope], apply_rope(q[..., nope:], positions, **rotary)], axis=-1)
 
     if cache is None:
@@ -176,11 +178,19 @@ class MultiHeadLatentAttention(nn.Module):
     if mask is not None:
       full_mask = full_mask & mask
     scale = mla_softmax_scale(nope + rope, self.rope_scaling)
-    logits = (jnp.einsum("bthd,bshd->bhts", q[..., :nope], k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthd,bsd->bhts", q[..., nope:], k_rope, preferred_element_type=jnp.float32)) * scale
+    logits = (
+      jnp.einsum("bthd,bshd->bhts", q[..., :nope], k_nope, preferred_element_type=jnp.float32)
+      + jnp.einsum("bthd,bsd->bhts", q[..., nope:], k_rope, preferred_element_type=jnp.float32)
+    ) * scale
     logits = jnp.where(full_mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
-    y = DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_axes=("heads", "head_dim", "embed"), use_bias=self.use_bias,
-                     name="out", **dense)(out)
+    y = DenseGeneral(
+      x.shape[-1],
+      axis=(-2, -1),
+      kernel_axes=("heads", "head_dim", "embed"),
+      use_bias=self.use_bias,
+      name="out",
+      **dense,
+    )(out)
     return y, cache
