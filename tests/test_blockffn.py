@@ -1,10 +1,12 @@
 """BlockFFN: router, losses, sparsity metrics and the lambda schedule by hand; the model and its chunk-skip path."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import model_testing
 from zoo.layers import count_params
 from zoo.models import ConfigError, build_model
 from zoo.routing import sparsity
@@ -62,16 +64,8 @@ def test_chunk_sparse_ffn_equals_dense_experts():
   np.testing.assert_allclose(sparsity.chunk_sparse_ffn(x, r, w, 4), dense, rtol=1e-5, atol=1e-5)
 
 
-TINY = dict(name="blockffn", vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
-            expert_mlp_dim=8, chunk_length=4, dispatch="dense", chunk_warmup_steps=2, chunk_interval=2)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  """(model, tokens [2, 8], variables), initialised once for the module."""
-  model = build_model(TINY)
-  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
-  return model, tokens, jax.jit(model.init)(jax.random.key(1), tokens)
+TINY = dict(model_testing.TINY_MOE, name="blockffn", chunk_length=4, chunk_warmup_steps=2, chunk_interval=2)
+tiny = model_testing.tiny_fixture(TINY)
 
 
 def test_shapes_params_metrics_and_aux(tiny):
@@ -93,14 +87,7 @@ def test_chunk_skip_dispatch_equals_dense_and_decoding_matches(tiny):
   skip_model = build_model(TINY, chunk_skip=True)
   skipped, _ = jax.jit(skip_model.apply)(variables, tokens)
   np.testing.assert_allclose(skipped, full, atol=1e-5)
-  cache = model.apply(variables, 2, 8, method="init_cache")
-  decode = jax.jit(lambda token, cache: skip_model.apply(variables, token, cache=cache))
-  steps = []
-  for t in range(8):
-    logits, out = decode(tokens[:, t:t + 1], cache)
-    cache = out.cache
-    steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+  np.testing.assert_allclose(model_testing.decode_stepwise(skip_model, variables, tokens), full, atol=1e-5)
 
 
 def test_train_steps_lower_the_loss_and_adapt_lambda(tiny):
@@ -110,8 +97,9 @@ def test_train_steps_lower_the_loss_and_adapt_lambda(tiny):
   opt = tx.init(params)
 
   def loss_fn(params, state):
-    (logits, out), updates = model.apply({"params": params, "routing_state": state}, tokens, deterministic=False,
-                                         mutable=["routing_state"])
+    (logits, out), updates = model.apply(
+      {"params": params, "routing_state": state}, tokens, deterministic=False, mutable=["routing_state"]
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
     return ce + out.aux_loss, (ce, updates["routing_state"])
 
@@ -128,10 +116,13 @@ def test_train_steps_lower_the_loss_and_adapt_lambda(tiny):
   assert float(state["chunk_lambda"]["lambda"]) > 5e-2  # adapted at step 4 (after the 2-step warmup)
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(chunk_coef=-1.0), "chunk_coef=-1.0"),
     (dict(chunk_length=0), "chunk_length=0"),
-])
+  ],
+)
 def test_config_errors(overrides, match):
   with pytest.raises(ConfigError, match=match):
     build_model({**TINY, **overrides})

@@ -6,47 +6,35 @@ group-limited top-k, shared experts, a dense first layer).
 Routing parity: the experts each token is sent to in every MoE layer (HF router hooks vs the zoo Router outputs).
 Needs torch and transformers (the `hf` extra); the import fails loudly when they are missing.
 """
+
 import numpy as np
 import pytest
 
-from zoo.checkpoints import hf_testing, load_hf_checkpoint
-from zoo.models.registry import build_model
+import hf_parity_testing
 
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def converted(request, tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp(request.param))
-  hf = hf_testing.build(request.param, directory)
-  model_config, variables = load_hf_checkpoint(directory)
-  return request.param, hf, build_model(model_config), variables
+  return hf_parity_testing.convert(request.param, tmp_path_factory)
 
 
 def test_logits_and_routing_match(converted):
-  family, hf, model, variables = converted
-  toks = hf_testing.tokens()
-  ref, hf_routes = hf_testing.hf_logits_and_routes(hf, toks)
-  ours, zoo_routes = hf_testing.zoo_logits_and_routes(model, variables, toks)
-  assert ours.shape == ref.shape
-  assert np.abs(ours - ref).max() < 1e-4, f"{family}: max |logit diff| {np.abs(ours - ref).max()}"
+  zoo_routes, hf_routes = hf_parity_testing.assert_logits_match(*converted)
   assert len(zoo_routes) == len(hf_routes) > 0
   for layer, (a, b) in enumerate(zip(zoo_routes, hf_routes)):
-    np.testing.assert_array_equal(a, b, err_msg=f"{family}: experts chosen in MoE layer {layer} differ")
+    np.testing.assert_array_equal(a, b, err_msg=f"{converted[0]}: experts chosen in MoE layer {layer} differ")
 
 
 def test_greedy_generation_matches(converted):
-  family, hf, model, variables = converted
-  prompt = hf_testing.tokens(batch=1, length=5, seed=1)
-  np.testing.assert_array_equal(hf_testing.zoo_greedy(model, variables, prompt, 6),
-                                hf_testing.hf_greedy(hf, prompt, 6), err_msg=f"{family}: greedy tokens differ")
+  hf_parity_testing.assert_greedy_matches(*converted)
 
 
 def test_config_fields(converted):
   family, hf, model, _ = converted
   c = hf.config
-  assert (model.norm_epsilon, model.tie_embeddings) == (c.rms_norm_eps, bool(c.tie_word_embeddings))
-  assert model.rope_theta == c.rope_parameters["rope_theta"]
+  hf_parity_testing.assert_shared_config_fields(c, model)
   assert model.renormalize == (family == "mixtral" or bool(getattr(c, "norm_topk_prob", False)))
   assert model.qkv_bias == (family == "qwen2_moe")
   if family == "qwen2_moe":

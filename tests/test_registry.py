@@ -47,11 +47,8 @@ def test_model_names_lists_modules_without_importing_them(extra_models):
 
 
 def test_a_missing_dependency_breaks_only_its_own_model(extra_models):
-  with pytest.raises(
-    ConfigError,
-    match=r"model 'needs_missing_dep' cannot be imported, module "
-    r"'zoo_test_missing_dependency' is missing",
-  ):
+  error = r"model 'needs_missing_dep' cannot be imported, module 'zoo_test_missing_dependency' is missing"
+  with pytest.raises(ConfigError, match=error):
     get_model_class("needs_missing_dep")
   with pytest.raises(ConfigError, match="needs_missing_dep"):
     build_model({"name": "needs_missing_dep"})

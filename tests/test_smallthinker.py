@@ -1,18 +1,21 @@
 """SmallThinker: the router by hand, the NoPE-global / RoPE-sliding layer pattern, routing computed before attention
 is the routing the FFN uses (prefetch), cached decoding, gradients to the routers and config errors."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import model_testing
 from configs.smallthinker import get_config
 from zoo.layers import count_params
 from zoo.models import ConfigError, build_model
 from zoo.routing import sigmoid_topk
 
-TINY = dict(name="smallthinker", vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=24,
-            num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, sliding_window=4, dispatch="dense")
+TINY = dict(
+  model_testing.TINY_MOE, name="smallthinker", num_kv_heads=1, mlp_dim=24, num_experts_per_tok=2, sliding_window=4
+)
 
 
 def test_router_top_k_of_logits_then_normalised_sigmoid():
@@ -32,11 +35,7 @@ def test_layer_pattern_and_config():
   assert model.mlp_activation == "reglu" and model.router == "sigmoid_topk"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  model = build_model(TINY)
-  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
-  return model, tokens, jax.jit(model.init)(jax.random.key(1), tokens)
+tiny = model_testing.tiny_fixture(TINY)
 
 
 def test_shapes_params_and_gradients_reach_the_routers(tiny):
@@ -46,12 +45,13 @@ def test_shapes_params_and_gradients_reach_the_routers(tiny):
 
   def loss_fn(params):
     logits, out = model.apply({**variables, "params": params}, tokens)
-    return jnp.mean(logits ** 2) + out.aux_loss, (logits, out)
+    return jnp.mean(logits**2) + out.aux_loss, (logits, out)
 
   grads, (logits, out) = jax.jit(jax.grad(loss_fn, has_aux=True))(params)
   assert logits.shape == (2, 8, 32) and out.metrics["expert_load"].shape == (2, 4)
-  np.testing.assert_allclose(out.aux_loss, 1e-2 * out.metrics["load_balance"].sum()
-                             + 1e-3 * out.metrics["z_loss"].sum(), rtol=1e-6)
+  np.testing.assert_allclose(
+    out.aux_loss, 1e-2 * out.metrics["load_balance"].sum() + 1e-3 * out.metrics["z_loss"].sum(), rtol=1e-6
+  )
   grads = nn.meta.unbox(grads)
   for i in range(2):
     assert float(jnp.abs(grads[f"layers_{i}"]["router"]["kernel"]).max()) > 0, i
@@ -73,6 +73,7 @@ def test_routing_before_attention_is_what_the_ffn_uses(tiny):
   embedding = params["embed"]["embedding"][tokens[0, 7]]
   top = np.argsort(-np.asarray(embedding @ params["layers_0"]["router"]["kernel"]))[:2]
   np.testing.assert_array_equal(np.sort(prefetched[0]), np.sort(top))
+
   # The FFN computes exactly the prefetched experts: changing any other expert leaves the logits unchanged, changing a
   # prefetched one does not.
   def with_experts_moved(pick):
@@ -82,14 +83,21 @@ def test_routing_before_attention_is_what_the_ffn_uses(tiny):
       ffn = moved[f"layers_{i}"]["ffn"]
       ffn["down"] = ffn["down"] + 1.0 * experts[:, None, None]
     return decode({**variables, "params": moved}, tokens[:1, 7:], out.cache)[0][0]
+
   np.testing.assert_allclose(with_experts_moved(lambda used: not used), logits, atol=1e-6)
   assert not np.allclose(with_experts_moved(lambda used: used), logits, atol=1e-3)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(router="expert_choice"), r"router='expert_choice' is invalid; choose one of \('sigmoid_topk', 'softmax_topk'\)"),
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    (
+      dict(router="expert_choice"),
+      r"router='expert_choice' is invalid; choose one of \('sigmoid_topk', 'softmax_topk'\)",
+    ),
     (dict(nope_every=0), "nope_every=0"),
-])
+  ],
+)
 def test_config_errors(overrides, match):
   with pytest.raises(ConfigError, match=match):
     build_model({**TINY, **overrides})

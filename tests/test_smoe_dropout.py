@@ -1,16 +1,20 @@
 """SMoE-Dropout: k schedules by hand, slot truncation, the step counter in 'routing_state', the frozen router."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import model_testing
 from zoo import routing
 from zoo.models import ConfigError, build_model
 from zoo.routing.sparsity import expert_count_schedule, truncate_routing
 
 
-@pytest.mark.parametrize("kind,k_min,k_max,total,steps,expected", [
+@pytest.mark.parametrize(
+  "kind,k_min,k_max,total,steps,expected",
+  [
     # round(6 * t / 6) + 2, clipped outside [0, T].
     ("linear", 2, 8, 6, [-1, 0, 3, 6, 100], [2, 2, 5, 8, 8]),
     # 2 + round(6 (1 - cos(pi s)) / 2): s=1/6 -> 0.40 -> 2; s=1/2 -> 3 -> 5; s=5/6 -> 5.60 -> 8.
@@ -20,7 +24,8 @@ from zoo.routing.sparsity import expert_count_schedule, truncate_routing
     # 3 doublings in 4 intervals of 2 steps: 1, 1, 2, 2, 4, 4, 8, 8, 8.
     ("step", 1, 8, 8, list(range(9)), [1, 1, 2, 2, 4, 4, 8, 8, 8]),
     ("constant", 1, 8, 8, [0, 4], [8, 8]),
-])
+  ],
+)
 def test_k_schedules_by_hand(kind, k_min, k_max, total, steps, expected):
   got = [int(expert_count_schedule(s, total, k_min, k_max, kind)) for s in steps]
   assert got == expected
@@ -52,16 +57,8 @@ def test_bad_schedules_raise():
     expert_count_schedule(0, 10, 0, 4)
 
 
-TINY = dict(name="smoe_dropout", vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
-            num_experts_per_tok=4, expert_mlp_dim=8, k_min=1, k_schedule_steps=3, dispatch="dense")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  """(model, tokens [2, 8], variables), initialised once for the module."""
-  model = build_model(TINY)
-  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
-  return model, tokens, jax.jit(model.init)(jax.random.key(1), tokens)
+TINY = dict(model_testing.TINY_MOE, name="smoe_dropout", num_experts_per_tok=4, k_min=1, k_schedule_steps=3)
+tiny = model_testing.tiny_fixture(TINY)
 
 
 def test_step_counter_grows_k_in_training_only(tiny):
@@ -102,8 +99,9 @@ def test_train_steps_lower_the_loss_and_leave_the_router_frozen(tiny):
   opt = tx.init(params)
 
   def loss_fn(params, state):
-    (logits, out), updates = model.apply({"params": params, "routing_state": state}, tokens[:, :-1],
-                                         deterministic=False, mutable=["routing_state"])
+    (logits, out), updates = model.apply(
+      {"params": params, "routing_state": state}, tokens[:, :-1], deterministic=False, mutable=["routing_state"]
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     return ce + out.aux_loss, (ce, updates["routing_state"])
 
@@ -115,30 +113,25 @@ def test_train_steps_lower_the_loss_and_leave_the_router_frozen(tiny):
     params = optax.apply_updates(params, updates)
     losses.append(float(ce))
   assert losses[-1] < losses[0]
-  np.testing.assert_array_equal(jax.tree.leaves(state["layers_0"]["ffn"]["router"]["kernel"]),
-                                jax.tree.leaves(kernel0))
+  np.testing.assert_array_equal(jax.tree.leaves(state["layers_0"]["ffn"]["router"]["kernel"]), jax.tree.leaves(kernel0))
 
 
 def test_cached_decoding_matches_the_full_forward(tiny):
   _, tokens, variables = tiny
   model, tokens = build_model(TINY, eval_k=2), tokens[:, :6]
   full, _ = model.apply(variables, tokens)
-  cache = model.apply(variables, 2, 6, method="init_cache")
-  decode = jax.jit(lambda token, cache: model.apply(variables, token, cache=cache))
-  steps = []
-  for t in range(6):
-    logits, out = decode(tokens[:, t:t + 1], cache)
-    cache = out.cache
-    steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+  np.testing.assert_allclose(model_testing.decode_stepwise(model, variables, tokens), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(k_min=5), "k_min=5"),
     (dict(eval_k=7), "eval_k=7"),
     (dict(k_schedule="sqrt"), "k_schedule='sqrt'"),
     (dict(router="softmax_topk"), "router is not a field of model 'smoe_dropout'"),  # its router is fixed
-])
+  ],
+)
 def test_config_errors(overrides, match):
   with pytest.raises(ConfigError, match=match):
     build_model({**TINY, **overrides})
