@@ -1,15 +1,20 @@
 """Mixture-of-Recursions: depth-routing primitives (`zoo/routing/depth.py`) and the `mor` model."""
+
 import functools
 
-import numpy as np
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
+from zoo.layers import MLP, Attention, DecoderBlock, count_params, train_flops_per_token as dense_train_flops
+from zoo.models import ConfigError, build_model, mor
 from zoo.routing import depth as D
 
-
 # ----------------------------------------------------------------------------------------------- routing primitives
+
 
 def test_default_capacities_and_k():
   assert D.default_capacities(3) == pytest.approx((1.0, 2 / 3, 1 / 3))
@@ -93,13 +98,6 @@ def test_depth_histogram():
 
 # ---------------------------------------------------------------------------------------------------------- model
 
-import flax.linen as nn
-import optax
-
-from zoo.layers import Attention, DecoderBlock, MLP, count_params, train_flops_per_token as dense_train_flops
-from zoo.models import ConfigError, build_model
-from zoo.models import mor
-
 TINY = dict(vocab_size=37, embed_dim=32, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=48)
 
 
@@ -127,24 +125,32 @@ def test_layer_schedules_by_hand():
     mor.layer_schedule("ring", 6, 3)
 
 
-@pytest.mark.parametrize("sharing,num_layers,unique", [("cycle", 6, 2), ("sequence", 6, 2),
-                                                       ("middle_cycle", 8, 4), ("middle_sequence", 8, 4)])
+@pytest.mark.parametrize(
+  "sharing,num_layers,unique", [("cycle", 6, 2), ("sequence", 6, 2), ("middle_cycle", 8, 4), ("middle_sequence", 8, 4)]
+)
 @pytest.mark.parametrize("router", ["none", "expert", "token"])
 def test_param_counts(sharing, num_layers, unique, router):
   model = make(sharing=sharing, num_layers=num_layers, num_recursions=3, router=router)
   params = jax.eval_shape(model.init, jax.random.key(0), tokens())["params"]
-  block = DecoderBlock(functools.partial(Attention, num_heads=2, num_kv_heads=1, head_dim=16),
-                       functools.partial(MLP, hidden_dim=48))
-  per_layer = count_params(jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, 4, 32)),
-                                          jnp.zeros((1, 4), jnp.int32))["params"])
+  block = DecoderBlock(
+    functools.partial(Attention, num_heads=2, num_kv_heads=1, head_dim=16), functools.partial(MLP, hidden_dim=48)
+  )
+  per_layer = count_params(
+    jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, 4, 32)), jnp.zeros((1, 4), jnp.int32))["params"]
+  )
   d = TINY["embed_dim"]
   routers = {"none": 0, "expert": 3 * d, "token": 3 * d}[router]
   want = TINY["vocab_size"] * d + d + unique * per_layer + routers
   assert count_params(params) == want == model.num_params()
 
 
-@pytest.mark.parametrize("kw", [dict(router="expert", causal_router="aux_router", router_arch="mlp"),
-                                dict(router="token", router_arch="mlp", tie_embeddings=False)])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(router="expert", causal_router="aux_router", router_arch="mlp"),
+    dict(router="token", router_arch="mlp", tie_embeddings=False),
+  ],
+)
 def test_num_params_matches_init(kw):
   model = make(num_recursions=2, **kw)
   assert count_params(jax.eval_shape(model.init, jax.random.key(0), tokens())["params"]) == model.num_params()
@@ -169,26 +175,30 @@ def test_gathered_topk_equals_masked_topk():
   v = jax.jit(plain.init)(jax.random.key(2), x)
   want, _ = jitted(plain)[0](v, x, deterministic=False)
   warm_apply = jitted(warm)[0]
-  (got, _), state = warm_apply({**v, "routing_state": {"step": jnp.int32(5)}}, x, deterministic=False,
-                               mutable=("routing_state",))
+  (got, _), state = warm_apply(
+    {**v, "routing_state": {"step": jnp.int32(5)}}, x, deterministic=False, mutable=("routing_state",)
+  )
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert int(state["routing_state"]["step"]) == 6
-  (early, _), _ = warm_apply({**v, "routing_state": {"step": jnp.int32(0)}}, x, deterministic=False,
-                        mutable=("routing_state",))
+  (early, _), _ = warm_apply(
+    {**v, "routing_state": {"step": jnp.int32(0)}}, x, deterministic=False, mutable=("routing_state",)
+  )
   assert not np.allclose(early, want, atol=1e-3)  # capacity 1 at step 0: every token runs every recursion
 
 
-VARIANTS = [dict(router="expert", kv_mode="recursion"),
-            dict(router="expert", kv_mode="share", causal_router="aux_router", router_arch="mlp"),
-            dict(router="token", kv_mode="recursion"), dict(router="token", kv_mode="share"),
-            dict(router="none", kv_mode="recursion")]
+VARIANTS = [
+  dict(router="expert", kv_mode="recursion"),
+  dict(router="expert", kv_mode="share", causal_router="aux_router", router_arch="mlp"),
+  dict(router="token", kv_mode="recursion"),
+  dict(router="token", kv_mode="share"),
+  dict(router="none", kv_mode="recursion"),
+]
 
 
 def _random_variables(model, x, seed):
   """Init with large router weights so that depths differ between tokens."""
   v = jax.jit(model.init)(jax.random.key(seed), x)
-  return jax.tree_util.tree_map_with_path(
-      lambda p, a: a * 30 if "router" in jax.tree_util.keystr(p) else a, v)
+  return jax.tree_util.tree_map_with_path(lambda p, a: a * 30 if "router" in jax.tree_util.keystr(p) else a, v)
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
@@ -207,7 +217,7 @@ def test_cached_decoding_equals_full_forward(kw):
   pieces = [logits]
   cache = o.cache
   for i in range(4, 9):
-    logits, o = step(v, x[:, i:i + 1], cache)
+    logits, o = step(v, x[:, i : i + 1], cache)
     pieces.append(logits)
     cache = o.cache
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5)
@@ -217,7 +227,7 @@ def test_cached_decoding_equals_full_forward(kw):
   one = model.apply(v, 1, 16, method="init_cache")
   pieces = []
   for i in range(9):
-    logits, o = step(v, x[:1, i:i + 1], one)
+    logits, o = step(v, x[:1, i : i + 1], one)
     pieces.append(logits)
     one = o.cache
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full[:1], atol=2e-5)
@@ -306,13 +316,20 @@ def test_loss_free_bias_updates_in_training_only():
   np.testing.assert_array_equal(state["routing_state"]["depth_bias"], [0.0, 0.0])
 
 
-@pytest.mark.parametrize("kw,match", [(dict(router="mixed"), "router"), (dict(kv_mode="share", capacities=(0.5, 0.5)),
-                                                                          "share"),
-                                      (dict(capacities=(1.0, 1.5)), "capacities"),
-                                      (dict(num_layers=5, sharing="cycle"), "num_layers"),
-                                      (dict(head_dim=15), "even"), (dict(num_kv_heads=3), "divide"),
-                                      (dict(gate_scale=-1.0), "gate_scale"), (dict(dtype="float33"), "dtype"),
-                                      (dict(kv_mode="both"), "kv_mode")])
+@pytest.mark.parametrize(
+  "kw,match",
+  [
+    (dict(router="mixed"), "router"),
+    (dict(kv_mode="share", capacities=(0.5, 0.5)), "share"),
+    (dict(capacities=(1.0, 1.5)), "capacities"),
+    (dict(num_layers=5, sharing="cycle"), "num_layers"),
+    (dict(head_dim=15), "even"),
+    (dict(num_kv_heads=3), "divide"),
+    (dict(gate_scale=-1.0), "gate_scale"),
+    (dict(dtype="float33"), "dtype"),
+    (dict(kv_mode="both"), "kv_mode"),
+  ],
+)
 def test_bad_config_raises(kw, match):
   with pytest.raises(ConfigError, match=match):
     make(num_recursions=2, **kw)
@@ -341,8 +358,9 @@ def test_flops_account_for_early_exit():
   d, attn, kv = 32, 32, 16
   layer = 3 * d * 48 + 2 * d * attn + 2 * d * kv
   vanilla = dense_train_flops(6 * layer + 37 * d, num_layers=6, attention_dim=attn, seq_len=64)
-  dense = build_model({"name": "dense_lm", **{k: v for k, v in TINY.items() if k != "head_dim"}, "num_layers": 6,
-                       "head_dim": 16})
+  dense = build_model(
+    {"name": "dense_lm", **{k: v for k, v in TINY.items() if k != "head_dim"}, "num_layers": 6, "head_dim": 16}
+  )
   assert dense.train_flops_per_token(64) == pytest.approx(vanilla)
   assert recursive.train_flops_per_token(64) == pytest.approx(vanilla)
   expert = make(**kw, router="expert").train_flops_per_token(64)

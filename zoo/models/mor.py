@@ -43,6 +43,7 @@ Per-token output (`exposes`, the `zoo.models` contract): with `apply(..., mutabl
 `intermediates['depth']` int32 [batch, length], the recursions each token ran in this call (0..N_r; the selection
 rule of the call: training top-k when `deterministic=False`, the inference rule otherwise, as `depth_per_token`).
 """
+
 import functools
 from typing import Any, ClassVar
 
@@ -55,8 +56,7 @@ from zoo.layers import MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCach
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.output import ModelOutput, sow_output
 from zoo.models.registry import ConfigError, check_config, register_model
-from zoo.routing import depth as depth_routing
-from zoo.routing import losses
+from zoo.routing import depth as depth_routing, losses
 from zoo.routing.routers import update_balance_bias
 
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
@@ -71,6 +71,7 @@ class SharedKV:
   (`update`); a filled record is `read_only`: the attention attends to it and projects no keys/values.
   k, v: [batch, keys, kv_heads, head_dim]; positions: [batch, keys] int; valid: [batch, keys] bool or None.
   """
+
   k: Any = None
   v: Any = None
   positions: Any = None
@@ -103,16 +104,18 @@ def layer_schedule(sharing, num_layers, num_recursions):
   middle = sharing.startswith("middle_")
   shared_depth = num_layers - 2 if middle else num_layers
   if shared_depth < num_recursions or shared_depth % num_recursions:
-    raise ConfigError(f"config.model.num_layers={num_layers} is invalid for sharing={sharing!r}: "
-                      f"{'num_layers - 2' if middle else 'num_layers'} must be a positive multiple of "
-                      f"num_recursions={num_recursions}")
+    raise ConfigError(
+      f"config.model.num_layers={num_layers} is invalid for sharing={sharing!r}: "
+      f"{'num_layers - 2' if middle else 'num_layers'} must be a positive multiple of "
+      f"num_recursions={num_recursions}"
+    )
   base = shared_depth // num_recursions
   offset = 1 if middle else 0
   if sharing.endswith("cycle"):
     stack = [offset + i for _ in range(num_recursions) for i in range(base)]
   else:
     stack = [offset + i for i in range(base) for _ in range(num_recursions)]
-  recursions = tuple(tuple(stack[r * base:(r + 1) * base]) for r in range(num_recursions))
+  recursions = tuple(tuple(stack[r * base : (r + 1) * base]) for r in range(num_recursions))
   if middle:
     return base + 2, 0, recursions, base + 1
   return base, None, recursions, None
@@ -126,6 +129,7 @@ class StepRoute:
   gate: [batch, length] float32 weight of the block output (expert- and token-choice), or None (baseline).
   last: [batch, length] bool, token-choice only: recursion r is the token's last one; None for the other routers.
   """
+
   chosen: Any
   gate: Any = None
   last: Any = None
@@ -157,9 +161,13 @@ class MoRLM(nn.Module):
     kv_mode: 'recursion' (recursion-wise caching) or 'share' (recursive KV sharing).
     rope_theta, norm_epsilon, tie_embeddings, dtype: as in the dense LM.
   """
+
   exposes: ClassVar[tuple[str, ...]] = ("depth",)
-  renamed_keys: ClassVar[dict[str, str]] = {"balance_coef": "load_balance_coef", "z_coef": "z_loss_coef",
-                                            "alpha": "gate_scale"}
+  renamed_keys: ClassVar[dict[str, str]] = {
+    "balance_coef": "load_balance_coef",
+    "z_coef": "z_loss_coef",
+    "alpha": "gate_scale",
+  }
   vocab_size: int = 260
   embed_dim: int = 128
   num_layers: int = 6
@@ -189,17 +197,24 @@ class MoRLM(nn.Module):
   dtype: Any = "float32"
 
   def __post_init__(self):
-    check_config(self, positive=("vocab_size", "embed_dim", "num_layers", "num_heads", "head_dim", "mlp_dim",
-                                 "num_recursions"),
-                 optional_positive=("num_kv_heads",),
-                 non_negative=("capacity_warmup_steps", "bce_coef", "load_balance_coef", "z_loss_coef",
-                               "balance_bias_rate"),
-                 intervals={"gate_scale": "(0, inf)", "rope_theta": "(0, inf)", "norm_epsilon": "(0, inf)"},
-                 choices={"router": ROUTERS, "router_arch": ("linear", "mlp"),
-                          "causal_router": ("aux_loss", "aux_router"), "inference_selection": ("causal", "topk"),
-                          "token_func": ("softmax", "sigmoid"), "kv_mode": ("recursion", "share"),
-                          "sharing": SHARING, "mlp_activation": sorted(ACTIVATIONS)},
-                 dtypes=("dtype",))
+    check_config(
+      self,
+      positive=("vocab_size", "embed_dim", "num_layers", "num_heads", "head_dim", "mlp_dim", "num_recursions"),
+      optional_positive=("num_kv_heads",),
+      non_negative=("capacity_warmup_steps", "bce_coef", "load_balance_coef", "z_loss_coef", "balance_bias_rate"),
+      intervals={"gate_scale": "(0, inf)", "rope_theta": "(0, inf)", "norm_epsilon": "(0, inf)"},
+      choices={
+        "router": ROUTERS,
+        "router_arch": ("linear", "mlp"),
+        "causal_router": ("aux_loss", "aux_router"),
+        "inference_selection": ("causal", "topk"),
+        "token_func": ("softmax", "sigmoid"),
+        "kv_mode": ("recursion", "share"),
+        "sharing": SHARING,
+        "mlp_activation": sorted(ACTIVATIONS),
+      },
+      dtypes=("dtype",),
+    )
     if self.head_dim % 2:
       raise ConfigError(f"config.model.head_dim={self.head_dim} must be even for RoPE")
     if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
@@ -215,20 +230,29 @@ class MoRLM(nn.Module):
     """Capacity per recursion (validated): `capacities` or the default (N_r - r) / N_r."""
     try:
       return depth_routing.validate_capacities(
-          self.capacities or depth_routing.default_capacities(self.num_recursions), self.num_recursions)
+        self.capacities or depth_routing.default_capacities(self.num_recursions), self.num_recursions
+      )
     except ValueError as e:
       raise ConfigError(f"config.model.capacities: {e}") from None
 
   def setup(self):
     self.num_unique, self.first_id, self.schedule, self.last_id = layer_schedule(
-        self.sharing, self.num_layers, self.num_recursions)
+      self.sharing, self.num_layers, self.num_recursions
+    )
     dtype = jnp.dtype(self.dtype)
-    attention = functools.partial(Attention, num_heads=self.num_heads, head_dim=self.head_dim,
-                                  num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta, dtype=dtype)
+    attention = functools.partial(
+      Attention,
+      num_heads=self.num_heads,
+      head_dim=self.head_dim,
+      num_kv_heads=self.num_kv_heads,
+      rope_theta=self.rope_theta,
+      dtype=dtype,
+    )
     ffn = functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.mlp_activation, dtype=dtype)
     self.embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype)
-    self.layers = [DecoderBlock(attention, ffn, norm_epsilon=self.norm_epsilon, dtype=dtype)
-                   for _ in range(self.num_unique)]
+    self.layers = [
+      DecoderBlock(attention, ffn, norm_epsilon=self.norm_epsilon, dtype=dtype) for _ in range(self.num_unique)
+    ]
     if self.router == "expert":
       self.step_routers = [depth_routing.DepthRouter(1, self.router_arch) for _ in range(self.num_recursions)]
       if self.causal_router == "aux_router":
@@ -246,12 +270,15 @@ class MoRLM(nn.Module):
   def init_cache(self, batch_size, max_length):
     """An empty decoding cache: per-layer KVCache records, plus, for recursion-wise caching, `active`
     [N_r, batch, max_length] bool marking the slots whose token ran recursion r."""
-    kv = functools.partial(KVCache.create, batch_size, max_length, self.num_kv_heads or self.num_heads,
-                           self.head_dim, jnp.dtype(self.dtype))
+    kv = functools.partial(
+      KVCache.create, batch_size, max_length, self.num_kv_heads or self.num_heads, self.head_dim, jnp.dtype(self.dtype)
+    )
     _, first, schedule, last = layer_schedule(self.sharing, self.num_layers, self.num_recursions)
     cached = 1 if self.kv_mode == "share" else self.num_recursions
-    cache = {"length": jnp.zeros((batch_size,), jnp.int32),
-             "recursions": tuple(tuple(kv() for _ in schedule[0]) for _ in range(cached))}
+    cache = {
+      "length": jnp.zeros((batch_size,), jnp.int32),
+      "recursions": tuple(tuple(kv() for _ in schedule[0]) for _ in range(cached)),
+    }
     if first is not None:
       cache["first"], cache["last"] = kv(), kv()
     if self.kv_mode == "recursion":
@@ -290,8 +317,9 @@ class MoRLM(nn.Module):
       positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     training = not deterministic
     if cache is not None and self.inference_selection == "topk" and self.router == "expert":
-      raise ValueError("inference_selection='topk' sees future tokens and cannot decode with a cache; "
-                       "use inference_selection='causal'")
+      raise ValueError(
+        "inference_selection='topk' sees future tokens and cannot decode with a cache; use inference_selection='causal'"
+      )
     use_topk = cache is None and (training or self.inference_selection == "topk")
     ks, static_k = self._step_sizes(t, training, use_topk)
     new_cache = None if cache is None else dict(cache)
@@ -367,10 +395,10 @@ class MoRLM(nn.Module):
     bias = self.depth_bias if self.balance_bias_rate > 0 else None
     router_logits = self.depth_router(h)
     depth_index, token_weight, probs = depth_routing.token_choice_route(
-        router_logits, self.token_func, None if bias is None else bias.value)
+      router_logits, self.token_func, None if bias is None else bias.value
+    )
     n = self.num_recursions
-    balance = losses.load_balance_loss(probs.reshape(-1, n), depth_index.reshape(-1, 1), n,
-                                       sequence_length=h.shape[1])
+    balance = losses.load_balance_loss(probs.reshape(-1, n), depth_index.reshape(-1, 1), n, sequence_length=h.shape[1])
     z = losses.router_z_loss(router_logits.reshape(-1, n))
     aux = jnp.zeros((), jnp.float32) + self.load_balance_coef * balance + self.z_loss_coef * z
     if bias is not None and training and not self.is_initializing():
@@ -405,8 +433,9 @@ class MoRLM(nn.Module):
     terms = []
     if targets is not None and self.caps[r] < 1.0:
       agree = jnp.where(active, (decision >= 0) == targets, False)
-      terms.append((depth_routing.bce_aux_loss(decision, targets, active),
-                    jnp.sum(agree) / jnp.maximum(jnp.sum(active), 1)))
+      terms.append(
+        (depth_routing.bce_aux_loss(decision, targets, active), jnp.sum(agree) / jnp.maximum(jnp.sum(active), 1))
+      )
     return StepRoute(chosen, gate), terms
 
   def _recursion(self, r, h, positions, route, static_k, cache, new_cache, shared):
@@ -429,6 +458,7 @@ class MoRLM(nn.Module):
 
       def take(a):
         return None if a is None else jnp.take_along_axis(a, idx if a.ndim == 2 else idx[..., None], axis=1)
+
       x = take(h)
       y, out_kv = self._shared_layers(r, x, take(positions), None, kv)
       update = self._combine(x, y, take(route.gate), take(route.last))
@@ -454,6 +484,7 @@ class MoRLM(nn.Module):
     Returns:
       (y [batch, n, d], the layers' updated caches).
     """
+
     def run(module, y, kv):
       out = []
       for j, layer_id in enumerate(self.schedule[r]):
@@ -520,8 +551,9 @@ class MoRLM(nn.Module):
     if decision_terms:
       bce = jnp.sum(jnp.stack([bce for bce, _ in decision_terms]))
       aux = aux + self.bce_coef * bce
-      metrics.update(router_bce_loss=bce,
-                     router_decision_accuracy=jnp.mean(jnp.stack([acc for _, acc in decision_terms])))
+      metrics.update(
+        router_bce_loss=bce, router_decision_accuracy=jnp.mean(jnp.stack([acc for _, acc in decision_terms]))
+      )
     hist, reached = depth_routing.depth_histogram(ran, self.num_recursions)
     metrics.update(depth_hist=hist, depth_reached=reached, mean_depth=jnp.mean(ran.astype(jnp.float32)))
     if self.router == "expert":

@@ -12,13 +12,13 @@ Token-Level Computation"; papers.md A1):
 Pure functions over arrays, routing math in float32; `DepthRouter` only owns parameters. The load-balance loss,
 router z-loss and loss-free bias update of token-choice live in the rest of `zoo/routing` and are reused from there.
 """
+
 import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class DepthRouter(nn.Module):
@@ -28,6 +28,7 @@ class DepthRouter(nn.Module):
     num_outputs: 1 for an expert-choice step router, N_r for the token-choice router.
     arch: 'linear' or 'mlp'.
   """
+
   num_outputs: int
   arch: str = "linear"
   dtype: jnp.dtype = jnp.float32
@@ -40,8 +41,9 @@ class DepthRouter(nn.Module):
     init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None))
     if self.arch == "mlp":
       hidden_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "mlp"))
-      h = nn.gelu(nn.Dense(2 * h.shape[-1], use_bias=False, dtype=self.dtype, kernel_init=hidden_init,
-                           name="hidden")(h))
+      h = nn.gelu(
+        nn.Dense(2 * h.shape[-1], use_bias=False, dtype=self.dtype, kernel_init=hidden_init, name="hidden")(h)
+      )
       init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("mlp", None))
     logits = nn.Dense(self.num_outputs, use_bias=False, dtype=self.dtype, kernel_init=init, name="out")(h)
     return logits.astype(jnp.float32)
