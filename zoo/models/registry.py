@@ -17,8 +17,8 @@ import re
 from zoo.registry import ConfigError, Registry
 
 PACKAGE = "zoo.models"
-# Modules of the package that hold no model: the registry itself and the shared output record.
-SUPPORT_MODULES = ("output", "registry")
+# Modules of the package that hold no model: the registry itself, the shared output record and the decoder parts.
+SUPPORT_MODULES = ("decoder_parts", "output", "registry")
 
 
 def _is_int(value):
