@@ -80,7 +80,7 @@ from zoo.engine.checkpoint import CheckpointError, Checkpointer
 from zoo.engine.config import validate_config
 from zoo.engine.memory import check_memory
 from zoo.engine.state import TrainState, init_variables, state_shardings
-from zoo.engine.trainer import (Experiment, _all_finite, _log, _Sigterm, open_run_records, resume_data, run_steps,
+from zoo.engine.trainer import (Experiment, _all_finite, _log, _Sigterm, log_init_from, resume_data, run_steps,
                                 use_hf_model_config)
 from zoo.engine.workdir import WorkdirLock, check_workdir
 from zoo.models import ConfigError
@@ -509,14 +509,7 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       resume_data(train_iter, data_state, ckpt, latest, primary)
     else:
       state = strategy.init_state(loaded)
-      for path, source, variables in loaded:
-        _log(primary, f"initialised {partition.count(variables)} values of {path or 'the model'} from {source}")
-    start = int(jax.device_get(state.step))
-    writer = open_run_records(stack, workdir, config, start, primary)
-    if sigterm.received:
-      _log(primary, f"SIGTERM before the first step: nothing new to save (latest checkpoint: {latest}); stopping")
-      return state
-
+      log_init_from(loaded, primary)
     eval_step = strategy.make_eval_step()
     export_fn = jax.jit(strategy.export_state, out_shardings=strategy.base_shardings)
 
@@ -545,8 +538,8 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       ckpt.save(step, state.packed(), data_state)
       export.save(step, export_fn(state), data_state)
 
-    return run_steps(state, start=start, config=config, task=exp.task, train_iter=train_iter, writer=writer,
-                     sigterm=sigterm, primary=primary, progress=progress, stack=stack, checkpointers=(ckpt, export),
+    return run_steps(state, workdir=workdir, config=config, task=exp.task, train_iter=train_iter, sigterm=sigterm,
+                     primary=primary, progress=progress, stack=stack, checkpointers=(ckpt, export),
                      advance=advance, host_metrics=lambda metrics: _host_record(strategy, metrics)[0],
                      params_finite=lambda state: bool(_all_finite((state.params, state.outer_params))), save=save,
                      evaluate=lambda state: strategy.run_eval(state, eval_step), log_extras=communication)

@@ -380,42 +380,42 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       state, _ = exp.init_state()
       if loaded:
         state = exp.with_init_from(state, shardings, loaded)
-        for path, source, variables in loaded:
-          _log(primary, f"initialised {partition.count(variables)} values of {path or 'the model'} from {source}")
-    start = int(jax.device_get(state.step))
-    writer = open_run_records(stack, workdir, config, start, primary)
-    if sigterm.received:
-      _log(primary, f"SIGTERM before the first step: nothing new to save (latest checkpoint: {latest}); stopping")
-      return state
-
+        log_init_from(loaded, primary)
     eval_step = exp.make_eval_step(shardings, exp.dummy)
 
     def advance(step, state, batch):
       del step
       return (*train_step(state, sharding.global_batch(exp.pad(batch), exp.mesh)), {}, False)
 
-    return run_steps(state, start=start, config=config, task=exp.task, train_iter=train_iter, writer=writer,
-                     sigterm=sigterm, primary=primary, progress=progress, stack=stack, checkpointers=(ckpt,),
+    return run_steps(state, workdir=workdir, config=config, task=exp.task, train_iter=train_iter, sigterm=sigterm,
+                     primary=primary, progress=progress, stack=stack, checkpointers=(ckpt,),
                      advance=advance, host_metrics=exp.host_metrics,
                      params_finite=lambda state: bool(_all_finite(state.params)),
                      save=lambda step, state: ckpt.save(step, state, train_iter.get_state()),
                      evaluate=lambda state: exp.run_eval(state, eval_step))
 
 
-def run_steps(state, *, start, config, task, train_iter, writer, sigterm, primary, progress, stack, checkpointers,
-              advance, host_metrics, params_finite, save, evaluate, log_extras=None):
-  """The step loop `train` and `zoo.engine.diloco.train` share, from step `start` + 1 to `config.train.steps`.
+def log_init_from(loaded, primary):
+  """Reports what `Experiment.load_init_from` loaded: [(path, source, variables)]."""
+  for path, source, variables in loaded:
+    _log(primary, f"initialised {partition.count(variables)} values of {path or 'the model'} from {source}")
 
-  Evaluates at step 0 of a new run, every `train.eval_every_steps` and at the end; logs every
+
+def run_steps(state, *, workdir, config, task, train_iter, sigterm, primary, progress, stack, checkpointers,
+              advance, host_metrics, params_finite, save, evaluate, log_extras=None):
+  """The step loop `train` and `zoo.engine.diloco.train` share, from the state's step + 1 to `config.train.steps`.
+
+  Opens the run's records (`open_run_records`); stops before the first step if a SIGTERM came already. Evaluates at step 0 of a new run, every `train.eval_every_steps` and at the end; logs every
   `train.log_every_steps`, at the end and when `advance` asks; saves every `checkpoint.every_steps`, at the end and on
   SIGTERM (after the NaN guard: a non-finite loss, gradient norm or parameter stops the run with
   TrainingDivergedError before anything is saved), then waits for the save before the final evaluation.
 
   Args:
-    state: the state at step `start`.
+    state: the state to continue from (its `step`: 0 for a new run)
+    workdir: the run's directory (metrics.jsonl, config.json).
     task: the task (`items(batch)` counts the throughput).
     train_iter: the training batches (a checkpointable iterator).
-    writer, sigterm, stack: the run's MetricsWriter, SIGTERM flag and ExitStack.
+    sigterm, stack: the run's SIGTERM flag and ExitStack.
     checkpointers: every Checkpointer the loop saves to (polled each step, waited for at the end); errors name the
       first.
     advance: `(step, state, batch) -> (state, device metrics, record, log_now)`: one step; `record` holds extra host
@@ -432,6 +432,11 @@ def run_steps(state, *, start, config, task, train_iter, writer, sigterm, primar
   t = config.train
   steps, eval_every, every = int(t.steps), int(t.eval_every_steps), int(config.checkpoint.every_steps)
   ckpt = checkpointers[0]
+  start = int(jax.device_get(state.step))
+  writer = open_run_records(stack, workdir, config, start, primary)
+  if sigterm.received:
+    _log(primary, f"SIGTERM before the first step: nothing new to save (the run is at step {start}); stopping")
+    return state
   if start == 0 and eval_every:
     writer.write(0, {f"eval_{k}": v for k, v in evaluate(state).items()})
   bar = _progress(primary and progress, start, steps)
