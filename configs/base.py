@@ -10,21 +10,30 @@ one of the helpers below and states only what differs:
 - `update_model(config, **keys)`: a config whose model is another config's with keys changed, added or dropped.
 - `moe_config(**moe)`: the dense LM's run (`configs/dense_lm.py`) with its FFNs replaced by a `moe_lm`'s experts.
 """
+
 import ml_collections
 
 from zoo.engine.config import base_config as get_base_config
 
-__all__ = ["MOE_LAYOUT", "SMALL_LM", "get_base_config", "moe_config", "run_config", "small_lm", "small_lm_config",
-           "update_model"]
+__all__ = [
+  "MOE_LAYOUT",
+  "SMALL_LM",
+  "get_base_config",
+  "moe_config",
+  "run_config",
+  "small_lm",
+  "small_lm_config",
+  "update_model",
+]
 
 # The small decoder LM of `configs/dense_lm.py`, sized for a 2-core CPU; the models built on its run keep its shape.
 SMALL_LM = {
-    "vocab_size": 259,  # ByteTokenizer: 256 bytes + PAD, BOS, EOS
-    "num_layers": 4,
-    "embed_dim": 128,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "mlp_dim": 384,
+  "vocab_size": 259,  # ByteTokenizer: 256 bytes + PAD, BOS, EOS
+  "num_layers": 4,
+  "embed_dim": 128,
+  "num_heads": 4,
+  "num_kv_heads": 2,
+  "mlp_dim": 384,
 }
 
 # The `moe_lm` layer layout `moe_config` starts from: every FFN an MoE layer, 'auto' dispatch (capacity-buffered on
@@ -32,8 +41,21 @@ SMALL_LM = {
 MOE_LAYOUT = {"dispatch": "auto", "moe_every": 1, "first_dense_layers": 0, "router_jitter": 0.0}
 
 
-def run_config(model, *, dataset="pystdlib", task="lm", seq_len=None, lr, warmup_steps, steps, batch_size,
-               eval_every_steps, eval_batches, log_every_steps, **optimizer):
+def run_config(
+  model,
+  *,
+  dataset="pystdlib",
+  task="lm",
+  seq_len=None,
+  lr,
+  warmup_steps,
+  steps,
+  batch_size,
+  eval_every_steps,
+  eval_batches,
+  log_every_steps,
+  **optimizer,
+):
   """`get_base_config(model=model, dataset=dataset, task=task)` with the run's schedule set.
 
   Args:
@@ -57,8 +79,13 @@ def run_config(model, *, dataset="pystdlib", task="lm", seq_len=None, lr, warmup
   if seq_len is not None:
     config.data.seq_len = seq_len
   config.optimizer.update(lr=lr, warmup_steps=warmup_steps, **optimizer)
-  config.train.update(steps=steps, batch_size=batch_size, eval_every_steps=eval_every_steps, eval_batches=eval_batches,
-                      log_every_steps=log_every_steps)
+  config.train.update(
+    steps=steps,
+    batch_size=batch_size,
+    eval_every_steps=eval_every_steps,
+    eval_batches=eval_batches,
+    log_every_steps=log_every_steps,
+  )
   config.checkpoint.every_steps = eval_every_steps
   return config
 
@@ -71,8 +98,17 @@ def small_lm(name, **keys):
 def small_lm_config(model, *, steps, batch_size, warmup_steps, eval_batches):
   """`run_config` of the small LMs on the embedded Python-stdlib corpus with byte tokens: 128-token windows, lr 3e-3
   with the base warmup-cosine schedule, an evaluation and a checkpoint every 200 steps, a log line every 50."""
-  return run_config(model, seq_len=128, lr=3e-3, warmup_steps=warmup_steps, steps=steps, batch_size=batch_size,
-                    eval_every_steps=200, eval_batches=eval_batches, log_every_steps=50)
+  return run_config(
+    model,
+    seq_len=128,
+    lr=3e-3,
+    warmup_steps=warmup_steps,
+    steps=steps,
+    batch_size=batch_size,
+    eval_every_steps=200,
+    eval_batches=eval_batches,
+    log_every_steps=50,
+  )
 
 
 def update_model(config, *, drop=(), **keys):
@@ -88,4 +124,5 @@ def moe_config(**moe):
   a `moe_lm`: the dense model's keys, the `MOE_LAYOUT` keys, then `moe` (the experts, router and losses; a `moe` key
   overrides a `MOE_LAYOUT` one)."""
   from configs.dense_lm import get_config as get_dense_config  # configs.dense_lm imports this module
+
   return update_model(get_dense_config(), name="moe_lm", **{**MOE_LAYOUT, **moe})

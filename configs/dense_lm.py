@@ -4,6 +4,7 @@ Sized to finish on a 2-core CPU in about ten minutes with a clearly falling vali
 
   python train.py --config configs/dense_lm.py --workdir workdirs/dense_lm
 """
+
 from configs.base import small_lm, small_lm_config
 
 

@@ -8,11 +8,19 @@ replicas' routers moved apart, relative to their mean) and `replica_expert_load`
   python train.py --config configs/diloco_moe_mixtral.py --workdir workdirs/diloco_moe_mixtral
   --config.train.strategy=diloco_overlap | fedavg | fedavg_hierarchical, --config.train.inner_steps=H
 """
+
 from configs.moe_mixtral import get_config as get_moe_config
 
 
 def get_config():
   config = get_moe_config()
-  config.train.update(strategy="diloco", replicas=4, inner_steps=50, outer_optimizer="nesterov", outer_lr=0.7,
-                      outer_momentum=0.9, fedavg_groups=2)
+  config.train.update(
+    strategy="diloco",
+    replicas=4,
+    inner_steps=50,
+    outer_optimizer="nesterov",
+    outer_lr=0.7,
+    outer_momentum=0.9,
+    fedavg_groups=2,
+  )
   return config

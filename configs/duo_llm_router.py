@@ -5,6 +5,7 @@ router training recipe is not published].
   python train.py --config configs/duo_llm_router.py --workdir workdirs/duo_llm_router \
       --config.init_from=workdirs/duo_llm
 """
+
 from configs.duo_llm import get_config as get_duo_config
 
 

@@ -9,15 +9,29 @@ uses 2.5 for 256 experts; 16 need none].
 
   python train.py --config configs/moe_deepseek.py --workdir workdirs/moe_deepseek
 """
+
 from configs.base import SMALL_LM, moe_config
 
 
 def get_config():
   quarter = SMALL_LM["mlp_dim"] // 4
   return moe_config(
-      num_experts=16, num_experts_per_tok=3, expert_mlp_dim=quarter,
-      num_shared_experts=1, shared_expert_mlp_dim=quarter, shared_expert_gate=False,
-      router="sigmoid_topk", renormalize=True, n_group=4, topk_group=2, routed_scaling_factor=1.0,
-      router_bias=True, bias_update_rate=1e-3,
-      capacity_factor=2.0, first_dense_layers=1,
-      load_balance_coef=1e-4, per_sequence_balance=True, z_loss_coef=0.0)
+    num_experts=16,
+    num_experts_per_tok=3,
+    expert_mlp_dim=quarter,
+    num_shared_experts=1,
+    shared_expert_mlp_dim=quarter,
+    shared_expert_gate=False,
+    router="sigmoid_topk",
+    renormalize=True,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=1.0,
+    router_bias=True,
+    bias_update_rate=1e-3,
+    capacity_factor=2.0,
+    first_dense_layers=1,
+    load_balance_coef=1e-4,
+    per_sequence_balance=True,
+    z_loss_coef=0.0,
+  )

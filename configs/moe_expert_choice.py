@@ -8,11 +8,16 @@ the routing and cached decoding differs from the full forward (papers.md A1 disc
 
   python train.py --config configs/moe_expert_choice.py --workdir workdirs/moe_expert_choice
 """
+
 from configs.base import SMALL_LM, moe_config
 
 
 def get_config():
   return moe_config(
-      num_experts=8, num_experts_per_tok=2, expert_mlp_dim=SMALL_LM["mlp_dim"] // 2,
-      router="expert_choice",
-      load_balance_coef=0.0, z_loss_coef=1e-3)
+    num_experts=8,
+    num_experts_per_tok=2,
+    expert_mlp_dim=SMALL_LM["mlp_dim"] // 2,
+    router="expert_choice",
+    load_balance_coef=0.0,
+    z_loss_coef=1e-3,
+  )

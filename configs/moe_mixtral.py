@@ -8,11 +8,18 @@ logged) [guess: Mixtral itself is dropless].
 
   python train.py --config configs/moe_mixtral.py --workdir workdirs/moe_mixtral
 """
+
 from configs.base import SMALL_LM, moe_config
 
 
 def get_config():
   return moe_config(
-      num_experts=8, num_experts_per_tok=2, expert_mlp_dim=SMALL_LM["mlp_dim"] // 2,
-      router="softmax_topk", renormalize=True, capacity_factor=2.0,
-      load_balance_coef=1e-2, z_loss_coef=1e-3)
+    num_experts=8,
+    num_experts_per_tok=2,
+    expert_mlp_dim=SMALL_LM["mlp_dim"] // 2,
+    router="softmax_topk",
+    renormalize=True,
+    capacity_factor=2.0,
+    load_balance_coef=1e-2,
+    z_loss_coef=1e-3,
+  )

@@ -8,13 +8,22 @@ loss 1e-3 (Qwen's `router_aux_loss_coef`), no z-loss.
 
   python train.py --config configs/moe_qwen.py --workdir workdirs/moe_qwen
 """
+
 from configs.base import SMALL_LM, moe_config
 
 
 def get_config():
   mlp = SMALL_LM["mlp_dim"]
   return moe_config(
-      num_experts=16, num_experts_per_tok=2, expert_mlp_dim=mlp // 4,
-      num_shared_experts=1, shared_expert_mlp_dim=mlp // 2, shared_expert_gate=True,
-      router="softmax_topk", renormalize=False, capacity_factor=2.0,
-      load_balance_coef=1e-3, z_loss_coef=0.0)
+    num_experts=16,
+    num_experts_per_tok=2,
+    expert_mlp_dim=mlp // 4,
+    num_shared_experts=1,
+    shared_expert_mlp_dim=mlp // 2,
+    shared_expert_gate=True,
+    router="softmax_topk",
+    renormalize=False,
+    capacity_factor=2.0,
+    load_balance_coef=1e-3,
+    z_loss_coef=0.0,
+  )

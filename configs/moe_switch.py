@@ -7,12 +7,21 @@ the dense FFN, so a token's active FFN equals the dense LM's. The combine weight
 
   python train.py --config configs/moe_switch.py --workdir workdirs/moe_switch
 """
+
 from configs.base import SMALL_LM, moe_config
 
 
 def get_config():
   return moe_config(
-      num_experts=8, num_experts_per_tok=1, expert_mlp_dim=SMALL_LM["mlp_dim"],
-      router="softmax_topk", renormalize=False, router_jitter=1e-2,
-      dispatch="capacity", capacity_factor=1.25, moe_every=2,
-      load_balance_coef=1e-2, z_loss_coef=1e-3)
+    num_experts=8,
+    num_experts_per_tok=1,
+    expert_mlp_dim=SMALL_LM["mlp_dim"],
+    router="softmax_topk",
+    renormalize=False,
+    router_jitter=1e-2,
+    dispatch="capacity",
+    capacity_factor=1.25,
+    moe_every=2,
+    load_balance_coef=1e-2,
+    z_loss_coef=1e-3,
+  )

@@ -4,6 +4,7 @@
 
   python train.py --config configs/mor_expert_nr2_share.py --workdir workdirs/mor_expert_nr2_share
 """
+
 from configs.mor_vanilla import isoflop_config, mor_model
 
 

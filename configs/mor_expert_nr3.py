@@ -4,6 +4,7 @@
 
   python train.py --config configs/mor_expert_nr3.py --workdir workdirs/mor_expert_nr3
 """
+
 from configs.mor_vanilla import isoflop_config, mor_model
 
 

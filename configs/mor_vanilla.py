@@ -10,23 +10,25 @@ Sized for a 2-core CPU (each run takes minutes). The step count is fixed when th
   python train.py --config configs/mor_expert_nr3.py --workdir workdirs/mor_expert_nr3
   python train.py --config configs/recursive_nr3.py --workdir workdirs/recursive_nr3
 """
+
 from configs.base import get_base_config
 
 VANILLA_STEPS = 400
 SEQ_LEN = 128
 SHAPE = {
-    "vocab_size": 259,  # ByteTokenizer: 256 bytes + PAD, BOS, EOS
-    "num_layers": 8,  # effective depth: middle_cycle keeps layers 1 and 8 unshared, 6 = N_r * base_depth
-    "embed_dim": 128,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 32,
-    "mlp_dim": 384,
+  "vocab_size": 259,  # ByteTokenizer: 256 bytes + PAD, BOS, EOS
+  "num_layers": 8,  # effective depth: middle_cycle keeps layers 1 and 8 unshared, 6 = N_r * base_depth
+  "embed_dim": 128,
+  "num_heads": 4,
+  "num_kv_heads": 2,
+  "head_dim": 32,
+  "mlp_dim": 384,
 }
 
 
 def _flops_per_token(model):
   from zoo.models import build_model
+
   return build_model(model).train_flops_per_token(SEQ_LEN)
 
 
@@ -49,8 +51,14 @@ def isoflop_config(model):
 
 def mor_model(num_recursions, router, kv_mode="recursion"):
   """A `mor` model at the study's shape: middle-cycle sharing, N_r recursions."""
-  return {"name": "mor", **SHAPE, "num_recursions": num_recursions, "sharing": "middle_cycle", "router": router,
-          "kv_mode": kv_mode}
+  return {
+    "name": "mor",
+    **SHAPE,
+    "num_recursions": num_recursions,
+    "sharing": "middle_cycle",
+    "router": router,
+    "kv_mode": kv_mode,
+  }
 
 
 def get_config():

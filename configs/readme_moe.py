@@ -18,20 +18,45 @@ Alternating phases (Read-ME Sec. 3.2), each starting from the previous workdir (
   python train.py --config configs/readme_moe.py --workdir workdirs/readme_backbone \
     --config.model.train_phase=backbone --config.init_from=workdirs/readme_router --config.optimizer.weight_decay=0
 """
+
 from configs.base import small_lm, small_lm_config
 
 DOMAIN_GROUPS = {
-    "docs": ("docs",),
-    "modules": ("modules",),
-    "web": ("email", "html", "http", "json", "urllib", "wsgiref", "xml", "xmlrpc"),
-    "packages": ("asyncio", "concurrent", "ctypes", "curses", "dbm", "distutils", "ensurepip", "idlelib", "importlib",
-                 "lib2to3", "logging", "multiprocessing", "re", "tkinter", "tomllib", "turtledemo", "unittest",
-                 "venv", "zoneinfo"),
+  "docs": ("docs",),
+  "modules": ("modules",),
+  "web": ("email", "html", "http", "json", "urllib", "wsgiref", "xml", "xmlrpc"),
+  "packages": (
+    "asyncio",
+    "concurrent",
+    "ctypes",
+    "curses",
+    "dbm",
+    "distutils",
+    "ensurepip",
+    "idlelib",
+    "importlib",
+    "lib2to3",
+    "logging",
+    "multiprocessing",
+    "re",
+    "tkinter",
+    "tomllib",
+    "turtledemo",
+    "unittest",
+    "venv",
+    "zoneinfo",
+  ),
 }
 
 
 def get_config():
   # The dense FFN (mlp_dim 384) the experts come from; shared and expert widths default to 192.
-  model = small_lm("readme_moe", num_experts=len(DOMAIN_GROUPS), router_layers=1, router_num_heads=4,
-                   router_mlp_dim=256, train_phase="joint")
+  model = small_lm(
+    "readme_moe",
+    num_experts=len(DOMAIN_GROUPS),
+    router_layers=1,
+    router_num_heads=4,
+    router_mlp_dim=256,
+    train_phase="joint",
+  )
   return small_lm_config(model, steps=1200, batch_size=32, warmup_steps=100, eval_batches=16)

@@ -4,6 +4,7 @@
 
   python train.py --config configs/recursive_nr2.py --workdir workdirs/recursive_nr2
 """
+
 from configs.mor_vanilla import isoflop_config, mor_model
 
 

@@ -4,6 +4,7 @@
 
   python train.py --config configs/recursive_nr3.py --workdir workdirs/recursive_nr3
 """
+
 from configs.mor_vanilla import isoflop_config, mor_model
 
 

@@ -5,13 +5,20 @@ Python-stdlib corpus with byte tokens. Sized for a 2-core CPU.
   # self-slimmable evaluation at k = 1, 2, 4, 8:
   python evaluate.py --config configs/smoe_dropout.py --workdir workdirs/smoe_dropout --config.model.eval_k=2
 """
+
 from configs.base import small_lm, small_lm_config
 
 
 def get_config():
   steps = 600
-  model = small_lm("smoe_dropout", num_experts=8,
-                   num_experts_per_tok=8,  # k_max
-                   expert_mlp_dim=64, k_min=2, k_schedule="linear", k_schedule_steps=steps,
-                   capacity_factor=0.0)  # no dropping: compare k values without capacity effects
+  model = small_lm(
+    "smoe_dropout",
+    num_experts=8,
+    num_experts_per_tok=8,  # k_max
+    expert_mlp_dim=64,
+    k_min=2,
+    k_schedule="linear",
+    k_schedule_steps=steps,
+    capacity_factor=0.0,
+  )  # no dropping: compare k values without capacity effects
   return small_lm_config(model, steps=steps, batch_size=16, warmup_steps=60, eval_batches=8)

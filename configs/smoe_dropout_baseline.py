@@ -7,11 +7,19 @@ whether a learned router is "self-slimmable" like the frozen random router with 
   python evaluate.py --config configs/smoe_dropout_baseline.py --workdir workdirs/smoe_dropout_baseline \
       --config.model.num_experts_per_tok=4
 """
+
 from configs.base import update_model
 from configs.smoe_dropout import get_config as get_smoe_config
 
 
 def get_config():
-  return update_model(get_smoe_config(), drop=("k_min", "k_schedule", "k_schedule_steps"), name="moe_lm",
-                      num_experts_per_tok=2, router="softmax_topk", renormalize=True, load_balance_coef=1e-2,
-                      z_loss_coef=1e-3)
+  return update_model(
+    get_smoe_config(),
+    drop=("k_min", "k_schedule", "k_schedule_steps"),
+    name="moe_lm",
+    num_experts_per_tok=2,
+    router="softmax_topk",
+    renormalize=True,
+    load_balance_coef=1e-2,
+    z_loss_coef=1e-3,
+  )

@@ -5,6 +5,7 @@ Sec. 5.1, block-sparse / grouped GEMM for dropless MoE): rows of `lhs` are sorte
 `[offsets[i], offsets[i+1])` with `offsets = cumsum(group_sizes)` clamped to `m`. Rows past `sum(group_sizes)` belong
 to no group and are zero in the output.
 """
+
 import jax.numpy as jnp
 
 

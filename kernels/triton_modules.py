@@ -5,6 +5,7 @@ custom call and is first parsed by the GPU compiler on the device. Capturing the
 the MLIR verifier on them (tests/test_kernels_lowering.py) and compile them to PTX and cubin with the `triton`
 package (tools/compile_kernels.py). The hook wraps a private jax function, the one place that builds the module.
 """
+
 import contextlib
 from typing import NamedTuple, Optional
 
@@ -22,6 +23,7 @@ class TritonModule(NamedTuple):
     asm: the module as MLIR text (generic form), readable by `triton.compile` as a `.ttir` file.
     error: the MLIR verifier's message, or None when the module verifies.
   """
+
   name: str
   asm: str
   error: Optional[str]
@@ -42,8 +44,9 @@ def capture():
       error = None
     except Exception as verifier_error:  # the MLIR verifier raises with the failing op and its source line
       error = str(verifier_error)
-    built.append(TritonModule(operation.attributes["sym_name"].value,
-                              operation.get_asm(print_generic_op_form=True), error))
+    built.append(
+      TritonModule(operation.attributes["sym_name"].value, operation.get_asm(print_generic_op_form=True), error)
+    )
     return result
 
   registration.lower_jaxpr_to_triton_module = lower_and_keep
@@ -54,6 +57,8 @@ def capture():
 
 
 def lower_for_cuda(fn, *args):
-  """Lowers jit(fn) at the given shapes (jax.ShapeDtypeStruct) for CUDA from any host; returns the jax.export.Exported."""
-  return jax.export.export(jax.jit(fn), platforms=["cuda"],
-                           disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)])(*args)
+  """Lowers jit(fn) at the given shapes (jax.ShapeDtypeStruct) for CUDA from any host; returns the
+  jax.export.Exported."""
+  return jax.export.export(
+    jax.jit(fn), platforms=["cuda"], disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+  )(*args)

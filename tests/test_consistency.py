@@ -1,4 +1,5 @@
 """Local routing consistency (SRP, SCH) on sequences worked out by hand."""
+
 import numpy as np
 import pytest
 
@@ -16,8 +17,7 @@ def test_window_histogram_and_srp_by_hand():
 
 def test_srp_pools_sequences_and_ignores_empty_slots():
   # Sequence 2 adds windows [1,1] (expert 1 -> 2, expert 0 -> 0) twice; the -1 slots are not uses.
-  ids = np.array([[[0, -1], [0, -1], [1, -1], [0, -1]],
-                  [[1, -1], [1, -1], [1, -1], [-1, -1]]])
+  ids = np.array([[[0, -1], [0, -1], [1, -1], [0, -1]], [[1, -1], [1, -1], [1, -1], [-1, -1]]])
   # Sequence 2 windows: [1,1], [1,1], [1,-]: expert 1 -> 2, 2, 1; expert 0 -> 0, 0, 0.
   # Pooled histogram: c=0: 1 + 3, c=1: 4 + 1, c=2: 1 + 2 -> [4, 5, 3]; actuals = 5 + 6 = 11.
   np.testing.assert_array_equal(consistency.window_count_histogram(ids, 2, 2), [4, 5, 3])

@@ -1,4 +1,5 @@
 """The embedded TFDS builders: pystdlib (split by file, domains, contents) and digits; concurrent builds."""
+
 import os
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def test_split_is_disjoint_by_file_and_deterministic(stdlib_builder, tmp_path):
 
 def test_records_hold_the_files_and_topics(stdlib_builder):
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   root = sysconfig.get_paths()["stdlib"]
   names = stdlib_builder.info.features["domain"].names
   records = _records(stdlib_builder, "train") + _records(stdlib_builder, "validation")
@@ -72,13 +74,19 @@ def test_digits(tmp_path):
 
 
 def test_two_processes_build_at_once(tmp_path):
-  code = ("import sys; from zoo.data import builders; "
-          "b = builders.prepare('pystdlib', sys.argv[1]); print(b.info.splits['train'].num_examples)")
+  code = (
+    "import sys; from zoo.data import builders; "
+    "b = builders.prepare('pystdlib', sys.argv[1]); print(b.info.splits['train'].num_examples)"
+  )
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env) for _ in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    for _ in range(2)
+  ]
   outs = [p.communicate(timeout=120) for p in procs]
-  for proc, (out, err) in zip(procs, outs):
+  for proc, (_, err) in zip(procs, outs):
     assert proc.returncode == 0, err.decode()
   # Exactly one of them built it (TFDS prints this line when a build finishes); the other waited and opened it.
   assert sum(out.decode().count("downloaded and prepared to") for out, _ in outs) == 1

@@ -1,4 +1,5 @@
 """grain pipelines: packing, masks, determinism, checkpoint state, host sharding, mock TFDS datasets, errors."""
+
 import collections
 import json
 
@@ -6,10 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from zoo.data import builders
-from zoo.data import dataset_info
-from zoo.data import default_data_config
-from zoo.data import make_iterator
+from zoo.data import builders, dataset_info, default_data_config, make_iterator
 from zoo.data.config import resolve_data_config
 from zoo.data.tokenizer import ByteTokenizer
 
@@ -36,8 +34,9 @@ def _documents(data_dir, split, domains=()):
   builder = builders.prepare("pystdlib", data_dir)
   names = builder.info.features["domain"].names
   source = builder.as_data_source(split=split)
-  return [source[i]["text"].decode() for i in range(len(source))
-          if not domains or names[source[i]["domain"]] in domains]
+  return [
+    source[i]["text"].decode() for i in range(len(source)) if not domains or names[source[i]["domain"]] in domains
+  ]
 
 
 def _stream(batches):
@@ -121,13 +120,12 @@ def test_repeat_false_ends_repeat_true_goes_on(data_dir):
   repeated = [next(it) for _ in range(2 * len(one_pass) + 3)]
   assert len(repeated) == 2 * len(one_pass) + 3
   epoch0 = collections.Counter(int(x) for b in one_pass for x in b["label"])
-  epoch0_again = collections.Counter(int(x) for b in repeated[:len(one_pass)] for x in b["label"])
+  epoch0_again = collections.Counter(int(x) for b in repeated[: len(one_pass)] for x in b["label"])
   assert epoch0 == epoch0_again
 
 
 def test_digits_batches(data_dir):
-  assert dataset_info(_config(data_dir, "digits")) == {"format": "images", "num_classes": 10,
-                                                       "image_shape": (8, 8, 1)}
+  assert dataset_info(_config(data_dir, "digits")) == {"format": "images", "num_classes": 10, "image_shape": (8, 8, 1)}
   batch = next(make_iterator(_config(data_dir, "digits"), split="train", global_batch_size=16, seed=0))
   assert batch["image"].shape == (16, 8, 8, 1) and batch["image"].dtype == np.float32
   assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
@@ -140,8 +138,11 @@ def test_hosts_read_disjoint_documents_that_cover_the_split(data_dir):
   cfg = _config(data_dir, seq_len=32)
   host_docs = []
   for index in range(2):
-    batches = list(make_iterator(cfg, split="validation", global_batch_size=2, seed=5, process_index=index,
-                                 process_count=2, repeat=False))
+    batches = list(
+      make_iterator(
+        cfg, split="validation", global_batch_size=2, seed=5, process_index=index, process_count=2, repeat=False
+      )
+    )
     assert all(b["inputs"].shape == (1, 32) for b in batches)
     host_docs.append(_split_documents(_stream(batches)))
   assert not set(host_docs[0]) & set(host_docs[1])
@@ -151,8 +152,10 @@ def test_hosts_read_disjoint_documents_that_cover_the_split(data_dir):
 def test_hosts_images_together_are_the_single_host_epoch(data_dir):
   cfg = _config(data_dir, "digits")
   single = list(make_iterator(cfg, split="test", global_batch_size=1, seed=0, repeat=False))
-  hosts = [list(make_iterator(cfg, split="test", global_batch_size=2, seed=0, process_index=i, process_count=2,
-                              repeat=False)) for i in range(2)]
+  hosts = [
+    list(make_iterator(cfg, split="test", global_batch_size=2, seed=0, process_index=i, process_count=2, repeat=False))
+    for i in range(2)
+  ]
   key = lambda b: (b["image"][0].tobytes(), int(b["label"][0]))  # pylint: disable=unnecessary-lambda-assignment
   assert (len(hosts[0]), len(hosts[1])) == (149, 148)  # 297 examples dealt round-robin, one per row
   together = collections.Counter(key(b) for b in hosts[0] + hosts[1])
@@ -165,6 +168,7 @@ def test_domain_filter(data_dir):
   docs = _split_documents(_stream(batches))
   assert docs == _documents(data_dir, "validation", domains=("docs",))
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   assert docs and set(docs) <= set(topics.topics.values())
   assert "docs" in dataset_info(cfg)["domains"]
 
@@ -206,24 +210,30 @@ def test_unknown_dataset_name(tmp_path):
     dataset_info({"name": "no_such_dataset_zz", "data_dir": str(tmp_path)})
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"vocab": 3}, r"unknown key\(s\) \['vocab'\]"),
     ({"seq_len": 1}, "seq_len=1; allowed: an int >= 2"),
     ({"domains": "docs"}, "domains='docs' is a string"),
     ({"domains": ("nope",)}, r"domains \['nope'\] are not domains of 'pystdlib'"),
     ({"worker_count": -1}, "worker_count=-1"),
-])
+  ],
+)
 def test_bad_config(data_dir, overrides, match):
   with pytest.raises(ValueError, match=match):
     make_iterator({"name": "pystdlib", "data_dir": data_dir, **overrides}, split="train", global_batch_size=2, seed=0)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     ({"global_batch_size": 5, "process_count": 2}, "global_batch_size=5 is not divisible by process_count=2"),
     ({"process_index": 2, "process_count": 2}, "process_index=2"),
     ({"seed": -1}, "seed=-1"),
     ({"split": "test"}, r"split='test' is not a split of dataset 'pystdlib'; allowed: \['train', 'validation'\]"),
-])
+  ],
+)
 def test_bad_arguments(data_dir, kwargs, match):
   args = {"split": "train", "global_batch_size": 2, "seed": 0} | kwargs
   with pytest.raises(ValueError, match=match):
@@ -240,8 +250,9 @@ def test_empty_selection(data_dir):
   with pytest.raises(ValueError, match="has no examples"):
     make_iterator(_config(data_dir, domains=(absent[0],)), split="validation", global_batch_size=1, seed=0)
   with pytest.raises(ValueError, match="has no examples for host 999 of 1000"):
-    make_iterator(_config(data_dir), split="validation", global_batch_size=1000, seed=0, process_index=999,
-                  process_count=1000)
+    make_iterator(
+      _config(data_dir), split="validation", global_batch_size=1000, seed=0, process_index=999, process_count=1000
+    )
 
 
 def test_data_dir_defaults_to_env(monkeypatch, tmp_path):

@@ -1,8 +1,8 @@
 """ByteTokenizer: id layout, round trips (including non-ASCII UTF-8), bad input."""
-from hypothesis import given
-from hypothesis import strategies as st
+
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 from zoo.data.tokenizer import ByteTokenizer
 

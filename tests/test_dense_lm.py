@@ -1,4 +1,5 @@
 """Dense decoder LM: shapes, causality, cached decoding == full forward, param counts, FLOPs, training, sharding."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,12 +14,23 @@ from zoo.layers.axes import LOGICAL_AXIS_RULES, logical_to_sharding
 from zoo.models import ConfigError, build_model
 
 TINY = dict(name="dense_lm", vocab_size=32, num_layers=2, embed_dim=16, num_heads=4, num_kv_heads=2, mlp_dim=24)
-MLA = dict(attention="mla", num_kv_heads=None, q_lora_rank=8, kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=2,
-           v_head_dim=6)
-LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 4}
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4, "mscale": 1.0,
-        "mscale_all_dim": 1.0}
+MLA = dict(
+  attention="mla",
+  num_kv_heads=None,
+  q_lora_rank=8,
+  kv_lora_rank=6,
+  qk_nope_head_dim=4,
+  qk_rope_head_dim=2,
+  v_head_dim=6,
+)
+LLAMA3 = {
+  "rope_type": "llama3",
+  "factor": 4.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 4,
+}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
 def _tokens(batch=2, length=10, seed=0):
@@ -57,10 +69,14 @@ def test_causal():
   assert jnp.abs(changed[:, 6:] - base[:, 6:]).max() > 1e-4
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     dict(sliding_window=3, qk_norm=True, qk_norm_scope="projection", rope_scaling=LLAMA3),  # OLMoE qk-norm
     dict(num_kv_heads=1, qk_norm=True, qkv_bias=True, tie_embeddings=False),
-    dict(**MLA, rope_scaling=YARN)])  # DeepSeek-V3 attention
+    dict(**MLA, rope_scaling=YARN),
+  ],
+)  # DeepSeek-V3 attention
 def test_cached_decoding_equals_full_forward(overrides):
   model = build_model({**TINY, **overrides})
   tokens = _tokens(length=10)
@@ -75,7 +91,7 @@ def test_cached_decoding_equals_full_forward(overrides):
   logits, out = apply(variables, tokens[:, :4], cache)  # prefill, positions continue from the cache (0)
   steps = [logits]
   for t in range(4, 10):
-    logits, out = apply(variables, tokens[:, t:t + 1], out.cache)
+    logits, out = apply(variables, tokens[:, t : t + 1], out.cache)
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(out.cache[-1].length, [10, 10])
@@ -94,8 +110,17 @@ def test_explicit_positions_match_default_positions():
 
 
 def test_param_count_by_hand():
-  cfg = dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, num_kv_heads=1, head_dim=4,
-             mlp_dim=12, tie_embeddings=False)
+  cfg = dict(
+    name="dense_lm",
+    vocab_size=11,
+    num_layers=2,
+    embed_dim=8,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    mlp_dim=12,
+    tie_embeddings=False,
+  )
   # embed 11*8; per layer: q 8*2*4 + k 8*1*4 + v 8*1*4 + out 2*4*8 = 192, SwiGLU 3*8*12 = 288, 2 norms 16;
   # final norm 8; lm_head 8*11.
   expected = 88 + 2 * (192 + 288 + 16) + 8 + 88
@@ -127,8 +152,19 @@ def test_param_count_by_hand_mla_and_projection_qk_norm():
 
 
 def test_train_flops_per_token():
-  model = build_model(dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, num_kv_heads=1,
-                           head_dim=4, mlp_dim=12, tie_embeddings=True))
+  model = build_model(
+    dict(
+      name="dense_lm",
+      vocab_size=11,
+      num_layers=2,
+      embed_dim=8,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=4,
+      mlp_dim=12,
+      tie_embeddings=True,
+    )
+  )
   matmul = 2 * (192 + 288) + 88  # blocks' projections + the tied output projection
   assert model.train_flops_per_token(6) == 6 * matmul + 12 * 2 * 8 * 3.5
   mla = build_model(dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, mlp_dim=12, **MLA))
@@ -144,8 +180,9 @@ def test_one_optimizer_step_lowers_loss():
   params = nn.meta.unbox(_init(model, tokens))["params"]
 
   def loss_fn(params):
-    logits, out = model.apply({"params": params}, tokens[:, :-1], deterministic=False,
-                              rngs={"dropout": jax.random.key(2)})
+    logits, out = model.apply(
+      {"params": params}, tokens[:, :-1], deterministic=False, rngs={"dropout": jax.random.key(2)}
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     return ce + out.aux_loss
 
@@ -184,10 +221,15 @@ def test_sharded_forward_matches_unsharded():
   np.testing.assert_allclose(logits, jax.jit(model.apply)(variables, tokens)[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(num_kv_heads=3), "num_kv_heads=3"), (dict(embed_dim=18), "not divisible"),
-    (dict(mlp_activation="tanh"), "choose one of"), (dict(sliding_window=0), "sliding_window=0"),
-    (dict(dtype="float33"), "not a dtype"), (dict(num_layers=0), "num_layers=0"),
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (dict(num_kv_heads=3), "num_kv_heads=3"),
+    (dict(embed_dim=18), "not divisible"),
+    (dict(mlp_activation="tanh"), "choose one of"),
+    (dict(sliding_window=0), "sliding_window=0"),
+    (dict(dtype="float33"), "not a dtype"),
+    (dict(num_layers=0), "num_layers=0"),
     (dict(attention="mqa"), r"attention='mqa' is invalid; choose one of \('gqa', 'mla'\)"),
     (dict(qk_norm_scope="layer"), "qk_norm_scope='layer' is invalid"),
     (dict(kv_lora_rank=8), "kv_lora_rank=8 is an MLA width"),
@@ -196,7 +238,9 @@ def test_sharded_forward_matches_unsharded():
     (dict(MLA, num_kv_heads=2), "num_kv_heads=2 is a GQA option"),
     (dict(MLA, qk_norm=True), "qk_norm=True is a GQA option"),
     (dict(rope_scaling={"rope_type": "ntk", "factor": 2.0}), "rope_scaling: rope_scaling type 'ntk'"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), r"needs \['original_max_position_embeddings'\]")])
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), r"needs \['original_max_position_embeddings'\]"),
+  ],
+)
 def test_bad_config_raises(bad, match):
   with pytest.raises(ConfigError, match=match):
     build_model({**TINY, **bad})

@@ -1,5 +1,6 @@
 """Duo-LLM: route semantics (skip / small / big), random routes in training, the router with its budget, gradients to
 the routers, budget route sampling, the oracle search and cached decoding."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,7 @@ def test_router_gradients_and_cached_decoding(tiny):
 
   def loss_fn(params):
     logits, out = model.apply({"params": params}, tokens)
-    return jnp.mean(logits ** 2) + out.aux_loss, out
+    return jnp.mean(logits**2) + out.aux_loss, out
 
   grads, out = jax.jit(jax.grad(loss_fn, has_aux=True))(params)
   for i in range(2):
@@ -92,7 +93,7 @@ def test_router_gradients_and_cached_decoding(tiny):
   decode = jax.jit(lambda token, cache: model.apply(variables, token, cache=cache))
   steps = []
   for t in range(8):
-    logits, step = decode(tokens[:, t:t + 1], cache)
+    logits, step = decode(tokens[:, t : t + 1], cache)
     steps.append(logits)
     cache = step.cache
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
@@ -100,8 +101,9 @@ def test_router_gradients_and_cached_decoding(tiny):
 
 def test_oracle_keeps_each_tokens_best_sample(tiny):
   model, tokens, variables, _ = tiny
-  result = oracle_routes(model, variables, tokens[:, :-1], tokens[:, 1:], big_layers=1, num_samples=3,
-                         rng=jax.random.key(2))
+  result = oracle_routes(
+    model, variables, tokens[:, :-1], tokens[:, 1:], big_layers=1, num_samples=3, rng=jax.random.key(2)
+  )
   losses, samples = np.asarray(result["sample_losses"]), np.asarray(result["sample_routes"])
   assert losses.shape == (3, 2, 7) and samples.shape == (3, 2, 7, 2)
   best = losses.argmin(0)
@@ -113,10 +115,13 @@ def test_oracle_keeps_each_tokens_best_sample(tiny):
   assert np.isfinite(float(result["oracle_loss"]))
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(route_mode="greedy"), "route_mode='greedy'"),
     (dict(big_budget=3), "big_budget=3"),
-])
+  ],
+)
 def test_config_errors(overrides, match):
   with pytest.raises(ConfigError, match=match):
     build_model({**TINY, **overrides})

@@ -1,5 +1,6 @@
 """The engine end to end on the embedded corpus: loss falls, metrics.jsonl and TensorBoard events, init_from,
 KV-cache generation, schedules. Resume and mesh changes are in test_engine_resume.py."""
+
 import os
 
 import jax
@@ -47,7 +48,9 @@ def wrap_train_step(monkeypatch, after_call):
       state, metrics = step_fn(state, batch)
       calls[0] += 1
       return after_call(calls[0], state) or state, metrics
+
     return wrapped
+
   monkeypatch.setattr(trainer.Experiment, "compile_train_step", make)
 
 

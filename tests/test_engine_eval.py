@@ -1,6 +1,7 @@
 """The engine's model hooks and exact evaluation: every test example scored once, frozen parameters
 (`trainable_params`), init_from restoring non-param collections, routing consistency and depth plots in evaluate.
 Fine-tuning from a Hugging Face directory is in test_engine_hf.py."""
+
 import json
 
 import jax
@@ -35,12 +36,17 @@ def test_eval_scores_every_test_example_exactly_once():
   c.train.batch_size = 32
   test_size = builders.prepare("digits", c.data.data_dir).info.splits["test"].num_examples
   assert test_size % 32  # the last batch is short
-  labels = np.concatenate([b["label"] for b in make_iterator(c.data, split="test", global_batch_size=32, seed=0,
-                                                             repeat=False, drop_remainder=False)])
-  dropped = np.concatenate([b["label"] for b in make_iterator(c.data, split="test", global_batch_size=32, seed=0,
-                                                              repeat=False)])
+  labels = np.concatenate(
+    [
+      b["label"]
+      for b in make_iterator(c.data, split="test", global_batch_size=32, seed=0, repeat=False, drop_remainder=False)
+    ]
+  )
+  dropped = np.concatenate(
+    [b["label"] for b in make_iterator(c.data, split="test", global_batch_size=32, seed=0, repeat=False)]
+  )
   assert len(labels) == test_size and len(dropped) == test_size // 32 * 32
-  np.testing.assert_array_equal(labels[:len(dropped)], dropped)
+  np.testing.assert_array_equal(labels[: len(dropped)], dropped)
 
   exp = trainer.Experiment(c)
   state, shardings = exp.init_state()
@@ -51,6 +57,7 @@ def test_eval_scores_every_test_example_exactly_once():
     stats, metrics = eval_step(state, batch)
     seen.append(float(stats["weight"]))
     return stats, metrics
+
   result = exp.run_eval(state, counting)
   assert sum(seen) == test_size and len(seen) == -(-test_size // 32)
   assert 0 <= result["accuracy"] <= 1
@@ -59,6 +66,7 @@ def test_eval_scores_every_test_example_exactly_once():
 def test_frozen_params_are_not_updated_not_even_by_weight_decay(tmp_path, monkeypatch):
   def trainable_params(self, params):  # everything but the first layer
     return jax.tree_util.tree_map_with_path(lambda path, _: "layers_0" not in jax.tree_util.keystr(path), params)
+
   monkeypatch.setattr(DenseLM, "trainable_params", trainable_params, raising=False)
   c = tiny_config(steps=1)
   c.model.num_layers = 2
@@ -81,12 +89,14 @@ def test_init_from_restores_the_non_param_collections(tmp_path):
   c = get_digits_config()
   c.model.update(widths=(4,) * 13, num_pools=0, dropout_rate=0.0)
   exp, saved = save_init_checkpoint(
-      c, tmp_path / "a", lambda s: s.replace(collections=jax.tree.map(lambda x: x + 1.5, s.collections)))
+    c, tmp_path / "a", lambda s: s.replace(collections=jax.tree.map(lambda x: x + 1.5, s.collections))
+  )
   assert jax.tree.leaves(saved.collections)  # batch_stats
   c.init_from = str(tmp_path / "a")
   exp = trainer.Experiment(c)
-  fresh = saved.replace(params=jax.tree.map(jnp.zeros_like, saved.params),
-                        collections=jax.tree.map(jnp.zeros_like, saved.collections))
+  fresh = saved.replace(
+    params=jax.tree.map(jnp.zeros_like, saved.params), collections=jax.tree.map(jnp.zeros_like, saved.collections)
+  )
   loaded = exp.with_init_from(fresh, exp.abstract_state()[1], exp.load_init_from())
   for x, y in zip(jax.tree.leaves(loaded.variables()), jax.tree.leaves(saved.variables())):
     np.testing.assert_array_equal(x, y)
@@ -108,8 +118,7 @@ def test_evaluate_reports_routing_consistency_and_expert_load(tmp_path):
   step, results, _ = trainer.evaluate(c, str(tmp_path))
   assert step == 1
   assert sorted(k for k in results if k.startswith("srp_")) == ["srp_L16", "srp_L4"]  # L <= seq_len 32
-  assert sorted(k for k in results if k.startswith("sch_")) == ["sch_L16_C2", "sch_L16_C4", "sch_L4_C2",
-                                                               "sch_L4_C4"]
+  assert sorted(k for k in results if k.startswith("sch_")) == ["sch_L16_C2", "sch_L16_C4", "sch_L4_C2", "sch_L4_C4"]
   for key in ("srp_L4", "srp_L16", "sch_L4_C2", "sch_L16_C4"):
     assert 0 < results[key] <= 1, (key, results[key])
   assert results["sch_L4_C4"] >= results["sch_L4_C2"]  # a cache of all 4 experts misses only first uses
@@ -128,4 +137,3 @@ def test_evaluate_plots_the_recursion_depth_of_mor(tmp_path):
   assert results["depth_per_token_plot"] == str(tmp_path / "depth_per_token_1.png")
   assert (tmp_path / "depth_per_token_1.png").stat().st_size > 0
   assert not any(k.startswith("srp_") for k in results)
-

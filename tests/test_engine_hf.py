@@ -1,5 +1,6 @@
 """init_from='hf:DIR': train.py fine-tunes and evaluate.py scores a tiny random Hugging Face Llama (needs the `hf`
 extra: torch and transformers)."""
+
 import json
 import os
 import subprocess
@@ -17,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_fine_tune_and_evaluate_a_hugging_face_model(tmp_path):
   import torch
+
   from zoo.checkpoints import hf_testing, load_hf_checkpoint
+
   hf_dir = tmp_path / "hf"
   hf = hf_testing.build("llama", str(hf_dir), vocab_size=264)  # covers the 259 byte ids, splits over 8 devices
   c = tiny_config(steps=2)
@@ -42,10 +45,23 @@ def test_fine_tune_and_evaluate_a_hugging_face_model(tmp_path):
   assert first["step"] == 0
   np.testing.assert_allclose(first["eval_loss"], hf_loss, rtol=1e-5)
 
-  result = subprocess.run([sys.executable, "evaluate.py", "--config=configs/dense_lm.py", f"--workdir={tmp_path}/eval",
-                           f"--config.init_from=hf:{hf_dir}", "--config.data.seq_len=16", "--config.train.batch_size=8",
-                           "--config.train.eval_batches=1", "--config.sample.max_new_tokens=4"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "evaluate.py",
+      "--config=configs/dense_lm.py",
+      f"--workdir={tmp_path}/eval",
+      f"--config.init_from=hf:{hf_dir}",
+      "--config.data.seq_len=16",
+      "--config.train.batch_size=8",
+      "--config.train.eval_batches=1",
+      "--config.sample.max_new_tokens=4",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "checkpoint step 0" in result.stdout
   last = json.loads(result.stdout.strip().splitlines()[-1])
@@ -56,6 +72,7 @@ def test_fine_tune_and_evaluate_a_hugging_face_model(tmp_path):
 def test_fine_tune_on_the_directory_tokenizer(tmp_path):
   from test_tokenizers import build_tokenizer
   from zoo.checkpoints import hf_testing
+
   hf_dir = tmp_path / "hf"
   hf_testing.build("llama", str(hf_dir), vocab_size=264)
   build_tokenizer(hf_dir, vocab_size=264)  # beside the weights, as a Hugging Face directory has it

@@ -1,5 +1,6 @@
 """Evaluators as plug-ins: the plots write PNGs, `config.evals` chooses them, and an evaluator the model cannot serve
 is refused at start-up."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,17 +35,19 @@ def test_plots_write_pngs(tmp_path):
 def test_default_and_chosen_evaluators():
   assert {"sample", "expert_load", "routing_consistency", "recursion_depth"} <= set(evaluator_names())
   dense = build_model(tiny_config().model)
-  names = lambda chosen: sorted(type(e).registry_name for e in chosen)  # noqa: E731
+  names = lambda chosen: sorted(type(e).registry_name for e in chosen)
   assert names(select((), dense, get_task("lm"), "lm")) == ["expert_load", "sample"]
   moe = build_model({"name": "moe_lm", "num_experts": 4, "num_experts_per_tok": 2})
   assert names(select((), moe, get_task("lm"), "lm")) == ["expert_load", "routing_consistency", "sample"]
   assert names(select(("sample",), moe, get_task("lm"), "lm")) == ["sample"]
-  assert names(select((), moe, get_task("classification"), "classification")) == ["expert_load",
-                                                                                   "routing_consistency"]
+  assert names(select((), moe, get_task("classification"), "classification")) == ["expert_load", "routing_consistency"]
   c = tiny_config()
   c.evals = ("routing_consistency",)
-  with pytest.raises(ConfigError, match=r"'routing_consistency' cannot run here: model DenseLM does not expose "
-                                        r"\['expert_ids'\]"):
+  with pytest.raises(
+    ConfigError,
+    match=r"'routing_consistency' cannot run here: model DenseLM does not expose "
+    r"\['expert_ids'\]",
+  ):
     trainer.Experiment(c)
   c.evals = ("nope",)
   with pytest.raises(ConfigError, match="config.evals='nope' is not a known evaluator"):

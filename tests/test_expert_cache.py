@@ -1,4 +1,5 @@
 """Expert caches (Belady vs LRU) and lookahead expert-aware batching (papers.md A4, Read-ME Sec. 4)."""
+
 import numpy as np
 import pytest
 

@@ -3,6 +3,7 @@ MLA against transformers' DeepSeek-V3 attention, and the conversion errors.
 
 Needs torch and transformers (the `hf` extra); the import fails loudly when they are missing.
 """
+
 import importlib.util
 import json
 import os
@@ -18,8 +19,16 @@ import pytest
 import torch
 import transformers
 
-from zoo.checkpoints import ConversionError, HFTokenizer, export_hf, hf_testing, load_hf_checkpoint, save_orbax
-from zoo.checkpoints import hf_spec, safetensors_io
+from zoo.checkpoints import (
+  ConversionError,
+  HFTokenizer,
+  export_hf,
+  hf_spec,
+  hf_testing,
+  load_hf_checkpoint,
+  safetensors_io,
+  save_orbax,
+)
 from zoo.engine.checkpoint import restore_params
 from zoo.engine.sharding import make_mesh
 from zoo.layers.mla import MultiHeadLatentAttention
@@ -43,9 +52,18 @@ def mixtral(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen3_moe(tmp_path_factory):  # with Llama 3.1 RoPE scaling, which the export must carry
-  return _build_and_load("qwen3_moe", tmp_path_factory, rope_parameters={
-      "rope_theta": 10000.0, "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-      "original_max_position_embeddings": 16})
+  return _build_and_load(
+    "qwen3_moe",
+    tmp_path_factory,
+    rope_parameters={
+      "rope_theta": 10000.0,
+      "rope_type": "llama3",
+      "factor": 4.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16,
+    },
+  )
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
@@ -77,8 +95,7 @@ def test_orbax_checkpoint_restores_into_engine_layout(qwen3_moe, tmp_path):
   save_orbax(out, model_config, variables)
   assert json.load(open(os.path.join(out, "zoo_config.json")))["name"] == "moe_lm"
   restored = restore_params(out, jax.tree.map(np.zeros_like, variables["params"]))
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored,
-               variables["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, variables["params"])
 
 
 def test_cli_both_directions(mixtral, tmp_path):
@@ -86,8 +103,9 @@ def test_cli_both_directions(mixtral, tmp_path):
   zoo_dir, hf_dir = str(tmp_path / "zoo"), str(tmp_path / "hf")
   script = os.path.join(ROOT, "tools", "convert_hf.py")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  done = subprocess.run([sys.executable, script, "to-zoo", src, zoo_dir], check=True, env=env, capture_output=True,
-                        text=True)
+  done = subprocess.run(
+    [sys.executable, script, "to-zoo", src, zoo_dir], check=True, env=env, capture_output=True, text=True
+  )
   assert json.loads(done.stdout.strip().splitlines()[-1]) == mixtral[1].to_dict()
   # The other direction in this process (one interpreter start is enough to show the script runs standalone).
   spec = importlib.util.spec_from_file_location("convert_hf", script)
@@ -115,6 +133,7 @@ def test_sharded_load_places_every_leaf(mixtral):
 
 def test_tokenizer_wrapper(tmp_path):
   import tokenizers
+
   vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -129,14 +148,35 @@ def test_tokenizer_wrapper(tmp_path):
   assert wrapped.vocab_size == 5
 
 
-@pytest.mark.parametrize("rope", [{"rope_theta": 10000.0, "rope_type": "default"},
-                                  {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0,
-                                   "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0}])
+@pytest.mark.parametrize(
+  "rope",
+  [
+    {"rope_theta": 10000.0, "rope_type": "default"},
+    {
+      "rope_theta": 10000.0,
+      "rope_type": "yarn",
+      "factor": 4.0,
+      "original_max_position_embeddings": 16,
+      "mscale": 1.0,
+      "mscale_all_dim": 1.0,
+    },
+  ],
+)
 def test_mla_matches_deepseek_v3_attention(rope):
   from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
-  config = transformers.DeepseekV3Config(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-                                         q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
-                                         v_head_dim=8, rope_parameters=rope)
+
+  config = transformers.DeepseekV3Config(
+    vocab_size=97,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    rope_parameters=rope,
+  )
   config._attn_implementation = "eager"
   torch.manual_seed(0)
   attention, rotary = ds.DeepseekV3Attention(config, 0), ds.DeepseekV3RotaryEmbedding(config)
@@ -148,17 +188,30 @@ def test_mla_matches_deepseek_v3_attention(rope):
   tensors = {f"model.layers.0.self_attn.{k}": v.numpy() for k, v in attention.state_dict().items()}
   arch = hf_spec.arch_from_config({**config.to_dict(), "num_hidden_layers": 1, "first_k_dense_replace": 1})
   attn = hf_spec.hf_to_canonical({**tensors, **_dummy_rest(arch)}, arch)["layers"][0]["attn"]
-  params = {"q_a": {"kernel": attn["q_a"]}, "q_a_norm": {"scale": attn["q_a_norm"]}, "q_b": {"kernel": attn["q_b"]},
-            "kv_a": {"kernel": attn["kv_a"]}, "kv_a_norm": {"scale": attn["kv_a_norm"]},
-            "kv_b": {"kernel": attn["kv_b"]}, "out": {"kernel": attn["o"]}}
-  mla = MultiHeadLatentAttention(num_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                                 v_head_dim=8, rope_scaling=hf_spec.rope_settings(config.to_dict())[1])
+  params = {
+    "q_a": {"kernel": attn["q_a"]},
+    "q_a_norm": {"scale": attn["q_a_norm"]},
+    "q_b": {"kernel": attn["q_b"]},
+    "kv_a": {"kernel": attn["kv_a"]},
+    "kv_a_norm": {"scale": attn["kv_a_norm"]},
+    "kv_b": {"kernel": attn["kv_b"]},
+    "out": {"kernel": attn["o"]},
+  }
+  mla = MultiHeadLatentAttention(
+    num_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    rope_scaling=hf_spec.rope_settings(config.to_dict())[1],
+  )
   apply = jax.jit(lambda x, positions, cache: mla.apply({"params": params}, x, positions, cache=cache))
   y, _ = apply(jnp.asarray(x.numpy()), jnp.asarray(positions.numpy()), None)
   assert np.abs(np.asarray(y) - ref).max() < 1e-5
   cache, steps = mla.init_cache(2, 9), []
   for t in range(7):  # token-by-token decoding through the latent cache gives the same outputs
-    y_t, cache = apply(jnp.asarray(x.numpy()[:, t:t + 1]), jnp.asarray(positions.numpy()[:, t:t + 1]), cache)
+    y_t, cache = apply(jnp.asarray(x.numpy()[:, t : t + 1]), jnp.asarray(positions.numpy()[:, t : t + 1]), cache)
     steps.append(np.asarray(y_t))
   assert np.abs(np.concatenate(steps, 1) - ref).max() < 1e-5
   assert cache.latent.shape == (2, 9, 16) and cache.k_rope.shape == (2, 9, 4)
@@ -166,17 +219,26 @@ def test_mla_matches_deepseek_v3_attention(rope):
 
 def _dummy_rest(arch):
   """Zero tensors for everything but the attention of layer 0 (hf_to_canonical reads the whole model)."""
-  return {name: np.zeros(shape, np.float32) for name, shape in hf_spec.expected_tensors(arch).items()
-          if ".self_attn." not in name}
+  return {
+    name: np.zeros(shape, np.float32)
+    for name, shape in hf_spec.expected_tensors(arch).items()
+    if ".self_attn." not in name
+  }
 
 
 def test_unsupported_architecture_is_named(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
   with pytest.raises(ConversionError, match=r"model_type='gpt2'.*GPT2LMHeadModel.*supported model types.*mixtral"):
     load_hf_checkpoint(str(tmp_path))
-  dynamic = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1,
-             "vocab_size": 8, "intermediate_size": 8, "rope_parameters": {"rope_theta": 1e4, "rope_type": "dynamic",
-                                                                          "factor": 2.0}}
+  dynamic = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 1,
+    "vocab_size": 8,
+    "intermediate_size": 8,
+    "rope_parameters": {"rope_theta": 1e4, "rope_type": "dynamic", "factor": 2.0},
+  }
   with pytest.raises(ConversionError, match=r"rope_type='dynamic' is not supported; supported: \('default'"):
     hf_spec.arch_from_config(dynamic)
 

@@ -8,6 +8,7 @@ exit status 2; a non-empty OUT_DIR refused unless --overwrite, which replaces it
 
 Needs torch and transformers (the `hf` extra) to build the tiny models.
 """
+
 import hashlib
 import json
 import os
@@ -23,8 +24,16 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from zoo.checkpoints import ConversionError, export_hf, hf, hf_model_config, hf_spec, hf_testing, load_hf_checkpoint
-from zoo.checkpoints import safetensors_io
+from zoo.checkpoints import (
+  ConversionError,
+  export_hf,
+  hf,
+  hf_model_config,
+  hf_spec,
+  hf_testing,
+  load_hf_checkpoint,
+  safetensors_io,
+)
 from zoo.checkpoints.safetensors_io import SafetensorsError
 from zoo.engine.checkpoint import restore_params
 
@@ -65,7 +74,7 @@ def _header(path):
   """(header dict, data bytes) of a safetensors file, read directly."""
   raw = open(path, "rb").read()
   (size,) = struct.unpack("<Q", raw[:8])
-  return json.loads(raw[8:8 + size]), raw[8 + size:]
+  return json.loads(raw[8 : 8 + size]), raw[8 + size :]
 
 
 def _write_raw(path, header, data, header_bytes=None):
@@ -91,10 +100,16 @@ def _one_line(message):
 
 # ------------------------------------------------------------------------------------------ safetensors reading
 
+
 def test_reader_is_the_safetensors_package_and_reads_headers_only(llama, tmp_path, monkeypatch):
   path = str(tmp_path / "t.safetensors")
-  arrays = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3), "bf16": np.ones((4,), ml_dtypes.bfloat16),
-            "i64": np.arange(3, dtype=np.int64), "flag": np.array([True, False]), "u32": np.arange(2, dtype=np.uint32)}
+  arrays = {
+    "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "bf16": np.ones((4,), ml_dtypes.bfloat16),
+    "i64": np.arange(3, dtype=np.int64),
+    "flag": np.array([True, False]),
+    "u32": np.arange(2, dtype=np.uint32),
+  }
   safetensors_io.save_file(arrays, path, metadata={"format": "pt"})
   assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]  # the .partial file was renamed over the target
   theirs = safetensors.numpy.load_file(path)  # the package reads what we write, and we read what it writes
@@ -116,6 +131,7 @@ def test_reader_is_the_safetensors_package_and_reads_headers_only(llama, tmp_pat
   # checking a model directory reads the headers only: no tensor data
   def no_data(self, name):
     raise AssertionError(f"tensor {name} was read")
+
   monkeypatch.setattr(safetensors_io.Tensors, "__getitem__", no_data)
   checked = hf_spec.check_dir(llama)
   assert checked.arch.num_layers == 2 and checked.tensors.info("model.norm.weight").shape == (32,)
@@ -153,8 +169,9 @@ def _shard_outside(llama, tmp_path, entry):
   return directory
 
 
-@pytest.mark.parametrize("entry", ["../outside/model.safetensors", "ABSOLUTE", "sub/../../outside/model.safetensors",
-                                   "config.json"])
+@pytest.mark.parametrize(
+  "entry", ["../outside/model.safetensors", "ABSOLUTE", "sub/../../outside/model.safetensors", "config.json"]
+)
 def test_index_entries_outside_the_directory_are_refused(llama, tmp_path, entry):
   if entry == "ABSOLUTE":
     entry = str(tmp_path / "outside" / "model.safetensors")
@@ -176,14 +193,19 @@ def test_missing_shard_and_misplaced_tensor_are_named(llama, tmp_path):
     json.dump({"weight_map": weight_map}, f)
   with pytest.raises(ConversionError, match=r"'model-00002-of-00002.safetensors': that shard is missing from"):
     load_hf_checkpoint(directory)
-  safetensors_io.save_file({"other": np.zeros(2, np.float32)},
-                            os.path.join(directory, "model-00002-of-00002.safetensors"))
-  with pytest.raises(ConversionError, match=rf"weight_map places tensor '{names[0]}' in model-00002-of-00002"
-                                            rf"\.safetensors, but it is in {directory}/model\.safetensors"):
+  safetensors_io.save_file(
+    {"other": np.zeros(2, np.float32)}, os.path.join(directory, "model-00002-of-00002.safetensors")
+  )
+  with pytest.raises(
+    ConversionError,
+    match=rf"weight_map places tensor '{names[0]}' in model-00002-of-00002"
+    rf"\.safetensors, but it is in {directory}/model\.safetensors",
+  ):
     hf_model_config(directory)
 
 
 # ----------------------------------------------------------------------------------------- malformed files
+
 
 def _damage(path, kind):
   """Damage the safetensors file `path`; returns the tensor the message must name (None: no tensor can be)."""
@@ -214,8 +236,9 @@ def _damage(path, kind):
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "header_not_json", "header_truncated", "byte_size", "unknown_dtype",
-                                  "bad_entry"])
+@pytest.mark.parametrize(
+  "kind", ["truncated", "header_not_json", "header_truncated", "byte_size", "unknown_dtype", "bad_entry"]
+)
 def test_malformed_files_name_the_file_and_tensor(llama, tmp_path, kind):
   directory = _copy(llama, tmp_path)
   path = os.path.join(directory, "model.safetensors")
@@ -228,9 +251,14 @@ def test_malformed_files_name_the_file_and_tensor(llama, tmp_path, kind):
     assert message.startswith(f"{path}: ")
     if tensor is not None:
       assert repr(tensor) in message
-  expected = {"truncated": "the file is truncated", "header_not_json": "the header is not valid JSON",
-              "header_truncated": "the file is truncated", "byte_size": "needs",
-              "unknown_dtype": "dtype 'Q99'; allowed", "bad_entry": "allowed: a list"}
+  expected = {
+    "truncated": "the file is truncated",
+    "header_not_json": "the header is not valid JSON",
+    "header_truncated": "the file is truncated",
+    "byte_size": "needs",
+    "unknown_dtype": "dtype 'Q99'; allowed",
+    "bad_entry": "allowed: a list",
+  }
   assert expected[kind] in message
 
 
@@ -251,10 +279,12 @@ def test_shapes_that_disagree_with_config_name_key_file_and_tensor(llama, tmp_pa
   with pytest.raises(ConversionError) as info:
     load_hf_checkpoint(directory)
   assert f"model.layers.1.mlp.down_proj.weight: expected (32, 48), found (32, 47) ({path})" in _one_line(
-      str(info.value))
+    str(info.value)
+  )
 
 
 # ------------------------------------------------------------------------------------------------- config.json
+
 
 def test_config_json_that_is_not_json_is_named(llama, tmp_path):
   directory = _copy(llama, tmp_path)
@@ -268,9 +298,15 @@ def test_config_json_that_is_not_json_is_named(llama, tmp_path):
     load_hf_checkpoint(directory)
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("num_hidden_layers", 10**6, r"num_hidden_layers=1000000 disagrees with the checkpoint, whose tensors hold "
-                                 r"layers 0 to 1 \(model\.layers\.0\..* \.\.\. model\.layers\.1\..*model.safetensors"),
+@pytest.mark.parametrize(
+  "key,value,expected",
+  [
+    (
+      "num_hidden_layers",
+      10**6,
+      r"num_hidden_layers=1000000 disagrees with the checkpoint, whose tensors hold "
+      r"layers 0 to 1 \(model\.layers\.0\..* \.\.\. model\.layers\.1\..*model.safetensors",
+    ),
     ("num_hidden_layers", 3, r"num_hidden_layers=3 disagrees .* layers 0 to 1"),
     ("hidden_size", "32", r"config.json hidden_size='32' is not a valid size; allowed: an integer from 1"),
     ("num_attention_heads", 0, r"config.json num_attention_heads=0 is not a valid size"),
@@ -278,7 +314,8 @@ def test_config_json_that_is_not_json_is_named(llama, tmp_path):
     ("intermediate_size", None, r"config.json has no 'intermediate_size'"),
     ("num_key_value_heads", 3, r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
     ("rms_norm_eps", "small", r"config.json rms_norm_eps='small' is not valid"),
-])
+  ],
+)
 def test_absurd_config_sizes_are_refused_before_any_model_is_built(llama, tmp_path, key, value, expected):
   directory = _copy(llama, tmp_path)
   config = json.load(open(os.path.join(directory, "config.json")))
@@ -294,8 +331,9 @@ def test_absurd_config_sizes_are_refused_before_any_model_is_built(llama, tmp_pa
   _one_line(str(info.value))
 
 
-@pytest.mark.parametrize("key,value", [("sliding_window", 0), ("sliding_window", None), ("head_dim", None),
-                                       ("rms_norm_eps", 1)])
+@pytest.mark.parametrize(
+  "key,value", [("sliding_window", 0), ("sliding_window", None), ("head_dim", None), ("rms_norm_eps", 1)]
+)
 def test_valid_config_edge_values_are_accepted(llama, tmp_path, key, value):
   directory = _copy(llama, tmp_path)
   config = json.load(open(os.path.join(directory, "config.json")))
@@ -307,8 +345,11 @@ def test_experts_count_disagreeing_with_the_tensors_is_named(mixtral_zoo, tmp_pa
   directory = _copy(mixtral_zoo[0], tmp_path)
   config = json.load(open(os.path.join(directory, "config.json")))
   json.dump({**config, "num_local_experts": 10**5}, open(os.path.join(directory, "config.json"), "w"))
-  with pytest.raises(ConversionError, match=r"num_local_experts=100000 disagrees with the checkpoint, whose tensors "
-                                            r"hold experts 0 to 3 \(model\.layers\.\d\.block_sparse_moe\.experts\.3"):
+  with pytest.raises(
+    ConversionError,
+    match=r"num_local_experts=100000 disagrees with the checkpoint, whose tensors "
+    r"hold experts 0 to 3 \(model\.layers\.\d\.block_sparse_moe\.experts\.3",
+  ):
     hf_model_config(directory)
   json.dump({**config, "num_experts_per_tok": 5}, open(os.path.join(directory, "config.json"), "w"))
   with pytest.raises(ConversionError, match=r"config.json num_experts_per_tok=5 exceeds the 4 experts"):
@@ -316,6 +357,7 @@ def test_experts_count_disagreeing_with_the_tensors_is_named(mixtral_zoo, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------- destinations
+
 
 def test_write_dir_failure_keeps_the_old_directory(tmp_path):
   out = tmp_path / "out"
@@ -325,11 +367,15 @@ def test_write_dir_failure_keeps_the_old_directory(tmp_path):
   def failing(directory):
     open(os.path.join(directory, "half.bin"), "wb").write(b"x")
     raise RuntimeError("disk full")
+
   with pytest.raises(RuntimeError, match="disk full"):
     hf.write_dir(str(out), failing, overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["old.txt"]
-  with pytest.raises(ConversionError, match=r"output directory .*out is not empty; allowed: a new or empty "
-                                            r"directory, or pass overwrite=True to replace it whole"):
+  with pytest.raises(
+    ConversionError,
+    match=r"output directory .*out is not empty; allowed: a new or empty "
+    r"directory, or pass overwrite=True to replace it whole",
+  ):
     hf.write_dir(str(out), lambda d: None)
   hf.write_dir(str(out), lambda d: open(os.path.join(d, "new.txt"), "w").write("new"), overwrite=True)
   assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["new.txt"]
@@ -346,10 +392,17 @@ def test_export_refuses_a_directory_with_old_shards(mixtral_zoo, tmp_path):
 
 # -------------------------------------------------------------------------------------------------------- CLI
 
+
 def _cli(*args):
   """(exit status, stderr) of tools/convert_hf.py run as a script."""
-  done = subprocess.run([sys.executable, "tools/convert_hf.py", *args], cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+  done = subprocess.run(
+    [sys.executable, "tools/convert_hf.py", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=600,
+  )
   return done.returncode, done.stderr
 
 
@@ -370,8 +423,11 @@ def test_cli_refuses_non_empty_destinations(llama, mixtral_zoo, tmp_path):
   _assert_error(_cli("to-zoo", llama, str(workdir)), f"output directory {workdir} is not empty", "--overwrite")
   old_hf = _copy(mixtral_zoo[0], tmp_path, "old_hf")
   before_hf = _digest(old_hf)
-  _assert_error(_cli("to-hf", mixtral_zoo[1], old_hf, "--family", "mixtral"), f"output directory {old_hf} is not "
-                "empty", "--overwrite")
+  _assert_error(
+    _cli("to-hf", mixtral_zoo[1], old_hf, "--family", "mixtral"),
+    f"output directory {old_hf} is not empty",
+    "--overwrite",
+  )
   assert _digest(workdir) == before and _digest(old_hf) == before_hf
 
 
@@ -398,8 +454,10 @@ def test_cli_overwrite_replaces_the_destination_whole(llama, mixtral_zoo, tmp_pa
   zeros = {n: np.zeros_like(tensors[n]) for n in names}
   safetensors_io.save_file({n: zeros[n] for n in names[:half]}, str(hf_out / "model-00001-of-00002.safetensors"))
   safetensors_io.save_file({n: zeros[n] for n in names[half:]}, str(hf_out / "model-00002-of-00002.safetensors"))
-  json.dump({"weight_map": {n: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, n in enumerate(names)}},
-            open(hf_out / INDEX, "w"))
+  json.dump(
+    {"weight_map": {n: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, n in enumerate(names)}},
+    open(hf_out / INDEX, "w"),
+  )
   shutil.copy(os.path.join(src, "config.json"), hf_out / "config.json")
   code, stderr = _cli("to-hf", zoo_dir, str(hf_out), "--family", "mixtral", "--overwrite")
   assert code == 0, stderr[-3000:]
@@ -443,21 +501,36 @@ def _bad_input(kind, tmp_path, llama, mixtral_zoo):
     return ["to-hf", str(tmp_path / "run"), out, "--family", "mixtral"], "no checkpoint in"
   if kind == "bad_model_config":
     (tmp_path / "model.json").write_text("{name: moe_lm}")
-    return (["to-hf", mixtral_zoo[1], out, "--family", "mixtral", "--model-config", str(tmp_path / "model.json")],
-            "model.json is not valid JSON")
+    return (
+      ["to-hf", mixtral_zoo[1], out, "--family", "mixtral", "--model-config", str(tmp_path / "model.json")],
+      "model.json is not valid JSON",
+    )
   if kind == "wrong_model_config":
     config = dict(mixtral_zoo[2].to_dict(), embed_dim=64)
     json.dump(config, open(tmp_path / "model.json", "w"))
-    return (["to-hf", mixtral_zoo[1], out, "--family", "mixtral", "--model-config", str(tmp_path / "model.json")],
-            "does not fit the model config: variable ['params']['embed']['embedding'] has shape (96, 32), the config "
-            "gives (96, 64)")
+    return (
+      ["to-hf", mixtral_zoo[1], out, "--family", "mixtral", "--model-config", str(tmp_path / "model.json")],
+      "does not fit the model config: variable ['params']['embed']['embedding'] has shape (96, 32), the config "
+      "gives (96, 64)",
+    )
   if kind == "unknown_option":
     return ["to-zoo", llama, out, "--force"], "unrecognized arguments: --force"
   raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing_source", "no_config", "unsupported", "malformed_safetensors",
-                                  "no_checkpoint", "bad_model_config", "wrong_model_config", "unknown_option"])
+@pytest.mark.parametrize(
+  "kind",
+  [
+    "missing_source",
+    "no_config",
+    "unsupported",
+    "malformed_safetensors",
+    "no_checkpoint",
+    "bad_model_config",
+    "wrong_model_config",
+    "unknown_option",
+  ],
+)
 def test_cli_errors_are_one_line_with_status_2(kind, llama, mixtral_zoo, tmp_path):
   argv, needle = _bad_input(kind, tmp_path, llama, mixtral_zoo)
   zoo_before = _digest(mixtral_zoo[1])
@@ -468,6 +541,7 @@ def test_cli_errors_are_one_line_with_status_2(kind, llama, mixtral_zoo, tmp_pat
 
 def test_cli_imports_the_installed_package(tmp_path):
   assert "sys.path" not in open(SCRIPT).read()
-  done = subprocess.run([sys.executable, SCRIPT, "to-zoo", "--help"], cwd=str(tmp_path), capture_output=True,
-                        text=True, timeout=600)
+  done = subprocess.run(
+    [sys.executable, SCRIPT, "to-zoo", "--help"], cwd=str(tmp_path), capture_output=True, text=True, timeout=600
+  )
   assert done.returncode == 0 and "--overwrite" in done.stdout, done.stderr

@@ -1,4 +1,5 @@
 """Gather-fused grouped matmul == gather + gmm, and the scatter combine, with their gradients (interpret mode)."""
+
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,9 @@ def test_gmm_gather_equals_gather_then_gmm(implementation, problem, seed):
   sizes, row_ids = jnp.asarray(sizes), jnp.asarray(row_ids)
 
   def fused(x, rhs):
-    return jnp.sum(kernels.gmm_gather(x, row_ids, rhs, sizes, implementation=implementation,
-                                      tiling=TILING[implementation]) * cot)
+    return jnp.sum(
+      kernels.gmm_gather(x, row_ids, rhs, sizes, implementation=implementation, tiling=TILING[implementation]) * cot
+    )
 
   def unfused(x, rhs):
     return jnp.sum(reference.gmm_reference(x[row_ids], rhs, sizes) * cot)
@@ -68,8 +70,9 @@ def test_scatter_combine_matches_loop_and_autodiff(problem, seed):
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   cot = jnp.asarray(rng.normal(size=(t, n)), jnp.float32)
   custom = jax.grad(lambda y, w: jnp.sum(kernels.scatter_combine(y, jnp.asarray(row_ids), w, t) * cot), (0, 1))
-  plain = jax.grad(lambda y, w: jnp.sum(reference.scatter_combine_reference(y, jnp.asarray(row_ids), w, t) * cot),
-                   (0, 1))
+  plain = jax.grad(
+    lambda y, w: jnp.sum(reference.scatter_combine_reference(y, jnp.asarray(row_ids), w, t) * cot), (0, 1)
+  )
   for got, want in zip(custom(jnp.asarray(y), jnp.asarray(w)), plain(jnp.asarray(y), jnp.asarray(w))):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -95,8 +98,9 @@ def test_gmm_gather_bfloat16(implementation, t):
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(unfused, np.float32))
 
   def loss(x, rhs):
-    return jnp.sum(kernels.gmm_gather(x, row_ids, rhs, sizes, implementation=implementation,
-                                      tiling=tiling).astype(jnp.float32) ** 2)
+    return jnp.sum(
+      kernels.gmm_gather(x, row_ids, rhs, sizes, implementation=implementation, tiling=tiling).astype(jnp.float32) ** 2
+    )
 
   def reference_loss(x, rhs):
     return jnp.sum(reference.gmm_reference(x[row_ids], rhs, sizes) ** 2)

@@ -1,4 +1,5 @@
 """Grouped matmul kernels (interpret mode on CPU) against a float64 numpy reference and jax.lax.ragged_dot."""
+
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ def np_gmm(lhs, rhs, sizes):
   out = np.zeros((lhs.shape[0], rhs.shape[2]))
   start = 0
   for i, size in enumerate(sizes):
-    out[start:start + size] = lhs[start:start + size] @ rhs[i]
+    out[start : start + size] = lhs[start : start + size] @ rhs[i]
     start += size
   return out
 
@@ -26,7 +27,7 @@ def np_tgmm(lhs_t, rhs, sizes):
   out = np.zeros((len(sizes), lhs_t.shape[0], rhs.shape[1]))
   start = 0
   for i, size in enumerate(sizes):
-    out[i] = lhs_t[:, start:start + size] @ rhs[start:start + size]
+    out[i] = lhs_t[:, start : start + size] @ rhs[start : start + size]
     start += size
   return out
 
@@ -69,6 +70,7 @@ def test_gmm_forward_and_gradients(implementation, dtype, problem, seed):
     def loss(lhs, rhs):
       out = kernels.gmm(lhs, rhs, group_sizes, implementation=implementation, tiling=TILING[implementation])
       return jnp.sum(out.astype(jnp.float32) * cot), out
+
     (_, out), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(lhs, rhs)
     return out, *grads
 
@@ -93,8 +95,13 @@ def test_gmm_forward_and_gradients(implementation, dtype, problem, seed):
 def test_tgmm(implementation, problem, seed):
   m, k, n, sizes = problem
   lhs, _, rhs = _inputs(seed, m, k, n, len(sizes), jnp.float32)
-  out = kernels.tgmm(jnp.asarray(lhs.T, jnp.float32), jnp.asarray(rhs, jnp.float32), jnp.asarray(sizes),
-                     implementation=implementation, tiling=TILING[implementation])
+  out = kernels.tgmm(
+    jnp.asarray(lhs.T, jnp.float32),
+    jnp.asarray(rhs, jnp.float32),
+    jnp.asarray(sizes),
+    implementation=implementation,
+    tiling=TILING[implementation],
+  )
   assert out.shape == (len(sizes), k, n)
   _close(out, np_tgmm(lhs.T, rhs, sizes), jnp.float32)
   assert np.all(np.asarray(out[sizes == 0]) == 0)
@@ -104,8 +111,7 @@ def test_preferred_element_type_accumulates_bf16_into_f32():
   lhs = jnp.ones((24, 40), jnp.bfloat16)
   rhs = jnp.full((2, 40, 16), 1 + 2**-7, jnp.bfloat16)
   sizes = jnp.array([10, 8], jnp.int32)
-  out = kernels.gmm(lhs, rhs, sizes, implementation="interpret", tiling=(8, 16, 16),
-                    preferred_element_type=jnp.float32)
+  out = kernels.gmm(lhs, rhs, sizes, implementation="interpret", tiling=(8, 16, 16), preferred_element_type=jnp.float32)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out[:18]), 40 * (1 + 2**-7), rtol=1e-6)
   assert np.all(np.asarray(out[18:]) == 0)
@@ -132,8 +138,9 @@ def test_automatic_choice_falls_back_to_xla_and_logs_once(monkeypatch, caplog):
     assert kernels.choose_implementation(None, jnp.int8, jnp.int8) == "xla"
     assert kernels.choose_implementation(None, jnp.int8, jnp.int8) == "xla"
   assert [r.getMessage() for r in caplog.records].count(
-      "kernels.gmm: using implementation='xla' because dtype int8 is not supported by the Pallas kernels "
-      "(allowed: float32, bfloat16, float16)") == 1
+    "kernels.gmm: using implementation='xla' because dtype int8 is not supported by the Pallas kernels "
+    "(allowed: float32, bfloat16, float16)"
+  ) == 1
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert kernels.choose_implementation(None, jnp.float32) == "pallas_gpu"
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
@@ -158,8 +165,9 @@ def test_float16_gather_on_mosaic_gathers_first(caplog):
   with caplog.at_level("WARNING", logger="kernels.gmm"):
     out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation="interpret", tiling=(8, 16, 16))
   assert any("gathering float16 rows" in r.getMessage() for r in caplog.records)
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             np.asarray(kernels.gmm(x[row_ids], rhs, sizes, implementation="xla"), np.float32))
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32), np.asarray(kernels.gmm(x[row_ids], rhs, sizes, implementation="xla"), np.float32)
+  )
 
 
 def _relative_error(actual, expected):

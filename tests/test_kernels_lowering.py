@@ -3,6 +3,7 @@
 Mosaic verifies its kernels while lowering; Triton does not (the GPU compiler parses the module later, on the
 device), so `test_triton_modules_verify` runs the MLIR verifier on every Triton module the kernels produce.
 """
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -21,6 +22,7 @@ def _loss(implementation, gather, tiling=None):
     else:
       out = kernels.gmm(x, rhs, sizes, implementation=implementation, tiling=tiling)
     return jnp.sum(out.astype(jnp.float32) ** 2)
+
   return jax.value_and_grad(loss, (0, 1))
 
 

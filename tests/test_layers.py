@@ -1,4 +1,5 @@
 """Shared layers: norms, RoPE, masks, attention (GQA, window, cache, extra masks), MLPs, block, accounting."""
+
 import functools
 
 import flax.linen as nn
@@ -7,13 +8,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from zoo.layers import (
+  MLP,
+  Attention,
+  DecoderBlock,
+  DenseGeneral,
+  Embed,
+  KVCache,
+  RMSNorm,
+  apply_rope,
+  attention_mask,
+  count_params,
+  dot_product_attention,
+  mean_attended_keys,
+  rms_norm,
+  rope_frequencies,
+  scaled_rope_frequencies,
+  segment_mask,
+  train_flops_per_token,
+)
 from zoo.layers.axes import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_sharding, mesh_axes
-from zoo.layers import (MLP, Attention, DecoderBlock, DenseGeneral, Embed, KVCache, RMSNorm, apply_rope,
-                        attention_mask, count_params, dot_product_attention, mean_attended_keys, rms_norm,
-                        rope_frequencies, scaled_rope_frequencies, segment_mask, train_flops_per_token)
 
-LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}
+LLAMA3 = {
+  "rope_type": "llama3",
+  "factor": 4.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16,
+}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
 
@@ -29,7 +51,7 @@ def test_rms_norm_float32_math_and_scale():
   y = norm.apply(params, x)
   assert y.dtype == jnp.bfloat16
   xf = np.asarray(x, np.float64)
-  expected = xf / np.sqrt((xf ** 2).mean(-1, keepdims=True) + 1e-6)
+  expected = xf / np.sqrt((xf**2).mean(-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-2)
   scale = jnp.arange(8.0)
   np.testing.assert_allclose(rms_norm(x, scale), rms_norm(x) * scale, rtol=1e-6)
@@ -63,8 +85,12 @@ def test_rope_pairs_halves_of_head_dim():
 def test_linear_rope_scaling_interpolates_positions():
   x = jax.random.normal(jax.random.key(0), (1, 3, 2, 8))
   pos = jnp.array([[0, 3, 7]])
-  np.testing.assert_allclose(apply_rope(x, 2 * pos, rope_scaling={"rope_type": "linear", "factor": 2.0}),
-                             apply_rope(x, pos), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    apply_rope(x, 2 * pos, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    apply_rope(x, pos),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   np.testing.assert_allclose(apply_rope(x, pos, rope_scaling={"rope_type": "default"}), apply_rope(x, pos))
 
 
@@ -86,16 +112,22 @@ def test_yarn_rope_scaling_ramp_and_temperature():
   np.testing.assert_allclose(scaled, np.concatenate([base[:1], base[1:] / 4]), rtol=1e-6)
   assert factor == pytest.approx(0.1 * np.log(4.0) + 1)  # YaRN eq. 22
   x = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
-  np.testing.assert_allclose(jnp.linalg.norm(apply_rope(x, jnp.full((1, 1), 5), rope_scaling=YARN)),
-                             factor * jnp.linalg.norm(x), rtol=1e-5)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(apply_rope(x, jnp.full((1, 1), 5), rope_scaling=YARN)), factor * jnp.linalg.norm(x), rtol=1e-5
+  )
   equal_mscales = scaled_rope_frequencies(16, 10000.0, {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})[1]
   assert equal_mscales == 1.0  # DeepSeek: the temperature moves to the softmax scale
 
 
-@pytest.mark.parametrize("scaling,match", [
+@pytest.mark.parametrize(
+  "scaling,match",
+  [
     ({"rope_type": "dynamic", "factor": 2.0}, "not supported; choose one of"),
     ({"rope_type": "llama3", "factor": 8.0}, r"needs \['low_freq_factor', 'high_freq_factor'"),
-    ({"rope_type": "linear", "factor": 0.0}, "must be positive"), ("yarn", "must be None or a dict")])
+    ({"rope_type": "linear", "factor": 0.0}, "must be positive"),
+    ("yarn", "must be None or a dict"),
+  ],
+)
 def test_rope_scaling_errors(scaling, match):
   with pytest.raises(ValueError, match=match):
     apply_rope(jnp.zeros((1, 1, 1, 4)), jnp.zeros((1, 1), jnp.int32), rope_scaling=scaling)
@@ -136,10 +168,16 @@ def _attention_setup(**kwargs):
   return attn, params, x
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(num_kv_heads=2, sliding_window=3, rope_scaling=YARN),
-                                    dict(num_kv_heads=1, qk_norm=True, qkv_bias=True),
-                                    dict(num_kv_heads=2, qk_norm=True, qk_norm_scope="projection", rope_scaling=LLAMA3),
-                                    dict(use_rope=False, num_kv_heads=2)])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(),
+    dict(num_kv_heads=2, sliding_window=3, rope_scaling=YARN),
+    dict(num_kv_heads=1, qk_norm=True, qkv_bias=True),
+    dict(num_kv_heads=2, qk_norm=True, qk_norm_scope="projection", rope_scaling=LLAMA3),
+    dict(use_rope=False, num_kv_heads=2),
+  ],
+)
 def test_attention_cache_prefill_then_steps_equals_full(kwargs):
   attn, params, x = _attention_setup(**kwargs)
   apply = jax.jit(attn.apply)
@@ -148,7 +186,7 @@ def test_attention_cache_prefill_then_steps_equals_full(kwargs):
   prefill, cache = apply(params, x[:, :4], _positions(2, 4), cache=cache)
   outs = [prefill]
   for t in range(4, 9):
-    y, cache = apply(params, x[:, t:t + 1], _positions(2, 1, t), cache=cache)
+    y, cache = apply(params, x[:, t : t + 1], _positions(2, 1, t), cache=cache)
     outs.append(y)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(cache.length, [9, 9])
@@ -189,7 +227,7 @@ def test_qk_norm_scopes(scope):
   normed = np.asarray(state["intermediates"]["query_norm"]["__call__"][0], np.float64)
   if scope == "projection":  # OLMoE: one RMS over all heads of the token
     q = q.reshape(2, 9, 32)
-  expected = q / np.sqrt((q ** 2).mean(-1, keepdims=True) + 1e-6) * np.asarray(p["query_norm"]["scale"])
+  expected = q / np.sqrt((q**2).mean(-1, keepdims=True) + 1e-6) * np.asarray(p["query_norm"]["scale"])
   np.testing.assert_allclose(normed, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -219,9 +257,15 @@ def test_kv_cache_update_and_read():
     KVCache.create(1, 0, 1, 2)
 
 
-@pytest.mark.parametrize("activation,gated,fn", [
-    ("swiglu", True, jax.nn.silu), ("reglu", True, jax.nn.relu), ("gelu", False, jax.nn.gelu),
-    ("relu", False, jax.nn.relu)])
+@pytest.mark.parametrize(
+  "activation,gated,fn",
+  [
+    ("swiglu", True, jax.nn.silu),
+    ("reglu", True, jax.nn.relu),
+    ("gelu", False, jax.nn.gelu),
+    ("relu", False, jax.nn.relu),
+  ],
+)
 def test_mlp_variants(activation, gated, fn):
   mlp = MLP(hidden_dim=6, activation=activation)
   x = jax.random.normal(jax.random.key(0), (2, 3, 4))
@@ -254,8 +298,9 @@ def test_dense_general_multi_axis_and_errors():
   x = jax.random.normal(jax.random.key(0), (2, 3, 4))
   params = nn.meta.unbox(dense.init(jax.random.key(1), x))["params"]
   assert params["kernel"].shape == (3, 4, 5) and params["bias"].shape == (5,)
-  np.testing.assert_allclose(dense.apply({"params": params}, x),
-                             x.reshape(2, 12) @ params["kernel"].reshape(12, 5) + params["bias"], rtol=1e-5)
+  np.testing.assert_allclose(
+    dense.apply({"params": params}, x), x.reshape(2, 12) @ params["kernel"].reshape(12, 5) + params["bias"], rtol=1e-5
+  )
   with pytest.raises(ValueError, match="kernel_axes"):
     DenseGeneral(5, kernel_axes=("embed",)).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="trailing axes"):
@@ -263,12 +308,13 @@ def test_dense_general_multi_axis_and_errors():
 
 
 def test_all_logical_names_are_in_the_sharding_table():
-  block = DecoderBlock(functools.partial(Attention, num_heads=2, head_dim=4, qk_norm=True, qkv_bias=True),
-                       functools.partial(MLP, hidden_dim=8))
+  block = DecoderBlock(
+    functools.partial(Attention, num_heads=2, head_dim=4, qk_norm=True, qkv_bias=True),
+    functools.partial(MLP, hidden_dim=8),
+  )
   x = jnp.ones((1, 3, 8))
   variables = jax.eval_shape(block.init, jax.random.key(0), x, _positions(1, 3))
-  names = {n for box in jax.tree.leaves(variables, is_leaf=lambda b: isinstance(b, nn.Partitioned))
-           for n in box.names}
+  names = {n for box in jax.tree.leaves(variables, is_leaf=lambda b: isinstance(b, nn.Partitioned)) for n in box.names}
   assert names <= {name for name, _ in LOGICAL_AXIS_RULES}
   assert {"embed", "heads", "kv_heads", "head_dim", "mlp", "norm"} <= names
 
@@ -283,6 +329,7 @@ def test_axis_table_maps_onto_mesh_axes_and_the_engine_reexports_it():
   sharding = logical_to_sharding({"w": jax.sharding.PartitionSpec("expert", "embed", "expert_mlp")}, mesh)["w"]
   assert sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
   from zoo.engine import sharding as engine_sharding
+
   assert engine_sharding.LOGICAL_AXIS_RULES is LOGICAL_AXIS_RULES
   assert engine_sharding.logical_to_sharding is logical_to_sharding
 
@@ -290,11 +337,15 @@ def test_axis_table_maps_onto_mesh_axes_and_the_engine_reexports_it():
 def test_packages_below_the_engine_do_not_import_it():
   import pathlib
   import re
+
   root = pathlib.Path(__file__).resolve().parents[1] / "zoo"
-  offenders = [f"{path.relative_to(root.parent)}:{i}" for package in ("layers", "routing", "models", "checkpoints")
-               for path in sorted((root / package).glob("*.py"))
-               for i, line in enumerate(path.read_text().splitlines(), 1)
-               if re.match(r"\s*(from|import)\s+zoo\.engine\b", line)]
+  offenders = [
+    f"{path.relative_to(root.parent)}:{i}"
+    for package in ("layers", "routing", "models", "checkpoints")
+    for path in sorted((root / package).glob("*.py"))
+    for i, line in enumerate(path.read_text().splitlines(), 1)
+    if re.match(r"\s*(from|import)\s+zoo\.engine\b", line)
+  ]
   assert not offenders, f"these lines import zoo.engine: {offenders}"
 
 
@@ -304,7 +355,7 @@ class _AuxFFN(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic, scale):
     y = nn.Dense(x.shape[-1], use_bias=False)(x) * scale
-    return y, {"load": jnp.sum(y ** 2), "deterministic": jnp.asarray(deterministic)}
+    return y, {"load": jnp.sum(y**2), "deterministic": jnp.asarray(deterministic)}
 
 
 def test_decoder_block_pluggable_ffn_with_aux_and_remat():

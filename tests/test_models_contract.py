@@ -2,6 +2,7 @@
 give `(output, ModelOutput)` with a finite scalar `aux_loss` and flat metrics, `num_params()` counts its parameters,
 it sows exactly the per-token outputs it `exposes`, and a language model decodes with its KV cache exactly as its full
 forward pass computes. A new model gets its tiny config here, or this test fails."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,19 +12,19 @@ from zoo.models import ModelOutput, build_model, model_names
 
 LM = dict(vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=24)
 TINY = {
-    "dense_lm": dict(LM),
-    "moe_lm": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, capacity_factor=0.0),
-    "rmoe": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, router_hidden_dim=8, dispatch="dense"),
-    "smallthinker": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, sliding_window=4,
-                         dispatch="dense"),
-    "blockffn": dict(LM, num_experts=4, expert_mlp_dim=8, chunk_length=4, dispatch="dense"),
-    "smoe_dropout": dict(LM, num_experts=4, num_experts_per_tok=4, expert_mlp_dim=8, k_min=1, k_schedule_steps=3,
-                         dispatch="dense"),
-    "readme_moe": dict(LM, num_experts=2, router_mlp_dim=16, dispatch="dense"),
-    "duo_llm": dict(LM, mlp_dim=16),
-    "mor": dict(LM, num_layers=4, head_dim=8, num_recursions=2, router="expert"),
-    "text_encoder": dict(LM, embed_dim=16, pooling="mean", num_classes=3),
-    "simplenet": dict(num_classes=10, widths=(4,) * 13, num_pools=0, dropout_rate=0.0),
+  "dense_lm": dict(LM),
+  "moe_lm": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, capacity_factor=0.0),
+  "rmoe": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, router_hidden_dim=8, dispatch="dense"),
+  "smallthinker": dict(LM, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, sliding_window=4, dispatch="dense"),
+  "blockffn": dict(LM, num_experts=4, expert_mlp_dim=8, chunk_length=4, dispatch="dense"),
+  "smoe_dropout": dict(
+    LM, num_experts=4, num_experts_per_tok=4, expert_mlp_dim=8, k_min=1, k_schedule_steps=3, dispatch="dense"
+  ),
+  "readme_moe": dict(LM, num_experts=2, router_mlp_dim=16, dispatch="dense"),
+  "duo_llm": dict(LM, mlp_dim=16),
+  "mor": dict(LM, num_layers=4, head_dim=8, num_recursions=2, router="expert"),
+  "text_encoder": dict(LM, embed_dim=16, pooling="mean", num_classes=3),
+  "simplenet": dict(num_classes=10, widths=(4,) * 13, num_pools=0, dropout_rate=0.0),
 }
 IMAGES = ("simplenet",)
 
@@ -57,7 +58,7 @@ def test_model_contract(name):
     decode = jax.jit(lambda token, cache: model.apply(variables, token, cache=cache))
     steps = []
     for t in range(tokens.shape[1]):
-      logits, step_out = decode(tokens[:, t:t + 1], cache)
+      logits, step_out = decode(tokens[:, t : t + 1], cache)
       steps.append(logits)
       cache = step_out.cache
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), output, atol=2e-5)

@@ -10,6 +10,7 @@ Cached decoding is compared with the full forward under 'dropless' and 'dense' d
 drops assignments depending on the other tokens of a call, and expert-choice routing picks tokens across the batch,
 so with either the cached logits may legitimately differ.
 """
+
 import functools
 import importlib
 
@@ -36,8 +37,9 @@ def tiny_model(config_name, **overrides):
   model_config = importlib.import_module(f"configs.{config_name}").get_config().model
   expert_mlp = max(4, model_config.expert_mlp_dim // 16)
   shared_mlp = model_config.get("shared_expert_mlp_dim", 0) // 16
-  return build_model(model_config, **{**TINY, "expert_mlp_dim": expert_mlp, "shared_expert_mlp_dim": shared_mlp,
-                                      **overrides})
+  return build_model(
+    model_config, **{**TINY, "expert_mlp_dim": expert_mlp, "shared_expert_mlp_dim": shared_mlp, **overrides}
+  )
 
 
 def tokens(batch=2, length=8, seed=0):
@@ -55,8 +57,12 @@ def config_variables(name):
 # cached decoding; the other configs cover capacity dispatch), so that its model serves the decoding tests too.
 # Mixtral and DeepSeek keep two layers (DeepSeek's first is dense); the other configs, whose layers are all alike,
 # are checked on one.
-OVERRIDES = {"moe_deepseek": dict(dispatch="dense"), "moe_switch": dict(num_layers=1),
-             "moe_qwen": dict(num_layers=1), "moe_expert_choice": dict(num_layers=1)}
+OVERRIDES = {
+  "moe_deepseek": dict(dispatch="dense"),
+  "moe_switch": dict(num_layers=1),
+  "moe_qwen": dict(num_layers=1),
+  "moe_expert_choice": dict(num_layers=1),
+}
 
 
 @functools.cache
@@ -64,8 +70,11 @@ def config_train_apply(name):
   """(model, variables, jitted training-mode apply `tokens -> ((logits, ModelOutput), routing_state)`)."""
   model = tiny_model(name, **OVERRIDES.get(name, {}))
   variables = config_variables(name)
-  apply = jax.jit(lambda t: model.apply(variables, t, deterministic=False, mutable=["routing_state"],
-                                        rngs={"dropout": jax.random.key(1)}))
+  apply = jax.jit(
+    lambda t: model.apply(
+      variables, t, deterministic=False, mutable=["routing_state"], rngs={"dropout": jax.random.key(1)}
+    )
+  )
   return model, variables, apply
 
 
@@ -73,11 +82,12 @@ def decode(model, variables, toks, prefill):
   """Logits of `toks` [B, T] from a cached prefill of the first `prefill` tokens, then one cached call per token
   (eval mode); also the routing_state after the last call."""
   step = jax.jit(lambda t, c: model.apply(variables, t, cache=c, mutable=["routing_state"]))
-  (logits, out), state = step(toks[:, :prefill], model.apply(variables, toks.shape[0], toks.shape[1],
-                                                              method="init_cache"))
+  (logits, out), state = step(
+    toks[:, :prefill], model.apply(variables, toks.shape[0], toks.shape[1], method="init_cache")
+  )
   pieces = [logits]
   for i in range(prefill, toks.shape[1]):
-    (logits, out), state = step(toks[:, i:i + 1], out.cache)
+    (logits, out), state = step(toks[:, i : i + 1], out.cache)
     pieces.append(logits)
   assert out.cache[0].length.tolist() == [toks.shape[1]] * toks.shape[0]
   return jnp.concatenate(pieces, axis=1), state
@@ -95,8 +105,7 @@ def mixtral():
   """The tiny Mixtral config with dropless dispatch, nothing dropped under expert parallelism either
   (capacity_factor=0) and distinct loss coefficients; 8 sequences of 8 tokens (+1 target), so that the 64 tokens split
   over 8 devices."""
-  model = tiny_model("moe_mixtral", dispatch="dropless", capacity_factor=0.0, load_balance_coef=0.3,
-                     z_loss_coef=0.05)
+  model = tiny_model("moe_mixtral", dispatch="dropless", capacity_factor=0.0, load_balance_coef=0.3, z_loss_coef=0.05)
   params = config_variables("moe_mixtral")["params"]
   loss_and_grad = jax.jit(jax.value_and_grad(functools.partial(mixtral_loss, model), has_aux=True))
   return model, params, tokens(batch=8, length=9), loss_and_grad
@@ -146,7 +155,8 @@ def test_sown_expert_ids_are_the_routing_decision():
   model, params, toks, loss_and_grad = mixtral()
   (_, (logits, _)), _ = loss_and_grad(params, toks)
   (sown_logits, out), state = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["intermediates"]))(
-      params, toks[:, :-1])
+    params, toks[:, :-1]
+  )
   np.testing.assert_allclose(sown_logits, logits, rtol=1e-6, atol=1e-6)  # sowing changes nothing else
   assert set(state["intermediates"]) == set(model.exposes) == {"expert_ids"}
   ids = np.asarray(state["intermediates"]["expert_ids"])
@@ -255,8 +265,16 @@ def test_router_bias_is_state_only_when_asked_for():
 def test_param_counts_against_a_hand_count():
   # d=16, vocab 32, 3 layers, 2 heads x 8 (1 kv head), dense mlp 24, 4 experts of 8, top-2, 1 shared expert of 8 with
   # its gate, first layer dense, tied embeddings, swiglu.
-  model = MoELM(**{**TINY, "num_layers": 3}, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8,
-                num_shared_experts=1, shared_expert_mlp_dim=8, shared_expert_gate=True, first_dense_layers=1)
+  model = MoELM(
+    **{**TINY, "num_layers": 3},
+    num_experts=4,
+    num_experts_per_tok=2,
+    expert_mlp_dim=8,
+    num_shared_experts=1,
+    shared_expert_mlp_dim=8,
+    shared_expert_gate=True,
+    first_dense_layers=1,
+  )
   d = 16
   attention = d * 2 * 8 + 2 * d * 1 * 8 + 2 * 8 * d  # q, k, v, out
   norms = 2 * d
@@ -282,7 +300,9 @@ def test_mixtral_config_matches_dense_active_params():
   assert moe.train_flops_per_token(128) - dense.train_flops_per_token(128) == pytest.approx(6 * routers)
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(router="top2"), "config.model.router"),
     (dict(dispatch="magic"), "config.model.dispatch"),
     (dict(num_experts_per_tok=5), "num_experts_per_tok"),
@@ -292,7 +312,8 @@ def test_mixtral_config_matches_dense_active_params():
     (dict(n_group=3), "n_group"),
     (dict(first_dense_layers=3), "no MoE layer"),
     (dict(shared_expert_gate=True), "shared_expert_gate"),
-])
+  ],
+)
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ConfigError, match=match):
     MoELM(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2, "expert_mlp_dim": 8, **overrides})

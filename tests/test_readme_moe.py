@@ -1,4 +1,5 @@
 """Read-ME (papers.md A4): expert extraction, pre-gate losses, the model's phases and cached decoding."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,16 @@ from zoo.layers import count_params
 from zoo.models import ConfigError
 from zoo.models.dense_lm import DenseLM
 from zoo.models.readme_moe import ReadMeFFN, ReadMeLM
-from zoo.routing.pregate import (down_proj_inputs, expert_masks, extracted_widths, neuron_importance, pregate_loss,
-                                 pregate_routing, pregate_targets, readme_params_from_dense)
+from zoo.routing.pregate import (
+  down_proj_inputs,
+  expert_masks,
+  extracted_widths,
+  neuron_importance,
+  pregate_loss,
+  pregate_routing,
+  pregate_targets,
+  readme_params_from_dense,
+)
 
 DIMS = dict(vocab_size=48, num_layers=1, embed_dim=16, num_heads=2, mlp_dim=8)
 
@@ -90,8 +99,9 @@ def test_extracted_ffn_is_the_dense_ffn_on_shared_plus_expert_neurons():
   h = jax.nn.silu(x @ ffn["gate"]["kernel"]) * (x @ ffn["up"]["kernel"])
   expected = (h * keep) @ ffn["down"]["kernel"]
   logits = jnp.zeros((5, 2)).at[:, expert].set(1.0)
-  y, _ = readme.ffn_factory()(parent=None).apply({"params": params[f"layers_{layer}"]["ffn"]}, x,
-                                                   routing=pregate_routing(logits))
+  y, _ = readme.ffn_factory()(parent=None).apply(
+    {"params": params[f"layers_{layer}"]["ffn"]}, x, routing=pregate_routing(logits)
+  )
   np.testing.assert_allclose(y, expected, atol=1e-5)
 
 
@@ -116,8 +126,9 @@ def test_model_shapes_params_and_one_route_for_all_layers():
   variables = model.init(jax.random.key(0), tokens)
   assert count_params(variables["params"]) == model.num_params()
   # A token uses the shared expert and one of the 3 domain experts: 2 of them are skipped in each of 2 layers.
-  domain_experts = sum(count_params(variables["params"][f"layers_{i}"]["ffn"][name])
-                       for i in range(2) for name in ("gate", "up", "down"))
+  domain_experts = sum(
+    count_params(variables["params"][f"layers_{i}"]["ffn"][name]) for i in range(2) for name in ("gate", "up", "down")
+  )
   assert model.num_params() - model.num_active_params() == domain_experts * 2 // 3
   logits, out = jax.jit(model.apply)(variables, tokens)
   assert logits.shape == (2, 6, DIMS["vocab_size"])
@@ -138,7 +149,7 @@ def test_cached_decoding_matches_full_forward():
   logits, out = step(variables, tokens[:, :4], cache)
   pieces = [logits]
   for i in range(4, 7):
-    logits, out = step(variables, tokens[:, i:i + 1], out.cache)
+    logits, out = step(variables, tokens[:, i : i + 1], out.cache)
     pieces.append(logits)
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-5)
 
@@ -155,8 +166,8 @@ def test_train_phase_stops_gradients_to_the_other_part(phase):
     return nll + out.aux_loss
 
   grads = nn.meta.unbox(jax.jit(jax.grad(loss))(params))
-  router_norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads.pop("router")))
-  backbone_norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads))
+  router_norm = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads.pop("router")))
+  backbone_norm = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads))
   assert (router_norm > 0) == (phase != "backbone")
   assert (backbone_norm > 0) == (phase != "router")
 

@@ -1,5 +1,6 @@
 """RMoE: the GRU cell by hand and against a numpy reference, depth-only recurrence, shared cell, gradients to the
 routers, cached decoding, the linear baseline, the shared-expert mix and config errors."""
+
 import importlib
 
 import flax.linen as nn
@@ -15,8 +16,20 @@ from zoo.models.rmoe import RMoEFFN
 from zoo.routing import Router
 from zoo.routing.recurrent import gru_cell
 
-TINY = dict(name="rmoe", vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=24,
-            num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, router_hidden_dim=8, dispatch="dense")
+TINY = dict(
+  name="rmoe",
+  vocab_size=32,
+  num_layers=2,
+  embed_dim=16,
+  num_heads=2,
+  num_kv_heads=1,
+  mlp_dim=24,
+  num_experts=4,
+  num_experts_per_tok=2,
+  expert_mlp_dim=8,
+  router_hidden_dim=8,
+  dispatch="dense",
+)
 
 
 def _sigmoid(a):
@@ -24,19 +37,30 @@ def _sigmoid(a):
 
 
 def test_gru_cell_by_hand_and_against_numpy():
-  zeros = {"input_kernel": jnp.zeros((3, 3, 2)), "hidden_kernel": jnp.zeros((2, 3, 2)),
-           "input_bias": jnp.zeros((3, 2)), "hidden_bias": jnp.zeros((3, 2))}
+  zeros = {
+    "input_kernel": jnp.zeros((3, 3, 2)),
+    "hidden_kernel": jnp.zeros((2, 3, 2)),
+    "input_bias": jnp.zeros((3, 2)),
+    "hidden_bias": jnp.zeros((3, 2)),
+  }
   # All-zero weights: r = z = 1/2, n = tanh(0) = 0, so h' = h / 2.
   h = jnp.array([[1.0, -4.0]])
   np.testing.assert_allclose(gru_cell(zeros, jnp.ones((1, 3)), h), [[0.5, -2.0]], rtol=1e-6)
 
   keys = jax.random.split(jax.random.key(0), 6)
-  params = {"input_kernel": jax.random.normal(keys[0], (3, 3, 2)), "hidden_kernel": jax.random.normal(keys[1], (2, 3, 2)),
-            "input_bias": jax.random.normal(keys[2], (3, 2)), "hidden_bias": jax.random.normal(keys[3], (3, 2))}
+  params = {
+    "input_kernel": jax.random.normal(keys[0], (3, 3, 2)),
+    "hidden_kernel": jax.random.normal(keys[1], (2, 3, 2)),
+    "input_bias": jax.random.normal(keys[2], (3, 2)),
+    "hidden_bias": jax.random.normal(keys[3], (3, 2)),
+  }
   x, h = jax.random.normal(keys[4], (5, 3)), jax.random.normal(keys[5], (5, 2))
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   xn, hn = np.asarray(x, np.float64), np.asarray(h, np.float64)
-  gate = lambda g: (xn @ p["input_kernel"][:, g] + p["input_bias"][g], hn @ p["hidden_kernel"][:, g] + p["hidden_bias"][g])
+  gate = lambda g: (
+    xn @ p["input_kernel"][:, g] + p["input_bias"][g],
+    hn @ p["hidden_kernel"][:, g] + p["hidden_bias"][g],
+  )
   r = _sigmoid(sum(gate(0)))
   z = _sigmoid(sum(gate(1)))
   n = np.tanh(gate(2)[0] + r * gate(2)[1])
@@ -120,8 +144,9 @@ def test_linear_baseline_params():
 
 def test_shared_expert_mix():
   x = jax.random.normal(jax.random.key(0), (2, 4, 16))
-  ffn = lambda mix: RMoEFFN(Router(4, 2), num_experts=4, expert_mlp_dim=8, shared_mlp_dim=8, shared_mix=mix,
-                            dispatch="dense")
+  ffn = lambda mix: RMoEFFN(
+    Router(4, 2), num_experts=4, expert_mlp_dim=8, shared_mlp_dim=8, shared_mix=mix, dispatch="dense"
+  )
   variables = ffn(0.5).init(jax.random.key(1), x)
   apply = jax.jit(lambda mix: ffn(mix).apply(variables, x)[0], static_argnums=0)
   routed, shared = apply(0.0), apply(1.0)
@@ -137,13 +162,16 @@ def test_configs_build(name):
   assert model.router_type == ("gru" if name == "rmoe" else "linear")
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(router_type="lstm"), "router_type='lstm'"),
     (dict(router="sigmoid_topk"), "RMoE routes with 'softmax_topk'"),
     (dict(shared_mix=1.5), "shared_mix=1.5"),
     (dict(router_hidden_dim=0), "router_hidden_dim=0"),
     (dict(router_jitter=0.01), "router_type='linear' only"),
-])
+  ],
+)
 def test_config_errors(overrides, match):
   with pytest.raises(ConfigError, match=match):
     build_model({**TINY, **overrides})

@@ -1,4 +1,5 @@
 """Every dispatch mode against a per-token, per-slot Python loop: forward and gradients."""
+
 import functools
 
 import flax.linen as nn
@@ -15,8 +16,10 @@ TOKENS, EXPERTS, EMBED, MLP = 12, 4, 8, 6
 
 def _weights(activation, key=0, experts=EXPERTS):
   ks = jax.random.split(jax.random.PRNGKey(key), 3)
-  w = {"up": jax.random.normal(ks[0], (experts, EMBED, MLP)) * 0.4,
-       "down": jax.random.normal(ks[1], (experts, MLP, EMBED)) * 0.4}
+  w = {
+    "up": jax.random.normal(ks[0], (experts, EMBED, MLP)) * 0.4,
+    "down": jax.random.normal(ks[1], (experts, MLP, EMBED)) * 0.4,
+  }
   if activation in dispatch.GATED_ACTIVATIONS:
     w["gate"] = jax.random.normal(ks[2], (experts, EMBED, MLP)) * 0.4
   return w
@@ -50,16 +53,18 @@ def _loop(x, expert_ids, weights, w, activation, kept=None):
 
 
 ROUTERS = {
-    "softmax_top2": lambda logits: routing.softmax_topk(logits, 2),
-    "sigmoid_top3_grouped": lambda logits: routing.sigmoid_topk(logits, 3, n_group=2, topk_group=2,
-                                                                routed_scaling_factor=1.5),
-    "expert_choice": lambda logits: routing.expert_choice(logits, 1.0),
+  "softmax_top2": lambda logits: routing.softmax_topk(logits, 2),
+  "sigmoid_top3_grouped": lambda logits: routing.sigmoid_topk(
+    logits, 3, n_group=2, topk_group=2, routed_scaling_factor=1.5
+  ),
+  "expert_choice": lambda logits: routing.expert_choice(logits, 1.0),
 }
 
 
-# (dispatch, dropless permutation): every mode, and dropless both gather-fused and with a permuted copy.
+# (dispatch mode, dropless permutation): every mode, and dropless both gather-fused and with a permuted copy.
 VARIANTS = [pytest.param("dense", "fused", id="dense"), pytest.param("capacity", "fused", id="capacity")] + [
-    pytest.param("dropless", p, id=f"dropless-{p}") for p in dispatch.PERMUTES]
+  pytest.param("dropless", p, id=f"dropless-{p}") for p in dispatch.PERMUTES
+]
 
 
 @functools.cache
@@ -76,15 +81,15 @@ def _loop_reference(router):
   return jax.jit(jax.grad(loop_loss, (0, 1, 2), has_aux=True))(x, _weights("swiglu"), logits)
 
 
-@pytest.mark.parametrize("dispatch,permute", VARIANTS)
+@pytest.mark.parametrize("mode,permute", VARIANTS)
 @pytest.mark.parametrize("router", sorted(ROUTERS))
-def test_dispatch_matches_loop_forward_and_gradients(dispatch, permute, router):
+def test_dispatch_matches_loop_forward_and_gradients(mode, permute, router):
   x, logits = _inputs()
   w = _weights("swiglu")
   route = ROUTERS[router]
 
   def loss(x, w, logits):
-    y, _ = routing.moe_ffn(x, route(logits), w, dispatch=dispatch, activation="swiglu", permute=permute)
+    y, _ = routing.moe_ffn(x, route(logits), w, dispatch=mode, activation="swiglu", permute=permute)
     return jnp.sum(jnp.sin(y)), y
 
   grads, y = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(x, w, logits)
@@ -101,8 +106,8 @@ def test_activations_match_loop(activation):
   w = _weights(activation, key=3)
   r = routing.softmax_topk(logits, 2)
   ref = _loop(x, r.expert_ids, r.weights, w, activation)
-  for dispatch, permute in (("capacity", "fused"), ("dropless", "fused"), ("dropless", "custom_vjp")):
-    y, _ = routing.moe_ffn(x, r, w, dispatch=dispatch, activation=activation, permute=permute)
+  for mode, permute in (("capacity", "fused"), ("dropless", "fused"), ("dropless", "custom_vjp")):
+    y, _ = routing.moe_ffn(x, r, w, dispatch=mode, activation=activation, permute=permute)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -145,8 +150,8 @@ def test_dense_weight_matrix_routing():
   w = _weights("relu")
   combine = jax.nn.relu(logits)  # ReLU routing: a variable number of experts per token
   ref = _loop(x, jnp.where(combine != 0, jnp.arange(EXPERTS), -1), combine, w, "relu")
-  for dispatch, permute in [v.values for v in VARIANTS]:  # many empty slots: every token has E slots
-    y, _ = routing.moe_ffn(x, combine, w, dispatch=dispatch, activation="relu", permute=permute)
+  for mode, permute in [v.values for v in VARIANTS]:  # many empty slots: every token has E slots
+    y, _ = routing.moe_ffn(x, combine, w, dispatch=mode, activation="relu", permute=permute)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -195,8 +200,9 @@ def test_moe_ffn_module_matches_functional_path():
 
 def test_moe_ffn_module_precomputed_routing_and_custom_router():
   x = jax.random.normal(jax.random.PRNGKey(0), (10, EMBED))
-  module = routing.MoEFFN(EXPERTS, MLP, activation="reglu",
-                          router=routing.Router(EXPERTS, score="expert_choice", capacity_factor=2.0))
+  module = routing.MoEFFN(
+    EXPERTS, MLP, activation="reglu", router=routing.Router(EXPERTS, score="expert_choice", capacity_factor=2.0)
+  )
   variables = jax.jit(module.init)(jax.random.PRNGKey(1), x)
   apply = jax.jit(module.apply)
   y, aux, _ = apply(variables, x)
@@ -209,16 +215,16 @@ def test_moe_ffn_module_precomputed_routing_and_custom_router():
     routing.MoEFFN(EXPERTS, MLP, router=routing.Router(3)).init(jax.random.PRNGKey(1), x)
 
 
-@functools.partial(jax.jit, static_argnames="dispatch")
-def _bf16_forward(x, w, logits, dispatch):
-  return routing.moe_ffn(x, routing.softmax_topk(logits, 2), w, dispatch=dispatch)[0]
+@functools.partial(jax.jit, static_argnames="mode")
+def _bf16_forward(x, w, logits, mode):
+  return routing.moe_ffn(x, routing.softmax_topk(logits, 2), w, dispatch=mode)[0]
 
 
 def test_bfloat16_experts_keep_dtype_and_float32_routing():
   x, logits = _inputs(9)
   w = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _weights("swiglu"))
   ref = _bf16_forward(x, _weights("swiglu"), logits, "dense")
-  for dispatch in ("capacity", "dropless"):  # dropless: gather-fused
-    y = _bf16_forward(x.astype(jnp.bfloat16), w, logits.astype(jnp.bfloat16), dispatch)
+  for mode in ("capacity", "dropless"):  # dropless: gather-fused
+    y = _bf16_forward(x.astype(jnp.bfloat16), w, logits.astype(jnp.bfloat16), mode)
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=0.1, atol=0.1)

@@ -1,4 +1,5 @@
 """Expert parallelism (shard_map + all_to_all over 'expert') == the unsharded computation on the 8-device CPU mesh."""
+
 import importlib
 
 import jax
@@ -18,9 +19,11 @@ def _problem():
   ks = jax.random.split(jax.random.PRNGKey(0), 5)
   x = jax.random.normal(ks[0], (TOKENS, EMBED))
   logits = jax.random.normal(ks[1], (TOKENS, EXPERTS))
-  w = {"gate": jax.random.normal(ks[2], (EXPERTS, EMBED, MLP)) * 0.4,
-       "up": jax.random.normal(ks[3], (EXPERTS, EMBED, MLP)) * 0.4,
-       "down": jax.random.normal(ks[4], (EXPERTS, MLP, EMBED)) * 0.4}
+  w = {
+    "gate": jax.random.normal(ks[2], (EXPERTS, EMBED, MLP)) * 0.4,
+    "up": jax.random.normal(ks[3], (EXPERTS, EMBED, MLP)) * 0.4,
+    "down": jax.random.normal(ks[4], (EXPERTS, MLP, EMBED)) * 0.4,
+  }
   return x, logits, w
 
 
@@ -37,8 +40,9 @@ def _loss(x, w, logits, mesh, dispatch, capacity_factor):
 _grad = jax.jit(jax.grad(_loss, (0, 1, 2), has_aux=True), static_argnums=(3, 4, 5))
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, fsdp=1, expert=4, tensor=1),
-                                        dict(data=1, fsdp=1, expert=4, tensor=2)])
+@pytest.mark.parametrize(
+  "mesh_shape", [dict(data=2, fsdp=1, expert=4, tensor=1), dict(data=1, fsdp=1, expert=4, tensor=2)]
+)
 def test_sharded_equals_unsharded_forward_and_gradients(mesh_shape):
   mesh = make_mesh(mesh_shape)
   x, logits, w = _problem()
@@ -85,6 +89,7 @@ def test_local_dispatch_does_not_know_expert_parallelism():
   # The MoE layer decides; dispatch (the local path) imports nothing of expert parallelism, which builds on it.
   import ast
   import inspect
+
   imported = set()
   for node in ast.walk(ast.parse(inspect.getsource(dispatch))):
     if isinstance(node, ast.ImportFrom):
@@ -134,17 +139,23 @@ def test_engine_train_step_with_expert_parallelism(tmp_path):
   # One train.py step (the engine's Experiment API) of a tiny moe_lm with --config.mesh.expert=4 on 8 CPU devices:
   # the expert weights are sharded over 'expert' and the step exchanges tokens with all-to-all.
   config = importlib.import_module("configs.moe_mixtral").get_config()
-  config.model.update(vocab_size=260, num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=1, head_dim=8,
-                      mlp_dim=32, expert_mlp_dim=8)
+  config.model.update(
+    vocab_size=260, num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32, expert_mlp_dim=8
+  )
   config.data.seq_len = 8
   config.train.batch_size = 8
   config.optimizer.update(schedule="constant", warmup_steps=0)  # (a warmup would start at learning rate 0)
   config.mesh.update(data=-1, fsdp=1, expert=4, tensor=1)
   exp = trainer.Experiment(config)
   assert dict(exp.mesh.shape) == dict(data=2, fsdp=1, expert=4, tensor=1)
-  batch = exp.pad({"inputs": np.arange(64, dtype=np.int32).reshape(8, 8),
-                   "targets": np.arange(1, 65, dtype=np.int32).reshape(8, 8),
-                   "mask": np.ones((8, 8), np.float32), "target_bytes": np.ones((8, 8), np.float32)})
+  batch = exp.pad(
+    {
+      "inputs": np.arange(64, dtype=np.int32).reshape(8, 8),
+      "targets": np.arange(1, 65, dtype=np.int32).reshape(8, 8),
+      "mask": np.ones((8, 8), np.float32),
+      "target_bytes": np.ones((8, 8), np.float32),
+    }
+  )
   with mesh_context(exp.mesh):
     state, shardings = exp.init_state()
     up = state.params["layers_0"]["ffn"]["up"]

@@ -1,4 +1,5 @@
 """Routers, aux losses and routing metrics on small cases computed by hand."""
+
 import math
 
 import jax
@@ -20,16 +21,15 @@ def _logits_for_scores(scores):
   return jnp.asarray(np.log(s / (1 - s)), jnp.float32)
 
 
-PROBS = [[0.1, 0.2, 0.3, 0.4],
-         [0.5, 0.15, 0.25, 0.1],
-         [0.25, 0.2, 0.45, 0.1]]
+PROBS = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.15, 0.25, 0.1], [0.25, 0.2, 0.45, 0.1]]
 
 
 def test_softmax_top2_renormalized():
   r = routing.softmax_topk(_logits_for_probs(PROBS), 2)
   np.testing.assert_array_equal(r.expert_ids, [[3, 2], [0, 2], [2, 0]])
-  np.testing.assert_allclose(r.weights, [[4 / 7, 3 / 7], [0.5 / 0.75, 0.25 / 0.75], [0.45 / 0.7, 0.25 / 0.7]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    r.weights, [[4 / 7, 3 / 7], [0.5 / 0.75, 0.25 / 0.75], [0.45 / 0.7, 0.25 / 0.7]], rtol=1e-6
+  )
   np.testing.assert_allclose(r.probs, PROBS, rtol=1e-6)
 
 
@@ -49,14 +49,15 @@ def test_softmax_top1_switch_load_balance_by_hand():
 
 
 def test_load_balance_minimum_is_one_under_uniform_routing():
-  experts, k = 4, 2
+  experts = 4  # k = 2 experts per token below
   probs = jnp.full((8, experts), 1 / experts)
   ids = jnp.array([[0, 1], [2, 3]] * 4)
   np.testing.assert_allclose(routing.load_balance_loss(probs, ids, experts), 1.0, rtol=1e-6)
   # All tokens on expert 0 with all probability there: the maximum E.
   collapsed = jnp.zeros((8, experts)).at[:, 0].set(1.0)
-  np.testing.assert_allclose(routing.load_balance_loss(collapsed, jnp.zeros((8, 1), jnp.int32), experts),
-                             experts, rtol=1e-6)
+  np.testing.assert_allclose(
+    routing.load_balance_loss(collapsed, jnp.zeros((8, 1), jnp.int32), experts), experts, rtol=1e-6
+  )
 
 
 def test_load_balance_per_sequence_by_hand():

@@ -1,4 +1,5 @@
 """SimpleNet: the paper's parameter count, shapes, BatchNorm statistics, reduced configs, a training step."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,14 +50,18 @@ def test_batch_stats_update_only_in_training():
   _, mutated = apply(variables, images, deterministic=True, mutable=("batch_stats",))
   for a, b in zip(jax.tree.leaves(mutated["batch_stats"]), jax.tree.leaves(variables["batch_stats"])):
     np.testing.assert_array_equal(a, b)
-  _, mutated = apply(variables, images, deterministic=False, mutable=("batch_stats",),
-                     rngs={"dropout": jax.random.key(2)})
-  changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(mutated["batch_stats"]),
-                                                    jax.tree.leaves(variables["batch_stats"]))]
+  _, mutated = apply(
+    variables, images, deterministic=False, mutable=("batch_stats",), rngs={"dropout": jax.random.key(2)}
+  )
+  changed = [
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(mutated["batch_stats"]), jax.tree.leaves(variables["batch_stats"]))
+  ]
   assert all(changed)
   mean0 = mutated["batch_stats"]["bn_0"]["mean"]
-  conv0 = jax.lax.conv_general_dilated(images, variables["params"]["conv_0"]["kernel"].value, (1, 1), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv0 = jax.lax.conv_general_dilated(
+    images, variables["params"]["conv_0"]["kernel"].value, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   np.testing.assert_allclose(mean0, 0.05 * conv0.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)  # momentum 0.95
 
 
@@ -65,8 +70,13 @@ def test_one_optimizer_step_lowers_loss():
   params, stats = nn.meta.unbox(variables["params"]), variables["batch_stats"]
 
   def loss_fn(params):
-    (logits, _), _ = model.apply({"params": params, "batch_stats": stats}, images, deterministic=False,
-                                 mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+    (logits, _), _ = model.apply(
+      {"params": params, "batch_stats": stats},
+      images,
+      deterministic=False,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(3)},
+    )
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   # Same batch, same dropout mask, batch statistics: one compiled function gives the loss before and after the step.
@@ -89,9 +99,15 @@ def test_reduced_configs():
     jax.eval_shape(too_deep.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 
 
-@pytest.mark.parametrize("bad,match", [(dict(num_pools=5), "num_pools=5"), (dict(widths=(4,) * 12), "13 positive"),
-                                       (dict(width_multiplier=0.0), "width_multiplier"),
-                                       (dict(dropout_rate=1.0), "dropout_rate")])
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (dict(num_pools=5), "num_pools=5"),
+    (dict(widths=(4,) * 12), "13 positive"),
+    (dict(width_multiplier=0.0), "width_multiplier"),
+    (dict(dropout_rate=1.0), "dropout_rate"),
+  ],
+)
 def test_bad_config_raises(bad, match):
   with pytest.raises(ConfigError, match=match):
     build_model({**DIGITS, **bad})

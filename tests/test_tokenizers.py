@@ -1,5 +1,6 @@
 """Tokenizers for training data: a Hugging Face tokenizer.json (built offline here) feeds the pipeline, and each
 token carries the UTF-8 bytes of text it stands for, so bits per byte are right for any tokenizer."""
+
 import json
 
 import numpy as np
@@ -19,8 +20,11 @@ def build_tokenizer(directory, vocab_size=300):
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer_ = trainers.BpeTrainer(vocab_size=vocab_size - 3, special_tokens=["<pad>", "<s>", "</s>"],
-                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer_ = trainers.BpeTrainer(
+    vocab_size=vocab_size - 3,
+    special_tokens=["<pad>", "<s>", "</s>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(TEXTS * 20, trainer_)
   directory.mkdir(parents=True, exist_ok=True)
   tok.save(str(directory / "tokenizer.json"))
@@ -59,10 +63,15 @@ def test_the_pipeline_reads_text_with_the_tokenizer(tmp_path):
 
 def test_bits_per_byte_use_the_bytes_of_the_targets():
   from zoo.tasks import get_task
+
   task = get_task("lm")
   logits = np.log(np.full((1, 4, 3), 1 / 3, np.float32))  # uniform over 3 tokens: ln 3 nats per target
-  batch = {"targets": np.array([[0, 1, 2, 0]]), "mask": np.array([[1, 1, 1, 0]], np.float32),
-           "target_bytes": np.array([[3, 0, 1, 0]], np.float32), "weight": np.ones((1,), np.float32)}
+  batch = {
+    "targets": np.array([[0, 1, 2, 0]]),
+    "mask": np.array([[1, 1, 1, 0]], np.float32),
+    "target_bytes": np.array([[3, 0, 1, 0]], np.float32),
+    "weight": np.ones((1,), np.float32),
+  }
   sums = task.stats(logits, {}, batch)
   metrics = task.finalize(sums, {})
   np.testing.assert_allclose(metrics["loss"], np.log(3), rtol=1e-6)  # three real targets

@@ -9,6 +9,7 @@ renormalisation, DeepSeek-V3's sigmoid scores with `e_score_correction_bias`, gr
 `routed_scaling_factor`, shared experts and `first_k_dense_replace` / `moe_layer_freq`, Qwen2-MoE's sigmoid-gated
 shared expert. Dispatch never drops tokens (`capacity_factor=0`).
 """
+
 import json
 import os
 import shutil
@@ -35,38 +36,65 @@ def _moe_pattern(flags):
     for every in range(1, layers + 1):
       if tuple(i >= first and i % every == 0 for i in range(layers)) == tuple(flags):
         return first, every
-  raise ConversionError(f"the MoE layers {[i for i, f in enumerate(flags) if f]} of {layers} cannot be expressed by "
-                        "moe_lm's rule (layer i is MoE iff i >= first_dense_layers and i % moe_every == 0)")
+  raise ConversionError(
+    f"the MoE layers {[i for i, f in enumerate(flags) if f]} of {layers} cannot be expressed by "
+    "moe_lm's rule (layer i is MoE iff i >= first_dense_layers and i % moe_every == 0)"
+  )
 
 
 def _model_config(arch):
   """(model name, fields that must be set, fields that may be dropped when the model lacks them)."""
   a = arch
-  fields = dict(vocab_size=a.vocab_size, num_layers=a.num_layers, embed_dim=a.embed_dim, num_heads=a.num_heads,
-                num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, mlp_dim=a.mlp_dim, rope_theta=a.rope_theta,
-                norm_epsilon=a.norm_epsilon, tie_embeddings=a.tie_embeddings, mlp_activation="swiglu")
-  optional = dict(qk_norm=a.qk_norm is not None, qkv_bias=a.qkv_bias, sliding_window=a.sliding_window,
-                  rope_scaling=a.rope_scaling)
+  fields = dict(
+    vocab_size=a.vocab_size,
+    num_layers=a.num_layers,
+    embed_dim=a.embed_dim,
+    num_heads=a.num_heads,
+    num_kv_heads=a.num_kv_heads,
+    head_dim=a.head_dim,
+    mlp_dim=a.mlp_dim,
+    rope_theta=a.rope_theta,
+    norm_epsilon=a.norm_epsilon,
+    tie_embeddings=a.tie_embeddings,
+    mlp_activation="swiglu",
+  )
+  optional = dict(
+    qk_norm=a.qk_norm is not None, qkv_bias=a.qkv_bias, sliding_window=a.sliding_window, rope_scaling=a.rope_scaling
+  )
   if a.qk_norm == "full":
     optional["qk_norm_scope"] = "projection"  # OLMoE: one RMSNorm over all heads of q (and of k)
   if a.family not in hf_spec.MOE_FAMILIES:
     return "dense_lm", fields, optional
   first, every = _moe_pattern(a.moe_layers)
-  fields.update(moe_every=every, first_dense_layers=first, num_experts=a.num_experts,
-                num_experts_per_tok=a.experts_per_token, expert_mlp_dim=a.expert_mlp_dim,
-                router="sigmoid_topk" if a.router == "sigmoid" else "softmax_topk", renormalize=a.renormalize,
-                capacity_factor=0.0, n_group=a.n_group, topk_group=a.topk_group,
-                routed_scaling_factor=a.routed_scaling_factor)
+  fields.update(
+    moe_every=every,
+    first_dense_layers=first,
+    num_experts=a.num_experts,
+    num_experts_per_tok=a.experts_per_token,
+    expert_mlp_dim=a.expert_mlp_dim,
+    router="sigmoid_topk" if a.router == "sigmoid" else "softmax_topk",
+    renormalize=a.renormalize,
+    capacity_factor=0.0,
+    n_group=a.n_group,
+    topk_group=a.topk_group,
+    routed_scaling_factor=a.routed_scaling_factor,
+  )
   if a.shared_mlp_dim:
     per = a.expert_mlp_dim if a.family == "deepseek_v3" else a.shared_mlp_dim
-    fields.update(num_shared_experts=a.shared_mlp_dim // per, shared_expert_mlp_dim=per,
-                  shared_expert_gate=a.shared_expert_gate)
+    fields.update(
+      num_shared_experts=a.shared_mlp_dim // per, shared_expert_mlp_dim=per, shared_expert_gate=a.shared_expert_gate
+    )
   optional["router_bias"] = a.router_bias
   if a.mla:  # MLA has no head_dim or kv heads of its own: its widths replace them
     del fields["head_dim"], fields["num_kv_heads"]
-    optional.update(attention="mla", q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
-                    qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
-                    v_head_dim=a.v_head_dim)
+    optional.update(
+      attention="mla",
+      q_lora_rank=a.q_lora_rank,
+      kv_lora_rank=a.kv_lora_rank,
+      qk_nope_head_dim=a.qk_nope_head_dim,
+      qk_rope_head_dim=a.qk_rope_head_dim,
+      v_head_dim=a.v_head_dim,
+    )
   return "moe_lm", fields, optional
 
 
@@ -85,8 +113,9 @@ def model_config_from_arch(arch):
     elif value not in (None, False):
       missing.append(f"{key}={value!r}")
   if missing:
-    raise ConversionError(f"{arch.family}: model {name!r} has no field(s) {missing} needed to reproduce this "
-                          "checkpoint")
+    raise ConversionError(
+      f"{arch.family}: model {name!r} has no field(s) {missing} needed to reproduce this checkpoint"
+    )
   return ml_collections.ConfigDict({"name": name, **fields})
 
 
@@ -103,6 +132,7 @@ def hf_model_config(path):
 def abstract_variables(model_config):
   """ShapeDtypeStructs of every Linen collection of the model (boxed logical partitioning kept)."""
   from zoo.models.registry import build_model
+
   model = build_model(model_config)
   return model, jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 1), np.int32)))
 
@@ -126,10 +156,12 @@ def load_hf_checkpoint(path, mesh=None, shardings=None, dtype=np.float32):
   canon = hf_spec.hf_to_canonical(checked.tensors, checked.arch, fused_experts=checked.fused_experts, dtype=dtype)
   _, boxed = abstract_variables(model_config)
   import flax.linen as nn
+
   abstract = nn.unbox(boxed)
   values = zoo_tree.canonical_to_variables(canon, abstract)
   if shardings is None and mesh is not None:
     from zoo.layers.axes import logical_to_sharding
+
     shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   if shardings is None:
     variables = jax.tree.map(jax.numpy.asarray, values)
@@ -142,8 +174,10 @@ def _place(path, value, sharding):
   try:
     return jax.device_put(value, sharding)
   except ValueError as e:
-    raise ConversionError(f"variable {jax.tree_util.keystr(path)} of shape {value.shape} cannot take sharding "
-                          f"{sharding}: {str(e).splitlines()[0]}") from None
+    raise ConversionError(
+      f"variable {jax.tree_util.keystr(path)} of shape {value.shape} cannot take sharding "
+      f"{sharding}: {str(e).splitlines()[0]}"
+    ) from None
 
 
 def check_destination(out_dir, *, overwrite=False, sources=(), option="overwrite=True"):
@@ -167,17 +201,24 @@ def check_destination(out_dir, *, overwrite=False, sources=(), option="overwrite
     src = os.path.realpath(source)
     if out == src or out.startswith(src.rstrip(os.sep) + os.sep):
       where = "is" if out == src else "is inside"
-      raise ConversionError(f"output directory {out_dir} {where} the source {source}; allowed: a directory outside "
-                            "the source (a conversion never modifies its source)")
+      raise ConversionError(
+        f"output directory {out_dir} {where} the source {source}; allowed: a directory outside "
+        "the source (a conversion never modifies its source)"
+      )
     if src.startswith(out.rstrip(os.sep) + os.sep):
-      raise ConversionError(f"output directory {out_dir} contains the source {source}; allowed: a directory that "
-                            "does not hold the source (a conversion never modifies its source)")
+      raise ConversionError(
+        f"output directory {out_dir} contains the source {source}; allowed: a directory that "
+        "does not hold the source (a conversion never modifies its source)"
+      )
   if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-    raise ConversionError(f"output directory {out_dir} exists and is not a directory; allowed: a new or empty "
-                          "directory")
+    raise ConversionError(
+      f"output directory {out_dir} exists and is not a directory; allowed: a new or empty directory"
+    )
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise ConversionError(f"output directory {out_dir} is not empty; allowed: a new or empty directory, or pass "
-                          f"{option} to replace it whole")
+    raise ConversionError(
+      f"output directory {out_dir} is not empty; allowed: a new or empty directory, or pass "
+      f"{option} to replace it whole"
+    )
 
 
 def write_dir(out_dir, write, *, overwrite=False, sources=()):
@@ -228,7 +269,9 @@ def write_dir(out_dir, write, *, overwrite=False, sources=()):
       else:
         shutil.rmtree(aside)
     except OSError as e:
-      warnings.warn(f"{out_dir} was replaced; its previous contents, moved to {aside}, could not be removed ({e})")
+      warnings.warn(
+        f"{out_dir} was replaced; its previous contents, moved to {aside}, could not be removed ({e})", stacklevel=2
+      )
   return result
 
 
@@ -239,6 +282,7 @@ def save_orbax(out_dir, model_config, variables, *, overwrite=False, sources=())
   `out_dir` is written whole (`write_dir`): a non-empty `out_dir` is refused unless `overwrite`, which replaces it.
   """
   import orbax.checkpoint as ocp
+
   variables = dict(variables)
   state = {"params": variables.pop("params"), "collections": variables}
 
@@ -269,17 +313,28 @@ def hf_config_from_model_config(model_config, family):
   if family not in EXPORT_FAMILIES:
     raise ConversionError(f"export to Hugging Face supports {EXPORT_FAMILIES}, got family={family!r}")
   if m.name != "moe_lm" or m.get("mlp_activation", "swiglu") != "swiglu" or m.get("router") != "softmax_topk":
-    raise ConversionError(f"{family} export needs a moe_lm with mlp_activation='swiglu' and router='softmax_topk'; got "
-                          f"name={m.name!r}, mlp_activation={m.get('mlp_activation')!r}, router={m.get('router')!r}")
-  if m.moe_every != 1 or m.first_dense_layers or m.get("num_shared_experts") or m.n_group != 1 or (
-      m.routed_scaling_factor != 1.0):
-    raise ConversionError(f"{family} export needs every layer MoE without shared experts, groups or routed scaling; "
-                          f"got moe_every={m.moe_every}, first_dense_layers={m.first_dense_layers}, "
-                          f"num_shared_experts={m.get('num_shared_experts')}, n_group={m.n_group}, "
-                          f"routed_scaling_factor={m.routed_scaling_factor}")
+    raise ConversionError(
+      f"{family} export needs a moe_lm with mlp_activation='swiglu' and router='softmax_topk'; got "
+      f"name={m.name!r}, mlp_activation={m.get('mlp_activation')!r}, router={m.get('router')!r}"
+    )
+  if (
+    m.moe_every != 1
+    or m.first_dense_layers
+    or m.get("num_shared_experts")
+    or m.n_group != 1
+    or (m.routed_scaling_factor != 1.0)
+  ):
+    raise ConversionError(
+      f"{family} export needs every layer MoE without shared experts, groups or routed scaling; "
+      f"got moe_every={m.moe_every}, first_dense_layers={m.first_dense_layers}, "
+      f"num_shared_experts={m.get('num_shared_experts')}, n_group={m.n_group}, "
+      f"routed_scaling_factor={m.routed_scaling_factor}"
+    )
   if m.get("attention", "gqa") != "gqa" or m.get("qk_norm_scope", "head") != "head":
-    raise ConversionError(f"{family} export needs attention='gqa' with per-head qk-norm; got attention="
-                          f"{m.get('attention')!r}, qk_norm_scope={m.get('qk_norm_scope')!r}")
+    raise ConversionError(
+      f"{family} export needs attention='gqa' with per-head qk-norm; got attention="
+      f"{m.get('attention')!r}, qk_norm_scope={m.get('qk_norm_scope')!r}"
+    )
   qk_norm = bool(m.get("qk_norm", False))
   scaling = m.get("rope_scaling")
   scaling = dict(scaling.to_dict() if hasattr(scaling, "to_dict") else scaling or {"rope_type": "default"})
@@ -287,20 +342,44 @@ def hf_config_from_model_config(model_config, family):
     raise ConversionError("mixtral export needs qk_norm=False and renormalize=True")
   if family == "qwen3_moe" and not qk_norm:
     raise ConversionError("qwen3_moe export needs qk_norm=True (Qwen3 always normalises q and k per head)")
-  common = {"vocab_size": m.vocab_size, "hidden_size": m.embed_dim, "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads or m.num_heads,
-            "head_dim": m.head_dim, "rms_norm_eps": m.norm_epsilon, "tie_word_embeddings": m.tie_embeddings,
-            "rope_parameters": {"rope_theta": m.rope_theta, **scaling},
-            "hidden_act": "silu",
-            "num_experts_per_tok": m.num_experts_per_tok, "intermediate_size": m.mlp_dim,
-            "max_position_embeddings": 4096, "dtype": "float32", "sliding_window": m.get("sliding_window")}
+  common = {
+    "vocab_size": m.vocab_size,
+    "hidden_size": m.embed_dim,
+    "num_hidden_layers": m.num_layers,
+    "num_attention_heads": m.num_heads,
+    "num_key_value_heads": m.num_kv_heads or m.num_heads,
+    "head_dim": m.head_dim,
+    "rms_norm_eps": m.norm_epsilon,
+    "tie_word_embeddings": m.tie_embeddings,
+    "rope_parameters": {"rope_theta": m.rope_theta, **scaling},
+    "hidden_act": "silu",
+    "num_experts_per_tok": m.num_experts_per_tok,
+    "intermediate_size": m.mlp_dim,
+    "max_position_embeddings": 4096,
+    "dtype": "float32",
+    "sliding_window": m.get("sliding_window"),
+  }
   if family == "mixtral":
-    return {**common, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-            "num_local_experts": m.num_experts, "intermediate_size": m.expert_mlp_dim, "router_jitter_noise": 0.0}
-  return {**common, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-          "num_experts": m.num_experts, "moe_intermediate_size": m.expert_mlp_dim,
-          "norm_topk_prob": bool(m.renormalize), "decoder_sparse_step": 1, "mlp_only_layers": [],
-          "attention_bias": False, "use_sliding_window": m.get("sliding_window") is not None}
+    return {
+      **common,
+      "architectures": ["MixtralForCausalLM"],
+      "model_type": "mixtral",
+      "num_local_experts": m.num_experts,
+      "intermediate_size": m.expert_mlp_dim,
+      "router_jitter_noise": 0.0,
+    }
+  return {
+    **common,
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "num_experts": m.num_experts,
+    "moe_intermediate_size": m.expert_mlp_dim,
+    "norm_topk_prob": bool(m.renormalize),
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "attention_bias": False,
+    "use_sliding_window": m.get("sliding_window") is not None,
+  }
 
 
 def export_hf(model_config, variables, out_dir, family, *, overwrite=False, sources=()):
@@ -338,6 +417,7 @@ class HFTokenizer:
 
   def __init__(self, path):
     import tokenizers
+
     path = path[3:] if str(path).startswith("hf:") else str(path)
     file = os.path.join(path, "tokenizer.json")
     if not os.path.exists(file):

@@ -16,6 +16,7 @@ Canonical layout (numpy, every kernel input-major as `zoo.layers.DenseGeneral` s
     gate/up [experts, embed, expert_mlp], down [experts, expert_mlp, embed], shared_gate/shared_up
     [embed, shared_mlp], shared_down [shared_mlp, embed], shared_expert_gate [embed, 1] (Qwen2-MoE).
 """
+
 import collections
 import dataclasses
 import json
@@ -27,9 +28,14 @@ import numpy as np
 from zoo.layers.rope import ROPE_TYPES
 
 SUPPORTED = {
-    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-    "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+  "llama": "LlamaForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
+  "mixtral": "MixtralForCausalLM",
+  "olmoe": "OlmoeForCausalLM",
+  "qwen2_moe": "Qwen2MoeForCausalLM",
+  "qwen3_moe": "Qwen3MoeForCausalLM",
+  "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
@@ -42,8 +48,11 @@ def read_config(directory):
   """The parsed `config.json` of a Hugging Face model directory; ConversionError naming the file when it is missing,
   not valid JSON or not a JSON object."""
   if not os.path.isdir(directory):
-    raise ConversionError(f"{directory}: " + ("is not a directory" if os.path.exists(directory) else
-                                              "no such directory") + "; expected a Hugging Face model directory")
+    raise ConversionError(
+      f"{directory}: "
+      + ("is not a directory" if os.path.exists(directory) else "no such directory")
+      + "; expected a Hugging Face model directory"
+    )
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"{directory} has no config.json; expected a Hugging Face model directory")
@@ -61,9 +70,11 @@ def model_type(config):
   """The family (`model_type`) of a config dict, checked against SUPPORTED."""
   kind = config.get("model_type")
   if kind not in SUPPORTED:
-    raise ConversionError(f"unsupported architecture: model_type={kind!r}, architectures="
-                          f"{config.get('architectures')}; supported model types: {sorted(SUPPORTED)} "
-                          f"({sorted(SUPPORTED.values())})")
+    raise ConversionError(
+      f"unsupported architecture: model_type={kind!r}, architectures="
+      f"{config.get('architectures')}; supported model types: {sorted(SUPPORTED)} "
+      f"({sorted(SUPPORTED.values())})"
+    )
   return kind
 
 
@@ -81,12 +92,14 @@ def _size(config, *names, minimum=1, default=_REQUIRED):
     if config.get(name) is not None:
       value = config[name]
       if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_SIZE:
-        raise ConversionError(f"config.json {name}={value!r} is not a valid size; allowed: an integer from "
-                              f"{minimum} to {MAX_SIZE}")
+        raise ConversionError(
+          f"config.json {name}={value!r} is not a valid size; allowed: an integer from {minimum} to {MAX_SIZE}"
+        )
       return value
   if default is _REQUIRED:
-    raise ConversionError(f"config.json has no {' / '.join(repr(n) for n in names)} (model_type="
-                          f"{config.get('model_type')!r} needs it)")
+    raise ConversionError(
+      f"config.json has no {' / '.join(repr(n) for n in names)} (model_type={config.get('model_type')!r} needs it)"
+    )
   return default
 
 
@@ -123,6 +136,7 @@ def rope_settings(config):
 @dataclasses.dataclass(frozen=True)
 class Arch:
   """The shape-relevant facts of one Hugging Face model, read from its config.json."""
+
   family: str
   vocab_size: int
   embed_dim: int
@@ -168,9 +182,11 @@ def arch_from_config(config):
   family = model_type(config)
   if config.get("quantization_config"):
     quant = config["quantization_config"]
-    raise ConversionError(f"quantized checkpoints are not supported (quantization_config="
-                          f"{quant.get('quant_method', '?') if isinstance(quant, dict) else quant!r}); use a "
-                          "bf16/fp32 checkpoint")
+    raise ConversionError(
+      f"quantized checkpoints are not supported (quantization_config="
+      f"{quant.get('quant_method', '?') if isinstance(quant, dict) else quant!r}); use a "
+      "bf16/fp32 checkpoint"
+    )
   act = config.get("hidden_act", "silu")
   if act != "silu":
     raise ConversionError(f"hidden_act={act!r} is not supported; the zoo's SwiGLU needs 'silu'")
@@ -178,72 +194,111 @@ def arch_from_config(config):
   heads = _size(config, "num_attention_heads")
   kv_heads = _size(config, "num_key_value_heads", default=heads)
   if heads % kv_heads:
-    raise ConversionError(f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads="
-                          f"{kv_heads}")
+    raise ConversionError(
+      f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+    )
   theta, scaling = rope_settings(config)
   layers = _size(config, "num_hidden_layers")
   attention_bias = bool(config.get("attention_bias", False))
   if attention_bias and family != "deepseek_v3":
-    raise ConversionError(f"{family}: attention_bias=True (an output-projection bias) is not supported by "
-                          "zoo.layers.Attention; only q/k/v biases (Qwen2) are")
+    raise ConversionError(
+      f"{family}: attention_bias=True (an output-projection bias) is not supported by "
+      "zoo.layers.Attention; only q/k/v biases (Qwen2) are"
+    )
   layer_types = config.get("layer_types") or []
   if any(t != "full_attention" for t in layer_types):
-    raise ConversionError(f"{family}: layer_types={layer_types} mixes attention types; only full_attention "
-                          "layers are supported")
+    raise ConversionError(
+      f"{family}: layer_types={layer_types} mixes attention types; only full_attention layers are supported"
+    )
   window = _size(config, "sliding_window", minimum=0, default=None) if config.get("use_sliding_window", True) else None
   if family in ("qwen2", "qwen3", "qwen2_moe") and not config.get("use_sliding_window", False):
     window = None
   common = dict(
-      family=family, vocab_size=_size(config, "vocab_size"), embed_dim=embed, num_layers=layers, num_heads=heads,
-      num_kv_heads=kv_heads, head_dim=_size(config, "head_dim", default=max(embed // heads, 1)),
-      mlp_dim=_size(config, "intermediate_size"), norm_epsilon=_number(config, "rms_norm_eps", 1e-6), rope_theta=theta,
-      rope_scaling=scaling, tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-      qkv_bias=family == "qwen2" or (family == "qwen2_moe" and config.get("qkv_bias", True)),
-      qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(family),
-      sliding_window=window or None, moe_layers=(False,) * layers)
+    family=family,
+    vocab_size=_size(config, "vocab_size"),
+    embed_dim=embed,
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=_size(config, "head_dim", default=max(embed // heads, 1)),
+    mlp_dim=_size(config, "intermediate_size"),
+    norm_epsilon=_number(config, "rms_norm_eps", 1e-6),
+    rope_theta=theta,
+    rope_scaling=scaling,
+    tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    qkv_bias=family == "qwen2" or (family == "qwen2_moe" and config.get("qkv_bias", True)),
+    qk_norm={"qwen3": "head", "qwen3_moe": "head", "olmoe": "full"}.get(family),
+    sliding_window=window or None,
+    moe_layers=(False,) * layers,
+  )
   if family == "olmoe" and config.get("clip_qkv") is not None:
     raise ConversionError(f"olmoe: clip_qkv={config['clip_qkv']} is not supported (only clip_qkv=null)")
   if family not in MOE_FAMILIES:
     return Arch(**common)
-  experts = _size(config, "num_local_experts", "num_experts", "n_routed_experts",
-                  minimum=0 if family in ("qwen2_moe", "qwen3_moe") else 1)
+  experts = _size(
+    config,
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    minimum=0 if family in ("qwen2_moe", "qwen3_moe") else 1,
+  )
   per_token = _size(config, "num_experts_per_tok")
   if experts and per_token > experts:
     raise ConversionError(f"config.json num_experts_per_tok={per_token} exceeds the {experts} experts")
-  moe = dict(num_experts=experts, experts_per_token=per_token,
-             expert_mlp_dim=_size(config, "moe_intermediate_size", "intermediate_size"),
-             renormalize=family == "mixtral" or bool(config.get("norm_topk_prob", False)))
+  moe = dict(
+    num_experts=experts,
+    experts_per_token=per_token,
+    expert_mlp_dim=_size(config, "moe_intermediate_size", "intermediate_size"),
+    renormalize=family == "mixtral" or bool(config.get("norm_topk_prob", False)),
+  )
   if family in ("mixtral", "olmoe"):
     if family == "mixtral" and config.get("router_jitter_noise"):
-      raise ConversionError(f"mixtral: router_jitter_noise={config['router_jitter_noise']} is a training-time "
-                            "option the converter does not carry; set it to 0")
+      raise ConversionError(
+        f"mixtral: router_jitter_noise={config['router_jitter_noise']} is a training-time "
+        "option the converter does not carry; set it to 0"
+      )
     return Arch(**{**common, "moe_layers": (True,) * layers}, **moe)
   if family in ("qwen2_moe", "qwen3_moe"):
     step, dense_only = _size(config, "decoder_sparse_step", default=1), set(config.get("mlp_only_layers") or [])
     flags = tuple(i not in dense_only and experts > 0 and (i + 1) % step == 0 for i in range(layers))
     shared = _size(config, "shared_expert_intermediate_size", minimum=0, default=0) if family == "qwen2_moe" else 0
-    return Arch(**{**common, "moe_layers": flags}, **moe, shared_mlp_dim=shared, shared_expert_gate=shared > 0,
-                moe_every=step)
+    return Arch(
+      **{**common, "moe_layers": flags}, **moe, shared_mlp_dim=shared, shared_expert_gate=shared > 0, moe_every=step
+    )
   # deepseek_v3
   first = _size(config, "first_k_dense_replace", minimum=0, default=0)
   every = _size(config, "moe_layer_freq", default=1)
   flags = tuple(i >= first and i % every == 0 for i in range(layers))
   if config.get("topk_method", "noaux_tc") != "noaux_tc" or config.get("scoring_func", "sigmoid") != "sigmoid":
-    raise ConversionError(f"deepseek_v3: topk_method={config.get('topk_method')!r} / scoring_func="
-                          f"{config.get('scoring_func')!r} are not supported (only 'noaux_tc' with 'sigmoid')")
+    raise ConversionError(
+      f"deepseek_v3: topk_method={config.get('topk_method')!r} / scoring_func="
+      f"{config.get('scoring_func')!r} are not supported (only 'noaux_tc' with 'sigmoid')"
+    )
   rope_dim = _size(config, "qk_rope_head_dim")
-  return Arch(**{**common, "moe_layers": flags, "qk_norm": None, "head_dim": rope_dim}, **moe,
-              shared_mlp_dim=moe["expert_mlp_dim"] * _size(config, "n_shared_experts", minimum=0, default=0),
-              router="sigmoid", routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
-              n_group=_size(config, "n_group", default=1), topk_group=_size(config, "topk_group", default=1),
-              router_bias=True, mla=True, q_lora_rank=_size(config, "q_lora_rank", default=None),
-              kv_lora_rank=_size(config, "kv_lora_rank"), qk_nope_head_dim=_size(config, "qk_nope_head_dim"),
-              qk_rope_head_dim=rope_dim, v_head_dim=_size(config, "v_head_dim"),
-              rope_interleave=bool(config.get("rope_interleave", True)), first_dense_layers=first, moe_every=every,
-              mtp_layers=_size(config, "num_nextn_predict_layers", minimum=0, default=0))
+  return Arch(
+    **{**common, "moe_layers": flags, "qk_norm": None, "head_dim": rope_dim},
+    **moe,
+    shared_mlp_dim=moe["expert_mlp_dim"] * _size(config, "n_shared_experts", minimum=0, default=0),
+    router="sigmoid",
+    routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
+    n_group=_size(config, "n_group", default=1),
+    topk_group=_size(config, "topk_group", default=1),
+    router_bias=True,
+    mla=True,
+    q_lora_rank=_size(config, "q_lora_rank", default=None),
+    kv_lora_rank=_size(config, "kv_lora_rank"),
+    qk_nope_head_dim=_size(config, "qk_nope_head_dim"),
+    qk_rope_head_dim=rope_dim,
+    v_head_dim=_size(config, "v_head_dim"),
+    rope_interleave=bool(config.get("rope_interleave", True)),
+    first_dense_layers=first,
+    moe_every=every,
+    mtp_layers=_size(config, "num_nextn_predict_layers", minimum=0, default=0),
+  )
 
 
 # ------------------------------------------------------------------------------------------------ HF tensor names
+
 
 def _expert_names(arch):
   """(per-expert prefix inside the layer, gate, up, down names) for the family's per-expert layout."""
@@ -277,8 +332,14 @@ def expected_tensors(arch, fused_experts=False):
       shapes[s + "o_proj.weight"] = (d, a.num_heads * a.v_head_dim)
     else:
       hq, hkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-      shapes.update({s + "q_proj.weight": (hq, d), s + "k_proj.weight": (hkv, d), s + "v_proj.weight": (hkv, d),
-                     s + "o_proj.weight": (d, hq)})
+      shapes.update(
+        {
+          s + "q_proj.weight": (hq, d),
+          s + "k_proj.weight": (hkv, d),
+          s + "v_proj.weight": (hkv, d),
+          s + "o_proj.weight": (d, hq),
+        }
+      )
       if a.qkv_bias:
         shapes.update({s + "q_proj.bias": (hq,), s + "k_proj.bias": (hkv,), s + "v_proj.bias": (hkv,)})
       if a.qk_norm == "head":
@@ -286,8 +347,13 @@ def expected_tensors(arch, fused_experts=False):
       elif a.qk_norm == "full":
         shapes.update({s + "q_norm.weight": (hq,), s + "k_norm.weight": (hkv,)})
     if not a.moe_layers[i]:
-      shapes.update({p + "mlp.gate_proj.weight": (a.mlp_dim, d), p + "mlp.up_proj.weight": (a.mlp_dim, d),
-                     p + "mlp.down_proj.weight": (d, a.mlp_dim)})
+      shapes.update(
+        {
+          p + "mlp.gate_proj.weight": (a.mlp_dim, d),
+          p + "mlp.up_proj.weight": (a.mlp_dim, d),
+          p + "mlp.down_proj.weight": (d, a.mlp_dim),
+        }
+      )
       continue
     block, g, u, dn = _expert_names(a)
     f = a.expert_mlp_dim
@@ -305,8 +371,9 @@ def expected_tensors(arch, fused_experts=False):
     if a.shared_mlp_dim:
       sh = p + ("mlp.shared_experts." if a.family == "deepseek_v3" else "mlp.shared_expert.")
       fs = a.shared_mlp_dim
-      shapes.update({sh + "gate_proj.weight": (fs, d), sh + "up_proj.weight": (fs, d),
-                     sh + "down_proj.weight": (d, fs)})
+      shapes.update(
+        {sh + "gate_proj.weight": (fs, d), sh + "up_proj.weight": (fs, d), sh + "down_proj.weight": (d, fs)}
+      )
     if a.shared_expert_gate:
       shapes[p + "mlp.shared_expert_gate.weight"] = (1, d)
   return shapes
@@ -315,9 +382,23 @@ def expected_tensors(arch, fused_experts=False):
 _IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
 # Floating dtypes a parameter may be stored in (safetensors header names), and numpy dtype names -> header names.
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_HEADER_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                  "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
-                  "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+_HEADER_DTYPES = {
+  "float64": "F64",
+  "float32": "F32",
+  "float16": "F16",
+  "bfloat16": "BF16",
+  "int64": "I64",
+  "int32": "I32",
+  "int16": "I16",
+  "int8": "I8",
+  "uint64": "U64",
+  "uint32": "U32",
+  "uint16": "U16",
+  "uint8": "U8",
+  "bool": "BOOL",
+  "float8_e4m3fn": "F8_E4M3",
+  "float8_e5m2": "F8_E5M2",
+}
 
 
 def _describe(tensors):
@@ -357,11 +438,13 @@ def _check_counts(described, arch):
     held = "no model.layers.* tensors"
     if layers:
       first, last = layers[min(layers)], layers[max(layers)]
-      held = (f"layers {min(layers)} to {max(layers)} ({first}{_in(described[first][0])} ... "
-              f"{last}{_in(described[last][0])})")
+      held = (
+        f"layers {min(layers)} to {max(layers)} ({first}{_in(described[first][0])} ... {last}{_in(described[last][0])})"
+      )
     extra = f" plus {arch.mtp_layers} multi-token-prediction layers" if arch.mtp_layers else ""
-    raise ConversionError(f"config.json num_hidden_layers={arch.num_layers}{extra} disagrees with the checkpoint, "
-                          f"whose tensors hold {held}")
+    raise ConversionError(
+      f"config.json num_hidden_layers={arch.num_layers}{extra} disagrees with the checkpoint, whose tensors hold {held}"
+    )
   experts = {}
   for name in sorted(described):
     m = re.match(r"model\.layers\.(\d+)\.\w+\.experts\.(\d+)\.", name)
@@ -369,33 +452,56 @@ def _check_counts(described, arch):
       experts.setdefault(int(m.group(2)), name)
   if experts and max(experts) + 1 != arch.num_experts:
     last = experts[max(experts)]
-    raise ConversionError(f"config.json {_experts_key(arch)}={arch.num_experts} disagrees with the checkpoint, "
-                          f"whose tensors hold experts 0 to {max(experts)} ({last}{_in(described[last][0])})")
+    raise ConversionError(
+      f"config.json {_experts_key(arch)}={arch.num_experts} disagrees with the checkpoint, "
+      f"whose tensors hold experts 0 to {max(experts)} ({last}{_in(described[last][0])})"
+    )
 
 
 def _anchors(arch, fused_experts):
   """(config.json keys {key: value}, expected size, HF tensor, axis): for every size key, one tensor dimension that
   it alone (or with the keys listed) determines, so that a disagreement names the key."""
   a, s = arch, "model.layers.0.self_attn."
-  out = [({"vocab_size": a.vocab_size}, a.vocab_size, "model.embed_tokens.weight", 0),
-         ({"hidden_size": a.embed_dim}, a.embed_dim, "model.embed_tokens.weight", 1)]
+  out = [
+    ({"vocab_size": a.vocab_size}, a.vocab_size, "model.embed_tokens.weight", 0),
+    ({"hidden_size": a.embed_dim}, a.embed_dim, "model.embed_tokens.weight", 1),
+  ]
   if a.mla:
     if a.q_lora_rank is not None:
       out.append(({"q_lora_rank": a.q_lora_rank}, a.q_lora_rank, s + "q_a_proj.weight", 0))
-    out += [({"kv_lora_rank": a.kv_lora_rank}, a.kv_lora_rank, s + "kv_a_layernorm.weight", 0),
-            ({"kv_lora_rank": a.kv_lora_rank, "qk_rope_head_dim": a.qk_rope_head_dim},
-             a.kv_lora_rank + a.qk_rope_head_dim, s + "kv_a_proj_with_mqa.weight", 0),
-            ({"num_attention_heads": a.num_heads, "v_head_dim": a.v_head_dim}, a.num_heads * a.v_head_dim,
-             s + "o_proj.weight", 1),
-            ({"num_attention_heads": a.num_heads, "qk_nope_head_dim": a.qk_nope_head_dim, "v_head_dim": a.v_head_dim},
-             a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), s + "kv_b_proj.weight", 0)]
+    out += [
+      ({"kv_lora_rank": a.kv_lora_rank}, a.kv_lora_rank, s + "kv_a_layernorm.weight", 0),
+      (
+        {"kv_lora_rank": a.kv_lora_rank, "qk_rope_head_dim": a.qk_rope_head_dim},
+        a.kv_lora_rank + a.qk_rope_head_dim,
+        s + "kv_a_proj_with_mqa.weight",
+        0,
+      ),
+      (
+        {"num_attention_heads": a.num_heads, "v_head_dim": a.v_head_dim},
+        a.num_heads * a.v_head_dim,
+        s + "o_proj.weight",
+        1,
+      ),
+      (
+        {"num_attention_heads": a.num_heads, "qk_nope_head_dim": a.qk_nope_head_dim, "v_head_dim": a.v_head_dim},
+        a.num_heads * (a.qk_nope_head_dim + a.v_head_dim),
+        s + "kv_b_proj.weight",
+        0,
+      ),
+    ]
   else:
     if a.qk_norm == "head":
       out.append(({"head_dim": a.head_dim}, a.head_dim, s + "q_norm.weight", 0))
-    out += [({"num_attention_heads": a.num_heads, "head_dim": a.head_dim}, a.num_heads * a.head_dim,
-             s + "q_proj.weight", 0),
-            ({"num_key_value_heads": a.num_kv_heads, "head_dim": a.head_dim}, a.num_kv_heads * a.head_dim,
-             s + "k_proj.weight", 0)]
+    out += [
+      ({"num_attention_heads": a.num_heads, "head_dim": a.head_dim}, a.num_heads * a.head_dim, s + "q_proj.weight", 0),
+      (
+        {"num_key_value_heads": a.num_kv_heads, "head_dim": a.head_dim},
+        a.num_kv_heads * a.head_dim,
+        s + "k_proj.weight",
+        0,
+      ),
+    ]
   dense = [i for i, moe in enumerate(a.moe_layers) if not moe]
   if dense:
     out.append(({"intermediate_size": a.mlp_dim}, a.mlp_dim, f"model.layers.{dense[0]}.mlp.gate_proj.weight", 0))
@@ -405,17 +511,33 @@ def _anchors(arch, fused_experts):
     block, gate, _, _ = _expert_names(a)
     mlp_key = "intermediate_size" if a.family in ("mixtral", "olmoe") else "moe_intermediate_size"
     if fused_experts:
-      out += [({_experts_key(a): a.num_experts}, a.num_experts, p + "mlp.gate.weight", 0),
-              ({mlp_key: a.expert_mlp_dim}, 2 * a.expert_mlp_dim, p + "mlp.experts.gate_up_proj", 1)]
+      out += [
+        ({_experts_key(a): a.num_experts}, a.num_experts, p + "mlp.gate.weight", 0),
+        ({mlp_key: a.expert_mlp_dim}, 2 * a.expert_mlp_dim, p + "mlp.experts.gate_up_proj", 1),
+      ]
     else:
-      out += [({_experts_key(a): a.num_experts}, a.num_experts, p + block + ".gate.weight", 0),
-              ({mlp_key: a.expert_mlp_dim}, a.expert_mlp_dim, f"{p}{block}.experts.0.{gate}.weight", 0)]
+      out += [
+        ({_experts_key(a): a.num_experts}, a.num_experts, p + block + ".gate.weight", 0),
+        ({mlp_key: a.expert_mlp_dim}, a.expert_mlp_dim, f"{p}{block}.experts.0.{gate}.weight", 0),
+      ]
     if a.shared_mlp_dim and a.family == "deepseek_v3":
-      out.append(({"moe_intermediate_size": a.expert_mlp_dim, "n_shared_experts": a.shared_mlp_dim // a.expert_mlp_dim},
-                  a.shared_mlp_dim, p + "mlp.shared_experts.gate_proj.weight", 0))
+      out.append(
+        (
+          {"moe_intermediate_size": a.expert_mlp_dim, "n_shared_experts": a.shared_mlp_dim // a.expert_mlp_dim},
+          a.shared_mlp_dim,
+          p + "mlp.shared_experts.gate_proj.weight",
+          0,
+        )
+      )
     elif a.shared_mlp_dim:
-      out.append(({"shared_expert_intermediate_size": a.shared_mlp_dim}, a.shared_mlp_dim,
-                  p + "mlp.shared_expert.gate_proj.weight", 0))
+      out.append(
+        (
+          {"shared_expert_intermediate_size": a.shared_mlp_dim},
+          a.shared_mlp_dim,
+          p + "mlp.shared_expert.gate_proj.weight",
+          0,
+        )
+      )
   return out
 
 
@@ -445,29 +567,37 @@ def check_tensors(tensors, arch):
   (`model.layers.{n}` for n >= num_hidden_layers).
   """
   if any(name.endswith("weight_scale_inv") for name in tensors):
-    raise ConversionError("the checkpoint holds FP8 block-quantised weights (*.weight_scale_inv); dequantise it to "
-                          "bf16 first")
+    raise ConversionError(
+      "the checkpoint holds FP8 block-quantised weights (*.weight_scale_inv); dequantise it to bf16 first"
+    )
   described = _describe(tensors)
   _check_counts(described, arch)
   names = set(described)
   for name in list(names):
     m = re.match(r"model\.layers\.(\d+)\.", name)
-    if any(p.match(name) for p in _IGNORED) or (name == "lm_head.weight" and arch.tie_embeddings) or (
-        m and arch.mtp_layers and int(m.group(1)) >= arch.num_layers):
+    if (
+      any(p.match(name) for p in _IGNORED)
+      or (name == "lm_head.weight" and arch.tie_embeddings)
+      or (m and arch.mtp_layers and int(m.group(1)) >= arch.num_layers)
+    ):
       names.discard(name)
   fused = any(".experts.gate_up_proj" in n for n in names)
   expected = expected_tensors(arch, fused_experts=fused)
   present = sorted(names & set(expected))
   integral = [f"{n}{_in(described[n][0])}: {described[n][1]}" for n in present if described[n][1] not in FLOAT_DTYPES]
   if integral:
-    raise ConversionError(f"tensors that are not floating point ({len(integral)}): {_clip(integral)}; the model's "
-                          f"parameters are, and integer or bool tensors are never cast; allowed dtypes: "
-                          f"{', '.join(FLOAT_DTYPES)}")
+    raise ConversionError(
+      f"tensors that are not floating point ({len(integral)}): {_clip(integral)}; the model's "
+      f"parameters are, and integer or bool tensors are never cast; allowed dtypes: "
+      f"{', '.join(FLOAT_DTYPES)}"
+    )
   missing = sorted(set(expected) - names)
   unexpected = sorted(names - set(expected))
-  mismatched = [f"{n}: expected {expected[n]}, found {described[n][2]}" + (f" ({described[n][0]})" if described[n][0]
-                                                                             else "")
-                for n in present if described[n][2] != expected[n]]
+  mismatched = [
+    f"{n}: expected {expected[n]}, found {described[n][2]}" + (f" ({described[n][0]})" if described[n][0] else "")
+    for n in present
+    if described[n][2] != expected[n]
+  ]
   problems = []
   sizes = _size_problems(described, arch, fused) if mismatched else []
   if sizes:
@@ -475,8 +605,9 @@ def check_tensors(tensors, arch):
   if missing:
     problems.append(f"missing tensors ({len(missing)}): {_clip(missing)}")
   if unexpected:
-    problems.append(f"unexpected tensors ({len(unexpected)}): " + _clip(
-        [f"{n}{_in(described[n][0])}" for n in unexpected]))
+    problems.append(
+      f"unexpected tensors ({len(unexpected)}): " + _clip([f"{n}{_in(described[n][0])}" for n in unexpected])
+    )
   if mismatched:
     problems.append(f"shape mismatches ({len(mismatched)}): {_clip(mismatched)}")
   if problems:
@@ -511,6 +642,7 @@ def check_dir(path):
     ConversionError (or its subclass `safetensors_io.SafetensorsError`) with one line naming the file, key or tensor.
   """
   from zoo.checkpoints import safetensors_io  # it imports this module (for ConversionError)
+
   path = path[3:] if str(path).startswith("hf:") else str(path)
   config = read_config(path)
   arch = arch_from_config(config)
@@ -520,6 +652,7 @@ def check_dir(path):
 
 
 # ------------------------------------------------------------------------------------------- HF <-> canonical
+
 
 def _rope_perm(dim):
   """Interleaved pair order (0,1),(2,3).. -> half-split order: [0, 2, 4, .., 1, 3, 5, ..]."""
@@ -534,8 +667,10 @@ def hf_to_canonical(tensors, arch, *, fused_experts=False, dtype=np.float32):
     value = np.asarray(tensors[name])
     if _HEADER_DTYPES.get(value.dtype.name) not in FLOAT_DTYPES:
       file = tensors.info(name).file if hasattr(tensors, "info") else None
-      raise ConversionError(f"tensor {name}{_in(file)} has dtype {value.dtype}; integer and bool tensors are never "
-                            f"cast to the model's floating parameters (allowed: {', '.join(FLOAT_DTYPES)})")
+      raise ConversionError(
+        f"tensor {name}{_in(file)} has dtype {value.dtype}; integer and bool tensors are never "
+        f"cast to the model's floating parameters (allowed: {', '.join(FLOAT_DTYPES)})"
+      )
     return value
 
   def t(name):
@@ -564,15 +699,17 @@ def hf_to_canonical(tensors, arch, *, fused_experts=False, dtype=np.float32):
         attn["q_a_norm"] = t(s + "q_a_layernorm.weight")
         attn["q_b"] = lin(s + "q_b_proj.weight", a.num_heads, qk)[..., head_perm]
       kv_a = lin(s + "kv_a_proj_with_mqa.weight")
-      attn["kv_a"] = np.concatenate([kv_a[:, :a.kv_lora_rank], kv_a[:, a.kv_lora_rank:][:, perm]], axis=1)
+      attn["kv_a"] = np.concatenate([kv_a[:, : a.kv_lora_rank], kv_a[:, a.kv_lora_rank :][:, perm]], axis=1)
       attn["kv_a_norm"] = t(s + "kv_a_layernorm.weight")
       attn["kv_b"] = lin(s + "kv_b_proj.weight", a.num_heads, a.qk_nope_head_dim + a.v_head_dim)
       attn["o"] = lin(s + "o_proj.weight").reshape(a.num_heads, a.v_head_dim, d)
     else:
-      attn = {"q": lin(s + "q_proj.weight", a.num_heads, a.head_dim),
-              "k": lin(s + "k_proj.weight", a.num_kv_heads, a.head_dim),
-              "v": lin(s + "v_proj.weight", a.num_kv_heads, a.head_dim),
-              "o": lin(s + "o_proj.weight").reshape(a.num_heads, a.head_dim, d)}
+      attn = {
+        "q": lin(s + "q_proj.weight", a.num_heads, a.head_dim),
+        "k": lin(s + "k_proj.weight", a.num_kv_heads, a.head_dim),
+        "v": lin(s + "v_proj.weight", a.num_kv_heads, a.head_dim),
+        "o": lin(s + "o_proj.weight").reshape(a.num_heads, a.head_dim, d),
+      }
       if a.qkv_bias:
         attn["q_bias"] = t(s + "q_proj.bias").reshape(a.num_heads, a.head_dim)
         attn["k_bias"] = t(s + "k_proj.bias").reshape(a.num_kv_heads, a.head_dim)
@@ -581,8 +718,11 @@ def hf_to_canonical(tensors, arch, *, fused_experts=False, dtype=np.float32):
         attn["q_norm"], attn["k_norm"] = t(s + "q_norm.weight"), t(s + "k_norm.weight")
     layer["attn"] = attn
     if not a.moe_layers[i]:
-      layer["ffn"] = {"gate": lin(p + "mlp.gate_proj.weight"), "up": lin(p + "mlp.up_proj.weight"),
-                      "down": lin(p + "mlp.down_proj.weight")}
+      layer["ffn"] = {
+        "gate": lin(p + "mlp.gate_proj.weight"),
+        "up": lin(p + "mlp.up_proj.weight"),
+        "down": lin(p + "mlp.down_proj.weight"),
+      }
     else:
       block, g, u, dn = _expert_names(a)
       f = a.expert_mlp_dim
@@ -602,8 +742,11 @@ def hf_to_canonical(tensors, arch, *, fused_experts=False, dtype=np.float32):
         ffn["router_bias"] = floating(p + "mlp.gate.e_score_correction_bias").astype(np.float32)
       if a.shared_mlp_dim:
         sh = p + ("mlp.shared_experts." if a.family == "deepseek_v3" else "mlp.shared_expert.")
-        ffn.update(shared_gate=lin(sh + "gate_proj.weight"), shared_up=lin(sh + "up_proj.weight"),
-                   shared_down=lin(sh + "down_proj.weight"))
+        ffn.update(
+          shared_gate=lin(sh + "gate_proj.weight"),
+          shared_up=lin(sh + "up_proj.weight"),
+          shared_down=lin(sh + "down_proj.weight"),
+        )
       if a.shared_expert_gate:
         ffn["shared_expert_gate"] = lin(p + "mlp.shared_expert_gate.weight")
       layer["ffn"] = ffn
@@ -639,8 +782,9 @@ def canonical_to_hf(canon, arch):
         out[s + "q_a_layernorm.weight"] = np.asarray(attn["q_a_norm"])
         out[s + "q_b_proj.weight"] = lin(np.asarray(attn["q_b"])[..., head_inv])
       kv_a = np.asarray(attn["kv_a"])
-      out[s + "kv_a_proj_with_mqa.weight"] = lin(np.concatenate(
-          [kv_a[:, :a.kv_lora_rank], kv_a[:, a.kv_lora_rank:][:, inv]], axis=1))
+      out[s + "kv_a_proj_with_mqa.weight"] = lin(
+        np.concatenate([kv_a[:, : a.kv_lora_rank], kv_a[:, a.kv_lora_rank :][:, inv]], axis=1)
+      )
       out[s + "kv_a_layernorm.weight"] = np.asarray(attn["kv_a_norm"])
       out[s + "kv_b_proj.weight"] = lin(attn["kv_b"])
     else:

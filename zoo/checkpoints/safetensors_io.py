@@ -16,6 +16,7 @@ header's JSON itself to say which tensor is at fault (truncated data, byte size 
 Every problem raises `SafetensorsError` (a `ConversionError`) with one line naming the file and, where one is at
 fault, the tensor.
 """
+
 import collections
 import json
 import os
@@ -28,8 +29,21 @@ import safetensors.numpy
 from zoo.checkpoints.hf_spec import ConversionError
 
 # Header dtype name -> bytes per element, for the dtypes `Tensors` can read.
-ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-             "U16": 2, "U8": 1, "BOOL": 1}
+ITEMSIZES = {
+  "F64": 8,
+  "F32": 4,
+  "F16": 2,
+  "BF16": 2,
+  "I64": 8,
+  "I32": 4,
+  "I16": 2,
+  "I8": 1,
+  "U64": 8,
+  "U32": 4,
+  "U16": 2,
+  "U8": 1,
+  "BOOL": 1,
+}
 # Dtypes the format defines that `Tensors` cannot read (float8, sub-byte floats, complex).
 OTHER_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2", "F4", "C64")
 INDEX_FILE = "model.safetensors.index.json"
@@ -50,14 +64,17 @@ def _raw_header(path):
   with open(path, "rb") as f:
     (length,) = struct.unpack("<Q", f.read(8))
     if length > size - 8:
-      raise SafetensorsError(f"{path}: the header claims {length} bytes but the file holds {size - 8} after the "
-                             "size field; the file is truncated or not a safetensors file")
+      raise SafetensorsError(
+        f"{path}: the header claims {length} bytes but the file holds {size - 8} after the "
+        "size field; the file is truncated or not a safetensors file"
+      )
     raw = f.read(length)
   try:
     header = json.loads(raw)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise SafetensorsError(f"{path}: the header is not valid JSON ({e}); allowed: a JSON object of tensor "
-                           "entries") from None
+    raise SafetensorsError(
+      f"{path}: the header is not valid JSON ({e}); allowed: a JSON object of tensor entries"
+    ) from None
   if not isinstance(header, dict):
     raise SafetensorsError(f"{path}: the header is a JSON {type(header).__name__}, not an object of tensor entries")
   return header, size - 8 - length
@@ -75,36 +92,49 @@ def _diagnose(path, reason):
   entries = []
   for name, info in header.items():
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-      return SafetensorsError(f"{path}: tensor {name!r} has header entry {info!r}; allowed: "
-                              "{dtype, shape, data_offsets}")
+      return SafetensorsError(
+        f"{path}: tensor {name!r} has header entry {info!r}; allowed: {{dtype, shape, data_offsets}}"
+      )
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in ITEMSIZES and dtype not in OTHER_DTYPES:
-      return SafetensorsError(f"{path}: tensor {name!r} has dtype {dtype!r}; allowed: "
-                              f"{', '.join(sorted(ITEMSIZES) + list(OTHER_DTYPES))}")
-    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                              for n in shape):
+      return SafetensorsError(
+        f"{path}: tensor {name!r} has dtype {dtype!r}; allowed: {', '.join(sorted(ITEMSIZES) + list(OTHER_DTYPES))}"
+      )
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
       return SafetensorsError(f"{path}: tensor {name!r} has shape {shape!r}; allowed: a list of integers >= 0")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) and n >= 0 for n in offsets)
-            and offsets[0] <= offsets[1]):
-      return SafetensorsError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; allowed: [begin, end] with "
-                              "0 <= begin <= end")
+    if not (
+      isinstance(offsets, list)
+      and len(offsets) == 2
+      and all(isinstance(n, int) and n >= 0 for n in offsets)
+      and offsets[0] <= offsets[1]
+    ):
+      return SafetensorsError(
+        f"{path}: tensor {name!r} has data_offsets {offsets!r}; allowed: [begin, end] with 0 <= begin <= end"
+      )
     if dtype in ITEMSIZES and offsets[1] - offsets[0] != ITEMSIZES[dtype] * int(np.prod(shape, dtype=object)):
-      return SafetensorsError(f"{path}: tensor {name!r} of dtype {dtype} and shape {tuple(shape)} needs "
-                              f"{ITEMSIZES[dtype] * int(np.prod(shape, dtype=object))} bytes but its data_offsets "
-                              f"{offsets} span {offsets[1] - offsets[0]}")
+      return SafetensorsError(
+        f"{path}: tensor {name!r} of dtype {dtype} and shape {tuple(shape)} needs "
+        f"{ITEMSIZES[dtype] * int(np.prod(shape, dtype=object))} bytes but its data_offsets "
+        f"{offsets} span {offsets[1] - offsets[0]}"
+      )
     entries.append((offsets[0], offsets[1], name))
   position = 0
   for begin, end, name in sorted(entries):
     if begin != position:
-      return SafetensorsError(f"{path}: tensor {name!r} starts at byte {begin} of the data but the previous tensor "
-                              f"ends at {position}; allowed: tensors stored back to back")
+      return SafetensorsError(
+        f"{path}: tensor {name!r} starts at byte {begin} of the data but the previous tensor "
+        f"ends at {position}; allowed: tensors stored back to back"
+      )
     if end > buffer:
-      return SafetensorsError(f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds {buffer} "
-                              "bytes of data; the file is truncated")
+      return SafetensorsError(
+        f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds {buffer} "
+        "bytes of data; the file is truncated"
+      )
     position = end
   if position != buffer:
-    return SafetensorsError(f"{path}: {buffer - position} bytes follow the last tensor's data; the file is "
-                            "damaged or not a safetensors file")
+    return SafetensorsError(
+      f"{path}: {buffer - position} bytes follow the last tensor's data; the file is damaged or not a safetensors file"
+    )
   return SafetensorsError(f"{path}: {reason}")
 
 
@@ -157,8 +187,9 @@ class Tensors(collections.abc.Mapping):
   def __getitem__(self, name):
     info = self._infos[name]
     if info.dtype not in ITEMSIZES:
-      raise SafetensorsError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; readable dtypes: "
-                             f"{sorted(ITEMSIZES)}")
+      raise SafetensorsError(
+        f"{info.file}: tensor {name!r} has dtype {info.dtype}; readable dtypes: {sorted(ITEMSIZES)}"
+      )
     if info.file not in self._handles:
       self._handles[info.file] = _open(info.file)
     try:
@@ -187,14 +218,17 @@ def shard_files(directory):
     (sorted list of file paths, the index's weight_map dict or None).
   """
   if not os.path.isdir(directory):
-    raise SafetensorsError(f"{directory}: " + ("is not a directory" if os.path.exists(directory) else
-                                               "no such directory"))
+    raise SafetensorsError(
+      f"{directory}: " + ("is not a directory" if os.path.exists(directory) else "no such directory")
+    )
   index = os.path.join(directory, INDEX_FILE)
   if not os.path.exists(index):
     files = sorted(name for name in os.listdir(directory) if name.endswith(".safetensors"))
     if not files:
-      raise SafetensorsError(f"{directory}: no *.safetensors files (weights stored as pickle/.bin are not read; "
-                             "convert them to safetensors first)")
+      raise SafetensorsError(
+        f"{directory}: no *.safetensors files (weights stored as pickle/.bin are not read; "
+        "convert them to safetensors first)"
+      )
     return [os.path.join(directory, name) for name in files], None
   try:
     with open(index) as f:
@@ -212,10 +246,12 @@ def shard_files(directory):
     if not isinstance(entry, str) or not entry.endswith(".safetensors"):
       raise SafetensorsError(f"{where}; allowed: a relative path ending in .safetensors")
     parts = entry.replace("\\", "/").split("/")
-    if os.path.isabs(entry) or ".." in parts or not os.path.normpath(os.path.join(root, entry)).startswith(
-        root + os.sep):
-      raise SafetensorsError(f"{where} points outside the model directory; allowed: a relative path inside it "
-                             "without '..'")
+    if (
+      os.path.isabs(entry) or ".." in parts or not os.path.normpath(os.path.join(root, entry)).startswith(root + os.sep)
+    ):
+      raise SafetensorsError(
+        f"{where} points outside the model directory; allowed: a relative path inside it without '..'"
+      )
     path = _shard_path(directory, entry)
     if not os.path.isfile(path):
       raise SafetensorsError(f"{where}: that shard is missing from {directory}")
@@ -241,9 +277,10 @@ def read_headers(directory):
   if weight_map is not None:
     for name, entry in weight_map.items():
       if name not in infos or infos[name].file != _shard_path(directory, entry):
-        raise SafetensorsError(f"{os.path.join(directory, INDEX_FILE)}: weight_map places tensor {name!r} in "
-                               f"{entry}, but " + (f"it is in {infos[name].file}" if name in infos else
-                                                   "no shard holds it"))
+        raise SafetensorsError(
+          f"{os.path.join(directory, INDEX_FILE)}: weight_map places tensor {name!r} in "
+          f"{entry}, but " + (f"it is in {infos[name].file}" if name in infos else "no shard holds it")
+        )
   return infos
 
 
@@ -268,8 +305,9 @@ def save_file(tensors, path, metadata=None):
     arrays[name] = array
   partial = f"{path}.partial"
   try:
-    safetensors.numpy.save_file(arrays, partial, metadata={str(k): str(v) for k, v in metadata.items()} if metadata
-                                else None)
+    safetensors.numpy.save_file(
+      arrays, partial, metadata={str(k): str(v) for k, v in metadata.items()} if metadata else None
+    )
     os.replace(partial, path)
   except BaseException:
     if os.path.exists(partial):
@@ -277,5 +315,18 @@ def save_file(tensors, path, metadata=None):
     raise
 
 
-_WRITABLE = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint64", "uint32",
-             "uint16", "uint8", "bool")
+_WRITABLE = (
+  "float64",
+  "float32",
+  "float16",
+  "bfloat16",
+  "int64",
+  "int32",
+  "int16",
+  "int8",
+  "uint64",
+  "uint32",
+  "uint16",
+  "uint8",
+  "bool",
+)

@@ -9,6 +9,7 @@ router's `routing_state/.../bias` -- so a model file needs no conversion code. A
 (`layers_3`, `block_3`) gives the layer index; a leaf of a scanned stack of layers (no index, leading `layers` axis)
 takes all layers stacked.
 """
+
 import re
 
 import jax
@@ -18,19 +19,35 @@ from zoo.checkpoints.hf_spec import ConversionError
 
 # (parent module name, leaf name) inside a decoder layer -> (group, canonical name).
 _LAYER_RULES = {
-    ("attention_norm", "scale"): (None, "attn_norm"), ("ffn_norm", "scale"): (None, "ffn_norm"),
-    ("query", "kernel"): ("attn", "q"), ("key", "kernel"): ("attn", "k"), ("value", "kernel"): ("attn", "v"),
-    ("out", "kernel"): ("attn", "o"), ("query", "bias"): ("attn", "q_bias"), ("key", "bias"): ("attn", "k_bias"),
-    ("value", "bias"): ("attn", "v_bias"), ("query_norm", "scale"): ("attn", "q_norm"),
-    ("key_norm", "scale"): ("attn", "k_norm"), ("q_a", "kernel"): ("attn", "q_a"),
-    ("q_a_norm", "scale"): ("attn", "q_a_norm"), ("q_b", "kernel"): ("attn", "q_b"),
-    ("kv_a", "kernel"): ("attn", "kv_a"), ("kv_a_norm", "scale"): ("attn", "kv_a_norm"),
-    ("kv_b", "kernel"): ("attn", "kv_b"), ("router", "kernel"): ("ffn", "router"),
-    ("router", "bias"): ("ffn", "router_bias"),
-    ("gate", "kernel"): ("ffn", "gate"), ("up", "kernel"): ("ffn", "up"), ("down", "kernel"): ("ffn", "down"),
-    ("ffn", "gate"): ("ffn", "gate"), ("ffn", "up"): ("ffn", "up"), ("ffn", "down"): ("ffn", "down"),
-    ("ffn", "shared_gate"): ("ffn", "shared_gate"), ("ffn", "shared_up"): ("ffn", "shared_up"),
-    ("ffn", "shared_down"): ("ffn", "shared_down"), ("ffn", "shared_gate_kernel"): ("ffn", "shared_expert_gate"),
+  ("attention_norm", "scale"): (None, "attn_norm"),
+  ("ffn_norm", "scale"): (None, "ffn_norm"),
+  ("query", "kernel"): ("attn", "q"),
+  ("key", "kernel"): ("attn", "k"),
+  ("value", "kernel"): ("attn", "v"),
+  ("out", "kernel"): ("attn", "o"),
+  ("query", "bias"): ("attn", "q_bias"),
+  ("key", "bias"): ("attn", "k_bias"),
+  ("value", "bias"): ("attn", "v_bias"),
+  ("query_norm", "scale"): ("attn", "q_norm"),
+  ("key_norm", "scale"): ("attn", "k_norm"),
+  ("q_a", "kernel"): ("attn", "q_a"),
+  ("q_a_norm", "scale"): ("attn", "q_a_norm"),
+  ("q_b", "kernel"): ("attn", "q_b"),
+  ("kv_a", "kernel"): ("attn", "kv_a"),
+  ("kv_a_norm", "scale"): ("attn", "kv_a_norm"),
+  ("kv_b", "kernel"): ("attn", "kv_b"),
+  ("router", "kernel"): ("ffn", "router"),
+  ("router", "bias"): ("ffn", "router_bias"),
+  ("gate", "kernel"): ("ffn", "gate"),
+  ("up", "kernel"): ("ffn", "up"),
+  ("down", "kernel"): ("ffn", "down"),
+  ("ffn", "gate"): ("ffn", "gate"),
+  ("ffn", "up"): ("ffn", "up"),
+  ("ffn", "down"): ("ffn", "down"),
+  ("ffn", "shared_gate"): ("ffn", "shared_gate"),
+  ("ffn", "shared_up"): ("ffn", "shared_up"),
+  ("ffn", "shared_down"): ("ffn", "shared_down"),
+  ("ffn", "shared_gate_kernel"): ("ffn", "shared_expert_gate"),
 }
 # Leaf name outside the layers -> canonical name (the embedding table, the final norm, an untied output head).
 _TOP_RULES = {"embedding": "embed", "scale": "final_norm", "kernel": "lm_head"}
@@ -60,14 +77,16 @@ def classify(path):
   """
   names = tuple(path)
   pos, index = _layer_index(names[1:])
-  inner = names[1:][pos + 1:] if pos is not None else names[1:]
+  inner = names[1:][pos + 1 :] if pos is not None else names[1:]
   if len(inner) >= 2 and (inner[-2], inner[-1]) in _LAYER_RULES:
     group, name = _LAYER_RULES[(inner[-2], inner[-1])]
     return (index if pos is not None else "stacked"), group, name
   if pos is None and names[-1] in _TOP_RULES:
     return None, None, _TOP_RULES[names[-1]]
-  raise ConversionError(f"model variable {'/'.join(names)} has no Hugging Face counterpart (known layer leaves: "
-                        f"{sorted('/'.join(k) for k in _LAYER_RULES)})")
+  raise ConversionError(
+    f"model variable {'/'.join(names)} has no Hugging Face counterpart (known layer leaves: "
+    f"{sorted('/'.join(k) for k in _LAYER_RULES)})"
+  )
 
 
 def _paths(tree):
@@ -82,6 +101,7 @@ def _canonical_get(canon, index, group, name, num_layers):
     if name not in source:
       raise KeyError(name)
     return source[name]
+
   if index == "stacked":
     return np.stack([one(i) for i in range(num_layers)])
   if index is None:
@@ -109,29 +129,34 @@ def canonical_to_variables(canon, abstract):
     try:
       value = np.asarray(_canonical_get(canon, index, group, name, num_layers))
     except (KeyError, IndexError):
-      raise ConversionError(f"model variable {label} {tuple(leaf.shape)} has no tensor in the checkpoint "
-                            f"(looked for {name!r} of layer {index}); the model config does not match the "
-                            "checkpoint") from None
+      raise ConversionError(
+        f"model variable {label} {tuple(leaf.shape)} has no tensor in the checkpoint "
+        f"(looked for {name!r} of layer {index}); the model config does not match the "
+        "checkpoint"
+      ) from None
     if value.shape != tuple(leaf.shape):
       if name in _NORM_NAMES and value.size == int(np.prod(leaf.shape)):
         value = value.reshape(leaf.shape)
       else:
-        raise ConversionError(f"model variable {label}: expected shape {tuple(leaf.shape)}, checkpoint tensor "
-                              f"{name!r} (layer {index}) has shape {value.shape}")
+        raise ConversionError(
+          f"model variable {label}: expected shape {tuple(leaf.shape)}, checkpoint tensor "
+          f"{name!r} (layer {index}) has shape {value.shape}"
+        )
     used.add((index, group, name))
     values.append(value.astype(leaf.dtype))
   available = {(None, None, k) for k in canon if k != "layers"}
   for i, layer in enumerate(canon["layers"]):
     for key, item in layer.items():
-      available |= ({(i, key, n) for n in item} if isinstance(item, dict) else {(i, None, key)})
+      available |= {(i, key, n) for n in item} if isinstance(item, dict) else {(i, None, key)}
   expanded = set()
   for index, group, name in used:
-    expanded |= ({(i, group, name) for i in range(num_layers)} if index == "stacked" else {(index, group, name)})
+    expanded |= {(i, group, name) for i in range(num_layers)} if index == "stacked" else {(index, group, name)}
   left = sorted(available - expanded, key=str)
   if left:
     names = ", ".join(f"layer {i} {g or ''}.{n}" for i, g, n in left[:8])
-    raise ConversionError(f"checkpoint tensors unused by the model ({len(left)}): {names}; the model config does "
-                          "not match the checkpoint")
+    raise ConversionError(
+      f"checkpoint tensors unused by the model ({len(left)}): {names}; the model config does not match the checkpoint"
+    )
   return jax.tree_util.tree_unflatten(treedef, values)
 
 

@@ -12,6 +12,7 @@
 Both are written as array_record, read with `tfds.data_source`-style random access; no TensorFlow is needed.
 `prepare(name, data_dir)` builds once under a file lock, so that processes starting together build it once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,20 @@ from zoo.data.config import resolve_data_dir
 
 # Directories never read: installed packages, test suites, build files, codec tables.
 # pydoc_data is replaced by its topics (below); __phello__ is a test package.
-_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-                           "lib-dynload", "encodings", "pydoc_data", "__phello__"})
+_SKIPPED_DIRS = frozenset(
+  {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "__pycache__",
+    "lib-dynload",
+    "encodings",
+    "pydoc_data",
+    "__phello__",
+  }
+)
 MAX_FILE_BYTES = 256 * 1024  # larger stdlib files are skipped
 MAX_CODE_BYTES = 4 * 1024 * 1024  # code files are taken in hash order of their path until this total
 VALIDATION_PERCENT = 5
@@ -79,6 +92,7 @@ def stdlib_files() -> tuple[tuple[str, str], ...]:
 
 def _pydoc_topics() -> dict[str, str]:
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   return topics.topics
 
 
@@ -105,19 +119,24 @@ class PyStdlib(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   code_path = None
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Stdlib *.py files (capped) + pydoc_data topics; hash-of-path split; domain labels."}
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(
       name=f"py{sys.version_info.major}_{sys.version_info.minor}",
-      description=f"The standard library of Python {sys.version_info.major}.{sys.version_info.minor}.")]
+      description=f"The standard library of Python {sys.version_info.major}.{sys.version_info.minor}.",
+    )
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "path": tfds.features.Text(),
-            "domain": tfds.features.ClassLabel(names=stdlib_domains()),
-        }),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "text": tfds.features.Text(),
+          "path": tfds.features.Text(),
+          "domain": tfds.features.ClassLabel(names=stdlib_domains()),
+        }
+      ),
     )
 
   def _split_generators(self, dl_manager):
@@ -150,13 +169,15 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=self.__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.float32),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
+      builder=self,
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.float32),
+          "label": tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):
@@ -165,6 +186,7 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str):
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
     digits = load_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))
     chosen = order[:DIGITS_TRAIN_SIZE] if split == "train" else order[DIGITS_TRAIN_SIZE:]

@@ -19,10 +19,11 @@ Keys:
   worker_count: grain worker processes; 0 reads in the calling process.
   train_split / eval_split: the TFDS split names the engine trains and evaluates on.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -38,7 +39,8 @@ def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:
     name: 'pystdlib', 'digits' or a standard TFDS name. For a standard name eval_split defaults to 'test' [guess:
       lm1b and cifar10 have no 'validation' split]; set it when the dataset has another.
   """
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "name": name,
       "data_dir": config_dict.placeholder(str),
       "seq_len": 256,
@@ -50,7 +52,8 @@ def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:
       "worker_count": 0,
       "train_split": "train",
       "eval_split": EMBEDDED_EVAL_SPLITS.get(name, "test"),
-  })
+    }
+  )
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> str:
@@ -81,8 +84,9 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   """
   given = data_config.to_dict() if isinstance(data_config, ml_collections.ConfigDict) else dict(data_config)
   if not isinstance(given.get("name"), str) or not given["name"]:
-    raise ValueError(f"data config: 'name' must be a dataset name ('pystdlib', 'digits' or a TFDS name), got "
-                     f"{given.get('name')!r}")
+    raise ValueError(
+      f"data config: 'name' must be a dataset name ('pystdlib', 'digits' or a TFDS name), got {given.get('name')!r}"
+    )
   cfg = default_data_config(given["name"]).to_dict()
   unknown = sorted(set(given) - set(cfg))
   if unknown:
@@ -94,8 +98,9 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
     raise ValueError(f"data config: seq_len={seq_len!r}; allowed: an int >= 2 (tokens per packed sequence)")
   domains = cfg["domains"]
   if isinstance(domains, str):
-    raise ValueError(f"data config: domains={domains!r} is a string; allowed: a tuple or list of domain names, "
-                     f"e.g. ('docs',)")
+    raise ValueError(
+      f"data config: domains={domains!r} is a string; allowed: a tuple or list of domain names, e.g. ('docs',)"
+    )
   cfg["domains"] = tuple(domains or ())
   workers = cfg["worker_count"]
   if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:

@@ -22,17 +22,18 @@ The rows of all hosts together are not the rows a single host would yield.
 The returned iterator is a grain `DatasetIterator`: `get_state()` returns a small JSON-serialisable dict and
 `set_state(state)` resumes so that the next batches are exactly those that followed when the state was taken.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
-from absl import flags
 import grain
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
 from zoo.data import builders
 from zoo.data.config import resolve_data_config
@@ -49,8 +50,10 @@ def _builder(cfg: dict[str, Any]) -> tfds.core.DatasetBuilder:
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"data config: name={name!r} is not a dataset; allowed: {sorted(builders.EMBEDDED_BUILDERS)} "
-                     f"or a TFDS dataset name (see `tfds.list_builders()`)") from e
+    raise ValueError(
+      f"data config: name={name!r} is not a dataset; allowed: {sorted(builders.EMBEDDED_BUILDERS)} "
+      f"or a TFDS dataset name (see `tfds.list_builders()`)"
+    ) from e
 
 
 def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -58,28 +61,44 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
   text_key = cfg["text_key"]
   if text_key in features and isinstance(features[text_key], tfds.features.Text):
     tok = make_tokenizer(cfg["tokenizer"])
-    info = {"format": "text", "vocab_size": tok.vocab_size, "pad_id": _pad_id(tok), "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id}
+    info = {
+      "format": "text",
+      "vocab_size": tok.vocab_size,
+      "pad_id": _pad_id(tok),
+      "bos_id": tok.bos_id,
+      "eos_id": tok.eos_id,
+    }
     label_key = cfg["label_key"]
     if label_key:
       if not isinstance(features[label_key] if label_key in features else None, tfds.features.ClassLabel):
         labels = sorted(k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel))
-        raise ValueError(f"data config: label_key={label_key!r} is not a ClassLabel feature of dataset "
-                         f"{cfg['name']!r}; allowed: {labels} or '' (packed text)")
-      info.update(format="labelled_text", num_classes=features[label_key].num_classes,
-                  label_names=tuple(features[label_key].names))
+        raise ValueError(
+          f"data config: label_key={label_key!r} is not a ClassLabel feature of dataset "
+          f"{cfg['name']!r}; allowed: {labels} or '' (packed text)"
+        )
+      info.update(
+        format="labelled_text",
+        num_classes=features[label_key].num_classes,
+        label_names=tuple(features[label_key].names),
+      )
   elif cfg["label_key"]:
-    raise ValueError(f"data config: label_key={cfg['label_key']!r} but dataset {cfg['name']!r} has no Text feature "
-                     f"text_key={text_key!r}; allowed: label_key='' for it")
+    raise ValueError(
+      f"data config: label_key={cfg['label_key']!r} but dataset {cfg['name']!r} has no Text feature "
+      f"text_key={text_key!r}; allowed: label_key='' for it"
+    )
   elif "image" in features and "label" in features and isinstance(features["label"], tfds.features.ClassLabel):
     shape = tuple(features["image"].shape)
     if None in shape:
-      raise ValueError(f"dataset {cfg['name']!r} has images of varying shape {shape}; allowed: datasets whose "
-                       f"'image' feature has a fixed shape (e.g. cifar10, digits)")
+      raise ValueError(
+        f"dataset {cfg['name']!r} has images of varying shape {shape}; allowed: datasets whose "
+        f"'image' feature has a fixed shape (e.g. cifar10, digits)"
+      )
     info = {"format": "images", "num_classes": features["label"].num_classes, "image_shape": shape}
   else:
-    raise ValueError(f"dataset {cfg['name']!r} has features {sorted(features)}; allowed: a Text feature named "
-                     f"text_key={text_key!r} (format 'text') or 'image' + ClassLabel 'label' (format 'images')")
+    raise ValueError(
+      f"dataset {cfg['name']!r} has features {sorted(features)}; allowed: a Text feature named "
+      f"text_key={text_key!r} (format 'text') or 'image' + ClassLabel 'label' (format 'images')"
+    )
   if "domain" in features and isinstance(features["domain"], tfds.features.ClassLabel):
     info["domains"] = tuple(features["domain"].names)
   return info
@@ -119,14 +138,16 @@ def _open_source(cfg: dict[str, Any], split: str):
   except Exception as e:  # Turned into a clear message when the cause is a missing or unreadable preparation.
     if not builder.is_prepared():
       raise ValueError(
-          f"dataset {name!r} is not prepared in data_dir={data_dir!r} (looked for {builder.data_path}). Prepare it "
-          f"once, on a machine with TensorFlow and network access, with `tfds build {name} --data_dir={data_dir} "
-          f"--file_format=array_record`, or set data.data_dir (or $ZOO_DATA_DIR) to a directory that has it.") from e
+        f"dataset {name!r} is not prepared in data_dir={data_dir!r} (looked for {builder.data_path}). Prepare it "
+        f"once, on a machine with TensorFlow and network access, with `tfds build {name} --data_dir={data_dir} "
+        f"--file_format=array_record`, or set data.data_dir (or $ZOO_DATA_DIR) to a directory that has it."
+      ) from e
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
       raise ValueError(
-          f"dataset {name!r} in {builder.data_path} is stored as {builder.info.file_format.value}; reading it needs "
-          f"array_record. Convert it with `tfds convert_format --dataset_dir={builder.data_path} "
-          f"--out_file_format=array_record` or rebuild it with `--file_format=array_record`.") from e
+        f"dataset {name!r} in {builder.data_path} is stored as {builder.info.file_format.value}; reading it needs "
+        f"array_record. Convert it with `tfds convert_format --dataset_dir={builder.data_path} "
+        f"--out_file_format=array_record` or rebuild it with `--file_format=array_record`."
+      ) from e
     raise
 
 
@@ -151,8 +172,10 @@ def _select(source, builder, cfg: dict[str, Any]) -> list[int]:
   features = builder.info.features
   feature = features["domain"] if "domain" in features else None
   if not isinstance(feature, tfds.features.ClassLabel):
-    raise ValueError(f"data config: domains={cfg['domains']} but dataset {cfg['name']!r} has no 'domain' label; "
-                     f"allowed: domains=() for it")
+    raise ValueError(
+      f"data config: domains={cfg['domains']} but dataset {cfg['name']!r} has no 'domain' label; "
+      f"allowed: domains=() for it"
+    )
   unknown = sorted(set(cfg["domains"]) - set(feature.names))
   if unknown:
     raise ValueError(f"data config: domains {unknown} are not domains of {cfg['name']!r}; allowed: {feature.names}")
@@ -163,6 +186,7 @@ def _select(source, builder, cfg: dict[str, Any]) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class _Tokenize(grain.transforms.Map):
   """Record -> {'tokens': int32 [BOS + ids + EOS], 'token_bytes': float32 [same]} (`make_tokenizer(tokenizer)`)."""
+
   text_key: str
   tokenizer: str
 
@@ -175,14 +199,19 @@ class _Tokenize(grain.transforms.Map):
 class _ToLmExample(grain.transforms.Map):
   """Packed chunk {'tokens', 'token_bytes', 'tokens_segment_ids'} [T+1] -> inputs/targets int32 [T], mask and
   target_bytes float32 [T]."""
+
   pad_id: int
 
   def map(self, packed):
     real = packed["tokens_segment_ids"] != 0
     tokens = np.where(real, packed["tokens"], self.pad_id).astype(np.int32)
     mask = real[1:].astype(np.float32)
-    return {"inputs": tokens[:-1], "targets": tokens[1:], "mask": mask,
-            "target_bytes": np.where(real[1:], packed["token_bytes"][1:], 0).astype(np.float32)}
+    return {
+      "inputs": tokens[:-1],
+      "targets": tokens[1:],
+      "mask": mask,
+      "target_bytes": np.where(real[1:], packed["token_bytes"][1:], 0).astype(np.float32),
+    }
 
 
 def _labelled_windows(source, cfg: dict[str, Any], pad_id: int) -> list[dict[str, np.ndarray]]:
@@ -194,11 +223,16 @@ def _labelled_windows(source, cfg: dict[str, Any], pad_id: int) -> list[dict[str
     ids = tok.encode(record[cfg["text_key"]])
     label = np.int32(record[cfg["label_key"]])
     for start in range(0, len(ids), length):
-      piece = ids[start:start + length]
+      piece = ids[start : start + length]
       mask = np.zeros(length, np.float32)
-      mask[:len(piece)] = 1.0
-      windows.append({"inputs": np.pad(piece, (0, length - len(piece)), constant_values=pad_id).astype(np.int32),
-                      "mask": mask, "label": label})
+      mask[: len(piece)] = 1.0
+      windows.append(
+        {
+          "inputs": np.pad(piece, (0, length - len(piece)), constant_values=pad_id).astype(np.int32),
+          "mask": mask,
+          "label": label,
+        }
+      )
   return windows
 
 
@@ -212,9 +246,17 @@ class _ToImageExample(grain.transforms.Map):
     return {"image": image, "label": np.int32(record["label"])}
 
 
-def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *, split: str, global_batch_size: int,
-                  seed: int, process_index: int = 0, process_count: int = 1,
-                  repeat: bool = True, drop_remainder: bool = True) -> "DataIterator":
+def make_iterator(
+  data_config: Mapping[str, Any] | ml_collections.ConfigDict,
+  *,
+  split: str,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  repeat: bool = True,
+  drop_remainder: bool = True,
+) -> "DataIterator":
   """A checkpointable iterator over this host's share of the batches of one split.
 
   Args:
@@ -243,11 +285,14 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"make_iterator: {key}={value!r}; allowed: an int >= 1")
   if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-    raise ValueError(f"make_iterator: process_index={process_index!r}; allowed: 0 <= process_index < "
-                     f"process_count={process_count}")
+    raise ValueError(
+      f"make_iterator: process_index={process_index!r}; allowed: 0 <= process_index < process_count={process_count}"
+    )
   if global_batch_size % process_count:
-    raise ValueError(f"make_iterator: global_batch_size={global_batch_size} is not divisible by "
-                     f"process_count={process_count}; allowed: a multiple of process_count")
+    raise ValueError(
+      f"make_iterator: global_batch_size={global_batch_size} is not divisible by "
+      f"process_count={process_count}; allowed: a multiple of process_count"
+    )
   if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
     raise ValueError(f"make_iterator: seed={seed!r}; allowed: an int in [0, 2**32)")
   batch_size = global_batch_size // process_count
@@ -260,9 +305,11 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
     indices = list(range(len(source)))
   indices = indices[process_index::process_count]
   if not indices:
-    raise ValueError(f"dataset {cfg['name']!r} split={split!r} domains={cfg['domains'] or 'all'} has no examples for "
-                     f"host {process_index} of {process_count}; allowed: a split, domain filter and process_count "
-                     f"that leave every host at least one example")
+    raise ValueError(
+      f"dataset {cfg['name']!r} split={split!r} domains={cfg['domains'] or 'all'} has no examples for "
+      f"host {process_index} of {process_count}; allowed: a split, domain filter and process_count "
+      f"that leave every host at least one example"
+    )
   ds = grain.MapDataset.source(_Subset(source, indices))
   if cfg["shuffle"]:
     ds = ds.shuffle(int(seed))
@@ -282,8 +329,13 @@ def make_iterator(data_config: Mapping[str, Any] | ml_collections.ConfigDict, *,
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a script without absl.app has not parsed them
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg["worker_count"]))
-  fingerprint = {"dataset": cfg["name"], "split": split, "domains": list(cfg["domains"]), "examples": len(indices),
-                 "process_count": process_count}
+  fingerprint = {
+    "dataset": cfg["name"],
+    "split": split,
+    "domains": list(cfg["domains"]),
+    "examples": len(indices),
+    "process_count": process_count,
+  }
   if info["format"] != "images":
     fingerprint["seq_len"] = cfg["seq_len"]
     fingerprint["tokenizer"] = cfg["tokenizer"]
@@ -317,8 +369,10 @@ class DataIterator:
       for key, value in self.fingerprint.items():
         saved = state["fingerprint"].get(key)
         if saved != value:
-          raise ValueError(f"the saved data position was taken over {key}={saved!r} but this run reads {key}={value!r}; "
-                           f"allowed: the data config the checkpoint was written with (start a new workdir, with "
-                           f"config.init_from=<old workdir>, to train on other data)")
+          raise ValueError(
+            f"the saved data position was taken over {key}={saved!r} but this run reads {key}={value!r}; "
+            f"allowed: the data config the checkpoint was written with (start a new workdir, with "
+            f"config.init_from=<old workdir>, to train on other data)"
+          )
       state = state["grain"]
     self._iterator.set_state(state)

@@ -12,12 +12,13 @@ Byte ids (fixed, so that checkpoints stay readable across versions):
   258     EOS (ends every document).
 `vocab_size` is 259.
 """
+
 from __future__ import annotations
 
-from collections.abc import Iterable
 import functools
 import json
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -66,8 +67,9 @@ class ByteTokenizer:
     """
     ids = np.asarray(ids).reshape(-1)
     if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-      raise ValueError(f"ByteTokenizer.decode: ids must lie in [0, {self.vocab_size}), got min {ids.min()} "
-                       f"max {ids.max()}")
+      raise ValueError(
+        f"ByteTokenizer.decode: ids must lie in [0, {self.vocab_size}), got min {ids.min()} max {ids.max()}"
+      )
     return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
@@ -82,6 +84,7 @@ class HFTokenizer:
 
   def __init__(self, path):
     import tokenizers  # pylint: disable=g-import-not-at-top
+
     path = str(path)[3:] if str(path).startswith("hf:") else str(path)
     file = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):

@@ -3,14 +3,15 @@
 Layout: `WORKDIR/checkpoints/<step>/{state, data}`; `data` holds one JSON file per process
 (`process_<i>-of-<n>.json`), so each host resumes its own share of the input pipeline.
 """
+
 import contextlib
 import dataclasses
 import json
 import logging as stdlib_logging
 import os
 import re
-from typing import Any
 import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +78,7 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
 
 def _state_dict(state):
   """What a step checkpoint holds: everything but the frozen parameters (saved once, see `Checkpointer`)."""
-  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-          "collections": state.collections}
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "collections": state.collections}
 
 
 def checkpoint_dir(path):
@@ -173,8 +173,11 @@ class Checkpointer:
     if state.frozen and not self._frozen_saved:
       self._save_frozen(state.frozen)
     try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state)),
-                                                      data=IteratorStateSave(data_state)), force=True)
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(_state_dict(state)), data=IteratorStateSave(data_state)),
+        force=True,
+      )
     except Exception as e:  # orbax/tensorstore raise many types; all mean the save failed
       raise CheckpointError(self._save_failed(step, e)) from None
     self._unsealed.append(step)
@@ -202,8 +205,10 @@ class Checkpointer:
     good = [s for s in self.all_steps() if s not in self._unsealed]
     code = re.search(r"os_error_code='(\d+)'", str(error))
     reason = os.strerror(int(code.group(1))) if code else f"{type(error).__name__}: {_first_line(error)}"
-    return (f"saving checkpoint step {step} in {self.directory} failed ({reason}); the earlier checkpoints {good} are "
-            "untouched: fix the cause and run the same command again to resume from the latest")
+    return (
+      f"saving checkpoint step {step} in {self.directory} failed ({reason}); the earlier checkpoints {good} are "
+      "untouched: fix the cause and run the same command again to resume from the latest"
+    )
 
   def _seal(self, step):
     """Write the manifest of a committed step (primary process)."""
@@ -217,8 +222,10 @@ class Checkpointer:
         json.dump(manifest, f, indent=0, sort_keys=True)
       os.replace(partial, os.path.join(step_dir, MANIFEST))
     except OSError as e:
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} was saved but its checksums could not be "
-                            f"written ({type(e).__name__}: {_first_line(e)})") from None
+      raise CheckpointError(
+        f"checkpoint step {step} in {self.directory} was saved but its checksums could not be "
+        f"written ({type(e).__name__}: {_first_line(e)})"
+      ) from None
 
   def verify(self, step):
     """The first problem of step `step`'s files as a sentence, or None when they match their manifest (or it has
@@ -248,9 +255,12 @@ class Checkpointer:
 
   def _corrupted(self, step, problem):
     good = self.good_steps(before=step)
-    choose = (f"Steps that verify: {good}; resume from one with `train.py ... --step {good[-1]}` (later steps are set "
-              f"aside, not deleted) or score one with `evaluate.py ... --step {good[-1]}`."
-              if good else "No earlier step verifies.")
+    choose = (
+      f"Steps that verify: {good}; resume from one with `train.py ... --step {good[-1]}` (later steps are set "
+      f"aside, not deleted) or score one with `evaluate.py ... --step {good[-1]}`."
+      if good
+      else "No earlier step verifies."
+    )
     return f"checkpoint step {step} in {self.directory} is corrupted: {problem}. {choose} Nothing was deleted."
 
   def restore(self, step, target):
@@ -272,21 +282,28 @@ class Checkpointer:
     target_dict = _state_dict(target)
     mismatch = _mismatch(os.path.join(self.directory, str(step), "state"), target_dict)
     if mismatch:
-      raise CheckpointError(f"{where} was written by a different model or optimizer config: {mismatch}. Nothing was "
-                            "deleted; resume with the config in the workdir's config.json, or start a new workdir "
-                            "with config.init_from to reuse the weights")
+      raise CheckpointError(
+        f"{where} was written by a different model or optimizer config: {mismatch}. Nothing was "
+        "deleted; resume with the config in the workdir's config.json, or start a new workdir "
+        "with config.init_from to reuse the weights"
+      )
     try:
       with _quiet_orbax():
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target_dict), data=IteratorStateRestore()))
+        restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target_dict), data=IteratorStateRestore())
+        )
     except CheckpointError:
       raise
     except Exception as e:  # orbax/tensorstore raise many types; all mean the same to the user
-      raise CheckpointError(f"{where} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
-                            "it is corrupted or was written by a different model/optimizer config. "
-                            "Nothing was deleted.") from None
-    state = type(target)(**{k: _like(target_dict[k], v) for k, v in restored["state"].items()},
-                         frozen=self._restore_frozen(target.frozen) if target.frozen else {})
+      raise CheckpointError(
+        f"{where} cannot be restored ({type(e).__name__}: {_first_line(e)}); "
+        "it is corrupted or was written by a different model/optimizer config. "
+        "Nothing was deleted."
+      ) from None
+    state = type(target)(
+      **{k: _like(target_dict[k], v) for k, v in restored["state"].items()},
+      frozen=self._restore_frozen(target.frozen) if target.frozen else {},
+    )
     bad = _first_non_finite({"params": state.params, "opt_state": state.opt_state, "frozen": state.frozen})
     if bad:
       raise CheckpointError(self._corrupted(step, f"it holds non-finite values in {bad}"))
@@ -295,8 +312,10 @@ class Checkpointer:
   def _restore_frozen(self, target):
     path = os.path.join(self.directory, FROZEN)
     if not os.path.isdir(path):
-      raise CheckpointError(f"{path} is missing: the frozen parameters of this run were saved there; allowed: the "
-                            "config the checkpoints were written with (config.json)")
+      raise CheckpointError(
+        f"{path} is missing: the frozen parameters of this run were saved there; allowed: the "
+        "config the checkpoints were written with (config.json)"
+      )
     problem = self.verify(FROZEN)
     if problem:
       raise CheckpointError(f"the frozen parameters in {path} are corrupted: {problem}. Nothing was deleted.")
@@ -334,10 +353,13 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 
 def _leaf_names(tree):
   """{orbax leaf name ('params.embed.embedding', 'opt_state.1.0.mu....'): shape} of a pytree."""
+
   def name(key):
     return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
-  return {".".join(name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+  return {
+    ".".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def _mismatch(state_dir, target):
@@ -362,9 +384,10 @@ def _agree(problem):
   if jax.process_count() == 1:
     return problem
   from jax.experimental import multihost_utils
+
   text = (problem or "").encode()[:4000]
   blob = np.zeros(4096, np.uint8)
-  blob[:len(text)] = np.frombuffer(text, np.uint8)
+  blob[: len(text)] = np.frombuffer(text, np.uint8)
   for row in multihost_utils.process_allgather(blob):
     text = bytes(row).rstrip(b"\0").decode(errors="replace")
     if text:
@@ -434,8 +457,11 @@ def restore_variables(path, target, *, partial=False):
     in_step_dir = _saved_shapes(step_dir)
     in_frozen_dir = {"params." + k: v for k, v in _saved_shapes(frozen_dir).items()}
     saved = {**in_step_dir, **in_frozen_dir}
-    flat = {("params", *p) if k == "params" else ("collections", k, *p): leaf
-            for k, tree in target.items() for p, leaf in traverse_util.flatten_dict(dict(tree)).items()}
+    flat = {
+      ("params", *p) if k == "params" else ("collections", k, *p): leaf
+      for k, tree in target.items()
+      for p, leaf in traverse_util.flatten_dict(dict(tree)).items()
+    }
     wanted = {".".join(map(str, p)): p for p in flat}
     for name, shape in saved.items():
       if name.startswith(("params.", "collections.")) and name not in wanted:
@@ -444,8 +470,9 @@ def restore_variables(path, target, *, partial=False):
       if name not in saved and not partial:
         raise CheckpointError(f"{where}: {name} is not in checkpoint step {step} of {directory}")
       if name in saved and saved[name] != tuple(flat[p].shape):
-        raise CheckpointError(f"{where}: {name} has shape {saved[name]} in the checkpoint but {tuple(flat[p].shape)} "
-                              "in the model")
+        raise CheckpointError(
+          f"{where}: {name} has shape {saved[name]} in the checkpoint but {tuple(flat[p].shape)} in the model"
+        )
     in_step = {p: flat[p] for n, p in wanted.items() if n in in_step_dir}
     in_frozen = {p[1:]: flat[p] for n, p in wanted.items() if n in in_frozen_dir}
     restored = {}
@@ -454,11 +481,13 @@ def restore_variables(path, target, *, partial=False):
         if in_step:
           restored.update(traverse_util.flatten_dict(_pytree_restore(step_dir, in_step)))
         if in_frozen:
-          restored.update({("params", *k): v for k, v in
-                           traverse_util.flatten_dict(_pytree_restore(frozen_dir, in_frozen)).items()})
+          restored.update(
+            {("params", *k): v for k, v in traverse_util.flatten_dict(_pytree_restore(frozen_dir, in_frozen)).items()}
+          )
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"{where}: checkpoint step {step} in {directory} cannot be restored "
-                            f"({type(e).__name__}: {_first_line(e)})") from None
+      raise CheckpointError(
+        f"{where}: checkpoint step {step} in {directory} cannot be restored ({type(e).__name__}: {_first_line(e)})"
+      ) from None
   finally:
     ckpt.manager.close()
   variables = {}
@@ -487,8 +516,12 @@ def _saved_shapes(state_dir):
 def _pytree_restore(directory, flat_target):
   """Restore the leaves `flat_target` ({path tuple: ShapeDtypeStruct or array}) of the pytree saved in `directory`."""
   item = traverse_util.unflatten_dict(flat_target)
-  return ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+  return ocp.PyTreeCheckpointer().restore(
+    directory,
+    args=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+    ),
+  )
 
 
 def _like(target, tree):

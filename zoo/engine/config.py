@@ -1,5 +1,6 @@
 """The experiment config: its schema (`base_config`, every key a run can use) and its start-up validation (every bad
 key or value fails at once with one clear message)."""
+
 import math
 import re
 
@@ -27,6 +28,7 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
     `validate_config` rejects unknown keys set inside a config file.
   """
   import zoo.data  # pylint: disable=g-import-not-at-top
+
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = task
@@ -35,7 +37,8 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   c.data = zoo.data.default_data_config(dataset) if dataset else ml_collections.ConfigDict({"name": ""})
   # Mesh axis sizes; -1 = all remaining devices (at most one axis).
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
-  c.optimizer = ml_collections.ConfigDict({
+  c.optimizer = ml_collections.ConfigDict(
+    {
       "lr": 1e-3,
       "b1": 0.9,
       "b2": 0.95,
@@ -46,8 +49,10 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
       "warmup_steps": 100,
       "decay_fraction": 0.2,  # warmup_stable_decay: the final fraction of steps that decays to zero
       "end_lr_fraction": 0.1,  # warmup_cosine: final lr = lr * end_lr_fraction
-  })
-  c.train = ml_collections.ConfigDict({
+    }
+  )
+  c.train = ml_collections.ConfigDict(
+    {
       "steps": 1000,
       "batch_size": 32,  # global batch, summed over hosts and devices
       "grad_accum_steps": 1,
@@ -64,12 +69,15 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
       "outer_lr": 0.7,  # DiLoCo's outer learning rate (FedAvg uses 1 without momentum)
       "outer_momentum": 0.9,
       "fedavg_groups": 1,  # fedavg_hierarchical: groups of replicas averaged first (a divisor of replicas)
-  })
-  c.checkpoint = ml_collections.ConfigDict({
+    }
+  )
+  c.checkpoint = ml_collections.ConfigDict(
+    {
       "every_steps": 200,  # 0 = only at the end (and on SIGTERM)
       "keep": 3,
       "async_save": True,  # write in the background while training goes on
-  })
+    }
+  )
   # Where the initial variables come from: '' (a fresh init), a zoo checkpoint directory (a workdir or its
   # checkpoints/ folder), 'hf:DIR' (a Hugging Face model directory; its config.json then sets config.model), or a
   # mapping {sub-tree path: source} overlaid onto a fresh init (e.g. {'small': 'workdirs/a', 'large': 'hf:DIR'};
@@ -83,12 +91,14 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   c.frozen_params = ()
   # Evaluators run by evaluate.py (`zoo.evaluators`); () = the task's and the model's defaults.
   c.evals = ()
-  c.sample = ml_collections.ConfigDict({  # the 'sample' evaluator (lm)
+  c.sample = ml_collections.ConfigDict(
+    {  # the 'sample' evaluator (lm)
       "prompt": "def ",
       "max_new_tokens": 128,
       "temperature": 0.0,  # 0 = greedy
       "top_k": 0,  # 0 = the whole vocabulary
-  })
+    }
+  )
   return c
 
 
@@ -107,8 +117,10 @@ def init_sources(config):
     return {"": value} if value else {}
   if hasattr(value, "items") and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
     return {k.strip("/"): v for k, v in value.items()}
-  raise ConfigError(f"config.init_from={value!r} is invalid; allowed: '', a checkpoint directory, 'hf:DIR', or a "
-                    "mapping {sub-tree path: source}")
+  raise ConfigError(
+    f"config.init_from={value!r} is invalid; allowed: '', a checkpoint directory, 'hf:DIR', or a "
+    "mapping {sub-tree path: source}"
+  )
 
 
 def _check_keys(section, config, allowed):
@@ -138,6 +150,7 @@ def _check(cond, key, value, allowed):
 def dataset_info(data_config):
   """`zoo.data.dataset_info`, with an unknown dataset reported as a ConfigError."""
   from zoo import data
+
   try:
     return dict(data.dataset_info(data_config))
   except ConfigError:
@@ -179,8 +192,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check(t.steps > 0, "train.steps", t.steps, "> 0")
   _check(t.batch_size > 0, "train.batch_size", t.batch_size, "> 0")
   _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, ">= 1")
-  _check(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps", t.grad_accum_steps,
-         f"a divisor of train.batch_size={t.batch_size}")
+  _check(
+    t.batch_size % t.grad_accum_steps == 0,
+    "train.grad_accum_steps",
+    t.grad_accum_steps,
+    f"a divisor of train.batch_size={t.batch_size}",
+  )
   _check(t.eval_every_steps >= 0, "train.eval_every_steps", t.eval_every_steps, ">= 0 (0 = only at the end)")
   _check(t.log_every_steps > 0, "train.log_every_steps", t.log_every_steps, "> 0")
   strategies = ("data_parallel", "diloco", "diloco_overlap", "fedavg", "fedavg_hierarchical")
@@ -190,13 +207,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check(t.outer_optimizer in ("nesterov", "sgd"), "train.outer_optimizer", t.outer_optimizer, ["nesterov", "sgd"])
   _check(t.outer_lr > 0, "train.outer_lr", t.outer_lr, "> 0")
   _check(0 <= t.outer_momentum < 1, "train.outer_momentum", t.outer_momentum, "[0, 1)")
-  _check(t.fedavg_groups >= 1 and t.replicas % t.fedavg_groups == 0, "train.fedavg_groups", t.fedavg_groups,
-         f"a divisor of train.replicas={t.replicas}")
+  _check(
+    t.fedavg_groups >= 1 and t.replicas % t.fedavg_groups == 0,
+    "train.fedavg_groups",
+    t.fedavg_groups,
+    f"a divisor of train.replicas={t.replicas}",
+  )
   replicas = 1 if t.strategy == "data_parallel" else int(t.replicas)
   _check(t.batch_size % replicas == 0, "train.replicas", t.replicas, f"a divisor of train.batch_size={t.batch_size}")
-  _check(replicas == 1 or (t.batch_size // replicas) % t.grad_accum_steps == 0, "train.grad_accum_steps",
-         t.grad_accum_steps, f"a divisor of the replica batch train.batch_size / train.replicas = "
-         f"{t.batch_size // replicas}")
+  _check(
+    replicas == 1 or (t.batch_size // replicas) % t.grad_accum_steps == 0,
+    "train.grad_accum_steps",
+    t.grad_accum_steps,
+    f"a divisor of the replica batch train.batch_size / train.replicas = {t.batch_size // replicas}",
+  )
   _check(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, ">= 0 (0 = only at the end)")
   _check(ck.keep >= 1, "checkpoint.keep", ck.keep, ">= 1")
   _check(config.sample.max_new_tokens >= 0, "sample.max_new_tokens", config.sample.max_new_tokens, ">= 0")
@@ -206,8 +230,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   init_sources(config)
   for key in ("trainable_params", "frozen_params", "evals"):
     value = config[key]
-    _check(isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value), key, value,
-           "a tuple of strings")
+    _check(
+      isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value), key, value, "a tuple of strings"
+    )
   for pattern in tuple(config.trainable_params) + tuple(config.frozen_params):
     try:
       re.compile(pattern)
@@ -216,20 +241,33 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
 
   info = dataset_info(config.data)
   from zoo.tasks import get_task  # pylint: disable=g-import-not-at-top
+
   task = get_task(config.task, config.task_options)  # unknown tasks and options raise ConfigError
-  _check(info["format"] in task.formats, "task", config.task,
-         f"a task that reads format {info['format']!r} (dataset {config.data.get('name')!r}); task {config.task!r} "
-         f"reads {list(task.formats)}")
+  _check(
+    info["format"] in task.formats,
+    "task",
+    config.task,
+    f"a task that reads format {info['format']!r} (dataset {config.data.get('name')!r}); task {config.task!r} "
+    f"reads {list(task.formats)}",
+  )
   build_model(config.model)  # unknown model names and keys raise ConfigError
   for key in ("vocab_size", "num_classes"):
     if key in info and key in config.model:
-      _check(config.model[key] >= info[key], f"model.{key}", config.model[key],
-             f">= {info[key]}, the {key} of dataset {config.data.name!r}")
+      _check(
+        config.model[key] >= info[key],
+        f"model.{key}",
+        config.model[key],
+        f">= {info[key]}, the {key} of dataset {config.data.name!r}",
+      )
 
   if num_devices is not None:
-    _check(num_devices % replicas == 0 or replicas % num_devices == 0, "train.replicas", t.replicas,
-           f"a divisor of the {num_devices} devices (each replica on devices / replicas of them) or a multiple of "
-           f"them (replicas / devices replicas on each device)")
+    _check(
+      num_devices % replicas == 0 or replicas % num_devices == 0,
+      "train.replicas",
+      t.replicas,
+      f"a divisor of the {num_devices} devices (each replica on devices / replicas of them) or a multiple of "
+      f"them (replicas / devices replicas on each device)",
+    )
     per_replica = max(num_devices // replicas, 1)
     try:
       shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, per_replica)))
@@ -239,10 +277,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
     shards = shape["data"] * shape["fsdp"] * shape["expert"]
     micro = t.batch_size // t.grad_accum_steps
     if replicas == 1:
-      _check(micro % shards == 0, "train.batch_size", t.batch_size,
-             f"a multiple of grad_accum_steps x data x fsdp x expert = {t.grad_accum_steps} x {shards}")
+      _check(
+        micro % shards == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"a multiple of grad_accum_steps x data x fsdp x expert = {t.grad_accum_steps} x {shards}",
+      )
     else:
-      _check(micro % (replicas * shards) == 0, "train.batch_size", t.batch_size,
-             f"a multiple of grad_accum_steps x replicas x (data x fsdp x expert of one replica) = "
-             f"{t.grad_accum_steps} x {replicas} x {shards}")
+      _check(
+        micro % (replicas * shards) == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"a multiple of grad_accum_steps x replicas x (data x fsdp x expert of one replica) = "
+        f"{t.grad_accum_steps} x {replicas} x {shards}",
+      )
   return info

@@ -51,14 +51,15 @@ Routed models (the model exposes 'expert_ids' or has router parameters): at ever
 `replica_expert_load` [M, layers, experts] (the model's `expert_load` metric of each replica's last inner batch,
 when the model reports it) and (when it has router parameters) `router_drift` = mean over replicas m of
 ||R_m - R_mean|| / ||R_mean||, R_m the router parameters of replica m before averaging, R_mean their unweighted mean
-over replicas, norms over all router parameters together. Router parameters: those whose '/'-joined path has a component containing 'router' (`router`,
-`router_gru`, `step_routers_0`, ...). Path components named 'gate' are not counted: in this zoo 'gate' is the gate
-projection of every SwiGLU FFN and expert bank (`zoo/layers/mlp.py`, `moe_lm`'s `ffn/gate`), expert weights, not
-routing.
+over replicas, norms over all router parameters together. Router parameters: those whose '/'-joined path has a component
+containing 'router' (`router`, `router_gru`, `step_routers_0`, ...). Path components named 'gate' are not counted: in
+this zoo 'gate' is the gate projection of every SwiGLU FFN and expert bank (`zoo/layers/mlp.py`, `moe_lm`'s `ffn/gate`),
+expert weights, not routing.
 
 Dropout and the tasks' random streams use the engine's per-step keys, the same on every replica (each replica sees
 different data) [guess].
 """
+
 import contextlib
 import copy
 import json
@@ -76,12 +77,20 @@ from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from zoo.engine import partition, sharding
-from zoo.engine.checkpoint import CheckpointError, Checkpointer
+from zoo.engine.checkpoint import Checkpointer, CheckpointError
 from zoo.engine.config import validate_config
 from zoo.engine.memory import check_memory
 from zoo.engine.state import TrainState, init_variables, state_shardings
-from zoo.engine.trainer import (Experiment, _all_finite, _log, _Sigterm, log_init_from, resume_data, run_steps,
-                                use_hf_model_config)
+from zoo.engine.trainer import (
+  Experiment,
+  _all_finite,
+  _log,
+  _Sigterm,
+  log_init_from,
+  resume_data,
+  run_steps,
+  use_hf_model_config,
+)
 from zoo.engine.workdir import WorkdirLock, check_workdir
 from zoo.models import ConfigError
 
@@ -102,6 +111,7 @@ class DiLoCoState:
   pending: 'diloco_overlap': the averaged delta of the last round, not yet applied (params' structure); else {}.
   round_weight: [M] float32, the tokens (or examples) each replica trained on in the current round.
   frozen: the frozen parameters, shared by every replica."""
+
   step: jax.Array
   outer_steps: jax.Array
   params: Any
@@ -116,25 +126,42 @@ class DiLoCoState:
 
   def outer_state(self):
     """theta_outer as the engine's TrainState (no optimizer state), e.g. for evaluation."""
-    return TrainState(step=self.step, params=self.outer_params, opt_state={}, collections=self.outer_collections,
-                      frozen=self.frozen)
+    return TrainState(
+      step=self.step, params=self.outer_params, opt_state={}, collections=self.outer_collections, frozen=self.frozen
+    )
 
   def packed(self):
     """The state in the engine checkpoint's four parts (`Checkpointer` saves a TrainState's fields)."""
     return TrainState(
-        step=self.step, params={"outer": self.outer_params, "replicas": self.params},
-        opt_state={"outer": self.outer_opt_state, "inner": self.opt_state, "pending": self.pending,
-                   "round_weight": self.round_weight, "outer_steps": self.outer_steps},
-        collections={"outer": self.outer_collections, "replicas": self.collections}, frozen=self.frozen)
+      step=self.step,
+      params={"outer": self.outer_params, "replicas": self.params},
+      opt_state={
+        "outer": self.outer_opt_state,
+        "inner": self.opt_state,
+        "pending": self.pending,
+        "round_weight": self.round_weight,
+        "outer_steps": self.outer_steps,
+      },
+      collections={"outer": self.outer_collections, "replicas": self.collections},
+      frozen=self.frozen,
+    )
 
   @classmethod
   def unpacked(cls, packed):
     o = packed.opt_state
-    return cls(step=packed.step, outer_steps=o["outer_steps"], params=packed.params["replicas"],
-               opt_state=o["inner"], collections=packed.collections["replicas"],
-               outer_params=packed.params["outer"], outer_opt_state=o["outer"],
-               outer_collections=packed.collections["outer"], pending=o["pending"], round_weight=o["round_weight"],
-               frozen=packed.frozen)
+    return cls(
+      step=packed.step,
+      outer_steps=o["outer_steps"],
+      params=packed.params["replicas"],
+      opt_state=o["inner"],
+      collections=packed.collections["replicas"],
+      outer_params=packed.params["outer"],
+      outer_opt_state=o["outer"],
+      outer_collections=packed.collections["outer"],
+      pending=o["pending"],
+      round_weight=o["round_weight"],
+      frozen=packed.frozen,
+    )
 
 
 def make_outer_optimizer(train_config):
@@ -161,6 +188,7 @@ def weighted_mean(tree, weights):
 
   def mean(x):
     return (jnp.tensordot(w, x.astype(jnp.float32), axes=1) / total).astype(x.dtype)
+
   return jax.tree.map(mean, tree)
 
 
@@ -179,6 +207,7 @@ def tree_mean(tree, weights, groups):
     xg = x.astype(jnp.float32).reshape(groups, -1, *x.shape[1:])
     group_means = jnp.einsum("gr,gr...->g...", w, xg) / group_weight.reshape(-1, *([1] * (x.ndim - 1)))
     return (jnp.tensordot(group_weight, group_means, axes=1) / jnp.sum(group_weight)).astype(x.dtype)
+
   return jax.tree.map(mean, tree)
 
 
@@ -237,8 +266,10 @@ class DiLoCo:
     validate_config(config, num_devices=len(devices))
     t = config.train
     if t.strategy not in STRATEGIES:
-      raise ConfigError(f"config.train.strategy={t.strategy!r} is not a strategy of zoo.engine.diloco; allowed: "
-                        f"{list(STRATEGIES)} (or 'data_parallel', zoo.engine.trainer.train)")
+      raise ConfigError(
+        f"config.train.strategy={t.strategy!r} is not a strategy of zoo.engine.diloco; allowed: "
+        f"{list(STRATEGIES)} (or 'data_parallel', zoo.engine.trainer.train)"
+      )
     self.config = config
     self.strategy = t.strategy
     self.replicas = m = int(t.replicas)
@@ -250,10 +281,13 @@ class DiLoCo:
     replica_config = copy.deepcopy(config)
     replica_config.train.strategy = "data_parallel"
     replica_config.train.batch_size = self.batch_size // m
-    self.exp = exp = Experiment(replica_config, devices[:len(devices) // groups])
+    self.exp = exp = Experiment(replica_config, devices[: len(devices) // groups])
     shape = tuple(exp.mesh.devices.shape)
-    self.mesh = Mesh(np.array(devices, dtype=object).reshape(groups, *shape), (REPLICA, *sharding.MESH_AXES),
-                     axis_types=(AxisType.Auto,) * (1 + len(shape)))
+    self.mesh = Mesh(
+      np.array(devices, dtype=object).reshape(groups, *shape),
+      (REPLICA, *sharding.MESH_AXES),
+      axis_types=(AxisType.Auto,) * (1 + len(shape)),
+    )
     exp.mesh = self.mesh  # the replica experiment's state and steps now live on the replica mesh
     self.outer_tx = make_outer_optimizer(t)
     self.info = exp.info
@@ -263,27 +297,39 @@ class DiLoCo:
     base = state_shardings(exp.model, exp.tx, exp.task, exp.dummy, self.mesh, exp.mask)
     boxed = jax.eval_shape(lambda r: init_variables(exp.model, exp.task, exp.dummy, r), jax.random.key(0))
     boxed_params, _ = partition.split(boxed["params"], exp.mask)
-    outer_opt = sharding.logical_to_sharding(nn.get_partition_spec(jax.eval_shape(self.outer_tx.init, boxed_params)),
-                                             self.mesh)
+    outer_opt = sharding.logical_to_sharding(
+      nn.get_partition_spec(jax.eval_shape(self.outer_tx.init, boxed_params)), self.mesh
+    )
     stack = lambda tree: jax.tree.map(lambda s: NamedSharding(self.mesh, P(REPLICA, *s.spec)), tree)
     self.base_shardings = base
     self.shardings = DiLoCoState(
-        step=base.step, outer_steps=base.step, params=stack(base.params), opt_state=stack(base.opt_state),
-        collections=stack(base.collections), outer_params=base.params, outer_opt_state=outer_opt,
-        outer_collections=base.collections, pending=base.params if self.overlap else {},
-        round_weight=NamedSharding(self.mesh, P()), frozen=base.frozen)
+      step=base.step,
+      outer_steps=base.step,
+      params=stack(base.params),
+      opt_state=stack(base.opt_state),
+      collections=stack(base.collections),
+      outer_params=base.params,
+      outer_opt_state=outer_opt,
+      outer_collections=base.collections,
+      pending=base.params if self.overlap else {},
+      round_weight=NamedSharding(self.mesh, P()),
+      frozen=base.frozen,
+    )
     shapes = jax.eval_shape(self._stack, exp.abstract_state()[0])
-    self.abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                                 self.shardings)
+    self.abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.shardings
+    )
     self.router_mask = router_mask(self.abstract.outer_params)
     self.routed = "expert_ids" in getattr(type(exp.model), "exposes", ()) or any(self.router_mask.values())
     # The communication ledger (module docstring).
     averaged = _tree_bytes(self.abstract.outer_params) + _tree_bytes(
-        [x for x in jax.tree.leaves(self.abstract.outer_collections) if _floating(x)])
+      [x for x in jax.tree.leaves(self.abstract.outer_collections) if _floating(x)]
+    )
     self.outer_bytes = averaged * (2 if self.strategy == "fedavg_hierarchical" else 1)
     self.grad_bytes = _tree_bytes(self.abstract.outer_params)
-    local_groups = sum(any(d.process_index == jax.process_index() for d in self.mesh.devices[g].flat)
-                       for g in range(groups))
+    local_groups = sum(
+      any(d.process_index == jax.process_index() for d in self.mesh.devices[g].flat) for g in range(groups)
+    )
     self.local_replicas = local_groups * (m // groups)
 
   # --- state ---
@@ -293,11 +339,18 @@ class DiLoCo:
     m = self.replicas
     bcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x[None], (m, *x.shape)), tree)
     return DiLoCoState(
-        step=state.step, outer_steps=jnp.zeros((), jnp.int32), params=bcast(state.params),
-        opt_state=bcast(state.opt_state), collections=bcast(state.collections), outer_params=state.params,
-        outer_opt_state=self.outer_tx.init(state.params), outer_collections=state.collections,
-        pending=jax.tree.map(jnp.zeros_like, state.params) if self.overlap else {},
-        round_weight=jnp.zeros((m,), jnp.float32), frozen=state.frozen)
+      step=state.step,
+      outer_steps=jnp.zeros((), jnp.int32),
+      params=bcast(state.params),
+      opt_state=bcast(state.opt_state),
+      collections=bcast(state.collections),
+      outer_params=state.params,
+      outer_opt_state=self.outer_tx.init(state.params),
+      outer_collections=state.collections,
+      pending=jax.tree.map(jnp.zeros_like, state.params) if self.overlap else {},
+      round_weight=jnp.zeros((m,), jnp.float32),
+      frozen=state.frozen,
+    )
 
   def init_state(self, loaded=()):
     """The state of step 0 (the engine's init for `config.seed`, with `config.init_from`'s variables overlaid),
@@ -312,10 +365,13 @@ class DiLoCo:
   def _reduce_metrics(self, metrics):
     """Per-replica train-step metrics [M, ...] -> the metrics of the global batch (task sums added, aux loss, grad
     norm and model metrics averaged over replicas) plus 'replica_model': the per-replica `expert_load`."""
-    out = {"stats": jax.tree.map(lambda x: jnp.sum(x, 0), metrics["stats"]),
-           "aux_loss": jnp.mean(metrics["aux_loss"]), "grad_norm": jnp.mean(metrics["grad_norm"]),
-           "learning_rate": metrics["learning_rate"][0],
-           "model": jax.tree.map(lambda x: jnp.mean(x, 0), metrics["model"])}
+    out = {
+      "stats": jax.tree.map(lambda x: jnp.sum(x, 0), metrics["stats"]),
+      "aux_loss": jnp.mean(metrics["aux_loss"]),
+      "grad_norm": jnp.mean(metrics["grad_norm"]),
+      "learning_rate": metrics["learning_rate"][0],
+      "model": jax.tree.map(lambda x: jnp.mean(x, 0), metrics["model"]),
+    }
     if "expert_load" in metrics["model"]:
       out["replica_model"] = {"expert_load": metrics["model"]["expert_load"]}
     return out
@@ -324,11 +380,21 @@ class DiLoCo:
     """One inner step of every replica. batch: leaves [M, batch_size / M, ...]. Returns (state, metrics)."""
     step_fn = self.exp.make_train_step(self.exp.abstract_state()[1], self.exp.dummy).__wrapped__
     axes = TrainState(step=None, params=0, opt_state=0, collections=0, frozen=None)
-    replicated = TrainState(step=state.step, params=state.params, opt_state=state.opt_state,
-                            collections=state.collections, frozen=state.frozen)
+    replicated = TrainState(
+      step=state.step,
+      params=state.params,
+      opt_state=state.opt_state,
+      collections=state.collections,
+      frozen=state.frozen,
+    )
     new, metrics = jax.vmap(step_fn, in_axes=(axes, 0), out_axes=(axes, 0), spmd_axis_name=REPLICA)(replicated, batch)
-    state = state.replace(step=new.step, params=new.params, opt_state=new.opt_state, collections=new.collections,
-                          round_weight=state.round_weight + metrics["stats"]["weight"].astype(jnp.float32))
+    state = state.replace(
+      step=new.step,
+      params=new.params,
+      opt_state=new.opt_state,
+      collections=new.collections,
+      round_weight=state.round_weight + metrics["stats"]["weight"].astype(jnp.float32),
+    )
     return state, self._reduce_metrics(metrics)
 
   def aggregate(self, tree, weights):
@@ -355,10 +421,16 @@ class DiLoCo:
     collections = jax.tree.map(lambda x, f: self.aggregate(x, weights) if f else x[0], state.collections, floats)
     bcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x[None], (m, *x.shape)), tree)
     metrics = {"router_drift": router_drift(state.params, self.router_mask)}
-    state = state.replace(outer_steps=state.outer_steps + 1, params=bcast(outer), outer_params=outer,
-                          outer_opt_state=outer_opt_state, collections=bcast(collections),
-                          outer_collections=collections, pending=pending,
-                          round_weight=jnp.zeros_like(state.round_weight))
+    state = state.replace(
+      outer_steps=state.outer_steps + 1,
+      params=bcast(outer),
+      outer_params=outer,
+      outer_opt_state=outer_opt_state,
+      collections=bcast(collections),
+      outer_collections=collections,
+      pending=pending,
+      round_weight=jnp.zeros_like(state.round_weight),
+    )
     return state, metrics
 
   def batch_sharding(self, ndim):
@@ -368,19 +440,31 @@ class DiLoCo:
   def batch_spec(self, batch_size):
     spec = self.exp.task.batch_spec(self.info, self.config.data, batch_size)
     m = self.replicas
-    return {k: jax.ShapeDtypeStruct((m, v.shape[0] // m, *v.shape[1:]), v.dtype,
-                                    sharding=self.batch_sharding(v.ndim + 1)) for k, v in spec.items()}
+    return {
+      k: jax.ShapeDtypeStruct((m, v.shape[0] // m, *v.shape[1:]), v.dtype, sharding=self.batch_sharding(v.ndim + 1))
+      for k, v in spec.items()
+    }
 
   def compile_steps(self):
     """(inner step, outer step), compiled ahead of time for `self.abstract`; the inner step is refused when XLA's
     estimate of its memory exceeds a device's."""
     with sharding.mesh_context(self.mesh):
-      inner = jax.jit(self.inner_step, out_shardings=(self.shardings, NamedSharding(self.mesh, P())),
-                      donate_argnums=0).lower(self.abstract, self.batch_spec(self.batch_size)).compile()
-      outer = jax.jit(self.outer_step, out_shardings=(self.shardings, NamedSharding(self.mesh, P())),
-                      donate_argnums=0).lower(self.abstract).compile()
-    check_memory(inner, self.mesh.local_devices[0], "train.batch_size (or raise train.grad_accum_steps or "
-                 "train.replicas), the input size (data.seq_len) or the model")
+      inner = (
+        jax.jit(self.inner_step, out_shardings=(self.shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
+        .lower(self.abstract, self.batch_spec(self.batch_size))
+        .compile()
+      )
+      outer = (
+        jax.jit(self.outer_step, out_shardings=(self.shardings, NamedSharding(self.mesh, P())), donate_argnums=0)
+        .lower(self.abstract)
+        .compile()
+      )
+    check_memory(
+      inner,
+      self.mesh.local_devices[0],
+      "train.batch_size (or raise train.grad_accum_steps or "
+      "train.replicas), the input size (data.seq_len) or the model",
+    )
     return inner, outer
 
   def replica_batch(self, batch):
@@ -412,24 +496,35 @@ class DiLoCo:
     def step(state, batch):
       stats, metrics = jax.vmap(step_fn, in_axes=(None, 0), spmd_axis_name=REPLICA)(state, batch)
       return jax.tree.map(lambda x: jnp.sum(x, 0), stats), jax.tree.map(lambda x: jnp.mean(x, 0), metrics)
+
     return jax.jit(step, out_shardings=NamedSharding(self.mesh, P()))
 
   def run_eval(self, state, eval_step):
     """Score theta_outer on `config.data.eval_split` as `Experiment.run_eval` does (the same batches)."""
     batches = self.make_iterator(self.config.data.eval_split, repeat=False, drop_remainder=False)
-    return self.exp.run_eval(state.outer_state(), eval_step, batches,
-                             place=lambda batch: self.replica_batch(self.pad(batch)))
+    return self.exp.run_eval(
+      state.outer_state(), eval_step, batches, place=lambda batch: self.replica_batch(self.pad(batch))
+    )
 
   def export_state(self, state):
     """theta_outer as the engine's TrainState (for `WORKDIR/checkpoints`): its optimizer state the replicas' inner
     states averaged (floating leaves; others from replica 0)."""
     opt_state = jax.tree.map(lambda x: jnp.mean(x, 0).astype(x.dtype) if _floating(x) else x[0], state.opt_state)
-    return TrainState(step=state.step, params=state.outer_params, opt_state=opt_state,
-                      collections=state.outer_collections, frozen=state.frozen)
+    return TrainState(
+      step=state.step,
+      params=state.outer_params,
+      opt_state=opt_state,
+      collections=state.outer_collections,
+      frozen=state.frozen,
+    )
 
   def metadata(self):
-    return {"strategy": self.strategy, "replicas": self.replicas, "inner_steps": self.inner_steps,
-            "fedavg_groups": self.groups}
+    return {
+      "strategy": self.strategy,
+      "replicas": self.replicas,
+      "inner_steps": self.inner_steps,
+      "fedavg_groups": self.groups,
+    }
 
 
 def _check_metadata(directory, metadata, has_steps):
@@ -441,8 +536,10 @@ def _check_metadata(directory, metadata, has_steps):
       saved = json.load(f)
     for key in ("replicas", "strategy"):
       if saved.get(key) != metadata[key]:
-        raise ConfigError(f"config.train.{key}={metadata[key]!r} is invalid for this workdir; allowed: "
-                          f"{saved.get(key)!r}, the {key} of the checkpoints in {directory} (or a new workdir)")
+        raise ConfigError(
+          f"config.train.{key}={metadata[key]!r} is invalid for this workdir; allowed: "
+          f"{saved.get(key)!r}, the {key} of the checkpoints in {directory} (or a new workdir)"
+        )
     return
   if jax.process_index() == 0:
     os.makedirs(directory, exist_ok=True)
@@ -486,16 +583,19 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
     strategy.make_iterator(config.data.eval_split, repeat=False)  # a bad eval split fails now
     latest = ckpt.latest_step()
     if latest is None and export.latest_step() is not None:
-      raise CheckpointError(f"{export.directory} holds checkpoints (latest step {export.latest_step()}) but "
-                            f"{ckpt.directory} holds no {strategy.strategy} state; allowed: a new workdir (with "
-                            f"config.init_from={workdir!r} to start from those weights) or "
-                            "train.strategy='data_parallel'")
+      raise CheckpointError(
+        f"{export.directory} holds checkpoints (latest step {export.latest_step()}) but "
+        f"{ckpt.directory} holds no {strategy.strategy} state; allowed: a new workdir (with "
+        f"config.init_from={workdir!r} to start from those weights) or "
+        "train.strategy='data_parallel'"
+      )
     _check_metadata(ckpt.directory, strategy.metadata(), latest is not None)
     if step is not None:
       if step not in ckpt.all_steps():
         raise CheckpointError(f"--step={step}: no such checkpoint in {ckpt.directory}; steps: {ckpt.all_steps()}")
-      moved = ([f"{STATE_DIR}/{name}" for name in ckpt.set_aside_after(step)] +
-               [f"checkpoints/{name}" for name in export.set_aside_after(step)])
+      moved = [f"{STATE_DIR}/{name}" for name in ckpt.set_aside_after(step)] + [
+        f"checkpoints/{name}" for name in export.set_aside_after(step)
+      ]
       if moved:
         _log(primary, f"resuming from step {step}: later checkpoints set aside (kept) as {moved}")
       latest = step
@@ -530,16 +630,33 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       """The communication ledger of a log record: bytes of this step's and all outer all-reduces, and what data
       parallelism would have sent."""
       outer_steps = int(jax.device_get(state.outer_steps))
-      return dict(comm_bytes=strategy.outer_bytes if is_outer else 0, comm_bytes_total=outer_steps * strategy.outer_bytes,
-                  comm_bytes_data_parallel_total=step * strategy.grad_bytes, outer_steps=outer_steps)
+      return dict(
+        comm_bytes=strategy.outer_bytes if is_outer else 0,
+        comm_bytes_total=outer_steps * strategy.outer_bytes,
+        comm_bytes_data_parallel_total=step * strategy.grad_bytes,
+        outer_steps=outer_steps,
+      )
 
     def save(step, state):
       data_state = train_iter.get_state()
       ckpt.save(step, state.packed(), data_state)
       export.save(step, export_fn(state), data_state)
 
-    return run_steps(state, workdir=workdir, config=config, task=exp.task, train_iter=train_iter, sigterm=sigterm,
-                     primary=primary, progress=progress, stack=stack, checkpointers=(ckpt, export),
-                     advance=advance, host_metrics=lambda metrics: _host_record(strategy, metrics)[0],
-                     params_finite=lambda state: bool(_all_finite((state.params, state.outer_params))), save=save,
-                     evaluate=lambda state: strategy.run_eval(state, eval_step), log_extras=communication)
+    return run_steps(
+      state,
+      workdir=workdir,
+      config=config,
+      task=exp.task,
+      train_iter=train_iter,
+      sigterm=sigterm,
+      primary=primary,
+      progress=progress,
+      stack=stack,
+      checkpointers=(ckpt, export),
+      advance=advance,
+      host_metrics=lambda metrics: _host_record(strategy, metrics)[0],
+      params_finite=lambda state: bool(_all_finite((state.params, state.outer_params))),
+      save=save,
+      evaluate=lambda state: strategy.run_eval(state, eval_step),
+      log_extras=communication,
+    )

@@ -1,4 +1,5 @@
 """Multi-host start-up through JAX's own runtime (`jax.distributed.initialize`)."""
+
 import os
 
 import jax
@@ -27,8 +28,9 @@ def maybe_initialize(coordinator_address=None, num_processes=None, process_id=No
     return False
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address:
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   else:
     jax.distributed.initialize()
   return jax.process_count() > 1

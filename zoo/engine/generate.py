@@ -3,6 +3,7 @@
 Uses the LM contract of `zoo.models`: `init_cache(batch_size, max_length)` (called with `method="init_cache"`) and
 `__call__(tokens, positions=..., cache=...)` returning the updated cache in `ModelOutput.cache`.
 """
+
 import functools
 
 import jax

@@ -1,4 +1,5 @@
 """Will a compiled step fit? XLA's memory estimate of a compiled program against a device's memory."""
+
 import os
 
 import jax
@@ -23,8 +24,11 @@ def compiled_memory(compiled):
   m = compiled.memory_analysis()
   if m is None:
     return None, {}
-  parts = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes - m.alias_size_in_bytes,
-           "temporaries": m.temp_size_in_bytes}
+  parts = {
+    "arguments": m.argument_size_in_bytes,
+    "outputs": m.output_size_in_bytes - m.alias_size_in_bytes,
+    "temporaries": m.temp_size_in_bytes,
+  }
   return sum(parts.values()), parts
 
 
@@ -41,5 +45,7 @@ def check_memory(compiled, device, what_to_lower):
   if need is None or need <= have:
     return
   detail = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in parts.items())
-  raise ConfigError(f"one training step needs about {need / GIB:.1f} GiB per device (XLA's estimate: {detail}) but a "
-                    f"{device.platform} device has {have / GIB:.1f} GiB; lower {what_to_lower}")
+  raise ConfigError(
+    f"one training step needs about {need / GIB:.1f} GiB per device (XLA's estimate: {detail}) but a "
+    f"{device.platform} device has {have / GIB:.1f} GiB; lower {what_to_lower}"
+  )

@@ -1,4 +1,5 @@
 """AdamW with gradient clipping and a learning-rate schedule."""
+
 import jax
 import optax
 
@@ -17,8 +18,9 @@ def make_schedule(opt_config, total_steps):
   warmup = min(warmup, total_steps)
   name = opt_config.schedule
   if name == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
-                                              end_value=lr * float(opt_config.end_lr_fraction))
+    return optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup, max(total_steps, warmup + 1), end_value=lr * float(opt_config.end_lr_fraction)
+    )
   warm = optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
   if name == "constant":
     return optax.join_schedules([warm, optax.constant_schedule(lr)], [warmup])
@@ -26,10 +28,13 @@ def make_schedule(opt_config, total_steps):
     decay_steps = int(round(total_steps * float(opt_config.decay_fraction)))
     stable = max(total_steps - decay_steps - warmup, 0)
     return optax.join_schedules(
-        [warm, optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(decay_steps, 1))],
-        [warmup, warmup + stable])
-  raise ConfigError(f"config.optimizer.schedule={name!r} is not known; choose one of "
-                    "['warmup_cosine', 'warmup_stable_decay', 'constant']")
+      [warm, optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(decay_steps, 1))],
+      [warmup, warmup + stable],
+    )
+  raise ConfigError(
+    f"config.optimizer.schedule={name!r} is not known; choose one of "
+    "['warmup_cosine', 'warmup_stable_decay', 'constant']"
+  )
 
 
 def _decay_mask(params):
@@ -50,6 +55,14 @@ def make_optimizer(opt_config, total_steps):
   parts = []
   if opt_config.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(opt_config.grad_clip_norm)))
-  parts.append(optax.adamw(schedule, b1=float(opt_config.b1), b2=float(opt_config.b2), eps=float(opt_config.eps),
-                           weight_decay=float(opt_config.weight_decay), mask=_decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=float(opt_config.b1),
+      b2=float(opt_config.b2),
+      eps=float(opt_config.eps),
+      weight_decay=float(opt_config.weight_decay),
+      mask=_decay_mask,
+    )
+  )
   return optax.chain(*parts), schedule

@@ -6,6 +6,7 @@ none of those, or when the model's optional hook `trainable_params(params) -> py
 parts are nested dicts holding disjoint paths; the train step differentiates the trainable part only, so frozen
 parameters get no gradient buffers and no optimizer state.
 """
+
 import re
 
 import flax.linen as nn
@@ -31,16 +32,21 @@ def trainable_mask(params, model=None, trainable=(), frozen=()):
     for pattern in patterns:
       if not any(re.search(pattern, name) for name in names.values()):
         example = next(iter(names.values()), "")
-        raise ConfigError(f"config.{key}: pattern {pattern!r} matches no parameter; parameter paths look like "
-                          f"{example!r} ({len(names)} parameters)")
-  mask = {path: (not trainable or any(re.search(p, name) for p in trainable)) and
-          not any(re.search(p, name) for p in frozen) for path, name in names.items()}
+        raise ConfigError(
+          f"config.{key}: pattern {pattern!r} matches no parameter; parameter paths look like "
+          f"{example!r} ({len(names)} parameters)"
+        )
+  mask = {
+    path: (not trainable or any(re.search(p, name) for p in trainable)) and not any(re.search(p, name) for p in frozen)
+    for path, name in names.items()
+  }
   hook = getattr(model, "trainable_params", None)
   if hook is not None:
     flags = traverse_util.flatten_dict(hook(nn.unbox(params)))
     if set(flags) != set(flat) or not all(isinstance(f, bool) for f in flags.values()):
-      raise ValueError(f"{type(model).__name__}.trainable_params must return one Python bool per parameter, in the "
-                       "structure of params")
+      raise ValueError(
+        f"{type(model).__name__}.trainable_params must return one Python bool per parameter, in the structure of params"
+      )
     mask = {path: mask[path] and flags[path] for path in flat}
   return mask
 

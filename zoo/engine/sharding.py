@@ -4,12 +4,13 @@ Layers name their parameter and activation axes with logical names (`nn.with_log
 `nn.with_logical_constraint`); the table `LOGICAL_AXIS_RULES` (in `zoo.layers.axes`, re-exported here with
 `MESH_AXES` and `logical_to_sharding`) maps them onto the mesh axes ('data', 'fsdp', 'expert', 'tensor').
 """
+
 import contextlib
 import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 # The logical-axis table lives below the engine (layers, routing and checkpoints use it); re-exported here.
 from zoo.layers.axes import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_sharding  # noqa: F401
@@ -30,8 +31,10 @@ def resolve_mesh_shape(mesh_config, num_devices):
       raise ValueError(f"config.mesh: {num_devices} devices cannot be split with fixed axes {sizes}")
     sizes[free[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"config.mesh {sizes} uses {math.prod(sizes.values())} devices but {num_devices} exist; "
-                     "set one axis to -1 to take the rest")
+    raise ValueError(
+      f"config.mesh {sizes} uses {math.prod(sizes.values())} devices but {num_devices} exist; "
+      "set one axis to -1 to take the rest"
+    )
   return tuple(sizes[a] for a in MESH_AXES)
 
 
@@ -54,11 +57,13 @@ def replicated(mesh):
 def mesh_context(mesh, rules=LOGICAL_AXIS_RULES):
   """Make `mesh` and the logical-axis rules current, so `nn.with_logical_constraint` in layers takes effect."""
   import flax.linen as nn
+
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
 
 def global_batch(batch, mesh):
   """Turn this host's share of a batch (dict of numpy arrays) into global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v)) for k, v in batch.items()
+  }

@@ -1,4 +1,5 @@
 """The train state, created already sharded over the mesh."""
+
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ class TrainState:
   frozen: the frozen parameters (disjoint paths, `zoo.engine.partition`; {} when none); opt_state: optax state of
   `params` only; collections: every other Linen collection the model keeps (e.g. `batch_stats`, `routing_state`),
   updated by the train step, not the optimizer."""
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -36,11 +38,14 @@ def init_variables(model, task, batch_spec, rng):
 
 def _init_fn(model, tx, task, dummy_batch, mask):
   """`dummy_batch`: ShapeDtypeStructs; `mask`: {param path: trainable} (`partition.trainable_mask`)."""
+
   def init(rng):
     variables = init_variables(model, task, dummy_batch, rng)
     params, frozen = partition.split(variables.pop("params"), mask)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      collections=variables, frozen=frozen)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), collections=variables, frozen=frozen
+    )
+
   return init
 
 

@@ -4,6 +4,7 @@
 Both are model-agnostic: the model comes from `zoo.models`, how a batch feeds it and is scored from the task
 (`zoo.tasks`), what else evaluation computes from the evaluators (`zoo.evaluators`).
 """
+
 import contextlib
 import json
 import os
@@ -17,7 +18,7 @@ import optax
 from flax import traverse_util
 
 from zoo.engine import partition, sharding
-from zoo.engine.checkpoint import CheckpointError, Checkpointer, CheckpointNotFound, restore_variables
+from zoo.engine.checkpoint import Checkpointer, CheckpointError, CheckpointNotFound, restore_variables
 from zoo.engine.config import dataset_info, init_sources, validate_config
 from zoo.engine.memory import check_memory
 from zoo.engine.optim import make_optimizer
@@ -58,8 +59,9 @@ class Experiment:
     self.batch_spec = self.task.batch_spec(self.info, config.data, int(config.train.batch_size))
     self.local_batch = int(config.train.batch_size) // jax.process_count()
     abstract = jax.eval_shape(lambda r: init_variables(self.model, self.task, self.dummy, r), jax.random.key(0))
-    self.mask = partition.trainable_mask(abstract["params"], self.model, tuple(config.trainable_params),
-                                         tuple(config.frozen_params))
+    self.mask = partition.trainable_mask(
+      abstract["params"], self.model, tuple(config.trainable_params), tuple(config.frozen_params)
+    )
 
   def batch_shardings(self, batch):
     return {k: sharding.batch_sharding(self.mesh, len(np.shape(v))) for k, v in batch.items()}
@@ -88,6 +90,7 @@ class Experiment:
         raise ConfigError(f"config.init_from: the model has no parameters under {path!r}")
       if source.startswith("hf:"):
         from zoo.checkpoints import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
+
         _, variables = load_hf_checkpoint(source)
         _check_fits(variables, sub, source)
       else:
@@ -112,19 +115,28 @@ class Experiment:
     """`state` with the whole params tree `params`, split into its trainable and frozen parts, placed in
     `shardings`."""
     trainable, frozen = partition.split(params, self.mask)
-    return state.replace(params=jax.device_put(trainable, shardings.params),
-                         frozen=jax.device_put(frozen, shardings.frozen))
+    return state.replace(
+      params=jax.device_put(trainable, shardings.params), frozen=jax.device_put(frozen, shardings.frozen)
+    )
 
   def make_iterator(self, split, repeat, drop_remainder=True, global_batch_size=None):
     """This host's iterator over `split` in global batches of `global_batch_size` (default `train.batch_size`). A
     partial last batch is kept only in single-process runs: hosts could otherwise run different numbers of
     (collective) eval steps."""
     from zoo.data import make_iterator  # pylint: disable=g-import-not-at-top
+
     drop_remainder = drop_remainder or jax.process_count() > 1
     global_batch_size = int(self.config.train.batch_size) if global_batch_size is None else global_batch_size
-    return make_iterator(self.config.data, split=split, global_batch_size=global_batch_size,
-                         seed=int(self.config.seed), process_index=jax.process_index(),
-                         process_count=jax.process_count(), repeat=repeat, drop_remainder=drop_remainder)
+    return make_iterator(
+      self.config.data,
+      split=split,
+      global_batch_size=global_batch_size,
+      seed=int(self.config.seed),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      repeat=repeat,
+      drop_remainder=drop_remainder,
+    )
 
   def task_rngs(self, rng):
     """One key per random stream of the task, derived from `rng`."""
@@ -168,35 +180,49 @@ class Experiment:
       def body(carry, inputs):
         grads, collections = carry
         i, mb = inputs
-        (_, (stats, model_out, collections)), g = grad_fn(state.params, state.frozen, collections, mb,
-                                                          jax.random.fold_in(rng, i))
+        (_, (stats, model_out, collections)), g = grad_fn(
+          state.params, state.frozen, collections, mb, jax.random.fold_in(rng, i)
+        )
         grads = jax.tree.map(lambda a, b: a + b / accum, grads, g)
         return (grads, collections), (stats, model_out.aux_loss, model_out.metrics)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, collections), (stats, aux, model_metrics) = jax.lax.scan(
-          body, (zeros, state.collections), (jnp.arange(accum), micro))
+        body, (zeros, state.collections), (jnp.arange(accum), micro)
+      )
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      metrics = {"stats": jax.tree.map(lambda x: jnp.sum(x, 0), stats), "aux_loss": jnp.mean(aux),
-                 "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step),
-                 "model": jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), 0), model_metrics)}
+      metrics = {
+        "stats": jax.tree.map(lambda x: jnp.sum(x, 0), stats),
+        "aux_loss": jnp.mean(aux),
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": self.schedule(state.step),
+        "model": jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), 0), model_metrics),
+      }
       new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, collections=collections)
       return new_state, metrics
 
-    return jax.jit(step, in_shardings=(state_shardings, self.batch_shardings(batch_example)),
-                   out_shardings=(state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+    return jax.jit(
+      step,
+      in_shardings=(state_shardings, self.batch_shardings(batch_example)),
+      out_shardings=(state_shardings, sharding.replicated(self.mesh)),
+      donate_argnums=0,
+    )
 
   def compile_train_step(self, state_shardings, abstract_state):
     """The train step compiled ahead of time for `abstract_state`, refused when XLA's estimate of its memory (state,
     batch and temporaries, per device) exceeds a device's memory; nothing is allocated before this check."""
     shardings = self.batch_shardings(self.batch_spec)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-                      for k, v in self.batch_spec.items()}
+    abstract_batch = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in self.batch_spec.items()
+    }
     with sharding.mesh_context(self.mesh):
       compiled = self.make_train_step(state_shardings, self.dummy).lower(abstract_state, abstract_batch).compile()
-    check_memory(compiled, self.mesh.local_devices[0], "train.batch_size (or raise train.grad_accum_steps), "
-                 "the input size (data.seq_len) or the model")
+    check_memory(
+      compiled,
+      self.mesh.local_devices[0],
+      "train.batch_size (or raise train.grad_accum_steps), the input size (data.seq_len) or the model",
+    )
     return compiled
 
   def host_metrics(self, metrics):
@@ -204,17 +230,27 @@ class Experiment:
     if "stats" not in metrics:
       return metrics
     metrics = jax.device_get(metrics)
-    return {**self.task.finalize(metrics["stats"], self.info), "aux_loss": metrics["aux_loss"],
-            "grad_norm": metrics["grad_norm"], "learning_rate": metrics["learning_rate"], **metrics["model"]}
+    return {
+      **self.task.finalize(metrics["stats"], self.info),
+      "aux_loss": metrics["aux_loss"],
+      "grad_norm": metrics["grad_norm"],
+      "learning_rate": metrics["learning_rate"],
+      **metrics["model"],
+    }
 
   def make_eval_step(self, state_shardings, batch_example):
     """A jitted `(state, batch) -> (weighted sums, model metrics)`."""
+
     def step(state, batch):
       inputs, targets = self.task.prepare(batch, self.eval_rngs())
       outputs, model_out, _ = self._apply(state.variables(), inputs, train=False)
       return self.task.stats(outputs, targets, batch), model_out.metrics
-    return jax.jit(step, in_shardings=(state_shardings, self.batch_shardings(batch_example)),
-                   out_shardings=sharding.replicated(self.mesh))
+
+    return jax.jit(
+      step,
+      in_shardings=(state_shardings, self.batch_shardings(batch_example)),
+      out_shardings=sharding.replicated(self.mesh),
+    )
 
   def run_eval(self, state, eval_step, batches=None, place=None):
     """Score `state` on `config.data.eval_split` (`eval_batches` batches, or all when <= 0: every example exactly
@@ -273,8 +309,10 @@ def _check_fits(variables, target, source):
     if key not in want:
       raise ConfigError(f"config.init_from: {source} holds {'/'.join(key)}, which the model does not have there")
     if tuple(np.shape(value)) != tuple(want[key].shape):
-      raise ConfigError(f"config.init_from: {'/'.join(key)} has shape {tuple(np.shape(value))} in {source} but "
-                        f"{tuple(want[key].shape)} in the model")
+      raise ConfigError(
+        f"config.init_from: {'/'.join(key)} has shape {tuple(np.shape(value))} in {source} but "
+        f"{tuple(want[key].shape)} in the model"
+      )
 
 
 def use_hf_model_config(config):
@@ -293,6 +331,7 @@ def use_hf_model_config(config):
     return
   from zoo.checkpoints import hf_model_config  # pylint: disable=g-import-not-at-top
   from zoo.data.tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+
   hf = hf_model_config(source[3:])
   kept = dict(config.model) if config.model.get("name") == hf.name else {}
   config.model = type(config.model)({**kept, **hf})
@@ -300,9 +339,11 @@ def use_hf_model_config(config):
     config.data.tokenizer = source
   info = dataset_info(config.data)
   if "vocab_size" in info and hf.vocab_size < info["vocab_size"]:
-    raise ConfigError(f"config.init_from={source!r}: the model's vocab_size={hf.vocab_size} is smaller than the "
-                      f"tokenizer's vocab_size={info['vocab_size']} (data.tokenizer={config.data.tokenizer!r}); "
-                      "allowed: a model whose vocabulary covers the data's token ids")
+    raise ConfigError(
+      f"config.init_from={source!r}: the model's vocab_size={hf.vocab_size} is smaller than the "
+      f"tokenizer's vocab_size={info['vocab_size']} (data.tokenizer={config.data.tokenizer!r}); "
+      "allowed: a model whose vocabulary covers the data's token ids"
+    )
 
 
 class _Sigterm:
@@ -347,6 +388,7 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
   """
   if config.train.get("strategy", "data_parallel") != "data_parallel":  # DiLoCo, FedAvg: their own trainer
     from zoo.engine import diloco  # pylint: disable=g-import-not-at-top
+
     return diloco.train(config, workdir, devices=devices, progress=progress, step=step)
   exp = Experiment(config, devices)
   primary = jax.process_index() == 0
@@ -355,8 +397,11 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
     if primary:
       stack.enter_context(WorkdirLock(workdir))
     sigterm = stack.enter_context(_Sigterm())
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.checkpoint.keep),
-                        use_async=bool(config.checkpoint.async_save))
+    ckpt = Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      keep=int(config.checkpoint.keep),
+      use_async=bool(config.checkpoint.async_save),
+    )
     stack.callback(ckpt.close)
     train_iter = exp.make_iterator(config.data.train_split, repeat=True)
     exp.make_iterator(config.data.eval_split, repeat=False)  # a bad eval split fails now, not after training
@@ -387,12 +432,23 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       del step
       return (*train_step(state, sharding.global_batch(exp.pad(batch), exp.mesh)), {}, False)
 
-    return run_steps(state, workdir=workdir, config=config, task=exp.task, train_iter=train_iter, sigterm=sigterm,
-                     primary=primary, progress=progress, stack=stack, checkpointers=(ckpt,),
-                     advance=advance, host_metrics=exp.host_metrics,
-                     params_finite=lambda state: bool(_all_finite(state.params)),
-                     save=lambda step, state: ckpt.save(step, state, train_iter.get_state()),
-                     evaluate=lambda state: exp.run_eval(state, eval_step))
+    return run_steps(
+      state,
+      workdir=workdir,
+      config=config,
+      task=exp.task,
+      train_iter=train_iter,
+      sigterm=sigterm,
+      primary=primary,
+      progress=progress,
+      stack=stack,
+      checkpointers=(ckpt,),
+      advance=advance,
+      host_metrics=exp.host_metrics,
+      params_finite=lambda state: bool(_all_finite(state.params)),
+      save=lambda step, state: ckpt.save(step, state, train_iter.get_state()),
+      evaluate=lambda state: exp.run_eval(state, eval_step),
+    )
 
 
 def log_init_from(loaded, primary):
@@ -401,12 +457,30 @@ def log_init_from(loaded, primary):
     _log(primary, f"initialised {partition.count(variables)} values of {path or 'the model'} from {source}")
 
 
-def run_steps(state, *, workdir, config, task, train_iter, sigterm, primary, progress, stack, checkpointers,
-              advance, host_metrics, params_finite, save, evaluate, log_extras=None):
+def run_steps(
+  state,
+  *,
+  workdir,
+  config,
+  task,
+  train_iter,
+  sigterm,
+  primary,
+  progress,
+  stack,
+  checkpointers,
+  advance,
+  host_metrics,
+  params_finite,
+  save,
+  evaluate,
+  log_extras=None,
+):
   """The step loop `train` and `zoo.engine.diloco.train` share, from the state's step + 1 to `config.train.steps`.
 
-  Opens the run's records (`open_run_records`); stops before the first step if a SIGTERM came already. Evaluates at step 0 of a new run, every `train.eval_every_steps` and at the end; logs every
-  `train.log_every_steps`, at the end and when `advance` asks; saves every `checkpoint.every_steps`, at the end and on
+  Opens the run's records (`open_run_records`); stops before the first step if a SIGTERM came already. Evaluates
+  at step 0 of a new run, every `train.eval_every_steps` and at the end; logs every `train.log_every_steps`, at the
+  end and when `advance` asks; saves every `checkpoint.every_steps`, at the end and on
   SIGTERM (after the NaN guard: a non-finite loss, gradient norm or parameter stops the run with
   TrainingDivergedError before anything is saved), then waits for the save before the final evaluation.
 
@@ -501,8 +575,11 @@ def open_run_records(stack, workdir, config, start, primary):
   if primary:
     changes = record_config(workdir, config, start)
     if changes:
-      _log(primary, f"warning: resuming step {start} with a config that differs from the run's config.json (kept as "
-                    f"config.step{start}.json): " + "; ".join(changes))
+      _log(
+        primary,
+        f"warning: resuming step {start} with a config that differs from the run's config.json (kept as "
+        f"config.step{start}.json): " + "; ".join(changes),
+      )
   return writer
 
 
@@ -520,11 +597,15 @@ def _check_finite(step, ckpt, metrics, params_finite=True):
     return
   ckpt.wait()
   good = ckpt.good_steps()
-  last = (f"The last good checkpoint is step {good[-1]} in {ckpt.directory}" if good else
-          f"No checkpoint was saved in {ckpt.directory} before it")
+  last = (
+    f"The last good checkpoint is step {good[-1]} in {ckpt.directory}"
+    if good
+    else f"No checkpoint was saved in {ckpt.directory} before it"
+  )
   raise TrainingDivergedError(
-      f"loss={loss} grad_norm={grad_norm} params_finite={bool(params_finite)} at step {step}: training diverged; "
-      f"stopped without saving. {last}")
+    f"loss={loss} grad_norm={grad_norm} params_finite={bool(params_finite)} at step {step}: training diverged; "
+    f"stopped without saving. {last}"
+  )
 
 
 def _format(step, record):
@@ -539,6 +620,7 @@ def _log(primary, text):
 
 def _progress(enabled, start, total):
   from tqdm import tqdm
+
   return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
 
 
@@ -565,8 +647,9 @@ def evaluate(config, workdir, *, step=None, devices=None):
   else:
     directory = os.path.join(workdir, "checkpoints")
     if _latest_step(workdir) is None:
-      raise CheckpointNotFound(f"no checkpoint in {directory}; train first with train.py --workdir {workdir}, "
-                               "or set config.init_from")
+      raise CheckpointNotFound(
+        f"no checkpoint in {directory}; train first with train.py --workdir {workdir}, or set config.init_from"
+      )
     ckpt = Checkpointer(directory, use_async=False, create=False)
     try:
       step = ckpt.latest_step() if step is None else int(step)

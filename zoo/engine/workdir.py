@@ -3,6 +3,7 @@
 A workdir holds `checkpoints/`, `metrics.jsonl`, `tb/`, `config.json` (the config of the latest start) and
 `config.step<N>.json` (the config a run had before it was resumed at step N with a different one).
 """
+
 import datetime
 import fcntl
 import json
@@ -31,10 +32,11 @@ def check_workdir(workdir, *, create):
     try:
       os.makedirs(path)
     except OSError as e:
-      raise WorkdirError(f"--workdir={workdir} cannot be created ({e.strerror}); allowed: a path you can write")
+      raise WorkdirError(f"--workdir={workdir} cannot be created ({e.strerror}); allowed: a path you can write") from e
   if not os.access(path, os.W_OK | os.X_OK):
-    raise WorkdirError(f"--workdir={workdir} is not writable; allowed: a directory you can write (copy a read-only "
-                       "run to one first)")
+    raise WorkdirError(
+      f"--workdir={workdir} is not writable; allowed: a directory you can write (copy a read-only run to one first)"
+    )
   return path
 
 
@@ -58,9 +60,11 @@ class WorkdirLock:
       f.seek(0)
       holder = f.read().strip() or "another process"
       f.close()
-      raise WorkdirError(f"--workdir={os.path.dirname(self.path)} is in use by a training run ({holder}); allowed: "
-                         "one train.py per workdir: wait for it to finish, stop it (it saves on SIGTERM), or use "
-                         "another --workdir") from None
+      raise WorkdirError(
+        f"--workdir={os.path.dirname(self.path)} is in use by a training run ({holder}); allowed: "
+        "one train.py per workdir: wait for it to finish, stop it (it saves on SIGTERM), or use "
+        "another --workdir"
+      ) from None
     f.seek(0)
     f.truncate()
     started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -101,8 +105,11 @@ def record_config(workdir, config, start_step):
       try:
         old = _flat(json.loads(old_text))
         new = _flat(json.loads(text))
-        changes = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
-                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        changes = [
+          f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)
+        ]
       except ValueError:
         changes = ["config.json was unreadable"]
       kept, n = os.path.join(workdir, f"config.step{start_step}.json"), 1

@@ -1,4 +1,5 @@
 """Metric sinks: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events under `WORKDIR/tb`."""
+
 import json
 import os
 
@@ -23,6 +24,7 @@ class MetricsWriter:
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter
+
       os.makedirs(workdir, exist_ok=True)
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
@@ -55,7 +57,8 @@ class MetricsWriter:
     os.replace(partial, self.path)
 
   def write_config(self, config):
-    """Writes the run's resolved config to `workdir/config.json` (read back by `read_config`, `tools/compare_runs.py`)."""
+    """Writes the run's resolved config to `workdir/config.json` (read back by `read_config`,
+    `tools/compare_runs.py`)."""
     if self.enabled:
       with open(os.path.join(os.path.dirname(self.path), "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -68,6 +71,7 @@ class MetricsWriter:
 def read_config(workdir):
   """The `ml_collections.ConfigDict` a run in `workdir` was trained with (its `config.json`)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no config.json in {workdir}: train.py writes it when a run starts")

@@ -17,6 +17,7 @@ sows them into the 'intermediates' collection under those names; the engine name
 `config.evals` empty: the task's `default_evals` plus every evaluator whose `needs` the model exposes and whose
 `tasks` include the config's; a list: exactly those (an evaluator the model or task cannot serve is a ConfigError).
 """
+
 import os
 from typing import ClassVar
 
@@ -34,6 +35,7 @@ get_evaluator = EVALUATORS.get
 
 class Evaluator:
   """Base class; see the module docstring."""
+
   needs: ClassVar[tuple[str, ...]] = ()
   tasks: ClassVar[tuple[str, ...]] = ()
   by_default: ClassVar[bool] = True  # run when config.evals is empty and the model and task can serve it
@@ -45,7 +47,9 @@ class Evaluator:
       return f"it serves tasks {list(cls.tasks)}, not {task_name!r}"
     missing = [n for n in cls.needs if n not in getattr(model, "exposes", ())]
     if missing:
-      return f"model {type(model).__name__} does not expose {missing} (its exposes: {list(getattr(model, 'exposes', ()))})"
+      return (
+        f"model {type(model).__name__} does not expose {missing} (its exposes: {list(getattr(model, 'exposes', ()))})"
+      )
     return None
 
   def __call__(self, ctx):
@@ -78,8 +82,10 @@ def select(names, model, task, task_name):
 def pyplot():
   """matplotlib.pyplot on the file-only Agg backend (evaluators run without a display)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -109,8 +115,7 @@ class EvalContext:
 
   def batches(self, limit):
     """Up to `limit` validation batches (host numpy, padded to the global batch with zero-weight rows)."""
-    for i, batch in enumerate(self.exp.make_iterator(self.config.data.eval_split, repeat=False,
-                                                     drop_remainder=False)):
+    for i, batch in enumerate(self.exp.make_iterator(self.config.data.eval_split, repeat=False, drop_remainder=False)):
       if i == limit:
         break
       yield self.exp.pad(batch)
@@ -122,6 +127,7 @@ class EvalContext:
     """The model's sown per-token output `name` for `batch` (host numpy; padding rows included: see
     batch['weight'])."""
     from zoo.engine import sharding  # pylint: disable=g-import-not-at-top
+
     if name not in self._forwards:
       exp = self.exp
 
@@ -129,10 +135,12 @@ class EvalContext:
         inputs, _ = exp.task.prepare(batch, exp.eval_rngs())
         _, updated = exp.model.apply(variables, **inputs, mutable=["intermediates"])
         return updated["intermediates"][name]
+
       self._forwards[name] = jax.jit(forward, out_shardings=sharding.replicated(exp.mesh))
     global_batch = sharding.global_batch(batch, self.exp.mesh)
     return np.asarray(jax.device_get(self._forwards[name](self.state.variables(), global_batch)))
 
   def tokenizer(self):
     from zoo.data.tokenizer import make_tokenizer  # pylint: disable=g-import-not-at-top
+
     return make_tokenizer(self.config.data.tokenizer)

@@ -1,5 +1,6 @@
 """A heatmap of the expert load per layer (the model's `expert_load` metric [layers, experts], averaged over the
 validation batches by the engine)."""
+
 import numpy as np
 
 from zoo.evaluators.base import Evaluator, pyplot, register_evaluator, save_figure

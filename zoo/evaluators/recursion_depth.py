@@ -1,5 +1,6 @@
 """The recursion depth of each token of one validation sequence, as a PNG (Mixture-of-Recursions and any model that
 exposes 'depth' [B, T])."""
+
 import math
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ def plot_depth_per_token(tokens: Sequence[str], depth, num_recursions: int, path
     title: figure title.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   plt = pyplot()
   depth = np.asarray(depth).reshape(-1)
   if len(tokens) != depth.shape[0]:
@@ -30,14 +32,22 @@ def plot_depth_per_token(tokens: Sequence[str], depth, num_recursions: int, path
   for i, (piece, d) in enumerate(zip(tokens, depth)):
     x, y = i % per_row, rows - 1 - i // per_row
     ax.add_patch(plt.Rectangle((x, y), 1, 1, color=cmap(int(d)), alpha=0.85))
-    ax.text(x + 0.5, y + 0.5, repr(piece)[1:-1][:3], ha="center", va="center", fontsize=7,
-            color="white" if d < num_recursions / 2 else "black")
+    ax.text(
+      x + 0.5,
+      y + 0.5,
+      repr(piece)[1:-1][:3],
+      ha="center",
+      va="center",
+      fontsize=7,
+      color="white" if d < num_recursions / 2 else "black",
+    )
   ax.set_xlim(0, per_row)
   ax.set_ylim(0, rows)
   ax.set_axis_off()
   norm = matplotlib.colors.BoundaryNorm(np.arange(num_recursions + 2) - 0.5, num_recursions + 1)
-  bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, ticks=range(num_recursions + 1),
-                     fraction=0.03)
+  bar = fig.colorbar(
+    matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, ticks=range(num_recursions + 1), fraction=0.03
+  )
   bar.set_label("recursions run")
   ax.set_title(title or "recursion depth per token")
   save_figure(fig, path, dpi=120, bbox_inches="tight")
@@ -46,6 +56,7 @@ def plot_depth_per_token(tokens: Sequence[str], depth, num_recursions: int, path
 @register_evaluator("recursion_depth")
 class RecursionDepth(Evaluator):
   """{'depth_per_token_plot': path} for the first validation sequence."""
+
   needs = ("depth",)
   tasks = ("lm",)
 

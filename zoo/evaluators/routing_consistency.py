@@ -1,5 +1,6 @@
 """Local routing consistency (papers.md A8): SRP and SCH of the experts the model routes validation tokens to
 (`zoo.routing.consistency`), and their plot."""
+
 import numpy as np
 
 from zoo.evaluators.base import Evaluator, pyplot, register_evaluator, save_figure
@@ -44,6 +45,7 @@ def plot_routing_consistency(result, path, *, title="Local routing consistency")
 class RoutingConsistency(Evaluator):
   """{'srp_L<L>': mean over MoE layers, 'sch_L<L>_C<C>': mean over MoE layers, 'routing_consistency_plot': path}
   from the expert ids of up to `ROUTING_BATCHES` validation batches."""
+
   needs = ("expert_ids",)
 
   def __call__(self, ctx):

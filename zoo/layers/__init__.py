@@ -1,5 +1,6 @@
 """Shared layers: attention (GQA and MLA), MLPs, norms, embeddings, rotary positions, KV caches, decoder block,
 accounting."""
+
 from zoo.layers.accounting import count_params, mean_attended_keys, train_flops_per_token
 from zoo.layers.attention import Attention, attention_mask, dot_product_attention, segment_mask
 from zoo.layers.block import DecoderBlock
@@ -12,8 +13,25 @@ from zoo.layers.norms import RMSNorm, rms_norm
 from zoo.layers.rope import ROPE_TYPES, apply_rope, rope_frequencies, scaled_rope_frequencies
 
 __all__ = [
-    "ACTIVATIONS", "Attention", "DecoderBlock", "DenseGeneral", "Embed", "KVCache", "MLACache", "MLP",
-    "MultiHeadLatentAttention", "ROPE_TYPES", "RMSNorm", "apply_rope", "attention_mask", "count_params",
-    "dot_product_attention", "mean_attended_keys", "rms_norm", "rope_frequencies", "scaled_rope_frequencies",
-    "segment_mask", "train_flops_per_token",
+  "ACTIVATIONS",
+  "Attention",
+  "DecoderBlock",
+  "DenseGeneral",
+  "Embed",
+  "KVCache",
+  "MLACache",
+  "MLP",
+  "MultiHeadLatentAttention",
+  "ROPE_TYPES",
+  "RMSNorm",
+  "apply_rope",
+  "attention_mask",
+  "count_params",
+  "dot_product_attention",
+  "mean_attended_keys",
+  "rms_norm",
+  "rope_frequencies",
+  "scaled_rope_frequencies",
+  "segment_mask",
+  "train_flops_per_token",
 ]

@@ -1,4 +1,5 @@
 """Parameter counts and analytic training FLOPs."""
+
 import flax.linen as nn
 import jax
 import numpy as np

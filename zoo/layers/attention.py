@@ -14,6 +14,7 @@
 Masks are boolean `[batch, 1 or heads, q_length, k_length]`, True = may attend. Causality is defined on the absolute
 `positions`, so the same rule serves full forwards and cached decoding (where key slot s holds position s).
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -74,13 +75,15 @@ def dot_product_attention(q, k, v, mask=None):
     raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={kv}")
   g = h // kv
   q = q.reshape(b, t, kv, g, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(
-      jnp.float32)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
   if mask is not None:
     if mask.ndim != 4 or mask.shape[1] not in (1, h):
       raise ValueError(f"attention mask shape {mask.shape} must be [batch, 1 or {h}, q_length, k_length]")
-    mask = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:]) if mask.shape[1] == 1 else mask.reshape(
-        mask.shape[0], kv, g, *mask.shape[2:])
+    mask = (
+      mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:])
+      if mask.shape[1] == 1
+      else mask.reshape(mask.shape[0], kv, g, *mask.shape[2:])
+    )
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
@@ -88,7 +91,8 @@ def dot_product_attention(q, k, v, mask=None):
 
 
 class Attention(nn.Module):
-  """Self-attention (causal by default): q/k/v projections, optional qk-norm and RoPE, GQA, optional sliding window and KV cache.
+  """Self-attention (causal by default): q/k/v projections, optional qk-norm and RoPE, GQA, optional sliding window
+  and KV cache.
 
   Parameters: `query/kernel` [embed, heads, head_dim], `key/kernel` and `value/kernel` [embed, kv_heads, head_dim],
   `out/kernel` [heads, head_dim, embed]; `*/bias` when `qkv_bias` (Qwen2); `query_norm/scale`, `key_norm/scale`
@@ -110,6 +114,7 @@ class Attention(nn.Module):
     qkv_bias: biases on the q/k/v projections.
     norm_epsilon: epsilon of the qk-norms.
   """
+
   num_heads: int
   head_dim: int
   num_kv_heads: int | None = None
@@ -155,8 +160,14 @@ class Attention(nn.Module):
     check_rope_scaling(self.rope_scaling)
 
     def proj(name, heads, axes):
-      return DenseGeneral((heads, self.head_dim), kernel_axes=("embed", axes, "head_dim"), use_bias=self.qkv_bias,
-                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
+      return DenseGeneral(
+        (heads, self.head_dim),
+        kernel_axes=("embed", axes, "head_dim"),
+        use_bias=self.qkv_bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+      )(x)
 
     def position(y):
       return apply_rope(y, positions, theta=self.rope_theta, rope_scaling=self.rope_scaling) if self.use_rope else y
@@ -174,19 +185,27 @@ class Attention(nn.Module):
       else:
         cache = cache.update(k, v, positions)
         k, v, k_positions, k_valid = cache.read()
-    full_mask = attention_mask(positions, k_positions, causal=self.causal, sliding_window=self.sliding_window,
-                               k_valid=k_valid)
+    full_mask = attention_mask(
+      positions, k_positions, causal=self.causal, sliding_window=self.sliding_window, k_valid=k_valid
+    )
     if mask is not None:
       full_mask = full_mask & mask
     out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), full_mask)
-    y = DenseGeneral(x.shape[-1], axis=(-2, -1), kernel_axes=("heads", "head_dim", "embed"), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="out")(out)
+    y = DenseGeneral(
+      x.shape[-1],
+      axis=(-2, -1),
+      kernel_axes=("heads", "head_dim", "embed"),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="out",
+    )(out)
     return y, cache
 
   def _qk_norm(self, x, name):
     """RMSNorm of x [batch, length, heads, head_dim] per head or over the flattened projection."""
     if self.qk_norm_scope == "head":
-      return RMSNorm(self.norm_epsilon, axis_name="head_dim", dtype=self.dtype, param_dtype=self.param_dtype,
-                     name=name)(x)
+      return RMSNorm(
+        self.norm_epsilon, axis_name="head_dim", dtype=self.dtype, param_dtype=self.param_dtype, name=name
+      )(x)
     flat = x.reshape(*x.shape[:2], -1)
     return RMSNorm(self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(flat).reshape(x.shape)

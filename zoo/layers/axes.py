@@ -6,6 +6,7 @@ Layers name their parameter and activation axes with logical names (`nn.with_log
 the engine so that layers, routing and checkpoint loading can use it without importing the engine; the engine
 (`zoo.engine.sharding`) builds the mesh and re-exports these names.
 """
+
 import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -14,20 +15,20 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis name -> mesh axis (or tuple of axes, or None = replicated).
 LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp", "expert")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("expert", "expert"),
-    ("expert_mlp", "tensor"),
-    ("layers", None),
-    ("conv_in", None),
-    ("conv_out", "tensor"),
-    ("norm", None),
+  ("batch", ("data", "fsdp", "expert")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("vocab", "tensor"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("expert", "expert"),
+  ("expert_mlp", "tensor"),
+  ("layers", None),
+  ("conv_in", None),
+  ("conv_out", "tensor"),
+  ("norm", None),
 )
 
 

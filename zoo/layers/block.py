@@ -1,5 +1,6 @@
 """The pre-norm decoder block: `x + Attn(Norm(x))`, then `x + FFN(Norm(x))` (Xiong et al. 2020, "On Layer
 Normalization in the Transformer Architecture", pre-LN; the LLaMA/Qwen layout with RMSNorm)."""
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ class DecoderBlock(nn.Module):
     norm_epsilon: epsilon of the two pre-norms.
     dropout_rate: residual dropout on both sublayer outputs.
   """
+
   attention_factory: Callable[..., nn.Module]
   ffn_factory: Callable[..., nn.Module]
   norm_epsilon: float = 1e-6
@@ -49,11 +51,13 @@ class DecoderBlock(nn.Module):
       (x [batch, length, embed], updated cache or None, ffn aux or None).
     """
     norm = dict(epsilon=self.norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype)
-    h, cache = self.attention_factory(name="attention")(RMSNorm(**norm, name="attention_norm")(x), positions,
-                                                         cache=cache, mask=mask)
+    h, cache = self.attention_factory(name="attention")(
+      RMSNorm(**norm, name="attention_norm")(x), positions, cache=cache, mask=mask
+    )
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    out = self.ffn_factory(name="ffn")(RMSNorm(**norm, name="ffn_norm")(x), deterministic=deterministic,
-                                       **(ffn_kwargs or {}))
+    out = self.ffn_factory(name="ffn")(
+      RMSNorm(**norm, name="ffn_norm")(x), deterministic=deterministic, **(ffn_kwargs or {})
+    )
     h, aux = out if isinstance(out, tuple) else (out, None)
     x = x + nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache, aux

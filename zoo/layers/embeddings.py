@@ -1,5 +1,6 @@
 """Token embedding with an optional tied output projection (Press & Wolf 2017, "Using the Output Embedding to
 Improve Language Models")."""
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ class Embed(nn.Module):
     features: embedding width.
     embedding_init: default normal(0.02) [guess: the GPT-2/LLaMA convention].
   """
+
   num_embeddings: int
   features: int
   dtype: Any = jnp.float32
@@ -21,8 +23,12 @@ class Embed(nn.Module):
   embedding_init: Callable = nn.initializers.normal(stddev=0.02)
 
   def setup(self):
-    self.embedding = self.param("embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
-                                (self.num_embeddings, self.features), self.param_dtype)
+    self.embedding = self.param(
+      "embedding",
+      nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+      (self.num_embeddings, self.features),
+      self.param_dtype,
+    )
 
   def __call__(self, ids):
     """ids: [...] int -> [..., features] in `dtype`."""

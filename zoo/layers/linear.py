@@ -1,4 +1,5 @@
 """A dense projection over one or more input axes with logically partitioned parameters."""
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ class DenseGeneral(nn.Module):
     kernel_init: initializer called with the full kernel shape; default: fan-in truncated normal (LeCun) where
       fan-in is the product of the contracted axes.
   """
+
   features: int | tuple[int, ...]
   axis: int | tuple[int, ...] = -1
   kernel_axes: tuple[str | None, ...] = ()
@@ -42,17 +44,19 @@ class DenseGeneral(nn.Module):
       raise ValueError(f"{self.name}: axis={self.axis} must be the trailing axes of an input of rank {x.ndim}")
     kernel_shape = tuple(x.shape[a] for a in axis) + features
     if len(self.kernel_axes) != len(kernel_shape):
-      raise ValueError(f"{self.name}: kernel_axes={self.kernel_axes} must name all {len(kernel_shape)} kernel axes "
-                       f"of shape {kernel_shape}")
+      raise ValueError(
+        f"{self.name}: kernel_axes={self.kernel_axes} must name all {len(kernel_shape)} kernel axes "
+        f"of shape {kernel_shape}"
+      )
     init = self.kernel_init or nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
-        out_axis=tuple(range(n_in, len(kernel_shape))))
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), kernel_shape,
-                        self.param_dtype)
+      1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(kernel_shape)))
+    )
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), kernel_shape, self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[n_in:]), features,
-                        self.param_dtype)
+      bias = self.param(
+        "bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[n_in:]), features, self.param_dtype
+      )
       y = y + jnp.asarray(bias, self.dtype)
     return y

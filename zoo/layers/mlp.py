@@ -4,6 +4,7 @@
   `down(act(gate(x)) * up(x))`.
 - Plain MLP: Vaswani et al. 2017, eq. 2: `down(act(up(x)))`.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -14,13 +15,13 @@ from zoo.layers.linear import DenseGeneral
 
 # name -> (activation function, gated)
 ACTIVATIONS = {
-    "swiglu": (jax.nn.silu, True),
-    "reglu": (jax.nn.relu, True),
-    "geglu": (lambda x: jax.nn.gelu(x, approximate=True), True),
-    "gelu": (lambda x: jax.nn.gelu(x, approximate=True), False),
-    "gelu_exact": (lambda x: jax.nn.gelu(x, approximate=False), False),
-    "relu": (jax.nn.relu, False),
-    "silu": (jax.nn.silu, False),
+  "swiglu": (jax.nn.silu, True),
+  "reglu": (jax.nn.relu, True),
+  "geglu": (lambda x: jax.nn.gelu(x, approximate=True), True),
+  "gelu": (lambda x: jax.nn.gelu(x, approximate=True), False),
+  "gelu_exact": (lambda x: jax.nn.gelu(x, approximate=False), False),
+  "relu": (jax.nn.relu, False),
+  "silu": (jax.nn.silu, False),
 }
 
 
@@ -41,6 +42,7 @@ class MLP(nn.Module):
       plain).
     use_bias: biases on every projection.
   """
+
   hidden_dim: int
   activation: str = "swiglu"
   use_bias: bool = False

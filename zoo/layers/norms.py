@@ -1,4 +1,5 @@
 """RMSNorm (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization", eq. 4), computed in float32."""
+
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +32,7 @@ class RMSNorm(nn.Module):
     use_scale: learn a per-feature scale `scale` [features].
     axis_name: logical name of the scale's axis.
   """
+
   epsilon: float = 1e-6
   use_scale: bool = True
   axis_name: str = "norm"
@@ -42,6 +44,7 @@ class RMSNorm(nn.Module):
     """x: [..., features] -> [..., features] in `dtype`."""
     scale = None
     if self.use_scale:
-      scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                         (x.shape[-1],), self.param_dtype)
+      scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype
+      )
     return rms_norm(x, scale, epsilon=self.epsilon).astype(self.dtype)

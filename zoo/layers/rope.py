@@ -16,14 +16,17 @@ Scalings (`rope_scaling`, the Hugging Face `rope_parameters` / `rope_scaling` di
   ("NTK-by-parts" ramp between interpolated and kept frequencies, `beta_fast`/`beta_slow`) and eq. 22 (the attention
   temperature `0.1 ln(factor) + 1`, applied by scaling cos and sin), with DeepSeek's `mscale`/`mscale_all_dim` ratio.
 """
+
 import math
 
 import jax.numpy as jnp
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-_REQUIRED = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                              "original_max_position_embeddings"),
-             "yarn": ("factor", "original_max_position_embeddings")}
+_REQUIRED = {
+  "linear": ("factor",),
+  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+  "yarn": ("factor", "original_max_position_embeddings"),
+}
 
 
 def rope_type(rope_scaling):
@@ -97,8 +100,11 @@ def scaled_rope_frequencies(dim, theta, rope_scaling=None):
   mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
   attention_factor = rope_scaling.get("attention_factor")
   if attention_factor is None:
-    attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
-                        if mscale and mscale_all_dim else yarn_mscale(factor))
+    attention_factor = (
+      yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+      if mscale and mscale_all_dim
+      else yarn_mscale(factor)
+    )
   beta_fast = rope_scaling.get("beta_fast") or 32
   beta_slow = rope_scaling.get("beta_slow") or 1
 

@@ -16,7 +16,8 @@ Model contract (call signatures by task: CONTRIBUTING.md):
   - 'depth': int32 [batch, length], the recursions each token ran (mor).
   - 'routes': int32 [batch, length, num_layers], each token's route per layer, 0 skip / 1 small / 2 big (duo_llm).
 """
-from zoo.models.registry import ConfigError, build_model, get_model_class, model_names, register_model
+
 from zoo.models.output import ModelOutput
+from zoo.models.registry import ConfigError, build_model, get_model_class, model_names, register_model
 
 __all__ = ["ConfigError", "ModelOutput", "build_model", "get_model_class", "model_names", "register_model"]

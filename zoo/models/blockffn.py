@@ -18,9 +18,10 @@ Sparsity" (thunlp/BlockFFN), Sec. 3:
 
 Built from the dense LM and `moe_lm`'s `ExpertLayers` (which layers have experts, E, expert width, dispatch, the
 layer loop collecting losses and metrics); `moe_lm`'s router and shared-expert keys do not apply and are rejected.
-dispatch 'auto' = capacity on CPU, which with every slot possible costs what 'dense' costs. The locality loss runs over each row of the batch as one document
-[guess: packed rows are not split at document boundaries].
+dispatch 'auto' = capacity on CPU, which with every slot possible costs what 'dense' costs. The locality loss runs
+over each row of the batch as one document [guess: packed rows are not split at document boundaries].
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -42,6 +43,7 @@ class BlockFFNLayer(nn.Module):
     dispatch: MoEFFN dispatch, or 'chunk_skip'.
     capacity_factor: of 'capacity' dispatch (`MoEFFN`).
   """
+
   num_experts: int
   expert_mlp_dim: int
   locality_alpha: float = 100.0
@@ -58,10 +60,16 @@ class BlockFFNLayer(nn.Module):
     r, logits = sparsity.ReLURouter(self.num_experts, name="router")(x)
     flat_r, flat_logits = r.reshape(-1, self.num_experts), logits.reshape(-1, self.num_experts)
     routing = routing_from_dense(flat_r, flat_logits, probs=sparsity.normalized_weights(flat_r))
-    experts = MoEFFN(self.num_experts, self.expert_mlp_dim, activation="silu",
-                     dispatch="dense" if self.dispatch == "chunk_skip" else self.dispatch,
-                     capacity_factor=self.capacity_factor, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="experts")
+    experts = MoEFFN(
+      self.num_experts,
+      self.expert_mlp_dim,
+      activation="silu",
+      dispatch="dense" if self.dispatch == "chunk_skip" else self.dispatch,
+      capacity_factor=self.capacity_factor,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="experts",
+    )
     if self.dispatch == "chunk_skip":
       experts(x[:, :0], routing=routing_from_dense(flat_r[:0], flat_logits[:0]))  # creates the parameters only
       weights = {name: experts.variables["params"][name] for name in ("up", "down")}
@@ -72,9 +80,13 @@ class BlockFFNLayer(nn.Module):
     else:
       y, _, metrics = experts(x, routing=routing)
     aux = {"activation_locality": sparsity.activation_locality_loss(logits, alpha=self.locality_alpha)}
-    metrics = {"expert_load": metrics["expert_load"], "load_imbalance": metrics["load_imbalance"],
-               "router_entropy": metrics["router_entropy"], "tls": sparsity.token_level_sparsity(r),
-               "active_experts": jnp.mean(jnp.sum(r > 0, axis=-1).astype(jnp.float32))}
+    metrics = {
+      "expert_load": metrics["expert_load"],
+      "load_imbalance": metrics["load_imbalance"],
+      "router_entropy": metrics["router_entropy"],
+      "tls": sparsity.token_level_sparsity(r),
+      "active_experts": jnp.mean(jnp.sum(r > 0, axis=-1).astype(jnp.float32)),
+    }
     if x.shape[1] % self.chunk_length == 0:
       aux["chunk_sparsification"] = sparsity.chunk_sparsification_loss(r, self.chunk_length)
       metrics["cls"] = sparsity.chunk_level_sparsity(r, self.chunk_length)
@@ -94,6 +106,7 @@ class BlockFFNLM(ExpertLayers, DenseLM):
     chunk_skip: run the experts with `chunk_sparse_ffn` (skip experts inactive for a whole chunk) instead of
       `dispatch`.
   """
+
   num_experts: int = 16
   expert_mlp_dim: int = 32
   activation_locality_coef: float = 2e-3
@@ -105,8 +118,11 @@ class BlockFFNLM(ExpertLayers, DenseLM):
   chunk_skip: bool = False
 
   def __post_init__(self):
-    check_config(self, positive=("chunk_length", "chunk_warmup_steps", "chunk_interval"),
-                 non_negative=("activation_locality_coef", "chunk_coef", "locality_alpha"))
+    check_config(
+      self,
+      positive=("chunk_length", "chunk_warmup_steps", "chunk_interval"),
+      non_negative=("activation_locality_coef", "chunk_coef", "locality_alpha"),
+    )
     super().__post_init__()
 
   def moe_ffn_factory(self):
@@ -114,8 +130,9 @@ class BlockFFNLM(ExpertLayers, DenseLM):
     del kwargs["activation"]  # BlockFFN's experts are non-gated SiLU blocks
     if self.chunk_skip:
       kwargs["dispatch"] = "chunk_skip"
-    return lambda name: BlockFFNLayer(locality_alpha=self.locality_alpha, chunk_length=self.chunk_length, name=name,
-                                      **kwargs)
+    return lambda name: BlockFFNLayer(
+      locality_alpha=self.locality_alpha, chunk_length=self.chunk_length, name=name, **kwargs
+    )
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
@@ -128,8 +145,9 @@ class BlockFFNLM(ExpertLayers, DenseLM):
       chunk_loss = jnp.sum(metrics["chunk_sparsification"])
       aux = aux + state.value["lambda"] * chunk_loss
       if not deterministic and self.is_mutable_collection("routing_state") and self.chunk_coef > 0:
-        state.value = sparsity.update_chunk_lambda(state.value, chunk_loss, warmup_steps=self.chunk_warmup_steps,
-                                                   interval=self.chunk_interval)
+        state.value = sparsity.update_chunk_lambda(
+          state.value, chunk_loss, warmup_steps=self.chunk_warmup_steps, interval=self.chunk_interval
+        )
     metrics["chunk_lambda"] = state.value["lambda"]
     return logits, out.replace(aux_loss=aux, metrics=metrics)
 

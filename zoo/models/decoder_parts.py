@@ -14,6 +14,7 @@ Each group is a Linen mixin of a `DenseLM` subclass: it declares its config keys
 lists its groups before `DenseLM`, e.g. `class MoELM(ExpertLayers, TopKRouting, SharedExperts, DenseLM)`, and defines
 `moe_ffn_factory()` (the FFN of a MoE layer) and `moe_ffn_params()` (its parameter count).
 """
+
 from typing import ClassVar
 
 import flax.linen as nn
@@ -90,6 +91,7 @@ class ExpertLayers(nn.Module):
       dropping (C = tokens).
     dispatch: 'auto' (capacity on CPU, dropless elsewhere) | 'dense' | 'capacity' | 'dropless'.
   """
+
   exposes: ClassVar[tuple[str, ...]] = ("expert_ids",)
   moe_every: int = 1
   first_dense_layers: int = 0
@@ -99,16 +101,23 @@ class ExpertLayers(nn.Module):
   dispatch: str = "auto"
 
   def __post_init__(self):
-    check_config(self, positive=("num_experts", "expert_mlp_dim", "moe_every"),
-                 non_negative=("first_dense_layers", "capacity_factor"), choices={"dispatch": DISPATCH})
+    check_config(
+      self,
+      positive=("num_experts", "expert_mlp_dim", "moe_every"),
+      non_negative=("first_dense_layers", "capacity_factor"),
+      choices={"dispatch": DISPATCH},
+    )
     experts = {**GATED_ACTIVATIONS, **PLAIN_ACTIVATIONS}
     if self.mlp_activation not in experts:
-      raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r} has no expert version; choose one of "
-                        f"{sorted(experts)}")
+      raise ConfigError(
+        f"config.model.mlp_activation={self.mlp_activation!r} has no expert version; choose one of {sorted(experts)}"
+      )
     if not self.moe_layers:
-      raise ConfigError(f"config.model: no MoE layer with num_layers={self.num_layers}, "
-                        f"first_dense_layers={self.first_dense_layers}, moe_every={self.moe_every}; a layer i is MoE "
-                        "iff i >= first_dense_layers and i % moe_every == 0")
+      raise ConfigError(
+        f"config.model: no MoE layer with num_layers={self.num_layers}, "
+        f"first_dense_layers={self.first_dense_layers}, moe_every={self.moe_every}; a layer i is MoE "
+        "iff i >= first_dense_layers and i % moe_every == 0"
+      )
     super().__post_init__()
 
   @property
@@ -118,10 +127,15 @@ class ExpertLayers(nn.Module):
 
   def expert_kwargs(self):
     """The `MoEFFN` arguments these fields set (experts, dispatch, activation, dtypes)."""
-    return dict(num_experts=self.num_experts, expert_mlp_dim=self.expert_mlp_dim, activation=self.mlp_activation,
-                dispatch=None if self.dispatch == "auto" else self.dispatch,
-                capacity_factor=self.capacity_factor or None, dtype=jnp.dtype(self.dtype),
-                param_dtype=jnp.dtype(self.param_dtype))
+    return dict(
+      num_experts=self.num_experts,
+      expert_mlp_dim=self.expert_mlp_dim,
+      activation=self.mlp_activation,
+      dispatch=None if self.dispatch == "auto" else self.dispatch,
+      capacity_factor=self.capacity_factor or None,
+      dtype=jnp.dtype(self.dtype),
+      param_dtype=jnp.dtype(self.param_dtype),
+    )
 
   def expert_ffn_params(self, gated=None):
     """Parameters of one layer's routed experts (gated: three matrices each, else two)."""
@@ -144,8 +158,7 @@ class ExpertLayers(nn.Module):
     per_expert = self.expert_ffn_params() // self.num_experts
     return self.num_params() - len(self.moe_layers) * (self.num_experts - self.num_experts_per_tok) * per_expert
 
-  def expert_forward(self, tokens, positions, cache, deterministic, make_block=None, ffn_kwargs=None,
-                     aux_coefs=None):
+  def expert_forward(self, tokens, positions, cache, deterministic, make_block=None, ffn_kwargs=None, aux_coefs=None):
     """The whole LM forward of a MoE decoder; call it from the model's compact `__call__`.
 
     Args:
@@ -159,8 +172,9 @@ class ExpertLayers(nn.Module):
       (logits [batch, length, vocab_size] float32, ModelOutput(aux_loss, metrics [moe_layers, ...], cache)).
     """
     embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
-    x, out, aux_losses = self.expert_layers(x, positions, cache, deterministic, make_block or self.decoder_block,
-                                            ffn_kwargs)
+    x, out, aux_losses = self.expert_layers(
+      x, positions, cache, deterministic, make_block or self.decoder_block, ffn_kwargs
+    )
     if aux_coefs is not None:
       out = out.replace(aux_loss=weighted_aux_loss(aux_losses, aux_coefs))
     return self.output_logits(embed, x), out
@@ -171,9 +185,16 @@ class ExpertLayers(nn.Module):
     if self.remat:
       block_cls = nn.remat(block_cls, static_argnums=(5,))
     ffn = self.moe_ffn_factory() if is_moe else self.ffn_factory()
-    return block_cls(attention or self.attention_factory(), ffn, norm_epsilon=self.norm_epsilon,
-                     dropout_rate=self.dropout_rate, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-                     name=f"layers_{i}", **block_kwargs)
+    return block_cls(
+      attention or self.attention_factory(),
+      ffn,
+      norm_epsilon=self.norm_epsilon,
+      dropout_rate=self.dropout_rate,
+      dtype=jnp.dtype(self.dtype),
+      param_dtype=jnp.dtype(self.param_dtype),
+      name=f"layers_{i}",
+      **block_kwargs,
+    )
 
   def expert_layers(self, x, positions, cache, deterministic, make_block, ffn_kwargs=None):
     """Runs the layers (`make_block(i, is_moe)`, e.g. `decoder_block`), collects the MoE layers' aux losses and
@@ -203,8 +224,11 @@ class ExpertLayers(nn.Module):
         layer_metrics.append({**metrics, **aux})
         expert_ids.append(ids)
     sow_output(self, "expert_ids", lambda: jnp.stack(expert_ids))
-    out = ModelOutput(aux_loss=jnp.zeros((), jnp.float32), metrics=stack_layer_metrics(layer_metrics),
-                      cache=None if cache is None else tuple(new_cache))
+    out = ModelOutput(
+      aux_loss=jnp.zeros((), jnp.float32),
+      metrics=stack_layer_metrics(layer_metrics),
+      cache=None if cache is None else tuple(new_cache),
+    )
     return x, out, aux_losses
 
 
@@ -215,6 +239,7 @@ class RouterLossWeights(nn.Module):
     load_balance_coef: weight of the Switch load-balance loss (1e-2).
     z_loss_coef: weight of the router z-loss (1e-3).
   """
+
   load_balance_coef: float = 1e-2
   z_loss_coef: float = 1e-3
 
@@ -245,6 +270,7 @@ class TopKRouting(RouterLossWeights):
     bias_update_rate: u of the aux-loss-free bias update (DeepSeek-V3 uses 1e-3); > 0 needs `router_bias`.
     (and `RouterLossWeights`' load_balance_coef, z_loss_coef)
   """
+
   router: str = "softmax_topk"
   num_experts_per_tok: int = 2
   renormalize: bool = True
@@ -259,33 +285,46 @@ class TopKRouting(RouterLossWeights):
   def __post_init__(self):
     check_config(self, choices={"router": router_names()}, non_negative=("router_jitter", "bias_update_rate"))
     if not 1 <= self.num_experts_per_tok <= self.num_experts:
-      raise ConfigError(f"config.model.num_experts_per_tok={self.num_experts_per_tok} is invalid; allowed "
-                        f"1..num_experts={self.num_experts}")
+      raise ConfigError(
+        f"config.model.num_experts_per_tok={self.num_experts_per_tok} is invalid; allowed "
+        f"1..num_experts={self.num_experts}"
+      )
     if self.n_group < 1 or self.num_experts % self.n_group:
       raise ConfigError(f"config.model.n_group={self.n_group} must be >= 1 and divide num_experts={self.num_experts}")
     if not 1 <= self.topk_group <= self.n_group:
       raise ConfigError(f"config.model.topk_group={self.topk_group} is invalid; allowed 1..n_group={self.n_group}")
     if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
-      raise ConfigError(f"config.model.num_experts_per_tok={self.num_experts_per_tok} exceeds the "
-                        f"{self.topk_group * (self.num_experts // self.n_group)} experts of topk_group="
-                        f"{self.topk_group} groups")
+      raise ConfigError(
+        f"config.model.num_experts_per_tok={self.num_experts_per_tok} exceeds the "
+        f"{self.topk_group * (self.num_experts // self.n_group)} experts of topk_group="
+        f"{self.topk_group} groups"
+      )
     if self.router_bias and self.router != "sigmoid_topk":
       raise ConfigError(f"config.model.router_bias=True needs router='sigmoid_topk', got router={self.router!r}")
     if self.bias_update_rate > 0 and not self.router_bias:
-      raise ConfigError(f"config.model.bias_update_rate={self.bias_update_rate} (aux-loss-free balancing) needs "
-                        f"router='sigmoid_topk' and router_bias=True, got router={self.router!r}, "
-                        f"router_bias={self.router_bias}")
+      raise ConfigError(
+        f"config.model.bias_update_rate={self.bias_update_rate} (aux-loss-free balancing) needs "
+        f"router='sigmoid_topk' and router_bias=True, got router={self.router!r}, "
+        f"router_bias={self.router_bias}"
+      )
     super().__post_init__()
 
   def make_router(self):
     """A fresh unbound router of the registered kind `router` (`zoo.routing.get_router`); `parent=None`: the MoE FFN
     that receives it adopts it as its 'router' child."""
-    return get_router(self.router)(parent=None, num_experts=self.num_experts,
-                                   num_experts_per_tok=self.num_experts_per_tok, renormalize=self.renormalize,
-                                   n_group=self.n_group, topk_group=self.topk_group,
-                                   routed_scaling_factor=self.routed_scaling_factor, jitter_eps=self.router_jitter,
-                                   per_sequence_balance=self.per_sequence_balance, bias=self.router_bias,
-                                   bias_update_rate=self.bias_update_rate)
+    return get_router(self.router)(
+      parent=None,
+      num_experts=self.num_experts,
+      num_experts_per_tok=self.num_experts_per_tok,
+      renormalize=self.renormalize,
+      n_group=self.n_group,
+      topk_group=self.topk_group,
+      routed_scaling_factor=self.routed_scaling_factor,
+      jitter_eps=self.router_jitter,
+      per_sequence_balance=self.per_sequence_balance,
+      bias=self.router_bias,
+      bias_update_rate=self.bias_update_rate,
+    )
 
   def router_params(self):
     """Trainable parameters of one layer's router (a frozen router lives in 'routing_state')."""
@@ -300,6 +339,7 @@ class SharedExperts(nn.Module):
     shared_expert_mlp_dim: hidden width of one shared expert (0 = expert_mlp_dim).
     shared_expert_gate: scale the shared experts' output by `sigmoid(x w_g)` (Qwen2-MoE).
   """
+
   num_shared_experts: int = 0
   shared_expert_mlp_dim: int = 0
   shared_expert_gate: bool = False
@@ -322,4 +362,6 @@ class SharedExperts(nn.Module):
   def shared_params(self):
     """Parameters of one layer's shared experts (and their gate)."""
     gated = ACTIVATIONS[self.mlp_activation][1]
-    return (3 if gated else 2) * self.embed_dim * self.shared_mlp_dim + (self.embed_dim if self.shared_expert_gate else 0)
+    return (3 if gated else 2) * self.embed_dim * self.shared_mlp_dim + (
+      self.embed_dim if self.shared_expert_gate else 0
+    )

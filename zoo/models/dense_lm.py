@@ -13,6 +13,7 @@ Layers are an explicit Python loop of `DecoderBlock`s (no `nn.scan` over layers)
 block in the backward pass. The cache is one `KVCache` (or `MLACache` with MLA) per layer (a tuple); a cache slot
 holds one absolute position, so `max_length` must cover prompt + generated tokens.
 """
+
 import functools
 from typing import Any, ClassVar
 
@@ -82,6 +83,7 @@ class DenseLM(nn.Module):
 
   `exposes` (the `zoo.models` contract): the per-token outputs the model sows into 'intermediates'; none here.
   """
+
   exposes: ClassVar[tuple[str, ...]] = ()
   vocab_size: int = 256
   num_layers: int = 2
@@ -111,10 +113,13 @@ class DenseLM(nn.Module):
   remat: bool = False
 
   def __post_init__(self):
-    check_config(self, positive=("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim"),
-                 intervals={"dropout_rate": "[0, 1)"}, dtypes=("dtype", "param_dtype"),
-                 choices={"attention": ("gqa", "mla"), "qk_norm_scope": QK_NORM_SCOPES,
-                          "mlp_activation": sorted(ACTIVATIONS)})
+    check_config(
+      self,
+      positive=("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim"),
+      intervals={"dropout_rate": "[0, 1)"},
+      dtypes=("dtype", "param_dtype"),
+      choices={"attention": ("gqa", "mla"), "qk_norm_scope": QK_NORM_SCOPES, "mlp_activation": sorted(ACTIVATIONS)},
+    )
     if self.attention == "mla":
       self._check_mla()
     else:
@@ -131,14 +136,20 @@ class DenseLM(nn.Module):
     super().__post_init__()
 
   def _check_gqa(self):
-    mla_only = [k for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-                if getattr(self, k) is not None]
+    mla_only = [
+      k
+      for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+      if getattr(self, k) is not None
+    ]
     if mla_only:
-      raise ConfigError(f"config.model.{mla_only[0]}={getattr(self, mla_only[0])} is an MLA width; set "
-                        "attention='mla' or leave it None")
+      raise ConfigError(
+        f"config.model.{mla_only[0]}={getattr(self, mla_only[0])} is an MLA width; set attention='mla' or leave it None"
+      )
     if self.head_dim is None and self.embed_dim % self.num_heads:
-      raise ConfigError(f"config.model.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
-                        "set head_dim explicitly")
+      raise ConfigError(
+        f"config.model.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+        "set head_dim explicitly"
+      )
     if self.resolved_head_dim % 2:
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
     check_config(self, optional_positive=("sliding_window",))
@@ -156,8 +167,9 @@ class DenseLM(nn.Module):
     gqa_only = {"head_dim": None, "num_kv_heads": None, "sliding_window": None, "qk_norm": False, "qkv_bias": False}
     for key, neutral in gqa_only.items():
       if getattr(self, key) != neutral:
-        raise ConfigError(f"config.model.{key}={getattr(self, key)!r} is a GQA option; attention='mla' needs "
-                          f"{key}={neutral}")
+        raise ConfigError(
+          f"config.model.{key}={getattr(self, key)!r} is a GQA option; attention='mla' needs {key}={neutral}"
+        )
 
   @property
   def resolved_head_dim(self):
@@ -171,28 +183,54 @@ class DenseLM(nn.Module):
     """The attention sublayer of every block (`DecoderBlock` calls it with `name=`)."""
     dtypes = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
     if self.attention == "mla":
-      return functools.partial(MultiHeadLatentAttention, num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank,
-                               qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
-                               v_head_dim=self.v_head_dim, q_lora_rank=self.q_lora_rank, rope_theta=self.rope_theta,
-                               rope_scaling=self.rope_scaling, **dtypes)
-    return functools.partial(Attention, num_heads=self.num_heads, head_dim=self.resolved_head_dim,
-                             num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta,
-                             rope_scaling=self.rope_scaling, sliding_window=self.sliding_window, qk_norm=self.qk_norm,
-                             qk_norm_scope=self.qk_norm_scope, qkv_bias=self.qkv_bias, norm_epsilon=self.norm_epsilon,
-                             **dtypes)
+      return functools.partial(
+        MultiHeadLatentAttention,
+        num_heads=self.num_heads,
+        kv_lora_rank=self.kv_lora_rank,
+        qk_nope_head_dim=self.qk_nope_head_dim,
+        qk_rope_head_dim=self.qk_rope_head_dim,
+        v_head_dim=self.v_head_dim,
+        q_lora_rank=self.q_lora_rank,
+        rope_theta=self.rope_theta,
+        rope_scaling=self.rope_scaling,
+        **dtypes,
+      )
+    return functools.partial(
+      Attention,
+      num_heads=self.num_heads,
+      head_dim=self.resolved_head_dim,
+      num_kv_heads=self.num_kv_heads,
+      rope_theta=self.rope_theta,
+      rope_scaling=self.rope_scaling,
+      sliding_window=self.sliding_window,
+      qk_norm=self.qk_norm,
+      qk_norm_scope=self.qk_norm_scope,
+      qkv_bias=self.qkv_bias,
+      norm_epsilon=self.norm_epsilon,
+      **dtypes,
+    )
 
   def ffn_factory(self):
-    return functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.mlp_activation,
-                             dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    return functools.partial(
+      MLP,
+      hidden_dim=self.mlp_dim,
+      activation=self.mlp_activation,
+      dtype=jnp.dtype(self.dtype),
+      param_dtype=jnp.dtype(self.param_dtype),
+    )
 
   def init_cache(self, batch_size, max_length):
     """An empty cache: a tuple of `num_layers` KVCache, each k/v [batch_size, max_length, kv_heads, head_dim]; with
     MLA, `num_layers` MLACache (latent [batch_size, max_length, kv_lora_rank], k_rope [.., qk_rope_head_dim])."""
     if self.attention == "mla":
-      return tuple(MLACache.create(batch_size, max_length, self.kv_lora_rank, self.qk_rope_head_dim,
-                                   jnp.dtype(self.dtype)) for _ in range(self.num_layers))
-    return tuple(KVCache.create(batch_size, max_length, self.resolved_kv_heads, self.resolved_head_dim,
-                                jnp.dtype(self.dtype)) for _ in range(self.num_layers))
+      return tuple(
+        MLACache.create(batch_size, max_length, self.kv_lora_rank, self.qk_rope_head_dim, jnp.dtype(self.dtype))
+        for _ in range(self.num_layers)
+      )
+    return tuple(
+      KVCache.create(batch_size, max_length, self.resolved_kv_heads, self.resolved_head_dim, jnp.dtype(self.dtype))
+      for _ in range(self.num_layers)
+    )
 
   def embed_tokens(self, tokens, positions, cache, deterministic):
     """The input side every decoder LM of the zoo shares; call it from the model's compact `__call__`.
@@ -208,8 +246,13 @@ class DenseLM(nn.Module):
       raise ValueError(f"cache has {len(cache)} layers, the model has num_layers={self.num_layers}")
     if positions is None:
       positions = default_positions(tokens, cache)
-    embed = Embed(self.vocab_size, self.embed_dim, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-                  name="embed")
+    embed = Embed(
+      self.vocab_size,
+      self.embed_dim,
+      dtype=jnp.dtype(self.dtype),
+      param_dtype=jnp.dtype(self.param_dtype),
+      name="embed",
+    )
     x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
     return embed, nn.Dropout(self.dropout_rate)(x, deterministic=deterministic), positions
 
@@ -221,8 +264,9 @@ class DenseLM(nn.Module):
     if self.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
-                            name="lm_head")(x)
+      logits = DenseGeneral(
+        self.vocab_size, kernel_axes=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, name="lm_head"
+      )(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
   @nn.compact
@@ -243,8 +287,15 @@ class DenseLM(nn.Module):
     block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
     new_cache = []
     for i in range(self.num_layers):
-      block = block_cls(self.attention_factory(), self.ffn_factory(), norm_epsilon=self.norm_epsilon,
-                        dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
+      block = block_cls(
+        self.attention_factory(),
+        self.ffn_factory(),
+        norm_epsilon=self.norm_epsilon,
+        dropout_rate=self.dropout_rate,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=f"layers_{i}",
+      )
       x, layer_cache, _ = block(x, positions, None if cache is None else cache[i], None, deterministic)
       new_cache.append(layer_cache)
     logits = self.output_logits(embed, x)
@@ -266,7 +317,8 @@ class DenseLM(nn.Module):
       qk = self.qk_nope_head_dim + self.qk_rope_head_dim
       query = e * h * qk if self.q_lora_rank is None else e * self.q_lora_rank + self.q_lora_rank * h * qk
       kv = e * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank * h * (
-          self.qk_nope_head_dim + self.v_head_dim)
+        self.qk_nope_head_dim + self.v_head_dim
+      )
       return query + kv + h * self.v_head_dim * e + self._attention_norm_params()
     kv, d = self.resolved_kv_heads, self.resolved_head_dim
     attention = e * h * d + 2 * e * kv * d + h * d * e
@@ -288,9 +340,9 @@ class DenseLM(nn.Module):
 
   def train_flops_per_token(self, seq_len):
     """Training FLOPs per token (`zoo.layers.train_flops_per_token`): matmul params = the active params
-    (`num_active_params`) except the input embedding lookup and the norm scales, plus the output projection. With MLA, `q k^T` runs over
-    `heads * (qk_nope_head_dim + qk_rope_head_dim)` and `probs v` over `heads * v_head_dim`, so the attention width
-    is their mean."""
+    (`num_active_params`) except the input embedding lookup and the norm scales, plus the output projection. With MLA,
+    `q k^T` runs over `heads * (qk_nope_head_dim + qk_rope_head_dim)` and `probs v` over `heads * v_head_dim`, so the
+    attention width is their mean."""
     e = self.embed_dim
     matmul = self.num_active_params() - self.vocab_size * e - (2 * self.num_layers + 1) * e
     matmul -= self.num_layers * self._attention_norm_params()
@@ -300,5 +352,10 @@ class DenseLM(nn.Module):
       attention_dim = self.num_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim) / 2
     else:
       attention_dim = self.num_heads * self.resolved_head_dim
-    return train_flops_per_token(matmul, num_layers=self.num_layers, attention_dim=attention_dim, seq_len=seq_len,
-                                 sliding_window=self.sliding_window)
+    return train_flops_per_token(
+      matmul,
+      num_layers=self.num_layers,
+      attention_dim=attention_dim,
+      seq_len=seq_len,
+      sliding_window=self.sliding_window,
+    )

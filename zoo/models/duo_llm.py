@@ -27,6 +27,7 @@ Per-token output (`exposes`, the `zoo.models` contract): with `apply(..., mutabl
 `intermediates['routes']` int32 [batch, length, num_layers], the route each token ran in each layer (0 skip, 1 small,
 2 big; the layout of the `routes` argument, so they can be fed back).
 """
+
 from typing import ClassVar
 
 import flax.linen as nn
@@ -54,6 +55,7 @@ class DuoFFN(nn.Module):
     activation: FFN activation (`zoo.layers.ACTIVATIONS`).
     route_mode: 'random' | 'router' (used when no routes are given).
   """
+
   mlp_dim: int
   small_mlp_dim: int
   activation: str = "swiglu"
@@ -77,8 +79,12 @@ class DuoFFN(nn.Module):
     mlp = dict(activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype)
     big = MLP(self.mlp_dim, name="big", **mlp)(x)
     small = MLP(self.small_mlp_dim, name="small", **mlp)(x)
-    kernel = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
-                        (x.shape[-1], len(ROUTES)), jnp.float32)
+    kernel = self.param(
+      "router",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
+      (x.shape[-1], len(ROUTES)),
+      jnp.float32,
+    )
     weight, probs = jnp.ones(x.shape[:2], jnp.float32), None
     if routes is None and self.route_mode == "router":
       probs = jax.nn.softmax(x.astype(jnp.float32) @ kernel, axis=-1)
@@ -109,6 +115,7 @@ class DuoLM(DenseLM):
     big_budget: 'router' mode: at most this many big layers per token (0 = no limit) and the budget of the penalty.
     budget_coef: weight of the budget penalty ('router' mode).
   """
+
   exposes: ClassVar[tuple[str, ...]] = ("routes",)
   small_mlp_dim: int = 0
   route_mode: str = "random"
@@ -118,8 +125,9 @@ class DuoLM(DenseLM):
   def __post_init__(self):
     check_config(self, choices={"route_mode": ROUTE_MODES}, non_negative=("small_mlp_dim", "budget_coef"))
     if not 0 <= self.big_budget <= self.num_layers:
-      raise ConfigError(f"config.model.big_budget={self.big_budget} is invalid; allowed 0 (no limit) .. "
-                        f"num_layers={self.num_layers}")
+      raise ConfigError(
+        f"config.model.big_budget={self.big_budget} is invalid; allowed 0 (no limit) .. num_layers={self.num_layers}"
+      )
     super().__post_init__()
 
   @property
@@ -144,23 +152,41 @@ class DuoLM(DenseLM):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
     if routes is not None and routes.shape != tokens.shape + (self.num_layers,):
-      raise ValueError(f"routes must be [batch, length, num_layers]={tokens.shape + (self.num_layers,)}, got "
-                       f"{routes.shape}")
+      raise ValueError(
+        f"routes must be [batch, length, num_layers]={tokens.shape + (self.num_layers,)}, got {routes.shape}"
+      )
     embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
-    ffn = lambda name: DuoFFN(self.mlp_dim, self.resolved_small_mlp_dim, activation=self.mlp_activation,
-                              route_mode=self.route_mode, dtype=dtype, param_dtype=param_dtype, name=name)
+    ffn = lambda name: DuoFFN(
+      self.mlp_dim,
+      self.resolved_small_mlp_dim,
+      activation=self.mlp_activation,
+      route_mode=self.route_mode,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+    )
     big_used = jnp.zeros(tokens.shape, jnp.int32)
     expected_big = jnp.zeros(tokens.shape, jnp.float32)
     new_cache, layer_metrics, layer_routes_all = [], [], []
     for i in range(self.num_layers):
-      ffn_kwargs = {"routes": None if routes is None else routes[..., i],
-                    "big_left": self.big_budget - big_used if self.big_budget else None}
-      block = block_cls(self.attention_factory(), ffn, norm_epsilon=self.norm_epsilon, dropout_rate=self.dropout_rate,
-                        dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
-      x, layer_cache, (layer_routes, probs) = block(x, positions, None if cache is None else cache[i], None,
-                                                    deterministic, ffn_kwargs)
+      ffn_kwargs = {
+        "routes": None if routes is None else routes[..., i],
+        "big_left": self.big_budget - big_used if self.big_budget else None,
+      }
+      block = block_cls(
+        self.attention_factory(),
+        ffn,
+        norm_epsilon=self.norm_epsilon,
+        dropout_rate=self.dropout_rate,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=f"layers_{i}",
+      )
+      x, layer_cache, (layer_routes, probs) = block(
+        x, positions, None if cache is None else cache[i], None, deterministic, ffn_kwargs
+      )
       new_cache.append(layer_cache)
       layer_routes_all.append(layer_routes)
       big_used = big_used + (layer_routes == BIG)
@@ -232,11 +258,20 @@ def oracle_routes(model, variables, tokens, targets, *, big_layers, num_samples,
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1")
   losses_fn = jax.jit(lambda r: token_losses(model, variables, tokens, targets, r))
-  sample_routes = jnp.stack([sample_budget_routes(key, tokens.shape, model.num_layers, big_layers)
-                             for key in jax.random.split(rng, num_samples)])
+  sample_routes = jnp.stack(
+    [
+      sample_budget_routes(key, tokens.shape, model.num_layers, big_layers)
+      for key in jax.random.split(rng, num_samples)
+    ]
+  )
   sample_losses = jnp.stack([losses_fn(r) for r in sample_routes])
   best = jnp.argmin(sample_losses, axis=0)  # [batch, length]
   routes = jnp.take_along_axis(sample_routes, best[None, ..., None], axis=0)[0]
-  return {"routes": routes, "sample_routes": sample_routes, "sample_losses": sample_losses,
-          "oracle_loss": jnp.mean(losses_fn(routes)), "best_of_n_loss": jnp.mean(jnp.min(sample_losses, axis=0)),
-          "random_loss": jnp.mean(sample_losses)}
+  return {
+    "routes": routes,
+    "sample_routes": sample_routes,
+    "sample_losses": sample_losses,
+    "oracle_loss": jnp.mean(losses_fn(routes)),
+    "best_of_n_loss": jnp.mean(jnp.min(sample_losses, axis=0)),
+    "random_loss": jnp.mean(sample_losses),
+  }

@@ -9,9 +9,9 @@ The standard MoE baselines, all from one model and the shared routing package (`
 - DeepSeekMoE / DeepSeek-V3 (Dai et al. 2024, Sec. 3; DeepSeek-V3 report Sec. 2.1.2): fine-grained experts plus
   always-on shared experts, sigmoid scores, top-k selection by `score + bias` (`router_bias`; HF
   `e_score_correction_bias`) with the bias updated outside the optimizer (aux-loss-free balancing, Eq. 13-16;
-  `bias_update_rate` > 0) or kept fixed (a loaded checkpoint, `bias_update_rate` = 0), group-limited selection (`n_group`,
-  `topk_group`), `routed_scaling_factor`, a small sequence-wise balance loss (Eq. 17-20, `per_sequence_balance`), and
-  dense first layers (`first_dense_layers`; HF `first_k_dense_replace`).
+  `bias_update_rate` > 0) or kept fixed (a loaded checkpoint, `bias_update_rate` = 0), group-limited selection
+  (`n_group`, `topk_group`), `routed_scaling_factor`, a small sequence-wise balance loss (Eq. 17-20,
+  `per_sequence_balance`), and dense first layers (`first_dense_layers`; HF `first_k_dense_replace`).
 - Qwen2-MoE (Qwen2 report, Sec. 2.2.3): fine-grained softmax top-k experts plus a shared expert whose output is
   scaled by its own `sigmoid(x w_g)` gate (`shared_expert_gate`).
 - Expert choice (Zhou et al. 2022, Sec. 3.1, Eq. 1): every expert takes its top-C tokens of the batch with
@@ -52,6 +52,7 @@ Cached decoding equals the full forward for token-choice routers with 'dense' or
 experts depend only on its own hidden state). 'capacity' dispatch drops assignments depending on the other tokens
 of the call, and expert choice picks tokens across the batch, so either can make decoding differ.
 """
+
 import flax.linen as nn
 
 from zoo.models.decoder_parts import ExpertLayers, SharedExperts, TopKRouting, routed_ffn_factory

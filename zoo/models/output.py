@@ -1,4 +1,5 @@
 """The record every model returns beside its main output, and the one way models expose per-token outputs."""
+
 from typing import Any
 
 import flax.struct
@@ -16,6 +17,7 @@ class ModelOutput:
   metrics: flat dict name -> array (scalars, or per-layer vectors such as `expert_load` [layers, experts]).
   cache: the updated decoding cache when `cache=` was passed, else None.
   """
+
   aux_loss: jax.Array = flax.struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
   metrics: dict = flax.struct.field(default_factory=dict)
   cache: Any = None

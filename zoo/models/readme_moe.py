@@ -28,6 +28,7 @@ Per-token output (`exposes`, the `zoo.models` contract): with `apply(..., mutabl
 `intermediates['expert_ids']` int32 [num_layers, batch, length, 1], the pre-gate's expert of every token (the same
 in every layer, as Read-ME routes; the layout of `moe_lm`'s expert ids).
 """
+
 import functools
 from typing import ClassVar
 
@@ -58,14 +59,19 @@ class ReadMeFFN(MoEFFN):
     y, _, metrics = super().__call__(x, deterministic=deterministic, routing=routing)
     if not with_scores:
       return y, (metrics, None)
-    weights = {n: nn.meta.unbox(self.get_variable("params", n)).astype(jnp.float32) for n in ("gate", "up")
-               if self.has_variable("params", n)}
+    weights = {
+      n: nn.meta.unbox(self.get_variable("params", n)).astype(jnp.float32)
+      for n in ("gate", "up")
+      if self.has_variable("params", n)
+    }
     tokens = jax.lax.stop_gradient(x.reshape(-1, x.shape[-1]).astype(jnp.float32))
     up = jax.lax.stop_gradient(weights["up"])
     h = jnp.einsum("td,edh->teh", tokens, up)
     if "gate" in weights:
-      h = GATED_ACTIVATIONS[self.activation](jnp.einsum("td,edh->teh", tokens, jax.lax.stop_gradient(
-          weights["gate"]))) * h
+      h = (
+        GATED_ACTIVATIONS[self.activation](jnp.einsum("td,edh->teh", tokens, jax.lax.stop_gradient(weights["gate"])))
+        * h
+      )
     else:
       h = PLAIN_ACTIVATIONS[self.activation](h)
     valid = jnp.any(up != 0, axis=1)
@@ -89,6 +95,7 @@ class ReadMeLM(DenseLM):
     dispatch: 'auto' | 'dense' | 'capacity' | 'dropless'.
     capacity_factor: 0 = no token dropped (the routes known ahead are the routes run).
   """
+
   exposes: ClassVar[tuple[str, ...]] = ("expert_ids",)
   num_experts: int = 4
   keep_fraction: float = 0.5
@@ -106,21 +113,35 @@ class ReadMeLM(DenseLM):
   capacity_factor: float = 0.0
 
   def __post_init__(self):
-    check_config(self, choices={"train_phase": TRAIN_PHASES, "dispatch": DISPATCH},
-                 positive=("num_experts", "router_layers", "router_num_heads", "router_mlp_dim"),
-                 intervals={"keep_fraction": "(0, 1]"},
-                 non_negative=("expert_mlp_dim", "shared_mlp_dim", "router_loss_coef", "label_smoothing",
-                               "hard_weight", "soft_weight", "capacity_factor"))
+    check_config(
+      self,
+      choices={"train_phase": TRAIN_PHASES, "dispatch": DISPATCH},
+      positive=("num_experts", "router_layers", "router_num_heads", "router_mlp_dim"),
+      intervals={"keep_fraction": "(0, 1]"},
+      non_negative=(
+        "expert_mlp_dim",
+        "shared_mlp_dim",
+        "router_loss_coef",
+        "label_smoothing",
+        "hard_weight",
+        "soft_weight",
+        "capacity_factor",
+      ),
+    )
     if self.mlp_activation not in {**GATED_ACTIVATIONS, **PLAIN_ACTIVATIONS}:
-      raise ConfigError(f"config.model.mlp_activation={self.mlp_activation!r} has no expert version; choose one of "
-                        f"{sorted({**GATED_ACTIVATIONS, **PLAIN_ACTIVATIONS})}")
+      raise ConfigError(
+        f"config.model.mlp_activation={self.mlp_activation!r} has no expert version; choose one of "
+        f"{sorted({**GATED_ACTIVATIONS, **PLAIN_ACTIVATIONS})}"
+      )
     if self.attention != "gqa":
       raise ConfigError(f"config.model.attention={self.attention!r}: readme_moe supports 'gqa' only")
     if self.num_experts < 2:
       raise ConfigError(f"config.model.num_experts={self.num_experts} must be >= 2 (one per domain)")
     if self.embed_dim % self.router_num_heads or (self.embed_dim // self.router_num_heads) % 2:
-      raise ConfigError(f"config.model.router_num_heads={self.router_num_heads} must split embed_dim="
-                        f"{self.embed_dim} into heads of even width")
+      raise ConfigError(
+        f"config.model.router_num_heads={self.router_num_heads} must split embed_dim="
+        f"{self.embed_dim} into heads of even width"
+      )
     super().__post_init__()
 
   @property
@@ -133,17 +154,32 @@ class ReadMeLM(DenseLM):
 
   def router_module(self, **kwargs):
     """The pre-gating router (a child named 'router', or unbound with `parent=None`)."""
-    return PreGateRouter(self.vocab_size, self.num_experts, self.embed_dim, num_layers=self.router_layers,
-                         num_heads=self.router_num_heads, mlp_dim=self.router_mlp_dim, norm_epsilon=self.norm_epsilon,
-                         dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
-                         **{"name": "router", **kwargs})
+    return PreGateRouter(
+      self.vocab_size,
+      self.num_experts,
+      self.embed_dim,
+      num_layers=self.router_layers,
+      num_heads=self.router_num_heads,
+      mlp_dim=self.router_mlp_dim,
+      norm_epsilon=self.norm_epsilon,
+      dtype=jnp.dtype(self.dtype),
+      param_dtype=jnp.dtype(self.param_dtype),
+      **{"name": "router", **kwargs},
+    )
 
   def ffn_factory(self):
-    return functools.partial(ReadMeFFN, num_experts=self.num_experts, expert_mlp_dim=self.expert_width,
-                             num_experts_per_tok=1, activation=self.mlp_activation,
-                             dispatch=None if self.dispatch == "auto" else self.dispatch,
-                             capacity_factor=self.capacity_factor or None, shared_mlp_dim=self.shared_width,
-                             dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    return functools.partial(
+      ReadMeFFN,
+      num_experts=self.num_experts,
+      expert_mlp_dim=self.expert_width,
+      num_experts_per_tok=1,
+      activation=self.mlp_activation,
+      dispatch=None if self.dispatch == "auto" else self.dispatch,
+      capacity_factor=self.capacity_factor or None,
+      shared_mlp_dim=self.shared_width,
+      dtype=jnp.dtype(self.dtype),
+      param_dtype=jnp.dtype(self.param_dtype),
+    )
 
   def init_cache(self, batch_size, max_length):
     """Backbone KVCaches (`num_layers`) followed by the router's (`router_layers`)."""
@@ -179,13 +215,19 @@ class ReadMeLM(DenseLM):
     if positions is None:
       positions = default_positions(tokens, cache)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    router_logits, router_cache = self.router_module()(tokens, positions,
-                                                       None if cache is None else cache[self.num_layers:])
+    router_logits, router_cache = self.router_module()(
+      tokens, positions, None if cache is None else cache[self.num_layers :]
+    )
     flat_logits = router_logits.reshape(-1, self.num_experts)
     routing = pregate_routing(jax.lax.stop_gradient(flat_logits))
-    sow_output(self, "expert_ids", lambda: jnp.broadcast_to(
+    sow_output(
+      self,
+      "expert_ids",
+      lambda: jnp.broadcast_to(
         routing.expert_ids.reshape(tokens.shape + (-1,)).astype(jnp.int32),
-        (self.num_layers,) + tokens.shape + routing.expert_ids.shape[-1:]))
+        (self.num_layers,) + tokens.shape + routing.expert_ids.shape[-1:],
+      ),
+    )
     with_scores = cache is None and self.train_phase != "backbone"
 
     embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
@@ -194,11 +236,23 @@ class ReadMeLM(DenseLM):
     block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
     new_cache, layer_metrics, scores = [], [], []
     for i in range(self.num_layers):
-      block = block_cls(self.attention_factory(), self.ffn_factory(), norm_epsilon=self.norm_epsilon,
-                        dropout_rate=self.dropout_rate, dtype=dtype, param_dtype=param_dtype, name=f"layers_{i}")
+      block = block_cls(
+        self.attention_factory(),
+        self.ffn_factory(),
+        norm_epsilon=self.norm_epsilon,
+        dropout_rate=self.dropout_rate,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=f"layers_{i}",
+      )
       x, layer_cache, (metrics, layer_scores) = block(
-          x, positions, None if cache is None else cache[i], None, deterministic,
-          {"routing": routing, "with_scores": with_scores})
+        x,
+        positions,
+        None if cache is None else cache[i],
+        None,
+        deterministic,
+        {"routing": routing, "with_scores": with_scores},
+      )
       new_cache.append(layer_cache)
       layer_metrics.append(metrics)
       scores.append(layer_scores)
@@ -209,8 +263,13 @@ class ReadMeLM(DenseLM):
     aux_loss = jnp.zeros((), jnp.float32)
     if with_scores:
       targets = pregate_targets(jax.lax.stop_gradient(jnp.stack(scores)))
-      router_loss, accuracy = pregate_loss(flat_logits, targets, label_smoothing=self.label_smoothing,
-                                           hard_weight=self.hard_weight, soft_weight=self.soft_weight)
+      router_loss, accuracy = pregate_loss(
+        flat_logits,
+        targets,
+        label_smoothing=self.label_smoothing,
+        hard_weight=self.hard_weight,
+        soft_weight=self.soft_weight,
+      )
       metrics.update(router_loss=router_loss, router_accuracy=accuracy)
       aux_loss = self.router_loss_coef * router_loss
     cache_out = None if cache is None else tuple(new_cache) + router_cache
@@ -231,4 +290,3 @@ class ReadMeLM(DenseLM):
     """Parameters one token uses: `num_params()` minus the `num_experts - 1` domain experts it skips per layer."""
     mats = 3 if ACTIVATIONS[self.mlp_activation][1] else 2
     return self.num_params() - self.num_layers * (self.num_experts - 1) * mats * self.embed_dim * self.expert_width
-

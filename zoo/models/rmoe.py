@@ -19,6 +19,7 @@ decoding equals the full forward (with 'dense' or 'dropless' dispatch, as for `m
 Everything else is `moe_lm`: decoder blocks, attention with KV cache, expert dispatch (`zoo.routing.MoEFFN` with a
 precomputed routing), metrics stacked per MoE layer, weighted aux loss.
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -44,6 +45,7 @@ class RMoEFFN(nn.Module):
     shared_mlp_dim: width of the shared expert (0 = none).
     shared_mix: the shared expert's weight; the routed output gets `1 - shared_mix`.
   """
+
   router: nn.Module
   num_experts: int
   expert_mlp_dim: int
@@ -64,12 +66,24 @@ class RMoEFFN(nn.Module):
       routing, router_state = self.router(x, router_state, gru_params)
     else:
       routing = self.router(x, deterministic=deterministic)
-    y, aux, metrics = MoEFFN(self.num_experts, self.expert_mlp_dim, activation=self.activation,
-                             dispatch=self.dispatch, capacity_factor=self.capacity_factor, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="experts")(x, routing=routing)
+    y, aux, metrics = MoEFFN(
+      self.num_experts,
+      self.expert_mlp_dim,
+      activation=self.activation,
+      dispatch=self.dispatch,
+      capacity_factor=self.capacity_factor,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="experts",
+    )(x, routing=routing)
     if self.shared_mlp_dim:
-      shared = MLP(self.shared_mlp_dim, activation=self.activation, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="shared_expert")(x)
+      shared = MLP(
+        self.shared_mlp_dim,
+        activation=self.activation,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="shared_expert",
+      )(x)
       y = (1.0 - self.shared_mix) * y + self.shared_mix * shared
     return y, (aux, metrics, layer_expert_ids(routing, x), router_state)
 
@@ -83,6 +97,7 @@ class RMoELM(ExpertLayers, TopKRouting, SharedExperts, DenseLM):
     router_hidden_dim: GRU width and output width of W1_i (256).
     shared_mix: with `num_shared_experts` >= 1, `y = (1 - shared_mix) routed + shared_mix shared` (0.5).
   """
+
   load_balance_coef: float = 1e-3
   z_loss_coef: float = 0.0
   router_type: str = "gru"
@@ -90,14 +105,18 @@ class RMoELM(ExpertLayers, TopKRouting, SharedExperts, DenseLM):
   shared_mix: float = 0.5
 
   def __post_init__(self):
-    check_config(self, positive=("router_hidden_dim",), intervals={"shared_mix": "[0, 1]"},
-                 choices={"router_type": ROUTER_TYPES})
+    check_config(
+      self, positive=("router_hidden_dim",), intervals={"shared_mix": "[0, 1]"}, choices={"router_type": ROUTER_TYPES}
+    )
     if self.router != "softmax_topk":
-      raise ConfigError(f"config.model.router={self.router!r}: RMoE routes with 'softmax_topk' (use router_type to "
-                        "pick the recurrent or linear router)")
+      raise ConfigError(
+        f"config.model.router={self.router!r}: RMoE routes with 'softmax_topk' (use router_type to "
+        "pick the recurrent or linear router)"
+      )
     if self.shared_expert_gate:
-      raise ConfigError("config.model.shared_expert_gate=True is not part of RMoE; its shared expert is mixed by "
-                        "shared_mix")
+      raise ConfigError(
+        "config.model.shared_expert_gate=True is not part of RMoE; its shared expert is mixed by shared_mix"
+      )
     if self.router_type == "gru" and self.router_jitter > 0:
       raise ConfigError(f"config.model.router_jitter={self.router_jitter} applies to router_type='linear' only")
     super().__post_init__()
@@ -105,10 +124,17 @@ class RMoELM(ExpertLayers, TopKRouting, SharedExperts, DenseLM):
   def make_router(self):
     if self.router_type == "linear":
       return super().make_router()
-    return RecurrentRouter(parent=None, num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                           hidden_dim=self.router_hidden_dim, renormalize=self.renormalize, n_group=self.n_group,
-                           topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
-                           per_sequence_balance=self.per_sequence_balance)
+    return RecurrentRouter(
+      parent=None,
+      num_experts=self.num_experts,
+      num_experts_per_tok=self.num_experts_per_tok,
+      hidden_dim=self.router_hidden_dim,
+      renormalize=self.renormalize,
+      n_group=self.n_group,
+      topk_group=self.topk_group,
+      routed_scaling_factor=self.routed_scaling_factor,
+      per_sequence_balance=self.per_sequence_balance,
+    )
 
   def moe_ffn_factory(self):
     """Builds the RMoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""
@@ -121,8 +147,14 @@ class RMoELM(ExpertLayers, TopKRouting, SharedExperts, DenseLM):
     the router state runs along depth."""
     gru_params = GRUCell(self.router_hidden_dim, name="router_gru")() if self.router_type == "gru" else None
     # The router state goes along depth: each MoE layer's FFN returns it as the last item of its aux.
-    return self.expert_forward(tokens, positions, cache, deterministic, aux_coefs=self.aux_coefs(),
-                               ffn_kwargs=lambda state: {"router_state": state, "gru_params": gru_params})
+    return self.expert_forward(
+      tokens,
+      positions,
+      cache,
+      deterministic,
+      aux_coefs=self.aux_coefs(),
+      ffn_kwargs=lambda state: {"router_state": state, "gru_params": gru_params},
+    )
 
   def moe_ffn_params(self):
     """Parameters of one MoE layer's FFN: its router (linear embed x E, or W1_i and W2_i), experts, shared expert."""

@@ -30,6 +30,7 @@ with the KV cache) `layers_i` computes its routing before its attention; the rou
 `intermediates['expert_ids']` [moe_layers, batch, length, k] (`exposes`, as for `moe_lm`). Cached decoding equals the
 full forward with 'dense' or 'dropless' dispatch.
 """
+
 import functools
 
 import flax.linen as nn
@@ -61,6 +62,7 @@ class PreRoutedBlock(DecoderBlock):
   Attributes (besides `DecoderBlock`'s):
     router: an unbound `zoo.routing.Router` (adopted as the child 'router'), or None for a dense FFN.
   """
+
   router: nn.Module | None = None
 
   @nn.compact
@@ -83,6 +85,7 @@ class SmallThinkerLM(ExpertLayers, TopKRouting, DenseLM):
     nope_every: layer i with `i % nope_every == 0` uses NoPE global attention, the others RoPE with
       `sliding_window` (None = RoPE global); 4 in SmallThinker.
   """
+
   mlp_activation: str = "reglu"
   router: str = "sigmoid_topk"
   nope_every: int = 4
@@ -102,8 +105,9 @@ class SmallThinkerLM(ExpertLayers, TopKRouting, DenseLM):
   def layer_attention_factory(self, i):
     """Layer i's attention: NoPE global, or RoPE with `sliding_window`."""
     nope = self.is_nope_global(i)
-    return functools.partial(self.attention_factory(), use_rope=not nope,
-                             sliding_window=None if nope else self.sliding_window)
+    return functools.partial(
+      self.attention_factory(), use_rope=not nope, sliding_window=None if nope else self.sliding_window
+    )
 
   def moe_ffn_factory(self):
     kwargs = self.expert_kwargs()
@@ -113,6 +117,7 @@ class SmallThinkerLM(ExpertLayers, TopKRouting, DenseLM):
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
     """As `MoELM.__call__` (tokens [batch, length] -> logits [batch, length, vocab_size] float32, ModelOutput);
     each layer routes before its attention."""
-    make_block = lambda i, is_moe: self.decoder_block(i, is_moe, PreRoutedBlock, self.layer_attention_factory(i),
-                                                      router=self.make_router() if is_moe else None)
+    make_block = lambda i, is_moe: self.decoder_block(
+      i, is_moe, PreRoutedBlock, self.layer_attention_factory(i), router=self.make_router() if is_moe else None
+    )
     return self.expert_forward(tokens, positions, cache, deterministic, make_block, aux_coefs=self.aux_coefs())

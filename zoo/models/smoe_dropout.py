@@ -19,6 +19,7 @@ Everything else is `moe_lm`'s expert layers and shared experts (decoder blocks, 
 plus 'active_k'); its router keys do not apply (the router is fixed). The router is frozen, so the balance and z
 losses default to 0 (they would only push on the hidden states).
 """
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -38,6 +39,7 @@ class ScheduledRouter(Router):
     k_schedule_steps: the step where k reaches k_max.
     eval_k: k when `deterministic=True` (0 = k_max).
   """
+
   k_min: int = 1
   k_schedule: str = "linear"
   k_schedule_steps: int = 1000
@@ -51,7 +53,9 @@ class ScheduledRouter(Router):
     if deterministic:
       k = self.eval_k or self.num_experts_per_tok
     else:
-      k = expert_count_schedule(step.value, self.k_schedule_steps, self.k_min, self.num_experts_per_tok, self.k_schedule)
+      k = expert_count_schedule(
+        step.value, self.k_schedule_steps, self.k_min, self.num_experts_per_tok, self.k_schedule
+      )
       if self.is_mutable_collection("routing_state"):
         step.value = step.value + 1
     return truncate_routing(routing, k)
@@ -69,6 +73,7 @@ class SMoEDropoutLM(ExpertLayers, RouterLossWeights, SharedExperts, DenseLM):
     k_schedule_steps: steps over which k grows to k_max (set it to the training steps).
     eval_k: experts per token at evaluation (0 = k_max); any value in 1..k_max.
   """
+
   num_experts_per_tok: int = 2
   router_jitter: float = 0.0
   load_balance_coef: float = 0.0
@@ -79,24 +84,39 @@ class SMoEDropoutLM(ExpertLayers, RouterLossWeights, SharedExperts, DenseLM):
   eval_k: int = 0
 
   def __post_init__(self):
-    check_config(self, positive=("k_schedule_steps",), non_negative=("router_jitter",),
-                 choices={"k_schedule": K_SCHEDULES})
+    check_config(
+      self, positive=("k_schedule_steps",), non_negative=("router_jitter",), choices={"k_schedule": K_SCHEDULES}
+    )
     if not 1 <= self.num_experts_per_tok <= self.num_experts:
-      raise ConfigError(f"config.model.num_experts_per_tok={self.num_experts_per_tok} is invalid; allowed "
-                        f"1..num_experts={self.num_experts}")
+      raise ConfigError(
+        f"config.model.num_experts_per_tok={self.num_experts_per_tok} is invalid; allowed "
+        f"1..num_experts={self.num_experts}"
+      )
     if not 1 <= self.k_min <= self.num_experts_per_tok:
-      raise ConfigError(f"config.model.k_min={self.k_min} is invalid; allowed 1..num_experts_per_tok="
-                        f"{self.num_experts_per_tok} (k_max)")
+      raise ConfigError(
+        f"config.model.k_min={self.k_min} is invalid; allowed 1..num_experts_per_tok={self.num_experts_per_tok} (k_max)"
+      )
     if not 0 <= self.eval_k <= self.num_experts_per_tok:
-      raise ConfigError(f"config.model.eval_k={self.eval_k} is invalid; allowed 0 (= k_max) or 1..num_experts_per_tok="
-                        f"{self.num_experts_per_tok}")
+      raise ConfigError(
+        f"config.model.eval_k={self.eval_k} is invalid; allowed 0 (= k_max) or 1..num_experts_per_tok="
+        f"{self.num_experts_per_tok}"
+      )
     super().__post_init__()
 
   def make_router(self):
     """This layer's frozen `ScheduledRouter` (unbound; the MoE FFN adopts it as its child 'router')."""
-    return ScheduledRouter(parent=None, num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                           score="softmax", frozen=True, jitter_eps=self.router_jitter, k_min=self.k_min,
-                           k_schedule=self.k_schedule, k_schedule_steps=self.k_schedule_steps, eval_k=self.eval_k)
+    return ScheduledRouter(
+      parent=None,
+      num_experts=self.num_experts,
+      num_experts_per_tok=self.num_experts_per_tok,
+      score="softmax",
+      frozen=True,
+      jitter_eps=self.router_jitter,
+      k_min=self.k_min,
+      k_schedule=self.k_schedule,
+      k_schedule_steps=self.k_schedule_steps,
+      eval_k=self.eval_k,
+    )
 
   def moe_ffn_factory(self):
     """Builds the MoE FFN of one layer (`name=` is given by `DecoderBlock`); each call gets its own router."""

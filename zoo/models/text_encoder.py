@@ -7,6 +7,7 @@ or an embedding model (`num_classes` = 0, L2-normalised), e.g. for the 'sequence
   'first' (the BOS position, BERT's [CLS], Devlin et al. 2019) or 'last' (the last real token, as decoder-based
   embedders do, e.g. E5-Mistral).
 """
+
 import functools
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ class TextEncoder(nn.Module):
     pooling: 'mean' | 'first' | 'last' (see the module docstring).
     num_classes: > 0: a linear head to that many logits; 0: the pooled vector, L2-normalised.
   """
+
   exposes: ClassVar[tuple[str, ...]] = ()
   vocab_size: int = 259
   num_layers: int = 2
@@ -48,12 +50,17 @@ class TextEncoder(nn.Module):
   param_dtype: Any = "float32"
 
   def __post_init__(self):
-    check_config(self, positive=("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim"),
-                 intervals={"dropout_rate": "[0, 1)"}, dtypes=("dtype", "param_dtype"),
-                 choices={"pooling": POOLINGS, "mlp_activation": sorted(ACTIVATIONS)})
+    check_config(
+      self,
+      positive=("vocab_size", "num_layers", "embed_dim", "num_heads", "mlp_dim"),
+      intervals={"dropout_rate": "[0, 1)"},
+      dtypes=("dtype", "param_dtype"),
+      choices={"pooling": POOLINGS, "mlp_activation": sorted(ACTIVATIONS)},
+    )
     if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 2:
-      raise ConfigError(f"config.model.embed_dim={self.embed_dim} must split into num_heads={self.num_heads} heads "
-                        "of even width (RoPE)")
+      raise ConfigError(
+        f"config.model.embed_dim={self.embed_dim} must split into num_heads={self.num_heads} heads of even width (RoPE)"
+      )
     if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
       raise ConfigError(f"config.model.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
     if not isinstance(self.num_classes, int) or self.num_classes < 0:
@@ -71,14 +78,22 @@ class TextEncoder(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = Embed(self.vocab_size, self.embed_dim, name="embed", **dtypes)(tokens)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    attention = functools.partial(Attention, num_heads=self.num_heads, head_dim=self.embed_dim // self.num_heads,
-                                  num_kv_heads=self.num_kv_heads, rope_theta=self.rope_theta, causal=False,
-                                  norm_epsilon=self.norm_epsilon, **dtypes)
+    attention = functools.partial(
+      Attention,
+      num_heads=self.num_heads,
+      head_dim=self.embed_dim // self.num_heads,
+      num_kv_heads=self.num_kv_heads,
+      rope_theta=self.rope_theta,
+      causal=False,
+      norm_epsilon=self.norm_epsilon,
+      **dtypes,
+    )
     ffn = functools.partial(MLP, hidden_dim=self.mlp_dim, activation=self.mlp_activation, **dtypes)
     keys = real[:, None, None, :]  # [batch, 1, 1, length]: no query attends to padding
     for i in range(self.num_layers):
-      x, _, _ = DecoderBlock(attention, ffn, norm_epsilon=self.norm_epsilon, dropout_rate=self.dropout_rate,
-                             name=f"layers_{i}", **dtypes)(x, positions, mask=keys, deterministic=deterministic)
+      x, _, _ = DecoderBlock(
+        attention, ffn, norm_epsilon=self.norm_epsilon, dropout_rate=self.dropout_rate, name=f"layers_{i}", **dtypes
+      )(x, positions, mask=keys, deterministic=deterministic)
     x = RMSNorm(self.norm_epsilon, name="final_norm", **dtypes)(x).astype(jnp.float32)
     pooled = self._pool(x, real)
     if self.num_classes:

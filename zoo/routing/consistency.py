@@ -20,6 +20,7 @@ sows them as `intermediates['expert_ids']` [layers, batch, length, k] in `apply(
 
 These are evaluation metrics computed on the host with numpy (the cache simulation is sequential).
 """
+
 import numpy as np
 
 DEFAULT_SEGMENT_LENGTHS = (4, 16, 64, 256)
@@ -40,8 +41,10 @@ def _as_sequences(expert_ids):
 def _activation(ids, num_experts):
   """[batch, tokens, k] ids -> [batch, tokens, E] 0/1 activation matrix A (empty slots -1 ignored)."""
   if ids.size and (ids.max() >= num_experts or ids.min() < -1):
-    raise ValueError(f"expert ids must lie in -1..{num_experts - 1} (num_experts={num_experts}), got values in "
-                     f"{ids.min()}..{ids.max()}")
+    raise ValueError(
+      f"expert ids must lie in -1..{num_experts - 1} (num_experts={num_experts}), got values in "
+      f"{ids.min()}..{ids.max()}"
+    )
   active = np.zeros(ids.shape[:2] + (num_experts + 1,), np.int64)
   b, t = np.meshgrid(np.arange(ids.shape[0]), np.arange(ids.shape[1]), indexing="ij")
   for slot in range(ids.shape[2]):
@@ -167,6 +170,7 @@ def routing_consistency(expert_ids, num_experts, *, segment_lengths=DEFAULT_SEGM
   if cache_sizes is None:
     cache_sizes = sorted({min(k, num_experts), min(2 * k, num_experts)})
   srp = np.array([[segment_routing_best_performance(layer, num_experts, l) for l in lengths] for layer in ids])
-  sch = np.array([[[segment_cache_best_hit_rate(layer, num_experts, l, c) for c in cache_sizes] for l in lengths]
-                  for layer in ids])
+  sch = np.array(
+    [[[segment_cache_best_hit_rate(layer, num_experts, l, c) for c in cache_sizes] for l in lengths] for layer in ids]
+  )
   return {"segment_lengths": np.array(lengths), "cache_sizes": np.array(cache_sizes), "srp": srp, "sch": sch}

@@ -15,6 +15,7 @@ Expert weights are a dict of stacked arrays: gated activations ('swiglu', 'reglu
 `{'gate': [E, embed, mlp], 'up': [E, embed, mlp], 'down': [E, mlp, embed]}`, plain ones ('silu', 'relu', 'gelu')
 use `{'up': [E, embed, mlp], 'down': [E, mlp, embed]}`.
 """
+
 import math
 
 import jax
@@ -40,15 +41,19 @@ def check_expert_weights(weights, activation):
   elif activation in PLAIN_ACTIVATIONS:
     names = ("up", "down")
   else:
-    raise ValueError(f"activation={activation!r} is unknown; allowed: "
-                     f"{sorted(GATED_ACTIVATIONS) + sorted(PLAIN_ACTIVATIONS)}")
+    raise ValueError(
+      f"activation={activation!r} is unknown; allowed: {sorted(GATED_ACTIVATIONS) + sorted(PLAIN_ACTIVATIONS)}"
+    )
   if set(weights) != set(names):
     raise ValueError(f"activation={activation!r} needs expert weights {names}, got {tuple(sorted(weights))}")
   num_experts, embed, mlp = weights["up"].shape
-  if weights["down"].shape != (num_experts, mlp, embed) or ("gate" in weights and weights["gate"].shape !=
-                                                            weights["up"].shape):
-    raise ValueError(f"expert weight shapes disagree: { {k: v.shape for k, v in weights.items()} }; expected "
-                     "gate/up [experts, embed, mlp] and down [experts, mlp, embed]")
+  if weights["down"].shape != (num_experts, mlp, embed) or (
+    "gate" in weights and weights["gate"].shape != weights["up"].shape
+  ):
+    raise ValueError(
+      f"expert weight shapes disagree: { {k: v.shape for k, v in weights.items()} }; expected "
+      "gate/up [experts, embed, mlp] and down [experts, mlp, embed]"
+    )
   return num_experts, embed, mlp
 
 

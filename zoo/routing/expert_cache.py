@@ -5,14 +5,16 @@ next use is farthest ahead, optimal for a known future; Belady 1966), compared w
 
 Pure numpy functions over expert-id sequences.
 """
+
 import numpy as np
 
 
 def _check_accesses(accesses, capacity):
   accesses = np.asarray(accesses)
   if accesses.ndim != 1 or not np.issubdtype(accesses.dtype, np.integer):
-    raise ValueError(f"accesses must be a 1-D sequence of integer expert ids, got shape {accesses.shape} dtype "
-                     f"{accesses.dtype}")
+    raise ValueError(
+      f"accesses must be a 1-D sequence of integer expert ids, got shape {accesses.shape} dtype {accesses.dtype}"
+    )
   if not isinstance(capacity, (int, np.integer)) or capacity < 1:
     raise ValueError(f"capacity={capacity!r} must be a positive integer (experts the cache holds)")
   return [int(a) for a in accesses]

@@ -10,6 +10,7 @@ Mesh axes come from the logical-axis table `zoo.layers.axes.LOGICAL_AXIS_RULES`:
 expert weights like 'expert' (and their hidden dimension like 'expert_mlp', with a psum of the partial outputs when
 that axis is > 1).
 """
+
 import math
 
 import jax
@@ -82,8 +83,10 @@ def expert_parallel_ffn(x, expert_ids, weights, expert_weights, *, mesh, activat
   if num_experts % devices:
     raise ValueError(f"{num_experts} experts cannot be split over mesh axis '{expert_axis}' of size {devices}")
   mlp_spec = mlp_axes if mlp_axes else None
-  weight_specs = {name: P(expert_axis, mlp_spec, None) if name == "down" else P(expert_axis, None, mlp_spec)
-                  for name in expert_weights}
+  weight_specs = {
+    name: P(expert_axis, mlp_spec, None) if name == "down" else P(expert_axis, None, mlp_spec)
+    for name in expert_weights
+  }
   token_spec = P(batch_axes, None)
 
   def local(x, expert_ids, weights, expert_weights):
@@ -105,6 +108,7 @@ def expert_parallel_ffn(x, expert_ids, weights, expert_weights, *, mesh, activat
     assigned = jax.lax.psum(jnp.sum(expert_ids >= 0).astype(jnp.float32), batch_axes)
     return y, 1.0 - kept_count / jnp.maximum(assigned, 1.0)
 
-  y, dropped = jax.shard_map(local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, weight_specs),
-                             out_specs=(token_spec, P()))(x, expert_ids, weights, expert_weights)
+  y, dropped = jax.shard_map(
+    local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, weight_specs), out_specs=(token_spec, P())
+  )(x, expert_ids, weights, expert_weights)
   return y.astype(x.dtype), {"dropped_fraction": dropped}

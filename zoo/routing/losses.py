@@ -1,4 +1,5 @@
 """Auxiliary router losses (papers.md A9), returned as values: the model weights and sums them."""
+
 import jax
 import jax.numpy as jnp
 

@@ -1,4 +1,5 @@
 """Routing metrics per layer (pure functions returning arrays) and the expert-load heatmap used by evaluate.py."""
+
 import jax
 import jax.numpy as jnp
 
@@ -26,10 +27,10 @@ def routing_metrics(logits, probs, expert_ids, num_experts):
   load = losses.expert_fraction(expert_ids, num_experts)
   entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
   return {
-      "expert_load": load,
-      "load_imbalance": num_experts * jnp.max(load),
-      "router_entropy": jnp.mean(entropy),
-      "router_z": jnp.mean(jax.nn.logsumexp(logits, axis=-1)),
+    "expert_load": load,
+    "load_imbalance": num_experts * jnp.max(load),
+    "router_entropy": jnp.mean(entropy),
+    "router_z": jnp.mean(jax.nn.logsumexp(logits, axis=-1)),
   }
 
 

@@ -8,22 +8,20 @@ parallelism is made.
 The routers models pick by name are registered here (`zoo.routing.registry`): 'softmax_topk', 'sigmoid_topk',
 'expert_choice' and 'random' (a frozen random softmax router), each a factory of a configured `Router`.
 """
+
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.routing import dispatch
-from zoo.routing import expert_parallel
-from zoo.routing import routers
+from zoo.routing import dispatch, expert_parallel, routers
 from zoo.routing.registry import register_router
 
 
 def _expert_init():
   """Fan-in scaled init for stacked [experts, in, out] kernels (each expert initialised like one dense layer)."""
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-                                          batch_axis=(0,))
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
 class Router(nn.Module):
@@ -51,6 +49,7 @@ class Router(nn.Module):
     frozen: frozen random router.
     per_sequence_balance: compute the load-balance loss per sequence (input [batch, length, embed]).
   """
+
   num_experts: int
   num_experts_per_tok: int = 2
   score: str = "softmax"
@@ -86,8 +85,9 @@ class Router(nn.Module):
     embed = x.shape[-1]
     init = nn.with_logical_partitioning(self.kernel_init, ("embed", "expert"))
     if self.frozen:
-      kernel = nn.meta.unbox(self.variable(
-          "routing_state", "kernel", lambda: init(self.make_rng("params"), (embed, self.num_experts))).value)
+      kernel = nn.meta.unbox(
+        self.variable("routing_state", "kernel", lambda: init(self.make_rng("params"), (embed, self.num_experts))).value
+      )
     else:
       kernel = self.param("kernel", init, (embed, self.num_experts), jnp.float32)
     tokens = x.reshape(-1, embed).astype(jnp.float32)
@@ -95,8 +95,13 @@ class Router(nn.Module):
       tokens = routers.jitter(tokens, self.make_rng("dropout"), self.jitter_eps)
     logits = tokens @ kernel
     sequence_length = x.shape[-2] if self.per_sequence_balance else None
-    common = dict(renormalize=self.renormalize, n_group=self.n_group, topk_group=self.topk_group,
-                  routed_scaling_factor=self.routed_scaling_factor, sequence_length=sequence_length)
+    common = dict(
+      renormalize=self.renormalize,
+      n_group=self.n_group,
+      topk_group=self.topk_group,
+      routed_scaling_factor=self.routed_scaling_factor,
+      sequence_length=sequence_length,
+    )
     return ROUTER_SCORES[self.score](self, logits, common, deterministic)
 
 
@@ -114,14 +119,20 @@ def _sigmoid_scores(router, logits, common, deterministic):
   """`sigmoid_topk`, with the selection bias of `bias_balancing` kept (and updated) in 'routing_state'."""
   bias = None
   if router.bias_balancing:
-    bias_var = router.variable("routing_state", "bias",
-                               nn.with_logical_partitioning(nn.initializers.zeros_init(), ("expert",)),
-                               None, (router.num_experts,), jnp.float32)
+    bias_var = router.variable(
+      "routing_state",
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), ("expert",)),
+      None,
+      (router.num_experts,),
+      jnp.float32,
+    )
     bias = nn.meta.unbox(bias_var.value)
   routing = routers.sigmoid_topk(logits, router.num_experts_per_tok, bias=bias, **common)
   if router.bias_balancing and not deterministic and router.is_mutable_collection("routing_state"):
     bias_var.value = nn.meta.replace_boxed(
-        bias_var.value, routers.update_balance_bias(bias, routing.metrics["expert_load"], router.bias_update_rate))
+      bias_var.value, routers.update_balance_bias(bias, routing.metrics["expert_load"], router.bias_update_rate)
+    )
   return routing
 
 
@@ -152,8 +163,8 @@ def sigmoid_topk_router(*, bias=False, bias_update_rate=0.0, **options):
 
 @register_router("expert_choice")
 def expert_choice_router(*, bias=False, bias_update_rate=0.0, **options):
-  """Expert choice (`routers.expert_choice`) with capacity factor c = `num_experts_per_tok` (the average experts per token,
-  so it costs what top-k costs)."""
+  """Expert choice (`routers.expert_choice`) with capacity factor c = `num_experts_per_tok` (the average experts per
+  token, so it costs what top-k costs)."""
   del bias_update_rate
   _no_bias("expert_choice", bias)
   return Router(score="expert_choice", capacity_factor=float(options["num_experts_per_tok"]), **options)
@@ -196,6 +207,7 @@ class MoEFFN(nn.Module):
       is capacity-buffered per device (`expert_parallel_ffn`; `capacity_factor=None` drops nothing and then equals
       dropless dispatch). This module makes the choice: `zoo.routing.dispatch.moe_ffn` is the local path only.
   """
+
   num_experts: int
   expert_mlp_dim: int
   num_experts_per_tok: int = 2
@@ -229,19 +241,25 @@ class MoEFFN(nn.Module):
     elif self.activation in dispatch.PLAIN_ACTIVATIONS:
       names = ("up", "down")
     else:
-      raise ValueError(f"MoEFFN.activation={self.activation!r} is unknown; allowed: "
-                       f"{sorted(dispatch.GATED_ACTIVATIONS) + sorted(dispatch.PLAIN_ACTIVATIONS)}")
+      raise ValueError(
+        f"MoEFFN.activation={self.activation!r} is unknown; allowed: "
+        f"{sorted(dispatch.GATED_ACTIVATIONS) + sorted(dispatch.PLAIN_ACTIVATIONS)}"
+      )
     embed = x.shape[-1]
     if routing is None:
-      router = self.router if self.router is not None else Router(self.num_experts, self.num_experts_per_tok,
-                                                                  name="router")
+      router = (
+        self.router if self.router is not None else Router(self.num_experts, self.num_experts_per_tok, name="router")
+      )
       if router.num_experts != self.num_experts:
         raise ValueError(f"router.num_experts={router.num_experts} != MoEFFN.num_experts={self.num_experts}")
       routing = router(x, deterministic=deterministic)
     expert_weights = {}
     for name in names:
-      shape = ((self.num_experts, self.expert_mlp_dim, embed) if name == "down" else
-               (self.num_experts, embed, self.expert_mlp_dim))
+      shape = (
+        (self.num_experts, self.expert_mlp_dim, embed)
+        if name == "down"
+        else (self.num_experts, embed, self.expert_mlp_dim)
+      )
       axes = ("expert", "expert_mlp", "embed") if name == "down" else ("expert", "embed", "expert_mlp")
       param = self.param(name, nn.with_logical_partitioning(_expert_init(), axes), shape, self.param_dtype)
       expert_weights[name] = param.astype(self.dtype)
@@ -269,29 +287,53 @@ class MoEFFN(nn.Module):
       expert_ids, weights = dispatch.as_slots(routing)
       if expert_ids.shape[0] != tokens.shape[0]:
         raise ValueError(f"routing has {expert_ids.shape[0]} tokens but x has {tokens.shape[0]}")
-      return expert_parallel.expert_parallel_ffn(tokens, expert_ids, weights, expert_weights, mesh=mesh,
-                                                 activation=self.activation, capacity_factor=self.capacity_factor)
-    return dispatch.moe_ffn(tokens, routing, expert_weights, dispatch=self.dispatch, activation=self.activation,
-                            capacity_factor=self.capacity_factor, permute=self.permute)
+      return expert_parallel.expert_parallel_ffn(
+        tokens,
+        expert_ids,
+        weights,
+        expert_weights,
+        mesh=mesh,
+        activation=self.activation,
+        capacity_factor=self.capacity_factor,
+      )
+    return dispatch.moe_ffn(
+      tokens,
+      routing,
+      expert_weights,
+      dispatch=self.dispatch,
+      activation=self.activation,
+      capacity_factor=self.capacity_factor,
+      permute=self.permute,
+    )
 
   def _shared(self, tokens, names):
     embed = tokens.shape[-1]
     hidden = {}
     for name in names[:-1]:
-      kernel = self.param(f"shared_{name}", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                         ("embed", "mlp")),
-                          (embed, self.shared_mlp_dim), self.param_dtype)
+      kernel = self.param(
+        f"shared_{name}",
+        nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+        (embed, self.shared_mlp_dim),
+        self.param_dtype,
+      )
       hidden[name] = tokens @ kernel.astype(self.dtype)
     if "gate" in hidden:
       h = dispatch.GATED_ACTIVATIONS[self.activation](hidden["gate"]) * hidden["up"]
     else:
       h = dispatch.PLAIN_ACTIVATIONS[self.activation](hidden["up"])
-    down = self.param("shared_down", nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
-                      (self.shared_mlp_dim, embed), self.param_dtype)
+    down = self.param(
+      "shared_down",
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
+      (self.shared_mlp_dim, embed),
+      self.param_dtype,
+    )
     out = h @ down.astype(self.dtype)
     if self.shared_gate:
-      gate = self.param("shared_gate_kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                           ("embed", None)),
-                        (embed, 1), self.param_dtype)
+      gate = self.param(
+        "shared_gate_kernel",
+        nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
+        (embed, 1),
+        self.param_dtype,
+      )
       out = out * jax.nn.sigmoid(tokens.astype(jnp.float32) @ gate.astype(jnp.float32)).astype(self.dtype)
     return out

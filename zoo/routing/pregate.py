@@ -13,6 +13,7 @@ its loss is `0.75 * CE(label smoothing 0.5) + 0.25 * soft CE` (`pregate_loss`).
 
 The statistics and parameter surgery are numpy (outside jit, variable-size slices); the losses are jnp (float32).
 """
+
 import functools
 from typing import Any
 
@@ -227,6 +228,7 @@ class PreGateRouter(nn.Module):
     embed_dim: width (= the LM's embed_dim to reuse its embedding).
     num_layers, num_heads, mlp_dim: the blocks [guess: Read-ME uses a small transformer; sizes are ours].
   """
+
   vocab_size: int
   num_experts: int
   embed_dim: int
@@ -243,15 +245,17 @@ class PreGateRouter(nn.Module):
 
   def init_cache(self, batch_size, max_length):
     """A tuple of `num_layers` KVCache."""
-    return tuple(KVCache.create(batch_size, max_length, self.num_heads, self.head_dim, self.dtype)
-                 for _ in range(self.num_layers))
+    return tuple(
+      KVCache.create(batch_size, max_length, self.num_heads, self.head_dim, self.dtype) for _ in range(self.num_layers)
+    )
 
   @nn.compact
   def __call__(self, tokens, positions, cache=None):
     """tokens, positions: [batch, length] -> (logits [batch, length, experts] float32, new cache or None)."""
     if self.embed_dim % self.num_heads or self.head_dim % 2:
-      raise ValueError(f"router embed_dim={self.embed_dim} must split into num_heads={self.num_heads} heads of "
-                       "even width")
+      raise ValueError(
+        f"router embed_dim={self.embed_dim} must split into num_heads={self.num_heads} heads of even width"
+      )
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = Embed(self.vocab_size, self.embed_dim, name="embed", **dtypes)(tokens)
     attention = functools.partial(Attention, num_heads=self.num_heads, head_dim=self.head_dim, **dtypes)
@@ -259,7 +263,8 @@ class PreGateRouter(nn.Module):
     new_cache = []
     for i in range(self.num_layers):
       x, layer_cache, _ = DecoderBlock(attention, ffn, norm_epsilon=self.norm_epsilon, name=f"layers_{i}", **dtypes)(
-          x, positions, None if cache is None else cache[i])
+        x, positions, None if cache is None else cache[i]
+      )
       new_cache.append(layer_cache)
     x = RMSNorm(self.norm_epsilon, name="final_norm", **dtypes)(x)
     logits = DenseGeneral(self.num_experts, kernel_axes=("embed", "expert"), name="head", **dtypes)(x)

@@ -12,6 +12,7 @@ then softmax -> top-k -> renormalise (`zoo.routing.softmax_topk`). The shared ce
 the model (`GRUCell`) and given to every layer's `RecurrentRouter` as arrays, so the sharing needs no module
 aliasing and survives `nn.remat`.
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -63,6 +64,7 @@ class GRUCell(nn.Module):
     hidden_dim: state width (RMoE: 256); the input width is the same (the projections W1_i map to it).
     init_std: standard deviation of the initialisation.
   """
+
   hidden_dim: int
   init_std: float = 0.02
 
@@ -71,10 +73,16 @@ class GRUCell(nn.Module):
     """Returns the dict of float32 parameter arrays that `gru_cell` takes."""
     init = nn.initializers.normal(self.init_std)
     h = self.hidden_dim
-    shapes = {"input_kernel": ((h, 3, h), (None, None, None)), "hidden_kernel": ((h, 3, h), (None, None, None)),
-              "input_bias": ((3, h), (None, None)), "hidden_bias": ((3, h), (None, None))}
-    return {name: nn.meta.unbox(self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32))
-            for name, (shape, axes) in shapes.items()}
+    shapes = {
+      "input_kernel": ((h, 3, h), (None, None, None)),
+      "hidden_kernel": ((h, 3, h), (None, None, None)),
+      "input_bias": ((3, h), (None, None)),
+      "hidden_bias": ((3, h), (None, None)),
+    }
+    return {
+      name: nn.meta.unbox(self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32))
+      for name, (shape, axes) in shapes.items()
+    }
 
 
 class RecurrentRouter(nn.Module):
@@ -88,6 +96,7 @@ class RecurrentRouter(nn.Module):
     per_sequence_balance: compute the load-balance loss per sequence (x must be [batch, length, embed]).
     kernel_init: initialiser of W1_i and W2_i (N(0, 0.02) as RMoE).
   """
+
   num_experts: int
   num_experts_per_tok: int = 2
   hidden_dim: int = 256
@@ -116,13 +125,27 @@ class RecurrentRouter(nn.Module):
     tokens = x.reshape(-1, embed).astype(jnp.float32)
     if state is None:
       state = jnp.zeros((tokens.shape[0], self.hidden_dim), jnp.float32)
-    w1 = self.param("input_proj", nn.with_logical_partitioning(self.kernel_init, ("embed", None)),
-                    (embed, self.hidden_dim), jnp.float32)
-    w2 = self.param("output_proj", nn.with_logical_partitioning(self.kernel_init, (None, "expert")),
-                    (self.hidden_dim, self.num_experts), jnp.float32)
+    w1 = self.param(
+      "input_proj",
+      nn.with_logical_partitioning(self.kernel_init, ("embed", None)),
+      (embed, self.hidden_dim),
+      jnp.float32,
+    )
+    w2 = self.param(
+      "output_proj",
+      nn.with_logical_partitioning(self.kernel_init, (None, "expert")),
+      (self.hidden_dim, self.num_experts),
+      jnp.float32,
+    )
     state = gru_cell(gru_params, tokens @ w1, state)
     logits = state @ w2
-    routing = routers.softmax_topk(logits, self.num_experts_per_tok, renormalize=self.renormalize, n_group=self.n_group,
-                                   topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
-                                   sequence_length=x.shape[-2] if self.per_sequence_balance else None)
+    routing = routers.softmax_topk(
+      logits,
+      self.num_experts_per_tok,
+      renormalize=self.renormalize,
+      n_group=self.n_group,
+      topk_group=self.topk_group,
+      routed_scaling_factor=self.routed_scaling_factor,
+      sequence_length=x.shape[-2] if self.per_sequence_balance else None,
+    )
     return routing, state

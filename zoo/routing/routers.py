@@ -5,14 +5,14 @@ A router maps logits [tokens, experts] to a routing decision. Dispatch (`zoo.rou
 top-p DynMoLE, MoR depth routers...) plugs in by building a `Routing` -- from top-k choices directly, or from a dense
 [tokens, experts] weight matrix with `routing_from_dense`.
 """
+
 import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from zoo.routing import losses
-from zoo.routing import metrics as routing_metrics
+from zoo.routing import losses, metrics as routing_metrics
 
 
 @flax.struct.dataclass
@@ -28,6 +28,7 @@ class Routing:
     metrics: dict name -> array (see `zoo.routing.metrics.routing_metrics`).
     capacity: static number of tokens each expert takes, when the router fixes it (expert-choice); None otherwise.
   """
+
   expert_ids: jax.Array
   weights: jax.Array
   probs: jax.Array
@@ -54,9 +55,14 @@ def _finish(logits, probs, expert_ids, weights, *, sequence_length, balance_loss
   aux = {"z_loss": losses.router_z_loss(logits)}
   if balance_loss:
     aux["load_balance"] = losses.load_balance_loss(probs, expert_ids, num_experts, sequence_length=sequence_length)
-  return Routing(expert_ids=expert_ids.astype(jnp.int32), weights=weights.astype(jnp.float32), probs=probs,
-                 aux=aux, metrics=routing_metrics.routing_metrics(logits, probs, expert_ids, num_experts),
-                 capacity=capacity)
+  return Routing(
+    expert_ids=expert_ids.astype(jnp.int32),
+    weights=weights.astype(jnp.float32),
+    probs=probs,
+    aux=aux,
+    metrics=routing_metrics.routing_metrics(logits, probs, expert_ids, num_experts),
+    capacity=capacity,
+  )
 
 
 def group_limited_mask(scores, n_group, topk_group):
@@ -89,15 +95,17 @@ def _select(choice_scores, k, n_group, topk_group):
   """Top-k expert ids by `choice_scores`, optionally limited to the best groups."""
   if n_group > 1:
     if k > topk_group * (choice_scores.shape[-1] // n_group):
-      raise ValueError(f"k={k} exceeds the experts in topk_group={topk_group} groups of "
-                       f"{choice_scores.shape[-1] // n_group}")
+      raise ValueError(
+        f"k={k} exceeds the experts in topk_group={topk_group} groups of {choice_scores.shape[-1] // n_group}"
+      )
     mask = group_limited_mask(choice_scores, n_group, topk_group)
     choice_scores = jnp.where(mask, choice_scores, -jnp.inf)
   return jax.lax.top_k(choice_scores, k)[1]
 
 
-def softmax_topk(logits, k, *, renormalize=True, n_group=1, topk_group=1, routed_scaling_factor=1.0,
-                 sequence_length=None):
+def softmax_topk(
+  logits, k, *, renormalize=True, n_group=1, topk_group=1, routed_scaling_factor=1.0, sequence_length=None
+):
   """Softmax token-choice top-k router (Switch Transformer Sec. 2.1 for k=1; GShard / Mixtral for k=2).
 
   `p = softmax(logits)`; each token takes its k most probable experts; the combine weights are their probabilities,
@@ -127,8 +135,9 @@ def softmax_topk(logits, k, *, renormalize=True, n_group=1, topk_group=1, routed
   return _finish(logits, probs, expert_ids, weights * routed_scaling_factor, sequence_length=sequence_length)
 
 
-def sigmoid_topk(logits, k, *, bias=None, renormalize=True, n_group=1, topk_group=1, routed_scaling_factor=1.0,
-                 sequence_length=None):
+def sigmoid_topk(
+  logits, k, *, bias=None, renormalize=True, n_group=1, topk_group=1, routed_scaling_factor=1.0, sequence_length=None
+):
   """Sigmoid top-k router with aux-loss-free bias balancing (DeepSeek-V3, Sec. 2.1.2, Eq. 13-16).
 
   `s = sigmoid(logits)`; experts are selected by `s + bias` (optionally group-limited), but the combine weights come
@@ -242,4 +251,3 @@ def jitter(x, rng, eps):
     return x
   noise = jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
   return (x.astype(jnp.float32) * noise).astype(x.dtype)
-

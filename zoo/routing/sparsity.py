@@ -10,6 +10,7 @@
   (`update_chunk_lambda`), token- and chunk-level sparsity (TLS, CLS(L)) and a dispatch that skips the experts
   inactive for a whole chunk (`chunk_sparse_ffn`).
 """
+
 import math
 
 import flax.linen as nn
@@ -88,10 +89,15 @@ def truncate_routing(routing, k):
   aux = dict(routing.aux)
   if "load_balance" in aux:
     aux["load_balance"] = losses.load_balance_loss(routing.probs, expert_ids, num_experts)
-  metrics = {**routing.metrics, "expert_load": load, "load_imbalance": num_experts * jnp.max(load),
-             "active_k": jnp.asarray(k, jnp.float32)}
-  return Routing(expert_ids=expert_ids, weights=weights, probs=routing.probs, aux=aux, metrics=metrics,
-                 capacity=routing.capacity)
+  metrics = {
+    **routing.metrics,
+    "expert_load": load,
+    "load_imbalance": num_experts * jnp.max(load),
+    "active_k": jnp.asarray(k, jnp.float32),
+  }
+  return Routing(
+    expert_ids=expert_ids, weights=weights, probs=routing.probs, aux=aux, metrics=metrics, capacity=routing.capacity
+  )
 
 
 def relu_rmsnorm_router(logits, gain, *, epsilon=1e-6):
@@ -184,8 +190,12 @@ def chunk_level_sparsity(weights, chunk_length):
 
 def init_chunk_lambda_state(initial=5e-2):
   """State of the adaptive chunk-loss coefficient: dict of float32/int32 scalars (lives in 'routing_state')."""
-  return {"lambda": jnp.asarray(initial, jnp.float32), "step": jnp.zeros((), jnp.int32),
-          "window_sum": jnp.zeros((), jnp.float32), "previous_mean": jnp.zeros((), jnp.float32)}
+  return {
+    "lambda": jnp.asarray(initial, jnp.float32),
+    "step": jnp.zeros((), jnp.int32),
+    "window_sum": jnp.zeros((), jnp.float32),
+    "previous_mean": jnp.zeros((), jnp.float32),
+  }
 
 
 def update_chunk_lambda(state, loss, *, warmup_steps=1000, interval=100, min_factor=1.025, max_factor=4.0):
@@ -212,9 +222,12 @@ def update_chunk_lambda(state, loss, *, warmup_steps=1000, interval=100, min_fac
   recent = window_sum / interval
   adapt = at_end & (step > warmup_steps) & (state["previous_mean"] > 0)
   factor = jnp.clip(recent / jnp.maximum(state["previous_mean"], 1e-20), min_factor, max_factor)
-  return {"lambda": jnp.where(adapt, state["lambda"] * factor, state["lambda"]), "step": step,
-          "window_sum": jnp.where(at_end, 0.0, window_sum),
-          "previous_mean": jnp.where(at_end, recent, state["previous_mean"])}
+  return {
+    "lambda": jnp.where(adapt, state["lambda"] * factor, state["lambda"]),
+    "step": step,
+    "window_sum": jnp.where(at_end, 0.0, window_sum),
+    "previous_mean": jnp.where(at_end, recent, state["previous_mean"]),
+  }
 
 
 class ReLURouter(nn.Module):
@@ -222,16 +235,22 @@ class ReLURouter(nn.Module):
 
   Returns `(r, s)`: the weights of `relu_rmsnorm_router` and the scores s = x W_r, both [..., experts] float32.
   """
+
   num_experts: int
   epsilon: float = 1e-6
   kernel_init: object = nn.initializers.normal(0.02)
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, ("embed", "expert")),
-                        (x.shape[-1], self.num_experts), jnp.float32)
-    gain = self.param("gain", nn.with_logical_partitioning(nn.initializers.ones_init(), ("expert",)),
-                      (self.num_experts,), jnp.float32)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(self.kernel_init, ("embed", "expert")),
+      (x.shape[-1], self.num_experts),
+      jnp.float32,
+    )
+    gain = self.param(
+      "gain", nn.with_logical_partitioning(nn.initializers.ones_init(), ("expert",)), (self.num_experts,), jnp.float32
+    )
     logits = x.astype(jnp.float32) @ kernel
     return relu_rmsnorm_router(logits, gain, epsilon=self.epsilon), logits
 
@@ -266,6 +285,7 @@ def chunk_sparse_ffn(x, weights, expert_weights, chunk_length, activation="silu"
       def run(y):
         h = act(xc @ expert_weights["up"][e])
         return y + (r_e.astype(h.dtype) * h) @ expert_weights["down"][e]
+
       return jax.lax.cond(jnp.any(r_e != 0), run, lambda y: y, y), None
 
     y, _ = jax.lax.scan(one_expert, jnp.zeros_like(xc), jnp.arange(rc.shape[-1]))

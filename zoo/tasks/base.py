@@ -19,6 +19,7 @@ A task is a frozen dataclass whose fields are its options (`config.task_options`
 Every task reduces a batch to weighted sums so that evaluation over many batches, some padded with zero-weight rows
 (`batch['weight']`), is exact; the engine minimises `loss_sum / weight` plus the model's `aux_loss`.
 """
+
 import dataclasses
 from typing import Any, ClassVar
 
@@ -43,14 +44,16 @@ def get_task(name, options=None):
   options = dict(options or {})
   unknown = sorted(set(options) - fields)
   if unknown:
-    raise ConfigError(f"config.task_options.{unknown[0]} is not an option of task {name!r}; valid keys: "
-                      f"{sorted(fields)}")
+    raise ConfigError(
+      f"config.task_options.{unknown[0]} is not an option of task {name!r}; valid keys: {sorted(fields)}"
+    )
   return cls(**options)
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
   """Base class; see the module docstring for the contract."""
+
   formats: ClassVar[tuple[str, ...]] = ()
   rng_streams: ClassVar[tuple[str, ...]] = ()
   throughput_key: ClassVar[str] = "examples_per_sec"

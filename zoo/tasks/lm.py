@@ -5,6 +5,7 @@ Data format 'text' (`zoo.data`): `inputs`, `targets` int32 [B, T] (targets = inp
 special tokens: from the tokenizer's offsets, so bits per byte are right for any tokenizer).
 Model: `model(tokens=inputs[B, T]) -> (logits [B, T, V], ModelOutput)`.
 """
+
 import dataclasses
 import math
 
@@ -20,15 +21,20 @@ from zoo.tasks.base import Task, register_task
 @dataclasses.dataclass(frozen=True)
 class LanguageModeling(Task):
   """Next-token prediction; reports loss (nats per token), perplexity and bits per byte."""
+
   formats = ("text",)
   throughput_key = "tokens_per_sec"
   default_evals = ("sample",)
 
   def batch_spec(self, info, data_config, batch_size):
     shape = (batch_size, int(data_config.seq_len))
-    return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32), "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "mask": jax.ShapeDtypeStruct(shape, jnp.float32), "target_bytes": jax.ShapeDtypeStruct(shape, jnp.float32),
-            "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+    return {
+      "inputs": jax.ShapeDtypeStruct(shape, jnp.int32),
+      "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
+      "mask": jax.ShapeDtypeStruct(shape, jnp.float32),
+      "target_bytes": jax.ShapeDtypeStruct(shape, jnp.float32),
+      "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
+    }
 
   def prepare(self, batch, rngs):
     return {"tokens": batch["inputs"]}, {}
