@@ -167,13 +167,16 @@ def test_training_capacity_and_hierarchy():
   np.testing.assert_allclose(out.metrics["depth_hist"], [0.0, 1 / 3, 1 / 3, 1 / 3], atol=1e-6)
 
 
-def test_gathered_topk_equals_masked_topk():
+def test_gathered_topk_equals_masked_topk(monkeypatch):
   """The static-k path (block on gathered tokens) == the traced-k path (block on all tokens, masked)."""
   x = tokens(t=12)
   plain = make(num_recursions=3, num_layers=3, sharing="cycle")
   warm = make(num_recursions=3, num_layers=3, sharing="cycle", capacity_warmup_steps=5)
   v = jax.jit(plain.init)(jax.random.key(2), x)
+  gathered, chosen_indices = [], D.chosen_indices
+  monkeypatch.setattr(D, "chosen_indices", lambda chosen, k: gathered.append(k) or chosen_indices(chosen, k))
   want, _ = jitted(plain)[0](v, x, deterministic=False)
+  assert gathered == [8, 4]  # recursions 1 and 2 run the block on their 8 and 4 chosen tokens only
   warm_apply = jitted(warm)[0]
   (got, _), state = warm_apply(
     {**v, "routing_state": {"step": jnp.int32(5)}}, x, deterministic=False, mutable=("routing_state",)

@@ -357,12 +357,13 @@ class MoRLM(nn.Module):
       gathered chosen tokens, else None).
     """
     caps = self.caps
-    if self.router == "expert" and training and self.capacity_warmup_steps > 0:
-      caps = depth_routing.capacity_at_step(self.caps, self.step.value, self.capacity_warmup_steps)
+    warmup = self.router == "expert" and training and self.capacity_warmup_steps > 0
+    if warmup:
+      caps = depth_routing.capacity_at_step(caps, self.step.value, self.capacity_warmup_steps)
       if not self.is_initializing():
         self.step.value = self.step.value + 1
     ks = [depth_routing.capacity_to_k(caps[r], t) for r in range(self.num_recursions)]
-    return ks, ks if self.router == "expert" and use_topk and caps is self.caps else None
+    return ks, ks if self.router == "expert" and use_topk and not warmup else None
 
   def _prelude(self, tokens, positions, cache, new_cache):
     """Embedding, then the unshared first layer of middle-* sharing (Sec. 2.1, Middle-Cycle); h [batch, length, d].
