@@ -1,6 +1,7 @@
 """train.py / evaluate.py as a user runs them: one-line errors with exit code 2, resume, JSON last line."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,9 @@ TINY = ["--config=configs/dense_lm.py", "--config.model.num_layers=1", "--config
         "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.mlp_dim=64",
         "--config.data.seq_len=16", "--config.train.batch_size=16", "--config.train.eval_batches=2",
         "--config.train.eval_every_steps=0", "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
-        "--config.sample.max_new_tokens=8"]
+        "--config.sample.max_new_tokens=8", "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=1"]
+# A constant learning rate after a warmup shorter than any run: the train step does not depend on train.steps, so
+# the runs of this file compile the same programs and all but the first read them from the compilation cache.
 
 
 def run(script, *args):
@@ -104,10 +107,11 @@ def test_a_second_process_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_p
         break
       time.sleep(0.1)
     assert first.poll() is None
+    first.send_signal(signal.SIGSTOP)  # it keeps the lock (and the workdir) without training on meanwhile
     line = _one_error_line(run("train.py", *TINY, f"--workdir={tmp_path}", "--config.train.steps=20"))
     assert f"pid {first.pid}" in line and "one train.py per workdir" in line
   finally:
-    first.kill()  # kill -9: the lock goes with the process
+    first.kill()  # kill -9 (a stopped process dies too): the lock goes with the process
     first.wait()
   third = run("train.py", *TINY, f"--workdir={tmp_path}", "--config.train.steps=1")
   assert third.returncode == 0, third.stderr[-3000:]
