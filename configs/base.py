@@ -9,6 +9,7 @@ one of the helpers below and states only what differs:
   run on the embedded Python-stdlib corpus with byte tokens.
 - `update_model(config, **keys)`: a config whose model is another config's with keys changed, added or dropped.
 - `moe_config(**moe)`: the dense LM's run (`configs/dense_lm.py`) with its FFNs replaced by a `moe_lm`'s experts.
+- `diloco_config(config)`: a run trained with DiLoCo at the paper's settings (4 replicas, H = 50, outer Nesterov).
 """
 
 import ml_collections
@@ -18,6 +19,7 @@ from zoo.engine.config import base_config as get_base_config
 __all__ = [
   "MOE_LAYOUT",
   "SMALL_LM",
+  "diloco_config",
   "get_base_config",
   "moe_config",
   "run_config",
@@ -126,3 +128,19 @@ def moe_config(**moe):
   from configs.dense_lm import get_config as get_dense_config  # configs.dense_lm imports this module
 
   return update_model(get_dense_config(), name="moe_lm", **{**MOE_LAYOUT, **moe})
+
+
+def diloco_config(config):
+  """`config` (changed in place and returned) trained with DiLoCo (Douillard et al. 2023, Algorithm 1) at the paper's
+  settings: 4 replicas, 50 inner steps between outer steps, outer SGD with Nesterov momentum 0.9 and lr 0.7; 2 groups
+  for `--config.train.strategy=fedavg_hierarchical`."""
+  config.train.update(
+    strategy="diloco",
+    replicas=4,
+    inner_steps=50,
+    outer_optimizer="nesterov",
+    outer_lr=0.7,
+    outer_momentum=0.9,
+    fedavg_groups=2,
+  )
+  return config

@@ -11,18 +11,9 @@ override away:
   --config.train.strategy=diloco_overlap | fedavg_hierarchical (train.fedavg_groups=2), --config.train.inner_steps=H
 """
 
+from configs.base import diloco_config
 from configs.dense_lm import get_config as get_dense_config
 
 
 def get_config():
-  config = get_dense_config()
-  config.train.update(
-    strategy="diloco",
-    replicas=4,
-    inner_steps=50,
-    outer_optimizer="nesterov",
-    outer_lr=0.7,
-    outer_momentum=0.9,
-    fedavg_groups=2,
-  )
-  return config
+  return diloco_config(get_dense_config())

@@ -9,18 +9,9 @@ replicas' routers moved apart, relative to their mean) and `replica_expert_load`
   --config.train.strategy=diloco_overlap | fedavg | fedavg_hierarchical, --config.train.inner_steps=H
 """
 
+from configs.base import diloco_config
 from configs.moe_mixtral import get_config as get_moe_config
 
 
 def get_config():
-  config = get_moe_config()
-  config.train.update(
-    strategy="diloco",
-    replicas=4,
-    inner_steps=50,
-    outer_optimizer="nesterov",
-    outer_lr=0.7,
-    outer_momentum=0.9,
-    fedavg_groups=2,
-  )
-  return config
+  return diloco_config(get_moe_config())
