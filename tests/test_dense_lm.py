@@ -31,6 +31,9 @@ LLAMA3 = {
   "original_max_position_embeddings": 4,
 }
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4, "mscale": 1.0, "mscale_all_dim": 1.0}
+# The models whose parameters and FLOPs the tests count by hand: HAND (MLA adds its keys) and its GQA form HAND_GQA.
+HAND = dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, mlp_dim=12)
+HAND_GQA = dict(HAND, num_kv_heads=1, head_dim=4)
 
 
 def _tokens(batch=2, length=10, seed=0):
@@ -110,17 +113,7 @@ def test_explicit_positions_match_default_positions():
 
 
 def test_param_count_by_hand():
-  cfg = dict(
-    name="dense_lm",
-    vocab_size=11,
-    num_layers=2,
-    embed_dim=8,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=4,
-    mlp_dim=12,
-    tie_embeddings=False,
-  )
+  cfg = dict(HAND_GQA, tie_embeddings=False)
   # embed 11*8; per layer: q 8*2*4 + k 8*1*4 + v 8*1*4 + out 2*4*8 = 192, SwiGLU 3*8*12 = 288, 2 norms 16;
   # final norm 8; lm_head 8*11.
   expected = 88 + 2 * (192 + 288 + 16) + 8 + 88
@@ -135,7 +128,7 @@ def test_param_count_by_hand():
 
 
 def test_param_count_by_hand_mla_and_projection_qk_norm():
-  cfg = dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, mlp_dim=12, tie_embeddings=True)
+  cfg = dict(HAND, tie_embeddings=True)
   mla = build_model({**cfg, **MLA})
   # per layer: q_a 8*8 + q_a_norm 8 + q_b 8*2*(4+2) + kv_a 8*(6+2) + kv_a_norm 6 + kv_b 6*2*(4+6) + out 2*6*8
   # = 64 + 8 + 96 + 64 + 6 + 120 + 96 = 454; SwiGLU 288; 2 norms 16. Embedding 88, final norm 8.
@@ -152,22 +145,10 @@ def test_param_count_by_hand_mla_and_projection_qk_norm():
 
 
 def test_train_flops_per_token():
-  model = build_model(
-    dict(
-      name="dense_lm",
-      vocab_size=11,
-      num_layers=2,
-      embed_dim=8,
-      num_heads=2,
-      num_kv_heads=1,
-      head_dim=4,
-      mlp_dim=12,
-      tie_embeddings=True,
-    )
-  )
+  model = build_model(dict(HAND_GQA, tie_embeddings=True))
   matmul = 2 * (192 + 288) + 88  # blocks' projections + the tied output projection
   assert model.train_flops_per_token(6) == 6 * matmul + 12 * 2 * 8 * 3.5
-  mla = build_model(dict(name="dense_lm", vocab_size=11, num_layers=2, embed_dim=8, num_heads=2, mlp_dim=12, **MLA))
+  mla = build_model(dict(HAND, **MLA))
   # matmuls: the 454 MLA parameters less the two latent norms (14), plus SwiGLU. Per key, q.k^T runs over
   # heads * (nope + rope) = 12 features and probs.v over heads * v = 12: the cost of a GQA attention of width 12.
   matmul = 2 * (454 - 14 + 288) + 88
