@@ -10,26 +10,14 @@ import numpy as np
 import optax
 import pytest
 
+import model_testing
 from zoo.layers import count_params
 from zoo.models import ConfigError, build_model
 from zoo.models.rmoe import RMoEFFN
 from zoo.routing import Router
 from zoo.routing.recurrent import gru_cell
 
-TINY = dict(
-  name="rmoe",
-  vocab_size=32,
-  num_layers=2,
-  embed_dim=16,
-  num_heads=2,
-  num_kv_heads=1,
-  mlp_dim=24,
-  num_experts=4,
-  num_experts_per_tok=2,
-  expert_mlp_dim=8,
-  router_hidden_dim=8,
-  dispatch="dense",
-)
+TINY = dict(model_testing.TINY_MOE, name="rmoe", num_kv_heads=1, mlp_dim=24, num_experts_per_tok=2, router_hidden_dim=8)
 
 
 def _sigmoid(a):
