@@ -31,6 +31,8 @@ CONFIGS = ("moe_mixtral", "moe_switch", "moe_deepseek", "moe_qwen", "moe_expert_
 # Shrinks a config's model; the routing fields (experts, k, router, groups, shared experts...) stay as configured.
 TINY = dict(vocab_size=32, num_layers=2, embed_dim=16, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=24)
 VOCAB = TINY["vocab_size"]
+# The tiny model with experts of its own (the hand-count, router-state and config-error tests): 4 experts of 8, top-2.
+TINY_EXPERTS = dict(TINY, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8)
 
 
 def tiny_model(config_name, **overrides):
@@ -254,7 +256,7 @@ def test_balance_bias_moves_in_training_and_stays_fixed_in_eval():
 
 def test_router_bias_is_state_only_when_asked_for():
   def state(**overrides):
-    model = MoELM(**TINY, num_experts=4, num_experts_per_tok=2, expert_mlp_dim=8, router="sigmoid_topk", **overrides)
+    model = MoELM(**TINY_EXPERTS, router="sigmoid_topk", **overrides)
     return jax.eval_shape(model.init, jax.random.key(0), tokens()).get("routing_state")
 
   assert state() is None
@@ -266,10 +268,7 @@ def test_param_counts_against_a_hand_count():
   # d=16, vocab 32, 3 layers, 2 heads x 8 (1 kv head), dense mlp 24, 4 experts of 8, top-2, 1 shared expert of 8 with
   # its gate, first layer dense, tied embeddings, swiglu.
   model = MoELM(
-    **{**TINY, "num_layers": 3},
-    num_experts=4,
-    num_experts_per_tok=2,
-    expert_mlp_dim=8,
+    **{**TINY_EXPERTS, "num_layers": 3},
     num_shared_experts=1,
     shared_expert_mlp_dim=8,
     shared_expert_gate=True,
@@ -316,4 +315,4 @@ def test_mixtral_config_matches_dense_active_params():
 )
 def test_bad_config_raises(overrides, match):
   with pytest.raises(ConfigError, match=match):
-    MoELM(**{**TINY, "num_experts": 4, "num_experts_per_tok": 2, "expert_mlp_dim": 8, **overrides})
+    MoELM(**{**TINY_EXPERTS, **overrides})
