@@ -148,35 +148,14 @@ def test_tokenizer_wrapper(tmp_path):
   assert wrapped.vocab_size == 5
 
 
-@pytest.mark.parametrize(
-  "rope",
-  [
-    {"rope_theta": 10000.0, "rope_type": "default"},
-    {
-      "rope_theta": 10000.0,
-      "rope_type": "yarn",
-      "factor": 4.0,
-      "original_max_position_embeddings": 16,
-      "mscale": 1.0,
-      "mscale_all_dim": 1.0,
-    },
-  ],
-)
+@pytest.mark.parametrize("rope", ["default", "yarn"])
 def test_mla_matches_deepseek_v3_attention(rope):
   from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
 
-  config = transformers.DeepseekV3Config(
-    vocab_size=97,
-    hidden_size=32,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_rope_head_dim=4,
-    qk_nope_head_dim=8,
-    v_head_dim=8,
-    rope_parameters=rope,
-  )
+  # The tiny DeepSeek-V3 of hf_testing: 4 heads, q and kv latents of 16, RoPE 4 + NoPE 8 query/key dims, values of
+  # 8; its own YaRN rope or plain RoPE.
+  plain = {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}} if rope == "default" else {}
+  config = hf_testing.config("deepseek_v3", **plain)
   config._attn_implementation = "eager"
   torch.manual_seed(0)
   attention, rotary = ds.DeepseekV3Attention(config, 0), ds.DeepseekV3RotaryEmbedding(config)

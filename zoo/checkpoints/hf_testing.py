@@ -101,13 +101,17 @@ FAMILIES = {
 }
 
 
+def config(family, **overrides):
+  """The transformers config of the tiny `family` model: `COMMON`, the family's fields, then `overrides`."""
+  config_cls, _, extra = FAMILIES[family]
+  return getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+
+
 def build(family, directory, seed=0, **overrides):
   """Save a tiny random `family` model (float32; config fields `overrides`) to `directory`; returns the torch
   model in eval mode."""
-  config_cls, model_cls, extra = FAMILIES[family]
   torch.manual_seed(seed)
-  config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
-  model = getattr(transformers, model_cls)(config)
+  model = getattr(transformers, FAMILIES[family][1])(config(family, **overrides))
   with torch.no_grad():  # random routers and score-correction biases, so that routing is not trivial
     for name, param in model.named_parameters():
       if "gate.weight" in name or "norm" in name:
