@@ -152,8 +152,8 @@ def test_tokenizer_wrapper(tmp_path):
 def test_mla_matches_deepseek_v3_attention(rope):
   from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
 
-  # The tiny DeepSeek-V3 of hf_testing: 4 heads, q and kv latents of 16, RoPE 4 + NoPE 8 query/key dims, values of
-  # 8; its own YaRN rope or plain RoPE.
+  # The tiny DeepSeek-V3 of hf_testing (4 heads, q and kv latents of 16, RoPE 4 + NoPE 8 query/key dims, values of 8)
+  # with its own YaRN rope or plain RoPE; the zoo MLA takes the same sizes.
   plain = {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}} if rope == "default" else {}
   config = hf_testing.config("deepseek_v3", **plain)
   config._attn_implementation = "eager"
@@ -176,13 +176,10 @@ def test_mla_matches_deepseek_v3_attention(rope):
     "kv_b": {"kernel": attn["kv_b"]},
     "out": {"kernel": attn["o"]},
   }
+  sizes = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
   mla = MultiHeadLatentAttention(
-    num_heads=4,
-    kv_lora_rank=16,
-    q_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
+    num_heads=config.num_attention_heads,
+    **{name: getattr(config, name) for name in sizes},
     rope_scaling=hf_spec.rope_settings(config.to_dict())[1],
   )
   apply = jax.jit(lambda x, positions, cache: mla.apply({"params": params}, x, positions, cache=cache))
