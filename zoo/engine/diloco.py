@@ -60,7 +60,6 @@ Dropout and the tasks' random streams use the engine's per-step keys, the same o
 different data) [guess].
 """
 
-import contextlib
 import copy
 import json
 import os
@@ -85,13 +84,12 @@ from zoo.engine.trainer import (
   Experiment,
   _all_finite,
   _log,
-  _Sigterm,
   log_init_from,
+  open_run,
   resume_data,
   run_steps,
   use_hf_model_config,
 )
-from zoo.engine.workdir import WorkdirLock, check_workdir
 from zoo.models import ConfigError
 
 STRATEGIES = ("diloco", "diloco_overlap", "fedavg", "fedavg_hierarchical")
@@ -568,12 +566,8 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
   strategy = DiLoCo(config, devices)
   exp, t = strategy.exp, config.train
   steps, h = int(t.steps), strategy.inner_steps
-  primary = jax.process_index() == 0
-  workdir = check_workdir(workdir, create=True)
-  with contextlib.ExitStack() as stack:
-    if primary:
-      stack.enter_context(WorkdirLock(workdir))
-    sigterm = stack.enter_context(_Sigterm())
+  with open_run(config, workdir, progress) as run:
+    primary, stack, workdir = run.primary, run.stack, run.workdir
     keep, use_async = int(config.checkpoint.keep), bool(config.checkpoint.async_save)
     ckpt = Checkpointer(os.path.join(workdir, STATE_DIR), keep=keep, use_async=use_async)
     stack.callback(ckpt.close)
@@ -644,14 +638,9 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
 
     return run_steps(
       state,
-      workdir=workdir,
-      config=config,
+      run,
       task=exp.task,
       train_iter=train_iter,
-      sigterm=sigterm,
-      primary=primary,
-      progress=progress,
-      stack=stack,
       checkpointers=(ckpt, export),
       advance=advance,
       host_metrics=lambda metrics: _host_record(strategy, metrics)[0],

@@ -6,10 +6,12 @@ Both are model-agnostic: the model comes from `zoo.models`, how a batch feeds it
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -391,14 +393,10 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
 
     return diloco.train(config, workdir, devices=devices, progress=progress, step=step)
   exp = Experiment(config, devices)
-  primary = jax.process_index() == 0
-  workdir = check_workdir(workdir, create=True)
-  with contextlib.ExitStack() as stack:
-    if primary:
-      stack.enter_context(WorkdirLock(workdir))
-    sigterm = stack.enter_context(_Sigterm())
+  with open_run(config, workdir, progress) as run:
+    primary, stack = run.primary, run.stack
     ckpt = Checkpointer(
-      os.path.join(workdir, "checkpoints"),
+      os.path.join(run.workdir, "checkpoints"),
       keep=int(config.checkpoint.keep),
       use_async=bool(config.checkpoint.async_save),
     )
@@ -434,14 +432,9 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
 
     return run_steps(
       state,
-      workdir=workdir,
-      config=config,
+      run,
       task=exp.task,
       train_iter=train_iter,
-      sigterm=sigterm,
-      primary=primary,
-      progress=progress,
-      stack=stack,
       checkpointers=(ckpt,),
       advance=advance,
       host_metrics=exp.host_metrics,
@@ -457,17 +450,46 @@ def log_init_from(loaded, primary):
     _log(primary, f"initialised {partition.count(variables)} values of {path or 'the model'} from {source}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run from start to stop (`open_run`).
+
+  Attributes:
+    workdir: the run's checked directory (locked by the primary host: one training run at a time).
+    config: the experiment config.
+    primary: whether this is the host that writes records and logs.
+    progress: show a progress bar (primary host only).
+    stack: the ExitStack that closes what the run opens, in reverse order.
+    sigterm: the SIGTERM flag (`received` after a SIGTERM).
+  """
+
+  workdir: str
+  config: Any
+  primary: bool
+  progress: bool
+  stack: contextlib.ExitStack
+  sigterm: Any
+
+
+@contextlib.contextmanager
+def open_run(config, workdir, progress):
+  """The `Run` of a training run in `workdir` (created if missing, locked by the primary host), with SIGTERM
+  caught for its duration."""
+  primary = jax.process_index() == 0
+  workdir = check_workdir(workdir, create=True)
+  with contextlib.ExitStack() as stack:
+    if primary:
+      stack.enter_context(WorkdirLock(workdir))
+    sigterm = stack.enter_context(_Sigterm())
+    yield Run(workdir, config, primary, progress, stack, sigterm)
+
+
 def run_steps(
   state,
+  run,
   *,
-  workdir,
-  config,
   task,
   train_iter,
-  sigterm,
-  primary,
-  progress,
-  stack,
   checkpointers,
   advance,
   host_metrics,
@@ -486,10 +508,9 @@ def run_steps(
 
   Args:
     state: the state to continue from (its `step`: 0 for a new run)
-    workdir: the run's directory (metrics.jsonl, config.json).
+    run: the `Run` (its workdir gets metrics.jsonl and config.json).
     task: the task (`items(batch)` counts the throughput).
     train_iter: the training batches (a checkpointable iterator).
-    sigterm, stack: the run's SIGTERM flag and ExitStack.
     checkpointers: every Checkpointer the loop saves to (polled each step, waited for at the end); errors name the
       first.
     advance: `(step, state, batch) -> (state, device metrics, record, log_now)`: one step; `record` holds extra host
@@ -503,17 +524,18 @@ def run_steps(
   Returns:
     The last state.
   """
+  config, primary, stack, sigterm = run.config, run.primary, run.stack, run.sigterm
   t = config.train
   steps, eval_every, every = int(t.steps), int(t.eval_every_steps), int(config.checkpoint.every_steps)
   ckpt = checkpointers[0]
   start = int(jax.device_get(state.step))
-  writer = open_run_records(stack, workdir, config, start, primary)
+  writer = open_run_records(stack, run.workdir, config, start, primary)
   if sigterm.received:
     _log(primary, f"SIGTERM before the first step: nothing new to save (the run is at step {start}); stopping")
     return state
   if start == 0 and eval_every:
     writer.write(0, {f"eval_{k}": v for k, v in evaluate(state).items()})
-  bar = _progress(primary and progress, start, steps)
+  bar = _progress(primary and run.progress, start, steps)
   stack.callback(bar.close)
   items, tic = 0, time.perf_counter()
   for step in range(start + 1, steps + 1):
@@ -547,7 +569,7 @@ def run_steps(
       record.update({f"eval_{k}": v for k, v in evaluate(state).items()})
     if record:
       writer.write(step, record)
-      if primary and progress:
+      if primary and run.progress:
         bar.write(_format(step, record))
     if stop:
       report_sigterm_save(step, ckpt, primary)

@@ -182,19 +182,8 @@ class ExpertLayers(nn.Module):
   def decoder_block(self, i, is_moe, block_cls=DecoderBlock, attention=None, **block_kwargs):
     """Layer i's block `layers_i`: `block_cls` (rematerialised if `remat`) with the MoE or the dense FFN and
     `attention` (default: `attention_factory()`); `block_kwargs` go to `block_cls`."""
-    if self.remat:
-      block_cls = nn.remat(block_cls, static_argnums=(5,))
     ffn = self.moe_ffn_factory() if is_moe else self.ffn_factory()
-    return block_cls(
-      attention or self.attention_factory(),
-      ffn,
-      norm_epsilon=self.norm_epsilon,
-      dropout_rate=self.dropout_rate,
-      dtype=jnp.dtype(self.dtype),
-      param_dtype=jnp.dtype(self.param_dtype),
-      name=f"layers_{i}",
-      **block_kwargs,
-    )
+    return self.layer_block(i, ffn, attention, block_cls, **block_kwargs)
 
   def expert_layers(self, x, positions, cache, deterministic, make_block, ffn_kwargs=None):
     """Runs the layers (`make_block(i, is_moe)`, e.g. `decoder_block`), collects the MoE layers' aux losses and

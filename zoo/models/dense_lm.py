@@ -219,6 +219,22 @@ class DenseLM(nn.Module):
       param_dtype=jnp.dtype(self.param_dtype),
     )
 
+  def layer_block(self, i, ffn=None, attention=None, block_cls=DecoderBlock, **block_kwargs):
+    """Layer i's block, named `layers_i`: `block_cls` (rematerialised with `remat`) with `ffn` (default
+    `ffn_factory()`) and `attention` (default `attention_factory()`); `block_kwargs` go to `block_cls`."""
+    if self.remat:
+      block_cls = nn.remat(block_cls, static_argnums=(5,))
+    return block_cls(
+      attention or self.attention_factory(),
+      ffn or self.ffn_factory(),
+      norm_epsilon=self.norm_epsilon,
+      dropout_rate=self.dropout_rate,
+      dtype=jnp.dtype(self.dtype),
+      param_dtype=jnp.dtype(self.param_dtype),
+      name=f"layers_{i}",
+      **block_kwargs,
+    )
+
   def init_cache(self, batch_size, max_length):
     """An empty cache: a tuple of `num_layers` KVCache, each k/v [batch_size, max_length, kv_heads, head_dim]; with
     MLA, `num_layers` MLACache (latent [batch_size, max_length, kv_lora_rank], k_rope [.., qk_rope_head_dim])."""
@@ -283,19 +299,9 @@ class DenseLM(nn.Module):
       (logits [batch, length, vocab_size] float32, ModelOutput with the updated cache when `cache` was given).
     """
     embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
-    dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
     new_cache = []
     for i in range(self.num_layers):
-      block = block_cls(
-        self.attention_factory(),
-        self.ffn_factory(),
-        norm_epsilon=self.norm_epsilon,
-        dropout_rate=self.dropout_rate,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=f"layers_{i}",
-      )
+      block = self.layer_block(i)
       x, layer_cache, _ = block(x, positions, None if cache is None else cache[i], None, deterministic)
       new_cache.append(layer_cache)
     logits = self.output_logits(embed, x)

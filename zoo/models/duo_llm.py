@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zoo.layers import ACTIVATIONS, MLP, DecoderBlock
+from zoo.layers import ACTIVATIONS, MLP
 from zoo.models.dense_lm import DenseLM
 from zoo.models.output import ModelOutput, sow_output
 from zoo.models.registry import ConfigError, check_config, register_model
@@ -157,7 +157,6 @@ class DuoLM(DenseLM):
       )
     embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
-    block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
     ffn = lambda name: DuoFFN(
       self.mlp_dim,
       self.resolved_small_mlp_dim,
@@ -175,15 +174,7 @@ class DuoLM(DenseLM):
         "routes": None if routes is None else routes[..., i],
         "big_left": self.big_budget - big_used if self.big_budget else None,
       }
-      block = block_cls(
-        self.attention_factory(),
-        ffn,
-        norm_epsilon=self.norm_epsilon,
-        dropout_rate=self.dropout_rate,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=f"layers_{i}",
-      )
+      block = self.layer_block(i, ffn)
       x, layer_cache, (layer_routes, probs) = block(
         x, positions, None if cache is None else cache[i], None, deterministic, ffn_kwargs
       )

@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.layers import DecoderBlock, Embed
+from zoo.layers import Embed
 from zoo.layers.mlp import ACTIVATIONS
 from zoo.models.dense_lm import DenseLM, default_positions
 from zoo.models.output import ModelOutput, sow_output
@@ -233,18 +233,9 @@ class ReadMeLM(DenseLM):
     embed = Embed(self.vocab_size, self.embed_dim, dtype=dtype, param_dtype=param_dtype, name="embed")
     x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    block_cls = nn.remat(DecoderBlock, static_argnums=(5,)) if self.remat else DecoderBlock
     new_cache, layer_metrics, scores = [], [], []
     for i in range(self.num_layers):
-      block = block_cls(
-        self.attention_factory(),
-        self.ffn_factory(),
-        norm_epsilon=self.norm_epsilon,
-        dropout_rate=self.dropout_rate,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=f"layers_{i}",
-      )
+      block = self.layer_block(i)
       x, layer_cache, (metrics, layer_scores) = block(
         x,
         positions,
