@@ -4,13 +4,16 @@ compile the same small programs, and a cache hit takes a fraction of a compile. 
 an entry read while another process writes it is truncated, fails to decompress, and jax compiles instead. A bound
 would lock it, but jax then reads every entry's access time at every write, which slows the suite by half.)
 
-XLA's CPU backend compiles without LLVM optimisation (`--xla_backend_optimization_level=0`, or the flags in
-ZOO_TEST_XLA_FLAGS; 'default' for none): the suite's programs are small, so compiling dominates, and this halves the
-suite's time. The numbers stay IEEE float32 but may round differently from an optimised build, so a test that
-compares with figures recorded by a default build (test_regression.py) measures in a subprocess without the flag."""
+XLA's CPU backend compiles without LLVM optimisation (`--xla_backend_optimization_level=0`) and emits fusions with its
+LLVM IR emitters instead of the MLIR fusion emitters (`--xla_cpu_use_fusion_emitters=false`), or with the flags in
+ZOO_TEST_XLA_FLAGS ('default' for none): the suite's programs are small, so compiling dominates; the first flag halves
+the suite's time, the second takes a further fifth off. The numbers stay IEEE float32 but may round differently from
+a default build, so a test that compares with figures recorded by a default build (test_regression.py) measures in a
+subprocess without these flags."""
 import os
 
-UNOPTIMISED = os.environ.get("ZOO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0").replace("default", "")
+UNOPTIMISED = os.environ.get("ZOO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                             "--xla_cpu_use_fusion_emitters=false").replace("default", "")
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
                                     UNOPTIMISED]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -2,7 +2,8 @@
 steps equal those recorded with the earlier engine (tests/data/loss_regression.json, train.steps=50).
 
 The losses were recorded by a default (optimised) XLA build; the suite compiles unoptimised (conftest.py), which rounds
-differently and drifts by ~1e-4 within a few steps, so the measurement runs in a subprocess with the default flags."""
+differently and drifts by ~1e-4 within a few steps, so the measurement runs in a subprocess without the suite's XLA
+flags."""
 import importlib
 import json
 import os
@@ -38,8 +39,9 @@ def first_losses(name, steps):
 
 @pytest.mark.parametrize("name", ["dense_lm", "moe_mixtral", "simplenet_digits"])
 def test_first_steps_reproduce_the_recorded_losses(name):
-  env = dict(os.environ, XLA_FLAGS=" ".join(f for f in os.environ["XLA_FLAGS"].split()
-                                             if not f.startswith("--xla_backend_optimization_level")))
+  from conftest import UNOPTIMISED  # pylint: disable=g-import-not-at-top  (here: the subprocess runs this file)
+  suite_flags = UNOPTIMISED.split()
+  env = dict(os.environ, XLA_FLAGS=" ".join(f for f in os.environ["XLA_FLAGS"].split() if f not in suite_flags))
   result = subprocess.run([sys.executable, __file__, name, str(STEPS)], capture_output=True, text=True, cwd=ROOT,
                           env=env, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
