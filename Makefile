@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/dense_lm
 EXTRAS ?= test,hf
 
-.PHONY: train test bench venv clean
+.PHONY: train test lint bench venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ train: venv
 
 test: venv
 	$(PY) -m pytest -n 2 -q tests
+
+# ruff, configured in pyproject.toml (CONTRIBUTING.md, "Formatting and lint"); CI runs it before the tests.
+lint: venv
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 # CPU-sized benchmarks; on a GPU or TPU run bench/gmm.py and bench/moe_layer.py without --small.
 bench: venv

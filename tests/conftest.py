@@ -10,19 +10,28 @@ ZOO_TEST_XLA_FLAGS ('default' for none): the suite's programs are small, so comp
 the suite's time, the second takes a further fifth off. The numbers stay IEEE float32 but may round differently from
 a default build, so a test that compares with figures recorded by a default build (test_regression.py) measures in a
 subprocess without these flags."""
+
 import os
 
-UNOPTIMISED = os.environ.get("ZOO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                             "--xla_cpu_use_fusion_emitters=false").replace("default", "")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-                                    UNOPTIMISED]).strip()
+UNOPTIMISED = os.environ.get(
+  "ZOO_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+).replace("default", "")
+os.environ["XLA_FLAGS"] = " ".join(
+  [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", UNOPTIMISED]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), ".pytest_cache", "xla"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def pytest_addoption(parser):
-  parser.addoption("--all-configs", action="store_true", default=False,
-                   help="test_shipped_configs.py: train and evaluate every shipped config, not the three of CI")
+  parser.addoption(
+    "--all-configs",
+    action="store_true",
+    default=False,
+    help="test_shipped_configs.py: train and evaluate every shipped config, not the three of CI",
+  )

@@ -1,4 +1,6 @@
-"""bench/gmm.py, the one command of the GPU benchmark, runs end to end at --small shapes (interpreted Triton kernels)."""
+"""bench/gmm.py, the one command of the GPU benchmark, runs end to end at --small shapes (interpreted Triton
+kernels)."""
+
 import os
 import subprocess
 import sys
@@ -10,9 +12,25 @@ def test_gmm_benchmark_small_with_tiling_sweep(tmp_path):
   # The interpreter runs a kernel's grid programs one by one, so the sweep uses few, large tiles: 64x64x64 still splits
   # k=128 in two and leaves a partial tile of n=96; 128x128x128 takes k in one tile.
   out = tmp_path / "gmm.md"
-  subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gmm.py"), "--small", "--implementations",
-                  "xla,interpret_gpu", "--tilings", "64x64x64,128x128x128", "--reps", "1", "--out", str(out)],
-                 check=True, capture_output=True, text=True, cwd=ROOT)
+  subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "bench", "gmm.py"),
+      "--small",
+      "--implementations",
+      "xla,interpret_gpu",
+      "--tilings",
+      "64x64x64,128x128x128",
+      "--reps",
+      "1",
+      "--out",
+      str(out),
+    ],
+    check=True,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
   gmm_rows = [[c.strip() for c in r] for r in rows if len(r) == 8 and r[0].strip() != "case"]
   labels = {r[2] for r in gmm_rows}
@@ -28,7 +46,11 @@ def test_gmm_benchmark_small_with_tiling_sweep(tmp_path):
 
 
 def test_gmm_benchmark_rejects_a_bad_tiling():
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gmm.py"), "--small", "--tilings", "128x64"],
-                          capture_output=True, text=True, cwd=ROOT)
+  result = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "bench", "gmm.py"), "--small", "--tilings", "128x64"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
   assert result.returncode != 0
   assert "TMxTKxTN" in result.stderr

@@ -1,4 +1,5 @@
 """train.py / evaluate.py as a user runs them: one-line errors with exit code 2, resume, JSON last line."""
+
 import json
 import os
 import signal
@@ -9,11 +10,23 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config=configs/dense_lm.py", "--config.model.num_layers=1", "--config.model.embed_dim=32",
-        "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.mlp_dim=64",
-        "--config.data.seq_len=16", "--config.train.batch_size=16", "--config.train.eval_batches=2",
-        "--config.train.eval_every_steps=0", "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
-        "--config.sample.max_new_tokens=8", "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=1"]
+TINY = [
+  "--config=configs/dense_lm.py",
+  "--config.model.num_layers=1",
+  "--config.model.embed_dim=32",
+  "--config.model.num_heads=2",
+  "--config.model.num_kv_heads=1",
+  "--config.model.mlp_dim=64",
+  "--config.data.seq_len=16",
+  "--config.train.batch_size=16",
+  "--config.train.eval_batches=2",
+  "--config.train.eval_every_steps=0",
+  "--config.train.log_every_steps=2",
+  "--config.checkpoint.every_steps=2",
+  "--config.sample.max_new_tokens=8",
+  "--config.optimizer.schedule=constant",
+  "--config.optimizer.warmup_steps=1",
+]
 # A constant learning rate after a warmup shorter than any run: the train step does not depend on train.steps, so
 # the runs of this file compile the same programs and all but the first read them from the compilation cache.
 
@@ -22,11 +35,14 @@ def run(script, *args):
   return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("override, words", [
+@pytest.mark.parametrize(
+  "override, words",
+  [
     ("--config.train.stepz=3", ["stepz"]),
     ("--config.model.name=nope", ["config.model.name='nope'", "choose one of"]),
     ("--config.mesh.fsdp=3", ["config.mesh"]),
-])
+  ],
+)
 def test_bad_config_is_one_line_and_exit_code_2(tmp_path, override, words):
   result = run("train.py", *TINY, f"--workdir={tmp_path}", override)
   assert result.returncode == 2, result.stderr
@@ -66,7 +82,9 @@ def _one_error_line(result):
   return lines[0]
 
 
-@pytest.mark.parametrize("content, words", [
+@pytest.mark.parametrize(
+  "content, words",
+  [
     (None, ["does not exist"]),
     ("x = (\n", ["line 1", "SyntaxError"]),
     ("def get_config():\n  return {'a': 1}\n", ["returned a dict", "ConfigDict"]),
@@ -74,7 +92,8 @@ def _one_error_line(result):
     ("x = 1\n", ["defines no get_config()"]),
     ("dir", ["is not a file"]),
     ("txt", ["is not a .py file"]),
-])
+  ],
+)
 def test_bad_config_files_are_one_line(tmp_path, content, words):
   path = tmp_path / "config.py"
   if content == "dir":
@@ -97,9 +116,19 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
 
 
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_path):
-  first = subprocess.Popen([sys.executable, "train.py", *TINY, f"--workdir={tmp_path}", "--config.train.steps=100000",
-                            "--config.checkpoint.every_steps=10"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+  first = subprocess.Popen(
+    [
+      sys.executable,
+      "train.py",
+      *TINY,
+      f"--workdir={tmp_path}",
+      "--config.train.steps=100000",
+      "--config.checkpoint.every_steps=10",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     lock = tmp_path / ".lock"
     for _ in range(600):  # until the first run holds the workdir and has saved once

@@ -3,6 +3,7 @@ training; the two-level FedAvg tree equals the flat mean; each strategy's outer 
 overlapped one the previous round's); a crash in the middle of an inner phase resumes to the losses of an
 uninterrupted run; the MoE as 4 replicas x 2 devices logs router drift and per-replica expert load; bad input fails in
 one line; two processes, each one island of replicas, train as one process."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +59,7 @@ def test_fedavg_two_level_tree_equals_the_flat_weighted_mean():
   tree = {"a": rng.normal(size=(8, 5, 3)).astype(np.float32), "b": {"c": rng.normal(size=(8, 7)).astype(np.float32)}}
   weights = rng.integers(1, 1000, size=8).astype(np.float32)
   flat = diloco.weighted_mean(tree, jnp.asarray(weights))
-  want = jax.tree.map(lambda x: np.tensordot(weights.astype(np.float64), x.astype(np.float64), 1) / weights.sum(),
-                      tree)
+  want = jax.tree.map(lambda x: np.tensordot(weights.astype(np.float64), x.astype(np.float64), 1) / weights.sum(), tree)
   for groups in (1, 2, 4, 8):
     two_level = diloco.tree_mean(tree, jnp.asarray(weights), groups)
     for x, y, z in zip(jax.tree.leaves(flat), jax.tree.leaves(two_level), jax.tree.leaves(want)):
@@ -127,7 +127,9 @@ def _crash_at(monkeypatch, n):
       if calls[0] == n:
         raise RuntimeError("simulated crash")
       return inner(state, batch)
+
     return wrapped, outer
+
   monkeypatch.setattr(diloco.DiLoCo, "compile_steps", compile_steps)
 
 
@@ -155,8 +157,9 @@ def test_crash_in_an_inner_phase_resumes_to_the_same_losses(tmp_path, monkeypatc
     np.testing.assert_allclose([b[s][key] for s in a], [a[s][key] for s in a], rtol=1e-6, err_msg=key)
   np.testing.assert_allclose(b[9]["eval_loss"], a[9]["eval_loss"], rtol=1e-6)
   assert [s for s in a if a[s]["comm_bytes"]] == [4, 8, 9]  # rounds end every H steps and at the last step
-  for x, y in zip(jax.tree.leaves((ref.outer_params, ref.pending)), jax.tree.leaves((state.outer_params,
-                                                                                     state.pending))):
+  for x, y in zip(
+    jax.tree.leaves((ref.outer_params, ref.pending)), jax.tree.leaves((state.outer_params, state.pending))
+  ):
     np.testing.assert_allclose(y, x, atol=1e-6)
   # Resuming with another replica count or strategy is refused, naming what is allowed.
   other = config("diloco_overlap", 2, 4, steps=12)
@@ -171,11 +174,19 @@ def test_moe_as_four_replicas_of_two_devices_logs_router_drift_and_expert_load(t
   # The 8 CPU devices as 4 replicas x 2 (each replica a data=2 sub-mesh), the Mixtral-style MoE, hierarchical FedAvg
   # over 2 groups of 2.
   c = moe_config()
-  c.model.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, mlp_dim=64, expert_mlp_dim=32,
-                 num_experts=4)
+  c.model.update(num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=1, mlp_dim=64, expert_mlp_dim=32, num_experts=4)
   c.data.seq_len = 16
-  c.train.update(steps=3, batch_size=16, log_every_steps=1, eval_every_steps=0, eval_batches=1,
-                 strategy="fedavg_hierarchical", replicas=4, inner_steps=2, fedavg_groups=2)
+  c.train.update(
+    steps=3,
+    batch_size=16,
+    log_every_steps=1,
+    eval_every_steps=0,
+    eval_batches=1,
+    strategy="fedavg_hierarchical",
+    replicas=4,
+    inner_steps=2,
+    fedavg_groups=2,
+  )
   c.checkpoint.update(every_steps=0, async_save=False)
   c.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
   state = trainer.train(c, str(tmp_path), progress=False)
@@ -195,32 +206,52 @@ def test_moe_as_four_replicas_of_two_devices_logs_router_drift_and_expert_load(t
 
 
 def test_router_drift_rule():
-  params = {"layers_0": {"ffn": {"router": {"kernel": jnp.zeros((4, 2))}, "gate": jnp.zeros((2, 4, 4))}},
-            "step_routers_0": {"out": {"kernel": jnp.zeros((4, 1))}}}
+  params = {
+    "layers_0": {"ffn": {"router": {"kernel": jnp.zeros((4, 2))}, "gate": jnp.zeros((2, 4, 4))}},
+    "step_routers_0": {"out": {"kernel": jnp.zeros((4, 1))}},
+  }
   mask = diloco.router_mask(params)
-  assert sorted("/".join(p) for p, v in mask.items() if v) == ["layers_0/ffn/router/kernel",
-                                                               "step_routers_0/out/kernel"]
-  base = {"layers_0": {"ffn": {"router": {"kernel": jnp.ones((4, 2))}, "gate": jnp.ones((2, 4, 4))}},
-          "step_routers_0": {"out": {"kernel": jnp.ones((4, 1))}}}
+  assert sorted("/".join(p) for p, v in mask.items() if v) == [
+    "layers_0/ffn/router/kernel",
+    "step_routers_0/out/kernel",
+  ]
+  base = {
+    "layers_0": {"ffn": {"router": {"kernel": jnp.ones((4, 2))}, "gate": jnp.ones((2, 4, 4))}},
+    "step_routers_0": {"out": {"kernel": jnp.ones((4, 1))}},
+  }
   # Two replicas at mean +-0.1 * ones: each is 0.1 * sqrt(12) from the mean, whose norm is sqrt(12).
   stacked = jax.tree.map(lambda x: jnp.stack([0.9 * x, 1.1 * x]), base)
   np.testing.assert_allclose(diloco.router_drift(stacked, mask), 0.1, rtol=1e-5)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (dict(strategy="local_sgd"), r"config.train.strategy='local_sgd' is invalid; allowed: \['data_parallel', "
-                                 r"'diloco', 'diloco_overlap', 'fedavg', 'fedavg_hierarchical'\]"),
+@pytest.mark.parametrize(
+  "edit, message",
+  [
+    (
+      dict(strategy="local_sgd"),
+      r"config.train.strategy='local_sgd' is invalid; allowed: \['data_parallel', "
+      r"'diloco', 'diloco_overlap', 'fedavg', 'fedavg_hierarchical'\]",
+    ),
     (dict(replicas=3), r"config.train.replicas=3 is invalid; allowed: a divisor of train.batch_size=16"),
-    (dict(replicas=3, batch_size=24), r"config.train.replicas=3 is invalid; allowed: a divisor of the 8 devices .* "
-                                      r"or a multiple of them"),
-    (dict(replicas=4, batch_size=4), r"config.train.batch_size=4 is invalid; allowed: a multiple of "
-                                     r"grad_accum_steps x replicas x"),
+    (
+      dict(replicas=3, batch_size=24),
+      r"config.train.replicas=3 is invalid; allowed: a divisor of the 8 devices .* "
+      r"or a multiple of them",
+    ),
+    (
+      dict(replicas=4, batch_size=4),
+      r"config.train.batch_size=4 is invalid; allowed: a multiple of "
+      r"grad_accum_steps x replicas x",
+    ),
     (dict(inner_steps=0), r"config.train.inner_steps=0 is invalid; allowed: >= 1"),
     (dict(outer_optimizer="adam"), r"config.train.outer_optimizer='adam' is invalid; allowed: \['nesterov', 'sgd'\]"),
     (dict(outer_momentum=1.0), r"config.train.outer_momentum=1.0 is invalid; allowed: \[0, 1\)"),
-    (dict(strategy="fedavg_hierarchical", replicas=4, fedavg_groups=3),
-     r"config.train.fedavg_groups=3 is invalid; allowed: a divisor of train.replicas=4"),
-])
+    (
+      dict(strategy="fedavg_hierarchical", replicas=4, fedavg_groups=3),
+      r"config.train.fedavg_groups=3 is invalid; allowed: a divisor of train.replicas=4",
+    ),
+  ],
+)
 def test_bad_strategy_configs_fail_in_one_line(edit, message):
   c = config("diloco", 2, 2)
   c.train.update(**edit)
@@ -238,17 +269,44 @@ def test_two_processes_each_one_island_match_one_process(tmp_path, monkeypatch):
   from zoo.data import make_iterator
 
   def two_host(self, split, repeat, drop_remainder=True):
-    return TwoHostIterator(make_iterator, data_config=self.config.data, split=split, global_batch_size=self.batch_size,
-                           seed=int(self.config.seed), repeat=repeat, drop_remainder=drop_remainder)
+    return TwoHostIterator(
+      make_iterator,
+      data_config=self.config.data,
+      split=split,
+      global_batch_size=self.batch_size,
+      seed=int(self.config.seed),
+      repeat=repeat,
+      drop_remainder=drop_remainder,
+    )
+
   c = config("diloco", 4, 2, steps=3)
   monkeypatch.setattr(diloco.DiLoCo, "make_iterator", two_host)
   trainer.train(c, str(tmp_path / "ref"), devices=jax.devices()[:2], progress=False)
-  launch_two_processes(tmp_path / "run", {
-      "model.num_layers": 1, "model.embed_dim": 32, "model.num_heads": 2, "model.num_kv_heads": 1,
-      "model.mlp_dim": 64, "data.seq_len": 16, "train.steps": 3, "train.batch_size": 16, "train.log_every_steps": 1,
-      "train.eval_every_steps": 0, "train.eval_batches": 2, "optimizer.lr": 0.01, "optimizer.warmup_steps": 2,
-      "optimizer.schedule": "constant", "checkpoint.every_steps": 0, "checkpoint.async_save": False,
-      "train.strategy": "diloco", "train.replicas": 4, "train.inner_steps": 2}, devices_per_process=1)
+  launch_two_processes(
+    tmp_path / "run",
+    {
+      "model.num_layers": 1,
+      "model.embed_dim": 32,
+      "model.num_heads": 2,
+      "model.num_kv_heads": 1,
+      "model.mlp_dim": 64,
+      "data.seq_len": 16,
+      "train.steps": 3,
+      "train.batch_size": 16,
+      "train.log_every_steps": 1,
+      "train.eval_every_steps": 0,
+      "train.eval_batches": 2,
+      "optimizer.lr": 0.01,
+      "optimizer.warmup_steps": 2,
+      "optimizer.schedule": "constant",
+      "checkpoint.every_steps": 0,
+      "checkpoint.async_save": False,
+      "train.strategy": "diloco",
+      "train.replicas": 4,
+      "train.inner_steps": 2,
+    },
+    devices_per_process=1,
+  )
   a, b = records(tmp_path / "ref"), records(tmp_path / "run")
   assert sorted(a) == sorted(b) == [1, 2, 3]
   for key in ("loss", "comm_bytes_total"):

@@ -1,5 +1,6 @@
 """Checkpoints in the engine: 1 device vs a sharded mesh, restore onto another mesh (after SIGTERM), crash and resume,
 NaN guard, corrupted and incompatible checkpoints."""
+
 import os
 import signal
 
@@ -10,7 +11,7 @@ import pytest
 
 from test_engine import losses, tiny_config, wrap_train_step
 from zoo.engine import trainer
-from zoo.engine.checkpoint import CheckpointError, Checkpointer
+from zoo.engine.checkpoint import Checkpointer, CheckpointError
 
 
 def test_one_device_vs_sharded_and_restore_onto_other_mesh(tmp_path, monkeypatch):
@@ -38,6 +39,7 @@ def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
   def crash(n, state):
     if n == 5:
       raise RuntimeError("simulated crash")
+
   with monkeypatch.context() as m:
     wrap_train_step(m, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -53,6 +55,7 @@ def test_nan_guard_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   def poison(n, state):  # the update of step 4 leaves NaN params (its loss was still finite)
     if n == 4:
       return state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+
   wrap_train_step(monkeypatch, poison)
   with pytest.raises(trainer.TrainingDivergedError, match="step 4.*last good checkpoint is step 2"):
     trainer.train(tiny_config(steps=8), str(tmp_path), progress=False)

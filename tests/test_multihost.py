@@ -4,6 +4,7 @@ uninterrupted process with 8 devices fed the same global batches.
 Each host's pipeline reads its own disjoint share of the examples (`zoo.data.make_iterator`), so the one-process
 reference concatenates the two hosts' iterators into its global batch.
 """
+
 import os
 import re
 import socket
@@ -17,10 +18,22 @@ from zoo.engine import trainer
 from zoo.engine.writers import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {"model.num_layers": 1, "model.embed_dim": 32, "model.num_heads": 2, "model.num_kv_heads": 1,
-             "model.mlp_dim": 64, "data.seq_len": 16, "train.batch_size": 16, "train.eval_batches": 2,
-             "train.eval_every_steps": 0, "train.log_every_steps": 1, "checkpoint.every_steps": 2,
-             "optimizer.warmup_steps": 1, "optimizer.lr": 0.01, "optimizer.schedule": "constant"}
+OVERRIDES = {
+  "model.num_layers": 1,
+  "model.embed_dim": 32,
+  "model.num_heads": 2,
+  "model.num_kv_heads": 1,
+  "model.mlp_dim": 64,
+  "data.seq_len": 16,
+  "train.batch_size": 16,
+  "train.eval_batches": 2,
+  "train.eval_every_steps": 0,
+  "train.log_every_steps": 1,
+  "checkpoint.every_steps": 2,
+  "optimizer.warmup_steps": 1,
+  "optimizer.lr": 0.01,
+  "optimizer.schedule": "constant",
+}
 # 'constant' (after warmup): the learning rate does not depend on train.steps, so the run of 2 steps resumed to 4
 # matches one run of 4, and both launches compile the same programs (the second reads them from the cache).
 
@@ -56,9 +69,16 @@ class TwoHostIterator:
 
 def two_host_iterators(self, split, repeat, **kwargs):
   from zoo.data import make_iterator
-  return TwoHostIterator(make_iterator, data_config=self.config.data, split=split,
-                         global_batch_size=int(self.config.train.batch_size), seed=int(self.config.seed),
-                         repeat=repeat, **kwargs)
+
+  return TwoHostIterator(
+    make_iterator,
+    data_config=self.config.data,
+    split=split,
+    global_batch_size=int(self.config.train.batch_size),
+    seed=int(self.config.seed),
+    repeat=repeat,
+    **kwargs,
+  )
 
 
 def free_port():
@@ -74,10 +94,26 @@ def launch_two_processes(workdir, overrides, devices_per_process):
   xla_flags = re.sub(r"device_count=\d+", f"device_count={devices_per_process}", os.environ["XLA_FLAGS"])
   env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
   flags = [f"--config.{k}={v}" for k, v in overrides.items()]
-  procs = [subprocess.Popen(
-      [sys.executable, "train.py", "--config=configs/dense_lm.py", f"--workdir={workdir}", *flags,
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "train.py",
+        "--config=configs/dense_lm.py",
+        f"--workdir={workdir}",
+        *flags,
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]

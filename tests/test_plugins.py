@@ -1,9 +1,8 @@
 """The engine's plug-in contract: a new kind of model is one model file + one task file + one config, with no engine
 edit (the fixture below is the whole of it); the shipped sequence-classification task; frozen parameters (no
 gradient, no optimizer state, saved once); sub-models composed from several sources by `init_from`."""
+
 import importlib
-import json
-import sys
 import textwrap
 
 import jax
@@ -19,7 +18,7 @@ from zoo.engine.writers import read_metrics
 from zoo.models import ConfigError
 
 # A new kind of model (a denoiser of 8x8 digits), its task (which draws its own noise every step) and its config.
-MODEL_FILE = '''
+MODEL_FILE = """
 import flax.linen as nn
 import jax.numpy as jnp
 from zoo.models import ModelOutput, register_model
@@ -33,8 +32,8 @@ class ToyDenoiser(nn.Module):
   def __call__(self, noisy, *, deterministic=True):
     h = nn.relu(nn.Dense(self.width)(noisy.reshape(noisy.shape[0], -1)))
     return nn.Dense(noisy[0].size)(h).reshape(noisy.shape), ModelOutput()
-'''
-TASK_FILE = '''
+"""
+TASK_FILE = """
 import dataclasses
 import jax
 import jax.numpy as jnp
@@ -63,8 +62,8 @@ class ToyDenoising(Task):
 
   def finalize(self, sums, info):
     return {"loss": float(sums["loss_sum"]) / max(float(sums["weight"]), 1e-9)}
-'''
-CONFIG_FILE = '''
+"""
+CONFIG_FILE = """
 from configs.base import get_base_config
 
 
@@ -75,7 +74,7 @@ def get_config():
   config.optimizer.update(lr=3e-3, warmup_steps=5)
   config.checkpoint.update(every_steps=0, async_save=False)
   return config
-'''
+"""
 
 
 def test_a_new_model_and_task_plug_in_without_an_engine_edit(tmp_path, monkeypatch):
@@ -99,7 +98,9 @@ def test_a_new_model_and_task_plug_in_without_an_engine_edit(tmp_path, monkeypat
 def test_a_task_must_read_the_dataset_format():
   c = tiny_config()
   c.task = "classification"
-  with pytest.raises(ConfigError, match="a task that reads format 'text' .* task 'classification' reads \\['images'\\]"):
+  with pytest.raises(
+    ConfigError, match="a task that reads format 'text' .* task 'classification' reads \\['images'\\]"
+  ):
     trainer.Experiment(c)
   c.task = "nope"
   with pytest.raises(ConfigError, match="config.task='nope' is not a known task; choose one of \\["):
@@ -108,6 +109,7 @@ def test_a_task_must_read_the_dataset_format():
 
 def _classify_config(steps):
   from configs.text_classify_domains import get_config
+
   c = get_config()
   c.model.update(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64)
   c.data.seq_len = 64
@@ -118,12 +120,14 @@ def _classify_config(steps):
 
 def test_labelled_windows_cover_each_document_once_with_its_label():
   c = _classify_config(1)
-  batches = list(make_iterator(c.data, split="validation", global_batch_size=8, seed=0, repeat=False,
-                               drop_remainder=False))
+  batches = list(
+    make_iterator(c.data, split="validation", global_batch_size=8, seed=0, repeat=False, drop_remainder=False)
+  )
   inputs = np.concatenate([b["inputs"] for b in batches])
   mask = np.concatenate([b["mask"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
   from zoo.data.builders import prepare, stdlib_domains
+
   source = prepare("pystdlib", c.data.data_dir).as_data_source(split="validation")
   wanted = {stdlib_domains().index(d) for d in ("docs", "modules")}
   docs = [source[i] for i in range(len(source)) if int(source[i]["domain"]) in wanted]
@@ -153,8 +157,10 @@ def test_frozen_parameters_have_no_gradient_no_moments_and_are_saved_once(tmp_pa
   state = jax.device_get(trainer.train(c, str(tmp_path), progress=False))
   for x, y in zip(jax.tree.leaves(before.frozen), jax.tree.leaves(state.frozen)):
     np.testing.assert_array_equal(x, y)
-  assert all(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before.params["layers_1"]),
-                                                       jax.tree.leaves(state.params["layers_1"])))
+  assert all(
+    not np.array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(before.params["layers_1"]), jax.tree.leaves(state.params["layers_1"]))
+  )
   frozen_dir = tmp_path / "checkpoints" / "frozen"
   stamp = sorted((p.name, p.stat().st_mtime_ns) for p in frozen_dir.rglob("*") if p.is_file())
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2, 4]
@@ -176,7 +182,8 @@ def test_init_from_composes_sub_models_from_several_sources(tmp_path, monkeypatc
   big.model.update(embed_dim=48, mlp_dim=96)
   trainer.train(big, str(tmp_path / "big"), progress=False)
   monkeypatch.syspath_prepend(str(tmp_path))
-  (tmp_path / "pair_model.py").write_text(textwrap.dedent('''
+  (tmp_path / "pair_model.py").write_text(
+    textwrap.dedent("""
       import flax.linen as nn
       from zoo.models import ModelOutput, get_model_class, register_model
 
@@ -195,7 +202,8 @@ def test_init_from_composes_sub_models_from_several_sources(tmp_path, monkeypatc
           b, _ = sub_model(self.big, "big")(tokens)
           w = nn.sigmoid(self.param("mix", nn.initializers.zeros, ()))
           return w * a + (1 - w) * b, ModelOutput()
-      '''))
+      """)
+  )
   importlib.import_module("pair_model")
   c = tiny_config(steps=1)
   c.model = type(c.model)({"name": "test_pair", "small": small.model.to_dict(), "big": big.model.to_dict()})

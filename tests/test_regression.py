@@ -4,6 +4,7 @@ steps equal those recorded with the earlier engine (tests/data/loss_regression.j
 The losses were recorded by a default (optimised) XLA build; the suite compiles unoptimised (conftest.py), which rounds
 differently and drifts by ~1e-4 within a few steps, so the measurement runs in a subprocess without the suite's XLA
 flags."""
+
 import importlib
 import json
 import os
@@ -21,8 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def first_losses(name, steps):
   """The training losses of the first `steps` steps of configs/<name>.py with train.steps=50."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from zoo.engine import sharding  # pylint: disable=g-import-not-at-top
   from zoo.engine.trainer import Experiment  # pylint: disable=g-import-not-at-top
+
   config = importlib.import_module(f"configs.{name}").get_config()
   config.train.steps = 50
   exp = Experiment(config)
@@ -40,10 +43,12 @@ def first_losses(name, steps):
 @pytest.mark.parametrize("name", ["dense_lm", "moe_mixtral", "simplenet_digits"])
 def test_first_steps_reproduce_the_recorded_losses(name):
   from conftest import UNOPTIMISED  # pylint: disable=g-import-not-at-top  (here: the subprocess runs this file)
+
   suite_flags = UNOPTIMISED.split()
   env = dict(os.environ, XLA_FLAGS=" ".join(f for f in os.environ["XLA_FLAGS"].split() if f not in suite_flags))
-  result = subprocess.run([sys.executable, __file__, name, str(STEPS)], capture_output=True, text=True, cwd=ROOT,
-                          env=env, check=False)
+  result = subprocess.run(
+    [sys.executable, __file__, name, str(STEPS)], capture_output=True, text=True, cwd=ROOT, env=env, check=False
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   losses = json.loads(result.stdout.strip().splitlines()[-1])
   np.testing.assert_allclose(losses, RECORDED[name][:STEPS], rtol=2e-5)

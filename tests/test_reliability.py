@@ -1,6 +1,7 @@
 """What a run guarantees when things go wrong: SIGTERM at any moment leaves the announced step committed, one
 train.py per workdir, corrupted checkpoints are named (never deleted) and an earlier step can be chosen, every bad
 input is refused before step 1, and nothing the user has is silently replaced."""
+
 import json
 import os
 import random
@@ -14,7 +15,7 @@ import pytest
 from test_engine import losses, tiny_config
 from zoo.data import builders
 from zoo.engine import trainer
-from zoo.engine.checkpoint import CheckpointError, Checkpointer, CheckpointNotFound
+from zoo.engine.checkpoint import Checkpointer, CheckpointError, CheckpointNotFound
 from zoo.engine.workdir import WorkdirError, WorkdirLock
 from zoo.engine.writers import read_metrics
 from zoo.models import ConfigError
@@ -41,6 +42,7 @@ def test_sigterm_during_the_metrics_fetch_saves_the_announced_step(tmp_path, mon
       self._signalled = True
       os.kill(os.getpid(), signal.SIGTERM)  # arrives while the logged step's metrics are fetched
     return original(self, metrics)
+
   monkeypatch.setattr(trainer.Experiment, "host_metrics", host_metrics)
   trainer.train(c, str(tmp_path), progress=False)
   step = _announced(capsys)
@@ -62,7 +64,9 @@ def test_sigterm_at_random_moments_always_leaves_the_announced_step(tmp_path, mo
       if not timers[-1].is_alive() and not timers[-1].finished.is_set():
         timers[-1].start()  # the clock starts with the first step
       return compiled(state, batch)
+
     return step
+
   monkeypatch.setattr(trainer.Experiment, "compile_train_step", compile_train_step)
   for attempt in range(3):
     c = tiny_config(steps=2000)
@@ -107,14 +111,18 @@ def test_a_corrupted_checkpoint_is_named_and_an_earlier_step_can_be_chosen(tmp_p
   trainer.train(tiny_config(steps=6), str(ref), progress=False)
   run = tmp_path / "run"
   trainer.train(tiny_config(steps=4), str(run), progress=False)  # steps 2 and 4
-  data_files = sorted(p for p in (run / "checkpoints" / "4" / "state").rglob("*")
-                      if p.is_file() and "ocdbt.process_0/d/" in str(p))
+  data_files = sorted(
+    p for p in (run / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and "ocdbt.process_0/d/" in str(p)
+  )
   victim = max(data_files, key=lambda p: p.stat().st_size)
   _flip_a_byte(victim)
   before = sorted(str(p) for p in (run / "checkpoints").rglob("*"))
   name = os.path.relpath(victim, run / "checkpoints" / "4")
-  with pytest.raises(CheckpointError, match=rf"step 4 .* is corrupted: its file {name} does not match .* Steps that "
-                                            r"verify: \[2\]; resume from one with `train.py ... --step 2`"):
+  with pytest.raises(
+    CheckpointError,
+    match=rf"step 4 .* is corrupted: its file {name} does not match .* Steps that "
+    r"verify: \[2\]; resume from one with `train.py ... --step 2`",
+  ):
     trainer.train(tiny_config(steps=6), str(run), progress=False)
   with pytest.raises(CheckpointError, match="is corrupted"):
     trainer.evaluate(tiny_config(steps=6), str(run))
@@ -159,6 +167,7 @@ def test_the_final_step_is_saved_before_the_final_evaluation(tmp_path, monkeypat
 
   def failing_eval(self, state, eval_step):
     raise RuntimeError("evaluation failed")
+
   monkeypatch.setattr(trainer.Experiment, "run_eval", failing_eval)
   with pytest.raises(RuntimeError, match="evaluation failed"):
     trainer.train(c, str(tmp_path), progress=False)
@@ -187,8 +196,11 @@ def test_config_json_is_kept_when_a_resume_fails_and_a_changed_config_is_reporte
 def test_a_step_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path):
   c = tiny_config(steps=2)
   c.data.seq_len = 10**8
-  with pytest.raises(ConfigError, match=r"one training step needs about [\d.]+ GiB per device .* but a cpu device has "
-                                        r"[\d.]+ GiB; lower train.batch_size"):
+  with pytest.raises(
+    ConfigError,
+    match=r"one training step needs about [\d.]+ GiB per device .* but a cpu device has "
+    r"[\d.]+ GiB; lower train.batch_size",
+  ):
     trainer.train(c, str(tmp_path), progress=False)
 
 
@@ -243,6 +255,7 @@ def test_a_data_position_of_other_data_is_refused(tmp_path):
 
 def test_nan_message_without_a_checkpoint(tmp_path, monkeypatch):
   from test_engine import wrap_train_step
+
   c = tiny_config(steps=4)
   c.checkpoint.every_steps = 100
   wrap_train_step(monkeypatch, lambda n, s: s.replace(params=jax.tree.map(lambda p: p * np.nan, s.params)))

@@ -5,18 +5,23 @@ test_engine*.py, test_plugins.py and test_regression.py; every shipped config va
 test_config.py, and every model passes test_models_contract.py. All shipped configs were trained and evaluated
 this way by hand (`python -m pytest tests/test_shipped_configs.py --all-configs` does it: about 20 minutes on 2
 cores)."""
+
 import importlib
 import math
 import os
 
 import jax
-import pytest
 
 from zoo.engine import trainer
 
 CONFIGS = ("duo_llm_router", "mor_token_nr2_share", "smoe_dropout")
-ALL_CONFIGS = tuple(sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
-                           if f.endswith(".py") and f not in ("__init__.py", "base.py")))
+ALL_CONFIGS = tuple(
+  sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
+    if f.endswith(".py") and f not in ("__init__.py", "base.py")
+  )
+)
 
 
 def pytest_generate_tests(metafunc):

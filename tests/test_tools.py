@@ -1,5 +1,6 @@
 """The experiment tools: the run comparison table (`tools/compare_runs.py`), Duo-LLM route comparison
 (`tools/duo_llm_compare.py`) and Read-ME expert extraction from a dense checkpoint (`tools/readme_extract.py`)."""
+
 import json
 import os
 import subprocess
@@ -40,9 +41,16 @@ def test_config_json_round_trips(tmp_path):
 
 def test_compare_runs_table(tmp_path, capsys):
   config = tiny_config(steps=6)
-  _write_run(tmp_path / "a", config, [
-      {"step": 0, "eval_loss": 5.0}, {"step": 3, "loss": 4.0}, {"step": 3, "eval_loss": 3.5},
-      {"step": 6, "loss": 3.0, "eval_loss": 2.5, "eval_bits_per_byte": 3.6, "eval_load_imbalance": [1.0, 2.0]}])
+  _write_run(
+    tmp_path / "a",
+    config,
+    [
+      {"step": 0, "eval_loss": 5.0},
+      {"step": 3, "loss": 4.0},
+      {"step": 3, "eval_loss": 3.5},
+      {"step": 6, "loss": 3.0, "eval_loss": 2.5, "eval_bits_per_byte": 3.6, "eval_load_imbalance": [1.0, 2.0]},
+    ],
+  )
   row = compare_runs.summarize(str(tmp_path / "a"), ["load_imbalance"])
   model = build_model(config.model)
   tokens = 6 * 16 * 16  # steps x batch x seq_len
@@ -86,10 +94,24 @@ def test_readme_extract_slices_the_dense_checkpoint(tmp_path):
   dense_exp, dense_state = save_init_checkpoint(dense_config, tmp_path / "dense")
   MetricsWriter(str(tmp_path / "dense")).write_config(dense_config)
   overrides = [f"--config.model.{k}={v}" for k, v in dims.items()] + [
-      "--config.model.router_mlp_dim=16", "--config.data.seq_len=16", "--config.train.batch_size=8",
-      "--config.train.eval_batches=1", "--config.mesh.data=-1"]
-  command = [sys.executable, "tools/readme_extract.py", "--config", "configs/readme_moe.py",
-             "--workdir", str(tmp_path / "out"), "--dense_workdir", str(tmp_path / "dense"), "--batches", "1"]
+    "--config.model.router_mlp_dim=16",
+    "--config.data.seq_len=16",
+    "--config.train.batch_size=8",
+    "--config.train.eval_batches=1",
+    "--config.mesh.data=-1",
+  ]
+  command = [
+    sys.executable,
+    "tools/readme_extract.py",
+    "--config",
+    "configs/readme_moe.py",
+    "--workdir",
+    str(tmp_path / "out"),
+    "--dense_workdir",
+    str(tmp_path / "dense"),
+    "--batches",
+    "1",
+  ]
   done = subprocess.run(command + overrides, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "| layer | shared | docs | modules | web | packages |" in done.stdout
@@ -103,8 +125,9 @@ def test_readme_extract_slices_the_dense_checkpoint(tmp_path):
   np.testing.assert_array_equal(params["router"]["embed"]["embedding"], dense["embed"]["embedding"])
   for i in range(2):
     moe, ffn = params[f"layers_{i}"]["ffn"], dense[f"layers_{i}"]["ffn"]
-    np.testing.assert_array_equal(params[f"layers_{i}"]["attention"]["query"]["kernel"],
-                                  dense[f"layers_{i}"]["attention"]["query"]["kernel"])
+    np.testing.assert_array_equal(
+      params[f"layers_{i}"]["attention"]["query"]["kernel"], dense[f"layers_{i}"]["attention"]["query"]["kernel"]
+    )
     # Every real (non-padding) column of the shared and domain experts is a column of the dense FFN, and each
     # domain's kept neurons (shared + its expert) are half of them: 16 distinct columns.
     dense_up = np.asarray(ffn["up"]["kernel"]).T
