@@ -177,11 +177,12 @@ def test_frozen_parameters_have_no_gradient_no_moments_and_are_saved_once(tmp_pa
 
 
 def test_init_from_composes_sub_models_from_several_sources(tmp_path, monkeypatch):
+  one = jax.devices()[:1]  # compiles faster than 8 devices; the mesh is tested elsewhere
   small = tiny_config(steps=2)
-  trainer.train(small, str(tmp_path / "small"), progress=False)
+  trainer.train(small, str(tmp_path / "small"), progress=False, devices=one)
   big = tiny_config(steps=2)
   big.model.update(embed_dim=48, mlp_dim=96)
-  trainer.train(big, str(tmp_path / "big"), progress=False)
+  trainer.train(big, str(tmp_path / "big"), progress=False, devices=one)
   monkeypatch.syspath_prepend(str(tmp_path))
   (tmp_path / "pair_model.py").write_text(
     textwrap.dedent("""
@@ -212,7 +213,7 @@ def test_init_from_composes_sub_models_from_several_sources(tmp_path, monkeypatc
   c.frozen_params = ("^small/", "^big/")
   c.sample.max_new_tokens = 0
   exp = trainer.Experiment(c)
-  state = jax.device_get(trainer.train(c, str(tmp_path / "pair"), progress=False))
+  state = jax.device_get(trainer.train(c, str(tmp_path / "pair"), progress=False, devices=one))
   assert list(state.params) == ["mix"]
   for part, run in (("small", "small"), ("big", "big")):
     saved = trainer.Experiment(small if part == "small" else big)
@@ -221,5 +222,5 @@ def test_init_from_composes_sub_models_from_several_sources(tmp_path, monkeypatc
       np.testing.assert_array_equal(x, y)
   c.init_from = {"small": str(tmp_path / "big")}
   with pytest.raises(Exception, match="has shape .* in the checkpoint but .* in the model"):
-    trainer.train(c, str(tmp_path / "wrong"), progress=False)
+    trainer.train(c, str(tmp_path / "wrong"), progress=False, devices=one)
   del exp
