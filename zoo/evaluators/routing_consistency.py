@@ -1,5 +1,7 @@
 """Local routing consistency (papers.md A8): SRP and SCH of the experts the model routes validation tokens to
-(`zoo.routing.consistency`), and their plot."""
+(`zoo.routing.consistency`), and their plot. The headline figures are the whole-model ones of the authors' code
+(ljcleo/moe-lrc src/31_srp_refine.py, src/41_sch_calc.py): SRP of the window counts pooled over the layers, SCH of one
+cache over all layers' experts."""
 
 import numpy as np
 
@@ -11,7 +13,8 @@ ROUTING_BATCHES = 4
 
 
 def plot_routing_consistency(result, path, *, title="Local routing consistency"):
-  """Saves a PNG of SRP and SCH against the segment length (one line per layer for SRP, per cache size for SCH).
+  """Saves a PNG of SRP and SCH against the segment length: SRP per layer and of the whole model (pooled counts),
+  whole-model SCH per cache size (C slots per layer).
 
   Args:
     result: the dict of `zoo.routing.consistency.routing_consistency`.
@@ -22,15 +25,15 @@ def plot_routing_consistency(result, path, *, title="Local routing consistency")
     path.
   """
   plt = pyplot()
-  lengths, srp, sch = result["segment_lengths"], np.asarray(result["srp"]), np.asarray(result["sch"])
+  lengths, srp = result["segment_lengths"], np.asarray(result["srp"])
   fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
   for layer, row in enumerate(srp):
     left.plot(lengths, row, marker="o", alpha=0.5, label=f"layer {layer}")
-  left.plot(lengths, srp.mean(0), color="black", linewidth=2, label="mean")
+  left.plot(lengths, result["model_srp"], color="black", linewidth=2, label="whole model")
   left.set_ylabel("SRP (best F1)")
   for j, c in enumerate(result["cache_sizes"]):
-    right.plot(lengths, sch[:, :, j].mean(0), marker="o", label=f"C={c}")
-  right.set_ylabel("SCH (hit rate, mean over layers)")
+    right.plot(lengths, result["model_sch"][:, j], marker="o", label=f"C={c} per layer")
+  right.set_ylabel("SCH (hit rate, whole model)")
   for ax in (left, right):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("segment length L")
@@ -43,8 +46,12 @@ def plot_routing_consistency(result, path, *, title="Local routing consistency")
 
 @register_evaluator("routing_consistency")
 class RoutingConsistency(Evaluator):
-  """{'srp_L<L>': mean over MoE layers, 'sch_L<L>_C<C>': mean over MoE layers, 'routing_consistency_plot': path}
-  from the expert ids of up to `ROUTING_BATCHES` validation batches."""
+  """Routing consistency of the expert ids of up to `ROUTING_BATCHES` validation batches.
+
+  Returns {'srp_L<L>': whole-model SRP (window counts pooled over the MoE layers), 'sch_L<L>_C<C>': whole-model SCH
+  (one cache of C slots per MoE layer over all layers' experts), 'layer_mean_srp_L<L>' and
+  'layer_mean_sch_L<L>_C<C>': the means of the per-layer values, 'routing_consistency_plot': path}.
+  """
 
   needs = ("expert_ids",)
 
@@ -57,8 +64,10 @@ class RoutingConsistency(Evaluator):
     result = routing_consistency(ids, int(getattr(ctx.exp.model, "num_experts", ids.max() + 1)))
     out = {}
     for j, length in enumerate(result["segment_lengths"]):
-      out[f"srp_L{length}"] = float(result["srp"][:, j].mean())
+      out[f"srp_L{length}"] = float(result["model_srp"][j])
+      out[f"layer_mean_srp_L{length}"] = float(result["srp"][:, j].mean())
       for c, size in enumerate(result["cache_sizes"]):
-        out[f"sch_L{length}_C{size}"] = float(result["sch"][:, j, c].mean())
+        out[f"sch_L{length}_C{size}"] = float(result["model_sch"][j, c])
+        out[f"layer_mean_sch_L{length}_C{size}"] = float(result["sch"][:, j, c].mean())
     out["routing_consistency_plot"] = plot_routing_consistency(result, ctx.path("routing_consistency.png"))
     return out
