@@ -1,5 +1,6 @@
 """BlockFFN: router, losses, sparsity metrics and the lambda schedule by hand; the model and its chunk-skip path."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import model_testing
 from zoo.layers import count_params
 from zoo.models import ConfigError, build_model
+from zoo.models.blockffn import BlockFFNLayer
 from zoo.routing import sparsity
 
 
@@ -41,6 +43,16 @@ def test_activation_locality_by_hand():
   agree = sparsity.activation_locality_loss(jnp.array([[[0.1], [0.1]]]))
   disagree = sparsity.activation_locality_loss(jnp.array([[[0.1], [-0.1]]]))
   assert float(agree) < float(disagree)
+
+
+def test_activation_locality_differentiates_the_target():
+  # One pair, one expert, alpha 1: loss = softplus(a) - a sigmoid(b) with a = s_0, b = s_1 (the authors'
+  # BCEWithLogits with an undetached target). d/da = sigmoid(a) - sigmoid(b); d/db = -a sigmoid(b) (1 - sigmoid(b)).
+  a, b = 1.0, 0.0
+  sig = lambda v: 1.0 / (1.0 + np.exp(-v))
+  grad = jax.grad(lambda s: sparsity.activation_locality_loss(s, alpha=1.0))(jnp.array([[[a], [b]]]))
+  np.testing.assert_allclose(np.asarray(grad)[0, :, 0], [sig(a) - sig(b), -a * sig(b) * (1 - sig(b))], rtol=1e-6)
+  assert float(grad[0, 1, 0]) == pytest.approx(-0.25)  # the later token is pulled too
 
 
 def test_chunk_lambda_schedule_by_hand():
@@ -77,8 +89,31 @@ def test_shapes_params_metrics_and_aux(tiny):
   for key in ("tls", "cls", "activation_locality", "chunk_sparsification", "active_experts"):
     assert m[key].shape == (2,), key
   assert np.all((m["tls"] >= 0) & (m["tls"] <= 1)) and np.all(m["cls"] <= m["tls"] + 1e-6)
-  expected = 2e-3 * np.sum(m["activation_locality"]) + 5e-2 * np.sum(m["chunk_sparsification"])
+
+
+def test_losses_are_averaged_over_layers(tiny):
+  # The authors divide the summed per-layer locality and chunk losses by the number of layers (2 here).
+  model, tokens, variables = tiny
+  _, out = jax.jit(model.apply)(variables, tokens)
+  loc, chunk = np.asarray(out.metrics["activation_locality"]), np.asarray(out.metrics["chunk_sparsification"])
+  expected = 2e-3 * (loc[0] + loc[1]) / 2 + 5e-2 * (chunk[0] + chunk[1]) / 2
   np.testing.assert_allclose(out.aux_loss, expected, rtol=1e-5)
+  assert abs(float(out.aux_loss) - (2e-3 * loc.sum() + 5e-2 * chunk.sum())) > 1e-4
+
+
+def test_chunk_loss_takes_p_before_the_gain():
+  # Router kernel = identity, so s = x: tokens [1, 3] and [2, 0]. Before the gain p = ReLU(s) / sum = [0.25, 0.75],
+  # [1, 0]; one chunk of 2: prod(1 - p) = [0.75 * 0, 0.25 * 1] -> mean 0.125 -> loss 0.875. With the gain [1, 3]
+  # taken into p it would be [0.1, 0.9], [1, 0] -> prod [0, 0.1] -> loss 0.95.
+  layer = BlockFFNLayer(num_experts=2, expert_mlp_dim=4, chunk_length=2, dispatch="dense")
+  x = jnp.array([[[1.0, 3.0], [2.0, 0.0]]])
+  variables = layer.init(jax.random.key(0), x)
+  params = nn.meta.unbox(variables["params"])
+  params["router"] = {"kernel": jnp.eye(2), "gain": jnp.array([1.0, 3.0])}
+  _, (aux, _, _) = layer.apply({"params": params}, x)
+  np.testing.assert_allclose(aux["chunk_sparsification"], 0.875, rtol=1e-5)
+  grad = jax.grad(lambda p: layer.apply({"params": p}, x)[1][0]["chunk_sparsification"])(params)
+  assert float(jnp.abs(grad["router"]["gain"]).max()) == 0.0  # the gain is not in this loss
 
 
 def test_chunk_skip_dispatch_equals_dense_and_decoding_matches(tiny):

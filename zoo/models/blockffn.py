@@ -8,9 +8,11 @@ Sparsity" (thunlp/BlockFFN), Sec. 3:
   r; `chunk_skip=True` runs `zoo.routing.sparsity.chunk_sparse_ffn`, which skips the experts inactive for a
   whole chunk);
 - losses (Sec. 3.2): activation locality `lambda_al * BCE(alpha s_{t-1}, sigmoid(alpha s_t))` (alpha 100, lambda_al
-  2e-3) and chunk sparsification `lambda_cs * (1 - mean prod_{t in chunk}(1 - p_{t,e}))`, summed over layers;
-  lambda_cs adapts during training (`zoo.routing.sparsity.update_chunk_lambda`, state in
-  'routing_state/chunk_lambda');
+  2e-3; the target is differentiated too) and chunk sparsification `lambda_cs * (1 - mean prod_{t in chunk}(1 -
+  p_{t,e}))` with p from the router output before its gain, each averaged over layers as the authors do
+  (thunlp/BlockFFN pretrain/cpm/dragonfly/modeling_dragonfly.py L521-530: `ave_transfer_loss /= len(self.layers)`,
+  `ave_chunk_loss /= len(self.layers)`); lambda_cs adapts during training (`zoo.routing.sparsity.update_chunk_lambda`,
+  state in 'routing_state/chunk_lambda');
 - metrics: token-level sparsity TLS and chunk-level sparsity CLS(L) per layer ('tls', 'cls'), besides the routing
   metrics of `moe_lm` and the unweighted losses;
 - per-token output (`exposes`, as `moe_lm`): `intermediates['expert_ids']` int32 [moe_layers, batch, length,
@@ -57,7 +59,7 @@ class BlockFFNLayer(nn.Module):
   def __call__(self, x, *, deterministic=True):
     """x: [batch, length, embed] -> (y [batch, length, embed], (aux, metrics, expert_ids))."""
     del deterministic
-    r, logits = sparsity.ReLURouter(self.num_experts, name="router")(x)
+    r, logits, pre_gain = sparsity.ReLURouter(self.num_experts, name="router")(x)
     flat_r, flat_logits = r.reshape(-1, self.num_experts), logits.reshape(-1, self.num_experts)
     routing = routing_from_dense(flat_r, flat_logits, probs=sparsity.normalized_weights(flat_r))
     experts = MoEFFN(
@@ -88,7 +90,7 @@ class BlockFFNLayer(nn.Module):
       "active_experts": jnp.mean(jnp.sum(r > 0, axis=-1).astype(jnp.float32)),
     }
     if x.shape[1] % self.chunk_length == 0:
-      aux["chunk_sparsification"] = sparsity.chunk_sparsification_loss(r, self.chunk_length)
+      aux["chunk_sparsification"] = sparsity.chunk_sparsification_loss(pre_gain, self.chunk_length)
       metrics["cls"] = sparsity.chunk_level_sparsity(r, self.chunk_length)
     return y, (aux, metrics, layer_expert_ids(routing, x))
 
@@ -136,13 +138,14 @@ class BlockFFNLM(ExpertLayers, DenseLM):
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
-    """As `MoELM.__call__`; aux_loss = lambda_al * sum of locality losses + lambda_cs * sum of chunk losses."""
+    """As `MoELM.__call__`; aux_loss = lambda_al * mean over layers of the locality losses + lambda_cs * mean over
+    layers of the chunk losses (the authors average both over layers: modeling_dragonfly.py L521-530)."""
     logits, out = self.expert_forward(tokens, positions, cache, deterministic)  # losses weighted below
     state = self.variable("routing_state", "chunk_lambda", sparsity.init_chunk_lambda_state, self.chunk_coef)
-    aux = self.activation_locality_coef * jnp.sum(out.metrics["activation_locality"])
+    aux = self.activation_locality_coef * jnp.mean(out.metrics["activation_locality"])
     metrics = dict(out.metrics)
     if "chunk_sparsification" in metrics:
-      chunk_loss = jnp.sum(metrics["chunk_sparsification"])
+      chunk_loss = jnp.mean(metrics["chunk_sparsification"])
       aux = aux + state.value["lambda"] * chunk_loss
       if not deterministic and self.is_mutable_collection("routing_state") and self.chunk_coef > 0:
         state.value = sparsity.update_chunk_lambda(

@@ -100,37 +100,56 @@ def truncate_routing(routing, k):
   )
 
 
+def relu_rmsnorm(logits, *, epsilon=1e-6):
+  """`RMSNorm_noweight(ReLU(s))` over the experts: the BlockFFN router output before its learnable gain.
+
+  Args:
+    logits: [..., experts] router scores s = W_r x.
+    epsilon: RMSNorm epsilon.
+
+  Returns:
+    [..., experts] float32, non-negative.
+  """
+  h = jax.nn.relu(logits.astype(jnp.float32))
+  return h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + epsilon)
+
+
 def relu_rmsnorm_router(logits, gain, *, epsilon=1e-6):
   """BlockFFN router: `r = RMSNorm_noweight(ReLU(s)) * gain` over the experts, no top-k (an expert with r = 0 is off).
 
   Args:
     logits: [..., experts] router scores s = W_r x.
-    gain: [experts] learnable gain (initialised to 1) [guess: one gain per expert, like an RMSNorm weight].
+    gain: [experts] learnable gain (initialised to 1): the weight of the authors' RMSNorm over the experts
+      (`router_norm` in thunlp/BlockFFN pretrain/cpm/dragonfly/blockffn.py).
     epsilon: RMSNorm epsilon.
 
   Returns:
     [..., experts] float32 non-negative combine weights r.
   """
-  h = jax.nn.relu(logits.astype(jnp.float32))
-  return h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + epsilon) * gain.astype(jnp.float32)
+  return relu_rmsnorm(logits, epsilon=epsilon) * gain.astype(jnp.float32)
 
 
 def activation_locality_loss(logits, *, alpha=100.0, segment_ids=None):
-  """BlockFFN activation-locality loss: `BCEWithLogits(alpha s_{t-1}, target = sigmoid(alpha s_t))`.
+  """BlockFFN activation-locality loss (Sec. 3.2): `BCEWithLogits(alpha s_{t-1}, target = sigmoid(alpha s_t))`.
 
-  Pushes adjacent tokens of one document to switch the same experts on (s > 0) and off. The target is not
-  differentiated [guess].
+  Pushes adjacent tokens of one document to switch the same experts on (s > 0) and off. As in the authors' code
+  (`ActivationContext.transfer_regularization`, thunlp/BlockFFN pretrain/cpm/dragonfly/activation_context.py
+  L333-369: `F.binary_cross_entropy_with_logits(left * steep, torch.sigmoid(right * steep))`, whose target is not
+  detached and which PyTorch differentiates in both arguments), the target is differentiated too: both tokens of
+  a pair are pulled towards each other. With `x = alpha s_{t-1}`, `y = sigmoid(alpha s_t)` the term is
+  `softplus(x) - x y`, so `d/ds_{t-1} = alpha (sigmoid(x) - y)` and `d/ds_t = -alpha x y (1 - y)`.
 
   Args:
     logits: [batch, length, experts] router scores s.
-    alpha: sharpness (100).
-    segment_ids: optional [batch, length] document ids; pairs across a document boundary are left out.
+    alpha: sharpness (100; the authors' `sigmoid_steep`).
+    segment_ids: optional [batch, length] document ids; pairs across a document boundary are left out (the
+      authors' `segment_shift_indices` = -1 at a document's first token).
 
   Returns:
     scalar float32, mean over the (adjacent pair, expert) terms.
   """
   s = alpha * logits.astype(jnp.float32)
-  prev, target = s[:, :-1], jax.lax.stop_gradient(jax.nn.sigmoid(s[:, 1:]))
+  prev, target = s[:, :-1], jax.nn.sigmoid(s[:, 1:])
   bce = jnp.maximum(prev, 0) - prev * target + jnp.log1p(jnp.exp(-jnp.abs(prev)))
   mask = jnp.ones(bce.shape[:2], jnp.float32)
   if segment_ids is not None:
@@ -153,13 +172,20 @@ def normalized_weights(weights):
 
 
 def chunk_sparsification_loss(weights, chunk_length):
-  """BlockFFN chunk-sparsification loss `1 - mean_{chunk, e} prod_{t in chunk} (1 - p_{t,e})`, `p = r / sum_e r`.
+  """BlockFFN chunk-sparsification loss (Sec. 3.2) `1 - mean_{chunk, e} prod_{t in chunk} (1 - p_{t,e})`,
+  `p = h / sum_e h`.
 
   `prod (1 - p)` is the probability that expert e stays off for the whole chunk if each token drew one expert from
-  p; the loss is small when a chunk's tokens share few experts.
+  p; the loss is small when a chunk's tokens share few experts. `h` is the router output BEFORE its learnable gain,
+  `RMSNorm_noweight(ReLU(s))` (`relu_rmsnorm`), as in the authors' code: with `norm_after_router='rms'`,
+  `router_ori, router_score = self.router_norm(..., output_hidden=True)` and the loss takes
+  `router_score_scaled = router_ori / sum(router_ori)` (thunlp/BlockFFN pretrain/cpm/dragonfly/blockffn.py
+  L161-163, L183; `router_ori` is the normalised value before the weight, layer_norm.py L7-11). So `p` equals
+  `ReLU(s) / sum_e ReLU(s)` and the gain gets no gradient from this loss. The authors take
+  `1 - mean exp(sum log(1 - p + 1e-5))` (activation_context.py L267-285); the 1e-5 is left out here.
 
   Args:
-    weights: [batch, length, experts] router outputs r >= 0.
+    weights: [batch, length, experts] router outputs before the gain, h >= 0.
     chunk_length: tokens per chunk (64 in the paper); must divide length.
 
   Returns:
@@ -233,7 +259,8 @@ def update_chunk_lambda(state, loss, *, warmup_steps=1000, interval=100, min_fac
 class ReLURouter(nn.Module):
   """BlockFFN router parameters: `kernel` [embed, experts] (no bias) and `gain` [experts] (init 1).
 
-  Returns `(r, s)`: the weights of `relu_rmsnorm_router` and the scores s = x W_r, both [..., experts] float32.
+  Returns `(r, s, h)`, each [..., experts] float32: the weights r of `relu_rmsnorm_router`, the scores s = x W_r and
+  the router output before the gain h = `relu_rmsnorm(s)` (r = h * gain; the chunk loss takes h).
   """
 
   num_experts: int
@@ -252,7 +279,8 @@ class ReLURouter(nn.Module):
       "gain", nn.with_logical_partitioning(nn.initializers.ones_init(), ("expert",)), (self.num_experts,), jnp.float32
     )
     logits = x.astype(jnp.float32) @ kernel
-    return relu_rmsnorm_router(logits, gain, epsilon=self.epsilon), logits
+    h = relu_rmsnorm(logits, epsilon=self.epsilon)
+    return h * gain, logits, h
 
 
 def chunk_sparse_ffn(x, weights, expert_weights, chunk_length, activation="silu"):
