@@ -1,5 +1,6 @@
-"""RMoE: the GRU cell by hand and against a numpy reference, depth-only recurrence, shared cell, gradients to the
-routers, cached decoding, the linear baseline, the shared-expert mix and config errors."""
+"""RMoE: the GRU cell by hand and against a numpy reference, depth-only recurrence, shared cell, the load-balance
+loss pooled over layers (by hand and as the authors' code computes it), gradients to the routers, cached decoding,
+the linear baseline, the shared-expert mix and config errors."""
 
 import importlib
 
@@ -14,8 +15,8 @@ import model_testing
 from zoo.layers import count_params
 from zoo.models import ConfigError, build_model
 from zoo.models.rmoe import RMoEFFN
-from zoo.routing import Router
-from zoo.routing.recurrent import gru_cell
+from zoo.routing import Router, losses
+from zoo.routing.recurrent import gru_cell, pooled_load_balance_loss
 
 TINY = dict(model_testing.TINY_MOE, name="rmoe", num_kv_heads=1, mlp_dim=24, num_experts_per_tok=2, router_hidden_dim=8)
 
@@ -57,6 +58,54 @@ def test_gru_cell_by_hand_and_against_numpy():
     gru_cell(params, x, h[:, :1])
 
 
+def _authors_balance_loss(layer_logits, num_experts, k):
+  """The authors' `load_balancing_loss_func` (qiuzh20/RMoE, llama_moe_rnn/llama_moe_modeling.py) in numpy: the
+  router logits of all layers concatenated, softmax, top-k, `E * sum(mean_t one_hot(top-k) [k, E] * mean_t p [E])`."""
+  logits = np.concatenate(layer_logits, axis=0).astype(np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  top = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+  tokens_per_expert = np.eye(num_experts)[top].mean(0)  # [k, E]
+  return float(np.sum(tokens_per_expert * p.mean(0)[None]) * num_experts)
+
+
+def _route(layer_logits, k):
+  """(probs [layers, tokens, E], top-k ids [layers, tokens, k]) of hand-written logits."""
+  probs = jax.nn.softmax(jnp.asarray(layer_logits, jnp.float32), axis=-1)
+  return probs, jax.lax.top_k(probs, k)[1]
+
+
+def test_pooled_balance_loss_by_hand():
+  # Two layers, two tokens, E=2, k=1. Layer 0 sends both tokens to expert 0 with p = (3/4, 1/4), layer 1 both to
+  # expert 1 with p = (1/4, 3/4). Per layer: f = (1, 0), P = (3/4, 1/4) -> 2 * 3/4 = 1.5, so the old per-layer sum
+  # was 3.0. Pooled: f = (1/2, 1/2), P = (1/2, 1/2) -> 2 * (1/4 + 1/4) = 1.0 (the balanced minimum, k = 1).
+  ln3 = np.log(3.0)
+  logits = [[[ln3, 0.0], [ln3, 0.0]], [[0.0, ln3], [0.0, ln3]]]
+  probs, ids = _route(logits, 1)
+  np.testing.assert_allclose(pooled_load_balance_loss(probs, ids, 2, 1), 1.0, rtol=1e-6)
+  per_layer = sum(float(losses.load_balance_loss(probs[i], ids[i], 2)) for i in range(2))
+  np.testing.assert_allclose(per_layer, 3.0, rtol=1e-6)
+  np.testing.assert_allclose(_authors_balance_loss(logits, 2, 1), 1.0, rtol=1e-12)
+
+
+def test_pooled_balance_loss_matches_the_authors_formula():
+  # E=4, k=2: the authors count each of a token's k selections (minimum k, not 1), and pool the 3 layers.
+  logits = np.asarray(jax.random.normal(jax.random.key(3), (3, 5, 4))) * 2.0
+  probs, ids = _route(logits, 2)
+  want = _authors_balance_loss(list(logits), 4, 2)
+  np.testing.assert_allclose(pooled_load_balance_loss(probs, ids, 4, 2), want, rtol=1e-5)
+  # Uniform routing: minimum k.
+  uniform = jnp.full((2, 4, 4), 0.25)
+  spread = jnp.array([[[0, 1], [2, 3], [0, 1], [2, 3]]] * 2)
+  np.testing.assert_allclose(pooled_load_balance_loss(uniform, spread, 4, 2), 2.0, rtol=1e-6)
+  # Per sequence (2 sequences of 2 tokens): each sequence pooled over the layers, then averaged.
+  seq = pooled_load_balance_loss(probs[:, :4], ids[:, :4], 4, 2, sequence_length=2)
+  halves = [_authors_balance_loss(list(logits[:, s : s + 2]), 4, 2) for s in (0, 2)]
+  np.testing.assert_allclose(seq, np.mean(halves), rtol=1e-5)
+  with pytest.raises(ValueError, match="sequence_length=3"):
+    pooled_load_balance_loss(probs, ids, 4, 2, sequence_length=3)
+
+
 @pytest.fixture(scope="module")
 def tiny():
   model = build_model(TINY)
@@ -70,7 +119,7 @@ def test_shapes_params_aux_and_one_shared_cell(tiny):
   assert logits.shape == (2, 8, 32) and bool(jnp.all(jnp.isfinite(logits)))
   assert out.metrics["expert_load"].shape == (2, 4)
   np.testing.assert_allclose(out.metrics["expert_load"].sum(-1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(out.aux_loss, 1e-3 * out.metrics["load_balance"].sum(), rtol=1e-6)
+  assert "router_probs" not in out.metrics and "router_expert_ids" not in out.metrics
   params = nn.meta.unbox(variables["params"])
   assert count_params(params) == model.num_params()
   # One GRU at the model level; each layer has its own projections W1_i [embed, 8] and W2_i [8, experts].
@@ -79,6 +128,26 @@ def test_shapes_params_aux_and_one_shared_cell(tiny):
     router = params[f"layers_{i}"]["ffn"]["router"]
     assert set(router) == {"input_proj", "output_proj"}
     assert router["input_proj"].shape == (16, 8) and router["output_proj"].shape == (8, 4)
+
+
+@pytest.mark.parametrize("router_type", ["gru", "linear"])
+def test_aux_loss_is_the_pooled_balance_loss(router_type):
+  # The model's aux loss is 1e-3 x the authors' pooled loss of the router logits its layers computed (captured), not
+  # 1e-3 x the sum of the per-layer losses it still reports in the metrics.
+  # k=1 over 2 layers: near-uniform routing gives about 1 pooled against about 2 summed.
+  model = build_model({**TINY, "router_type": router_type, "num_experts_per_tok": 1})
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+  variables = model.init(jax.random.key(1), tokens)
+  (_, out), state = model.apply(variables, tokens, capture_intermediates=True, mutable=["intermediates"])
+  routers = [state["intermediates"][f"layers_{i}"]["ffn"]["router"]["__call__"][0] for i in range(2)]
+  routing = [r[0] if router_type == "gru" else r for r in routers]
+  logits = [np.log(np.asarray(r.probs, np.float64)) for r in routing]  # softmax(log p) = p
+  np.testing.assert_allclose(out.aux_loss, 1e-3 * _authors_balance_loss(logits, 4, 1), rtol=1e-5)
+  assert not np.isclose(float(out.aux_loss), 1e-3 * float(out.metrics["load_balance"].sum()), rtol=0.05)
+  # A z-loss weight adds z_loss_coef x the per-layer z-losses summed.
+  with_z = build_model({**TINY, "router_type": router_type, "num_experts_per_tok": 1, "z_loss_coef": 1e-2})
+  _, out_z = with_z.apply(variables, tokens)
+  np.testing.assert_allclose(out_z.aux_loss - out.aux_loss, 1e-2 * out.metrics["z_loss"].sum(), rtol=1e-5)
 
 
 def test_state_is_carried_along_depth(tiny):

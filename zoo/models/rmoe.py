@@ -5,13 +5,15 @@ Qiu et al. 2024, "Layerwise Recurrent Router for Mixture-of-Experts" (qiuzh20/RM
   256), `g_i = GRU(x'_i, g_{i-1})` with ONE GRU cell shared by every layer (`zoo.routing.recurrent.GRUCell`, owned by
   the model as `router_gru`), `g = 0` at the first MoE layer, carried along depth only (never along the sequence),
   `logits_i = W2_i g_i`; softmax -> top-2 -> renormalise; `h_i` is the FFN input (after the FFN's RMSNorm);
-- 8 experts, Switch load-balance loss with coefficient 1e-3 and no z-loss;
+- 8 experts, no z-loss, and ONE load-balance loss with coefficient 1e-3 over the router outputs of all MoE layers
+  pooled (`zoo.routing.recurrent.pooled_load_balance_loss`; the code's `load_balancing_loss_func`, which
+  concatenates every layer's router logits along the tokens, and `router_aux_loss_coef=0.001`:
+  `llama_moe_rnn/llama_moe_modeling.py` and `configuration_llama_moe_rnn.py`), not a sum of per-layer losses. Its
+  scale is the code's (minimum k under uniform routing); the per-layer Switch losses stay in the metrics
+  ('load_balance', unweighted). The linear baseline is trained with the same pooled loss, as in the code;
 - option (`num_shared_experts` >= 1): an always-on shared expert mixed as
   `(1 - shared_mix) * routed + shared_mix * shared` (the code's `moe_weight` / `share_weight`, 0.5 / 0.5);
 - baseline: the same model with `router_type='linear'` (`moe_lm`'s linear softmax top-k router).
-
-Differences from the code: the load-balance loss is computed per MoE layer and summed (the code pools the router
-logits of all layers into one loss) [guess: equivalent in intent].
 
 Because the router state runs along depth only, each token's routing depends only on its own hidden states, so cached
 decoding equals the full forward (with 'dense' or 'dropless' dispatch, as for `moe_lm`).
@@ -28,7 +30,7 @@ from zoo.models.decoder_parts import ExpertLayers, SharedExperts, TopKRouting, l
 from zoo.models.dense_lm import DenseLM
 from zoo.models.registry import ConfigError, check_config, register_model
 from zoo.routing import MoEFFN
-from zoo.routing.recurrent import GRUCell, RecurrentRouter
+from zoo.routing.recurrent import GRUCell, RecurrentRouter, pooled_load_balance_loss
 
 ROUTER_TYPES = ("gru", "linear")
 
@@ -85,6 +87,8 @@ class RMoEFFN(nn.Module):
         name="shared_expert",
       )(x)
       y = (1.0 - self.shared_mix) * y + self.shared_mix * shared
+    # The router outputs of every layer go to the model's pooled load-balance loss (removed from its metrics).
+    metrics = {**metrics, "router_probs": routing.probs, "router_expert_ids": routing.expert_ids}
     return y, (aux, metrics, layer_expert_ids(routing, x), router_state)
 
 
@@ -144,17 +148,31 @@ class RMoELM(ExpertLayers, TopKRouting, SharedExperts, DenseLM):
   @nn.compact
   def __call__(self, tokens, *, positions=None, cache=None, deterministic=True):
     """As `MoELM.__call__` (tokens [batch, length] -> logits [batch, length, vocab_size] float32, ModelOutput);
-    the router state runs along depth."""
+    the router state runs along depth; `aux_loss` = load_balance_coef x the pooled load-balance loss + z_loss_coef x
+    the sum of the per-layer z-losses."""
     gru_params = GRUCell(self.router_hidden_dim, name="router_gru")() if self.router_type == "gru" else None
+    embed, x, positions = self.embed_tokens(tokens, positions, cache, deterministic)
     # The router state goes along depth: each MoE layer's FFN returns it as the last item of its aux.
-    return self.expert_forward(
-      tokens,
+    x, out, aux_losses = self.expert_layers(
+      x,
       positions,
       cache,
       deterministic,
-      aux_coefs=self.aux_coefs(),
-      ffn_kwargs=lambda state: {"router_state": state, "gru_params": gru_params},
+      self.decoder_block,
+      lambda state: {"router_state": state, "gru_params": gru_params},
     )
+    metrics = dict(out.metrics)
+    probs, expert_ids = metrics.pop("router_probs"), metrics.pop("router_expert_ids")
+    balance = pooled_load_balance_loss(
+      probs,
+      expert_ids,
+      self.num_experts,
+      self.num_experts_per_tok,
+      sequence_length=tokens.shape[-1] if self.per_sequence_balance else None,
+    )
+    z_loss = sum(aux["z_loss"] for aux in aux_losses)
+    aux_loss = self.load_balance_coef * balance + self.z_loss_coef * z_loss
+    return self.output_logits(embed, x), out.replace(aux_loss=aux_loss, metrics=metrics)
 
   def moe_ffn_params(self):
     """Parameters of one MoE layer's FFN: its router (linear embed x E, or W1_i and W2_i), experts, shared expert."""

@@ -11,6 +11,8 @@ routing sees the routing history of the earlier layers:
 then softmax -> top-k -> renormalise (`zoo.routing.softmax_topk`). The shared cell's parameters are created once by
 the model (`GRUCell`) and given to every layer's `RecurrentRouter` as arrays, so the sharing needs no module
 aliasing and survives `nn.remat`.
+
+The load-balance loss is one loss over the router outputs of all MoE layers pooled (`pooled_load_balance_loss`).
 """
 
 from typing import Any
@@ -19,7 +21,49 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zoo.routing import routers
+from zoo.routing import losses, routers
+
+
+def pooled_load_balance_loss(probs, expert_ids, num_experts, num_experts_per_tok, *, sequence_length=None):
+  """RMoE's load-balance loss: ONE Switch loss over the tokens of all MoE layers pooled, `k E sum_e f_e P_e`.
+
+  The authors' code (qiuzh20/RMoE, `llama_moe_rnn/llama_moe_modeling.py`, `load_balancing_loss_func` and its call
+  in `LlamaForCausalLM.forward`) concatenates the router logits of every layer along the token axis, then
+  computes the (early Hugging Face Mixtral) load-balance loss once: `E sum_e (selections of e per token) P_e`, where
+  a token's k selections count k times, so its minimum under uniform routing is k. Here `f_e` (fraction of the
+  pooled assignments, sums to 1; not differentiated) and `P_e` (mean pooled router probability) are
+  `zoo.routing.losses.load_balance_loss`'s, hence the factor k. It is not the sum of per-layer losses: pooling
+  averages f and P over the layers before multiplying them.
+
+  Args:
+    probs: [layers, tokens, E] router probabilities of each MoE layer (the same tokens in every layer).
+    expert_ids: [layers, tokens, k] selected experts of each MoE layer.
+    num_experts: E.
+    num_experts_per_tok: k.
+    sequence_length: when set, tokens are consecutive sequences of this length and the loss is pooled over the
+      layers per sequence, then averaged over sequences (`per_sequence_balance`; not in the authors' code).
+
+  Returns:
+    scalar float32.
+  """
+  layers, tokens, _ = probs.shape
+  if expert_ids.shape[:2] != (layers, tokens):
+    raise ValueError(f"expert_ids {expert_ids.shape} and probs {probs.shape} must share [layers, tokens]")
+  group = tokens if sequence_length is None else sequence_length
+  if group < 1 or tokens % group:
+    raise ValueError(f"sequence_length={sequence_length} must divide the number of tokens ({tokens})")
+
+  def per_group(x):  # [layers, tokens, d] -> [groups * layers * group, d], each group's tokens of all layers together
+    x = x.reshape(layers, tokens // group, group, x.shape[-1]).transpose(1, 0, 2, 3)
+    return x.reshape(-1, x.shape[-1])
+
+  return num_experts_per_tok * losses.load_balance_loss(
+    per_group(probs),
+    per_group(expert_ids),
+    num_experts,
+    sequence_length=None if sequence_length is None else layers * group,
+  )
+
 
 GRU_GATES = ("reset", "update", "candidate")
 
