@@ -11,24 +11,51 @@ from zoo import routing
 from zoo.models import ConfigError, build_model
 from zoo.routing.sparsity import expert_count_schedule, truncate_routing
 
+# The authors' schedules (VITA-Group/Random-MoE-as-Dropout, new_utils.py `calculate_gate_number`, '*_increase'
+# modes) written out, with Python's round (half to even), then clipped to [k_min, k_max].
+AUTHORS = {
+  "linear": lambda t, T, lo, hi: round((hi - lo) * t / T) + lo,
+  "cosine": lambda t, T, lo, hi: round((lo - hi) * np.cos(np.pi * t / (2 * T))) + hi,
+  "exponential": lambda t, T, lo, hi: round((lo - hi) * 0.99 ** (t // (T // 300))) + hi,
+  "step": lambda t, T, lo, hi: [1, 2, 4, 8, 16][int(5 * t / T)],
+}
+
 
 @pytest.mark.parametrize(
-  "kind,k_min,k_max,total,steps,expected",
+  "kind,steps,expected",
   [
-    # round(6 * t / 6) + 2, clipped outside [0, T].
-    ("linear", 2, 8, 6, [-1, 0, 3, 6, 100], [2, 2, 5, 8, 8]),
-    # 2 + round(6 (1 - cos(pi s)) / 2): s=1/6 -> 0.40 -> 2; s=1/2 -> 3 -> 5; s=5/6 -> 5.60 -> 8.
-    ("cosine", 2, 8, 6, [1, 3, 5, 6], [2, 5, 8, 8]),
-    # round(16^(t/4)): 1, 2, 4, 8, 16.
-    ("exponential", 1, 16, 4, [0, 1, 2, 3, 4], [1, 2, 4, 8, 16]),
-    # 3 doublings in 4 intervals of 2 steps: 1, 1, 2, 2, 4, 4, 8, 8, 8.
-    ("step", 1, 8, 8, list(range(9)), [1, 1, 2, 2, 4, 4, 8, 8, 8]),
-    ("constant", 1, 8, 8, [0, 4], [8, 8]),
+    # round(6 t / 600) + 2: t=50 -> round(0.5) = 0 -> 2, t=150 -> round(1.5) = 2 -> 4, t=250 -> round(2.5) = 2 -> 4,
+    # t=450 -> round(4.5) = 4 -> 6 (halves to even); held at k_max after T.
+    ("linear", [0, 50, 100, 150, 250, 300, 450, 599, 600, 700], [2, 2, 3, 4, 4, 5, 6, 8, 8, 8]),
+    # 8 + round(-6 cos(pi t / 1200)): t=200 -> -5.20 -> 3; t=300 -> -4.24 -> 4; t=400 -> -3.0000000000000004 -> 5;
+    # t=450 -> -2.30 -> 6; t=600 -> -0 -> 8. (The old half cosine gave 5 at t=300.)
+    ("cosine", [0, 150, 200, 300, 400, 450, 599, 600], [2, 2, 3, 4, 5, 6, 8, 8]),
+    # 8 + round(-6 * 0.99^(t // 2)) (T // 300 = 2): t=50 -> 0.99^25 = 0.778 -> -4.67 -> 3; t=100 -> 0.605 -> 4;
+    # t=300 -> 0.99^150 = 0.221 -> -1.33 -> 7; t=600 -> 0.99^300 = 0.049 -> -0.29 -> 8.
+    ("exponential", [0, 50, 100, 300, 600], [2, 3, 4, 7, 8]),
+    # [1, 2, 4, 8, 16][int(5 t / 600)] clipped to [2, 8]: 1 -> 2 up to t=239, 4 from 240, 8 from 360 (16 -> 8 from
+    # 480); t=600 keeps the last entry (the authors' index runs past the list there).
+    ("step", [0, 119, 120, 239, 240, 359, 360, 480, 600], [2, 2, 2, 2, 4, 4, 8, 8, 8]),
+    ("constant", [0, 300], [8, 8]),
   ],
 )
-def test_k_schedules_by_hand(kind, k_min, k_max, total, steps, expected):
-  got = [int(expert_count_schedule(s, total, k_min, k_max, kind)) for s in steps]
+def test_k_schedules_by_hand(kind, steps, expected):
+  got = [int(expert_count_schedule(t, 600, 2, 8, kind)) for t in steps]
   assert got == expected
+
+
+@pytest.mark.parametrize("kind", sorted(AUTHORS))
+@pytest.mark.parametrize("total,k_min,k_max", [(600, 2, 8), (900, 1, 16), (301, 3, 7)])
+def test_k_schedules_equal_the_authors_at_every_step(kind, total, k_min, k_max):
+  want = [int(np.clip(AUTHORS[kind](t, total, k_min, k_max), k_min, k_max)) for t in range(total)]
+  traced = jax.jit(jax.vmap(lambda t: expert_count_schedule(t, total, k_min, k_max, kind)))
+  assert traced(jnp.arange(total)).tolist() == want
+
+
+def test_exponential_schedule_under_300_steps():
+  # The authors' interval T // 300 is 0 below 300 steps; here it is 1: 4 + round(-3 * 0.99^t) over T = 100.
+  want = [int(np.clip(round(-3 * 0.99**t) + 4, 1, 4)) for t in range(101)]
+  assert [int(expert_count_schedule(t, 100, 1, 4, "exponential")) for t in range(101)] == want
 
 
 def test_linear_schedule_by_hand_and_traced():
