@@ -56,14 +56,34 @@ def test_activation_locality_differentiates_the_target():
 
 
 def test_chunk_lambda_schedule_by_hand():
+  # The authors' AdaptiveLinearScheduler with start 1, stable_iter 4, step_iter 2, min 1.025, max 4. Windows of 2
+  # steps; from step 4 on, at each window end, ratio = this window's mean / the previous one's, raised to >= 1.025
+  # when > 1, capped so lambda <= 4; lambda ramps linearly to lambda * ratio over the next 2 steps.
+  losses = [4, 4, 2, 2, 3, 3, 3.03, 3.03, 30.3, 30.3, 60.6, 60.6]
+  # step 4: 2 / 4 = 0.5 -> ramp 1 -> 0.5: steps 5, 6 use 0.75, 0.5.
+  # step 6: 3 / 2 = 1.5 -> ramp 0.5 -> 0.75: steps 7, 8 use 0.625, 0.75.
+  # step 8: 3.03 / 3 = 1.01 -> raised to 1.025 -> ramp 0.75 -> 0.76875: steps 9, 10 use 0.759375, 0.76875.
+  # step 10: 30.3 / 3.03 = 10 -> capped at 4 / 0.76875 -> ramp to 4: steps 11, 12 use 2.384375, 4.
+  # step 12: 60.6 / 30.3 = 2 -> capped at 4 / 4 = 1: lambda stays 4.
+  used = [1, 1, 1, 1, 0.75, 0.5, 0.625, 0.75, 0.759375, 0.76875, 2.384375, 4, 4]  # lambda of steps 1..13
   state = sparsity.init_chunk_lambda_state(1.0)
-  lambdas = []
-  # interval 2, warmup 2: windows [1, 1] (mean 1), [2, 2] (mean 2 -> x2), [2.01, 2.01] (x1.005 -> clamped 1.025),
-  # [100, 100] (x ~50 -> clamped 4).
-  for loss in [1, 1, 2, 2, 2.01, 2.01, 100, 100]:
-    state = sparsity.update_chunk_lambda(state, jnp.float32(loss), warmup_steps=2, interval=2)
+  lambdas = [float(state["lambda"])]
+  for loss in losses:
+    state = sparsity.update_chunk_lambda(state, jnp.float32(loss), initial=1.0, warmup_steps=4, interval=2)
     lambdas.append(float(state["lambda"]))
-  np.testing.assert_allclose(lambdas, [1, 1, 1, 2, 2, 2 * 1.025, 2 * 1.025, 2 * 1.025 * 4], rtol=1e-6)
+  np.testing.assert_allclose(lambdas, used, rtol=1e-5)
+  assert int(state["step"]) == 12
+
+
+def test_chunk_lambda_waits_for_the_stable_steps_and_keeps_a_ratio_of_one():
+  # Before stable_iter (here 6) nothing adapts, even at a window end; a ratio of exactly 1 is not raised to 1.025.
+  state = sparsity.init_chunk_lambda_state(2.0)
+  lambdas = []
+  for loss in [8, 8, 1, 1, 1, 1, 1, 1]:
+    state = sparsity.update_chunk_lambda(state, jnp.float32(loss), initial=2.0, warmup_steps=6, interval=2)
+    lambdas.append(float(state["lambda"]))
+  # step 4 (ratio 1/8) is before step 6: no change; step 6: ratio 1 -> stays 2; step 8: ratio 1 -> stays 2.
+  np.testing.assert_allclose(lambdas, [2.0] * 8, rtol=1e-6)
 
 
 def test_chunk_sparse_ffn_equals_dense_experts():
@@ -147,8 +167,13 @@ def test_train_steps_lower_the_loss_and_adapt_lambda(tiny):
     params = optax.apply_updates(params, updates)
     losses.append(float(ce))
   assert losses[-1] < losses[0]
-  assert int(state["chunk_lambda"]["step"]) == 5
-  assert float(state["chunk_lambda"]["lambda"]) > 5e-2  # adapted at step 4 (after the 2-step warmup)
+  lam = state["chunk_lambda"]
+  assert int(lam["step"]) == 5
+  # Adapted at step 4 (the first window end from the 2-step stable phase on, with a previous window): a ramp from
+  # 5e-2 to 5e-2 times the ratio of the chunk losses, within 4 x 5e-2.
+  assert int(lam["ramp_start"]) == 4 and float(lam["ramp_from"]) == pytest.approx(5e-2)
+  assert float(lam["ramp_to"]) != pytest.approx(5e-2) and 0 < float(lam["ramp_to"]) <= 4 * 5e-2 + 1e-7
+  assert float(lam["lambda"]) == pytest.approx(float(lam["ramp_to"]))  # the ramp of 2 steps is over after step 5
 
 
 @pytest.mark.parametrize(
@@ -156,6 +181,7 @@ def test_train_steps_lower_the_loss_and_adapt_lambda(tiny):
   [
     (dict(chunk_coef=-1.0), "chunk_coef=-1.0"),
     (dict(chunk_length=0), "chunk_length=0"),
+    (dict(chunk_max_factor=0.5), "chunk_max_factor=0.5"),
   ],
 )
 def test_config_errors(overrides, match):

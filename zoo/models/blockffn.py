@@ -11,8 +11,8 @@ Sparsity" (thunlp/BlockFFN), Sec. 3:
   2e-3; the target is differentiated too) and chunk sparsification `lambda_cs * (1 - mean prod_{t in chunk}(1 -
   p_{t,e}))` with p from the router output before its gain, each averaged over layers as the authors do
   (thunlp/BlockFFN pretrain/cpm/dragonfly/modeling_dragonfly.py L521-530: `ave_transfer_loss /= len(self.layers)`,
-  `ave_chunk_loss /= len(self.layers)`); lambda_cs adapts during training (`zoo.routing.sparsity.update_chunk_lambda`,
-  state in 'routing_state/chunk_lambda');
+  `ave_chunk_loss /= len(self.layers)`); lambda_cs adapts during training like the authors'
+  `AdaptiveLinearScheduler` (`zoo.routing.sparsity.update_chunk_lambda`, state in 'routing_state/chunk_lambda');
 - metrics: token-level sparsity TLS and chunk-level sparsity CLS(L) per layer ('tls', 'cls'), besides the routing
   metrics of `moe_lm` and the unweighted losses;
 - per-token output (`exposes`, as `moe_lm`): `intermediates['expert_ids']` int32 [moe_layers, batch, length,
@@ -104,7 +104,12 @@ class BlockFFNLM(ExpertLayers, DenseLM):
     locality_alpha: alpha (100).
     chunk_coef: initial lambda_cs (5e-2); 0 turns the chunk loss off.
     chunk_length: chunk of the chunk loss and CLS (64).
-    chunk_warmup_steps, chunk_interval: lambda_cs adapts every `chunk_interval` steps after the warmup.
+    chunk_warmup_steps: steps at the initial lambda_cs before the first adaptation (the authors' `stable_iter`, 1000).
+    chunk_interval: lambda_cs adapts every `chunk_interval` steps from then on, ramping to its new value over the
+      next `chunk_interval` steps (the authors' `step_iter`, 100).
+    chunk_min_factor, chunk_max_factor: a rising chunk loss multiplies lambda_cs by at least `chunk_min_factor`
+      (1.025); lambda_cs never exceeds `chunk_max_factor` (4) times `chunk_coef` (the authors' min_factor and
+      max_factor, `zoo.routing.sparsity.update_chunk_lambda`).
     chunk_skip: run the experts with `chunk_sparse_ffn` (skip experts inactive for a whole chunk) instead of
       `dispatch`.
   """
@@ -117,6 +122,8 @@ class BlockFFNLM(ExpertLayers, DenseLM):
   chunk_length: int = 64
   chunk_warmup_steps: int = 1000
   chunk_interval: int = 100
+  chunk_min_factor: float = 1.025
+  chunk_max_factor: float = 4.0
   chunk_skip: bool = False
 
   def __post_init__(self):
@@ -124,6 +131,7 @@ class BlockFFNLM(ExpertLayers, DenseLM):
       self,
       positive=("chunk_length", "chunk_warmup_steps", "chunk_interval"),
       non_negative=("activation_locality_coef", "chunk_coef", "locality_alpha"),
+      intervals={"chunk_min_factor": "[1, inf)", "chunk_max_factor": "[1, inf)"},
     )
     super().__post_init__()
 
@@ -149,7 +157,13 @@ class BlockFFNLM(ExpertLayers, DenseLM):
       aux = aux + state.value["lambda"] * chunk_loss
       if not deterministic and self.is_mutable_collection("routing_state") and self.chunk_coef > 0:
         state.value = sparsity.update_chunk_lambda(
-          state.value, chunk_loss, warmup_steps=self.chunk_warmup_steps, interval=self.chunk_interval
+          state.value,
+          chunk_loss,
+          initial=self.chunk_coef,
+          warmup_steps=self.chunk_warmup_steps,
+          interval=self.chunk_interval,
+          min_factor=self.chunk_min_factor,
+          max_factor=self.chunk_max_factor,
         )
     metrics["chunk_lambda"] = state.value["lambda"]
     return logits, out.replace(aux_loss=aux, metrics=metrics)
