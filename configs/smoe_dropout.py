@@ -1,5 +1,5 @@
-"""SMoE-Dropout (papers.md A7): a frozen random router, k growing linearly from 2 to 8 of 8 experts, on the embedded
-Python-stdlib corpus with byte tokens. Sized for a 2-core CPU.
+"""SMoE-Dropout (papers.md A7): a frozen random router, k growing linearly from 2 to 8 of 8 experts over the 600
+optimizer steps, on the embedded Python-stdlib corpus with byte tokens. Sized for a 2-core CPU.
 
   python train.py --config configs/smoe_dropout.py --workdir workdirs/smoe_dropout
   # self-slimmable evaluation at k = 1, 2, 4, 8:
@@ -21,4 +21,8 @@ def get_config():
     k_schedule_steps=steps,
     capacity_factor=0.0,
   )  # no dropping: compare k values without capacity effects
-  return small_lm_config(model, steps=steps, batch_size=16, warmup_steps=60, eval_batches=8)
+  config = small_lm_config(model, steps=steps, batch_size=16, warmup_steps=60, eval_batches=8)
+  # k follows the optimizer step: the model divides its forward-pass counter by the micro-batches per step, read
+  # from config.train.grad_accum_steps (a reference, so that --config.train.grad_accum_steps=N reaches the model).
+  config.model.grad_accum_steps = config.train.get_ref("grad_accum_steps")
+  return config

@@ -15,7 +15,7 @@ from configs.smoe_dropout import get_config as get_smoe_config
 def get_config():
   return update_model(
     get_smoe_config(),
-    drop=("k_min", "k_schedule", "k_schedule_steps"),
+    drop=("k_min", "k_schedule", "k_schedule_steps", "grad_accum_steps"),
     name="moe_lm",
     num_experts_per_tok=2,
     router="softmax_topk",

@@ -1,5 +1,7 @@
-"""SMoE-Dropout: k schedules by hand, slot truncation, the step counter in 'routing_state', the frozen router."""
+"""SMoE-Dropout: k schedules by hand and as the authors' code computes them, slot truncation, the step counter in
+'routing_state' (per optimizer step under gradient accumulation), the frozen router and its initialisation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +107,45 @@ def test_step_counter_grows_k_in_training_only(tiny):
   logits, out = model.apply(variables, tokens)
   assert out.metrics["active_k"].tolist() == [4, 4]
   assert logits.shape == (2, 8, 32) and float(out.aux_loss) == 0.0
+
+
+def test_k_follows_the_optimizer_step_under_gradient_accumulation(tiny):
+  # 2 micro-batches per optimizer step: the counter still counts forward passes, k the optimizer steps (counter // 2).
+  _, tokens, variables = tiny
+  model = build_model(TINY, grad_accum_steps=2)
+  train_apply = jax.jit(lambda v: model.apply(v, tokens, deterministic=False, mutable=["routing_state"]))
+  ks = []
+  for _ in range(8):
+    (_, out), updates = train_apply(variables)
+    variables = {**variables, **updates}
+    ks.append(int(out.metrics["active_k"][0]))
+  assert ks == [1, 1, 2, 2, 3, 3, 4, 4]
+  assert int(variables["routing_state"]["layers_0"]["ffn"]["router"]["step"]) == 8
+
+
+def test_config_links_grad_accum_steps():
+  # --config.train.grad_accum_steps=N reaches the model, so k stays a function of the optimizer step.
+  from configs.smoe_dropout import get_config
+  from configs.smoe_dropout_baseline import get_config as get_baseline_config
+
+  config = get_config()
+  assert build_model(config.model).grad_accum_steps == 1
+  config.train.grad_accum_steps = 4
+  assert build_model(config.model).grad_accum_steps == 4
+  assert "grad_accum_steps" not in get_baseline_config().model  # the learned-router baseline has no k schedule
+
+
+def test_router_init_is_the_authors_effective_one():
+  # The authors' nn.Linear gate is re-initialised by train.py's weights_init: weight ~ N(0, 0.02), bias 0 (and
+  # frozen), so the router holds a N(0, 0.02) kernel and no bias, in 'routing_state' (not trained).
+  model = build_model({**TINY, "embed_dim": 64, "num_experts": 64, "num_experts_per_tok": 8, "num_heads": 4})
+  variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))
+  router = variables["routing_state"]["layers_0"]["ffn"]["router"]
+  assert set(router) == {"kernel", "step"}
+  kernel = np.asarray(nn.meta.unbox(router["kernel"]))
+  assert kernel.shape == (64, 64)
+  # 4096 draws: standard errors ~3e-4 (mean) and ~2.2e-4 (std); PyTorch's default U(-1/8, 1/8) has std 0.072.
+  assert abs(kernel.mean()) < 2e-3 and abs(kernel.std() - 0.02) < 1e-3
 
 
 def test_eval_k_changes_outputs_and_uses_k_experts(tiny):
