@@ -2,8 +2,8 @@
 
 - `expert_count_schedule` / `truncate_routing`: SMoE-Dropout (Chen et al. 2023, "Sparse MoE as the New Dropout:
   Scaling Dense and Self-Slimmable Transformers", Sec. 3.2; VITA-Group/Random-MoE-as-Dropout). The number of active
-  experts k grows with the training step; routing is computed once for k_max experts and the slots past k(t) are
-  emptied, so k can follow a traced step without a new compilation per k.
+  experts k grows with the optimizer step, by the schedules of the authors' code; routing is computed once for k_max
+  experts and the slots past k(t) are emptied, so k can follow a traced step without a new compilation per k.
 - BlockFFN (Song et al. 2025, "BlockFFN: Towards End-Side Acceleration-Friendly Mixture-of-Experts with
   Chunk-Level Activation Sparsity"; thunlp/BlockFFN): the ReLU + RMSNorm router without top-k (`relu_rmsnorm_router`,
   Linen `ReLURouter`), the activation-locality and chunk-sparsification losses, the adaptive chunk-loss coefficient
@@ -11,11 +11,12 @@
   a dispatch that skips the experts inactive for a whole chunk (`chunk_sparse_ffn`).
 """
 
-import math
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zoo.routing import losses
 from zoo.routing.dispatch import PLAIN_ACTIVATIONS
@@ -23,21 +24,67 @@ from zoo.routing.routers import Routing
 
 K_SCHEDULES = ("linear", "cosine", "exponential", "step", "constant")
 
+# The k list of the authors' 'multi_step_increase' schedule (clipped to [k_min, k_max]).
+STEP_SCHEDULE_KS = (1, 2, 4, 8, 16)
+
+
+def _authors_expert_count(step, total_steps, k_min, k_max, kind):
+  """k at an integer step 0 <= step <= total_steps, with the authors' float64 arithmetic and Python rounding (half to
+  even) of `calculate_gate_number` (VITA-Group/Random-MoE-as-Dropout, new_utils.py L91-124, its '*_increase' modes)."""
+  if kind == "linear":  # linear_increase
+    k = round((k_max - k_min) * step / total_steps) + k_min
+  elif kind == "cosine":  # cosine_increase
+    k = round((k_min - k_max) * np.cos(np.pi * step / (2 * total_steps))) + k_max
+  elif kind == "exponential":  # exp_increase; the authors divide by total_steps // 300 (0 below 300 steps)
+    k = round((k_min - k_max) * 0.99 ** (step // max(total_steps // 300, 1))) + k_max
+  elif kind == "step":  # multi_step_increase; the authors index past the list's end at step = total_steps
+    k = STEP_SCHEDULE_KS[min(int(len(STEP_SCHEDULE_KS) * step / total_steps), len(STEP_SCHEDULE_KS) - 1)]
+  else:
+    k = k_max
+  return int(np.clip(k, k_min, k_max))
+
+
+@functools.lru_cache(maxsize=64)
+def _first_steps(total_steps, k_min, k_max, kind):
+  """For j = k_min + 1 .. k_max, the first step in [0, total_steps] with k >= j (total_steps + 1 if none): every
+  schedule is non-decreasing, so `k(step) = k_min + #{j: first_steps[j] <= step}` (found by bisection)."""
+  firsts = []
+  for j in range(k_min + 1, k_max + 1):
+    lo, hi = 0, total_steps + 1
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if _authors_expert_count(mid, total_steps, k_min, k_max, kind) >= j:
+        hi = mid
+      else:
+        lo = mid + 1
+    firsts.append(lo)
+  return tuple(firsts)
+
 
 def expert_count_schedule(step, total_steps, k_min, k_max, kind="linear"):
-  """Active experts k at a training step (SMoE-Dropout, Sec. 3.2).
+  """Active experts k at optimizer step t (SMoE-Dropout, Sec. 3.2), the formulas of the authors' code.
 
-  With `s = clip(step / total_steps, 0, 1)`:
-    linear: `k = round((k_max - k_min) s) + k_min` (the paper's schedule);
-    cosine [guess]: `k = round((k_max - k_min) (1 - cos(pi s)) / 2) + k_min`;
-    exponential [guess]: `k = round(k_min (k_max / k_min)^s)` (geometric growth);
-    step [guess]: k doubles at equal intervals, `k = min(k_min 2^floor((n + 1) s), k_max)` with
-      `n = ceil(log2(k_max / k_min))` doublings (k_max from the last interval on);
-    constant: `k = k_max`.
+  The authors' `calculate_gate_number` (VITA-Group/Random-MoE-as-Dropout, new_utils.py L91-124; called with the
+  optimizer step `train_step` by `adjust_moe_gate_number` in train.py L509-510), with T = `total_steps`, then
+  clipped to [k_min, k_max]:
+    linear (`linear_increase`, the paper's): `k = round((k_max - k_min) t / T) + k_min`;
+    cosine (`cosine_increase`): `k = round((k_min - k_max) cos(pi t / (2 T))) + k_max` (a quarter cosine: slow
+      growth first, fastest at T);
+    exponential (`exp_increase`): `k = round((k_min - k_max) 0.99^(t // (T // 300))) + k_max` (fast growth first;
+      k may stay below k_max at T: 0.99^300 = 0.049);
+    step (`multi_step_increase`): `k = [1, 2, 4, 8, 16][int(5 t / T)]` (five equal intervals; the list does not
+      depend on k_min, k_max);
+    constant: `k = k_max` (not in the authors' code).
+  `round` rounds half to even (Python's). Differences, where the authors' code has no value: t is clipped to
+  [0, T] (k stays at its value at T; the authors train exactly T steps), 'step' keeps 16 at t = T (the authors'
+  index runs past the list) and 'exponential' uses `max(T // 300, 1)` (the authors divide by zero for T < 300).
+
+  The values are the authors' float64 arithmetic exactly: they are computed on the host, as the step at which each
+  k is first reached, so the step may be traced.
 
   Args:
-    step: scalar int (may be traced).
-    total_steps: T, the step where k reaches k_max (> 0).
+    step: scalar int optimizer step t (may be traced).
+    total_steps: T, the schedule's length (> 0; the authors' `dynamic_overall_steps`).
     k_min, k_max: 1 <= k_min <= k_max.
     kind: one of K_SCHEDULES.
 
@@ -50,20 +97,9 @@ def expert_count_schedule(step, total_steps, k_min, k_max, kind="linear"):
     raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
   if total_steps < 1:
     raise ValueError(f"total_steps={total_steps} must be >= 1")
-  s = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
-  span = k_max - k_min
-  if kind == "linear":
-    k = jnp.round(span * s) + k_min
-  elif kind == "cosine":
-    k = jnp.round(span * (1.0 - jnp.cos(jnp.pi * s)) / 2.0) + k_min
-  elif kind == "exponential":
-    k = jnp.round(k_min * (k_max / k_min) ** s)
-  elif kind == "step":
-    doublings = math.ceil(math.log2(k_max / k_min))
-    k = k_min * 2.0 ** jnp.minimum(jnp.floor((doublings + 1) * s), doublings)
-  else:
-    k = jnp.asarray(float(k_max))
-  return jnp.clip(k, k_min, k_max).astype(jnp.int32)
+  firsts = jnp.asarray(_first_steps(int(total_steps), int(k_min), int(k_max), kind), jnp.int32)
+  t = jnp.clip(jnp.asarray(step, jnp.int32), 0, total_steps)
+  return (k_min + jnp.sum(firsts <= t)).astype(jnp.int32)
 
 
 def truncate_routing(routing, k):
