@@ -2,7 +2,7 @@
 losses, on the embedded Python-stdlib corpus with byte tokens. Sized for a 2-core CPU.
 
   python train.py --config configs/blockffn.py --workdir workdirs/blockffn
-  # without the chunk loss (compare TLS / CLS in metrics.jsonl):
+  # without the chunk loss (compare TLS and CLS(8/16/64) per layer: 'tls', 'cls_8', ... in metrics.jsonl):
   python train.py --config configs/blockffn.py --workdir workdirs/blockffn_nochunk --config.model.chunk_coef=0
 """
 
@@ -15,6 +15,7 @@ def get_config():
     num_experts=16,
     expert_mlp_dim=32,
     chunk_length=64,
+    cls_lengths=(8, 16, 64),  # CLS(L) per layer for these window lengths ('cls_8', ...; the paper's headline: L = 8)
     chunk_warmup_steps=200,  # the paper waits 1000 steps of a much longer run
     chunk_interval=50,
     dispatch="dense",

@@ -55,6 +55,21 @@ def test_activation_locality_differentiates_the_target():
   assert float(grad[0, 1, 0]) == pytest.approx(-0.25)  # the later token is pulled too
 
 
+def test_cls_windows_drop_the_tail_by_hand():
+  # 5 tokens, 2 experts; windows of 2 -> tokens [0, 1] and [2, 3], token 4 left out (as the authors truncate).
+  r = jnp.array([[[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+  # window 1: expert 0 on, expert 1 off; window 2: expert 0 off, expert 1 on -> 2 of 4 pairs off.
+  assert float(sparsity.chunk_level_sparsity(r, 2)) == 0.5
+  # windows of 4: tokens 0-3, both experts on somewhere -> 0.
+  assert float(sparsity.chunk_level_sparsity(r, 4)) == 0.0
+  # windows of 1 = TLS: 1 + 2 + 2 + 1 + 0 = 6 of 10 pairs off.
+  assert float(sparsity.chunk_level_sparsity(r, 1)) == pytest.approx(0.6)
+  # windows of 3: tokens 0-2 (3 and 4 left out), expert 1 off -> 1 of 2.
+  assert float(sparsity.chunk_level_sparsity(r, 3)) == 0.5
+  with pytest.raises(ValueError, match="chunk_length=6"):
+    sparsity.chunk_level_sparsity(r, 6)
+
+
 def test_chunk_lambda_schedule_by_hand():
   # The authors' AdaptiveLinearScheduler with start 1, stable_iter 4, step_iter 2, min 1.025, max 4. Windows of 2
   # steps; from step 4 on, at each window end, ratio = this window's mean / the previous one's, raised to >= 1.025
@@ -96,7 +111,14 @@ def test_chunk_sparse_ffn_equals_dense_experts():
   np.testing.assert_allclose(sparsity.chunk_sparse_ffn(x, r, w, 4), dense, rtol=1e-5, atol=1e-5)
 
 
-TINY = dict(model_testing.TINY_MOE, name="blockffn", chunk_length=4, chunk_warmup_steps=2, chunk_interval=2)
+TINY = dict(
+  model_testing.TINY_MOE,
+  name="blockffn",
+  chunk_length=4,
+  cls_lengths=(2, 4, 8, 16),
+  chunk_warmup_steps=2,
+  chunk_interval=2,
+)
 tiny = model_testing.tiny_fixture(TINY)
 
 
@@ -106,9 +128,12 @@ def test_shapes_params_metrics_and_aux(tiny):
   logits, out = jax.jit(model.apply)(variables, tokens)
   assert logits.shape == (2, 8, 32)
   m = out.metrics
-  for key in ("tls", "cls", "activation_locality", "chunk_sparsification", "active_experts"):
+  for key in ("tls", "cls_2", "cls_4", "cls_8", "activation_locality", "chunk_sparsification", "active_experts"):
     assert m[key].shape == (2,), key
-  assert np.all((m["tls"] >= 0) & (m["tls"] <= 1)) and np.all(m["cls"] <= m["tls"] + 1e-6)
+  assert "cls_16" not in m  # longer than the 8-token call
+  assert np.all((m["tls"] >= 0) & (m["tls"] <= 1))
+  assert np.all(m["cls_8"] <= m["cls_4"] + 1e-6) and np.all(m["cls_4"] <= m["cls_2"] + 1e-6)
+  assert np.all(m["cls_2"] <= m["tls"] + 1e-6)
 
 
 def test_losses_are_averaged_over_layers(tiny):
@@ -125,13 +150,14 @@ def test_chunk_loss_takes_p_before_the_gain():
   # Router kernel = identity, so s = x: tokens [1, 3] and [2, 0]. Before the gain p = ReLU(s) / sum = [0.25, 0.75],
   # [1, 0]; one chunk of 2: prod(1 - p) = [0.75 * 0, 0.25 * 1] -> mean 0.125 -> loss 0.875. With the gain [1, 3]
   # taken into p it would be [0.1, 0.9], [1, 0] -> prod [0, 0.1] -> loss 0.95.
-  layer = BlockFFNLayer(num_experts=2, expert_mlp_dim=4, chunk_length=2, dispatch="dense")
+  layer = BlockFFNLayer(num_experts=2, expert_mlp_dim=4, chunk_length=2, cls_lengths=(1, 2), dispatch="dense")
   x = jnp.array([[[1.0, 3.0], [2.0, 0.0]]])
   variables = layer.init(jax.random.key(0), x)
   params = nn.meta.unbox(variables["params"])
   params["router"] = {"kernel": jnp.eye(2), "gain": jnp.array([1.0, 3.0])}
-  _, (aux, _, _) = layer.apply({"params": params}, x)
+  _, (aux, metrics, _) = layer.apply({"params": params}, x)
   np.testing.assert_allclose(aux["chunk_sparsification"], 0.875, rtol=1e-5)
+  assert float(metrics["cls_1"]) == 0.25 and float(metrics["cls_2"]) == 0.0  # one (token, expert) pair is off
   grad = jax.grad(lambda p: layer.apply({"params": p}, x)[1][0]["chunk_sparsification"])(params)
   assert float(jnp.abs(grad["router"]["gain"]).max()) == 0.0  # the gain is not in this loss
 
@@ -181,6 +207,9 @@ def test_train_steps_lower_the_loss_and_adapt_lambda(tiny):
   [
     (dict(chunk_coef=-1.0), "chunk_coef=-1.0"),
     (dict(chunk_length=0), "chunk_length=0"),
+    (dict(cls_lengths=(8, 0)), "cls_lengths=\\(8, 0\\)"),
+    (dict(cls_lengths=(8, 8)), "cls_lengths=\\(8, 8\\)"),
+    (dict(cls_lengths=8), "cls_lengths=8"),
     (dict(chunk_max_factor=0.5), "chunk_max_factor=0.5"),
   ],
 )

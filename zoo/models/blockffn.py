@@ -13,8 +13,9 @@ Sparsity" (thunlp/BlockFFN), Sec. 3:
   (thunlp/BlockFFN pretrain/cpm/dragonfly/modeling_dragonfly.py L521-530: `ave_transfer_loss /= len(self.layers)`,
   `ave_chunk_loss /= len(self.layers)`); lambda_cs adapts during training like the authors'
   `AdaptiveLinearScheduler` (`zoo.routing.sparsity.update_chunk_lambda`, state in 'routing_state/chunk_lambda');
-- metrics: token-level sparsity TLS and chunk-level sparsity CLS(L) per layer ('tls', 'cls'), besides the routing
-  metrics of `moe_lm` and the unweighted losses;
+- metrics: token-level sparsity TLS ('tls') and chunk-level sparsity CLS(L) ('cls_<L>' for each L of `cls_lengths`,
+  default 8, 16 and 64; the paper's headline is CLS at 8 tokens) per layer, besides the routing metrics of `moe_lm`
+  and the unweighted losses;
 - per-token output (`exposes`, as `moe_lm`): `intermediates['expert_ids']` int32 [moe_layers, batch, length,
   num_experts] with `apply(..., mutable=['intermediates'])`; slot e holds e where r_e > 0, else -1.
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 
 from zoo.models.decoder_parts import ExpertLayers, layer_expert_ids
 from zoo.models.dense_lm import DenseLM
-from zoo.models.registry import check_config, register_model
+from zoo.models.registry import ConfigError, check_config, register_model
 from zoo.routing import MoEFFN, routing_from_dense, sparsity
 
 
@@ -40,8 +41,9 @@ class BlockFFNLayer(nn.Module):
   Attributes:
     num_experts, expert_mlp_dim: E blocks of this width.
     locality_alpha: sharpness alpha of the locality loss.
-    chunk_length: chunk of the chunk-sparsification loss and of CLS (must divide the sequence length; training
-      and full forwards only: a shorter call, e.g. cached decoding, skips both).
+    chunk_length: chunk of the chunk-sparsification loss (must divide the sequence length; training and full
+      forwards only: a shorter call, e.g. cached decoding, skips it).
+    cls_lengths: the window lengths L of the CLS(L) metrics 'cls_<L>' (a call shorter than L skips that one).
     dispatch: MoEFFN dispatch, or 'chunk_skip'.
     capacity_factor: of 'capacity' dispatch (`MoEFFN`).
   """
@@ -50,6 +52,7 @@ class BlockFFNLayer(nn.Module):
   expert_mlp_dim: int
   locality_alpha: float = 100.0
   chunk_length: int = 64
+  cls_lengths: tuple[int, ...] = (8, 16, 64)
   dispatch: str | None = None
   capacity_factor: float | None = 1.25
   dtype: object = jnp.float32
@@ -89,9 +92,11 @@ class BlockFFNLayer(nn.Module):
       "tls": sparsity.token_level_sparsity(r),
       "active_experts": jnp.mean(jnp.sum(r > 0, axis=-1).astype(jnp.float32)),
     }
+    for length in self.cls_lengths:
+      if length <= x.shape[1]:
+        metrics[f"cls_{length}"] = sparsity.chunk_level_sparsity(r, length)
     if x.shape[1] % self.chunk_length == 0:
       aux["chunk_sparsification"] = sparsity.chunk_sparsification_loss(pre_gain, self.chunk_length)
-      metrics["cls"] = sparsity.chunk_level_sparsity(r, self.chunk_length)
     return y, (aux, metrics, layer_expert_ids(routing, x))
 
 
@@ -103,7 +108,9 @@ class BlockFFNLM(ExpertLayers, DenseLM):
     activation_locality_coef: lambda_al (2e-3).
     locality_alpha: alpha (100).
     chunk_coef: initial lambda_cs (5e-2); 0 turns the chunk loss off.
-    chunk_length: chunk of the chunk loss and CLS (64).
+    chunk_length: chunk of the chunk loss (64).
+    cls_lengths: window lengths of the CLS metrics 'cls_<L>' ((8, 16, 64); the authors log windows of
+      1, 2, 4, 8, 16, 32 and 64 tokens, `--stat_act_window_sizes` in pretrain/apps/dragonfly_2b/pretrain_dragonfly.sh).
     chunk_warmup_steps: steps at the initial lambda_cs before the first adaptation (the authors' `stable_iter`, 1000).
     chunk_interval: lambda_cs adapts every `chunk_interval` steps from then on, ramping to its new value over the
       next `chunk_interval` steps (the authors' `step_iter`, 100).
@@ -120,6 +127,7 @@ class BlockFFNLM(ExpertLayers, DenseLM):
   locality_alpha: float = 100.0
   chunk_coef: float = 5e-2
   chunk_length: int = 64
+  cls_lengths: tuple[int, ...] = (8, 16, 64)
   chunk_warmup_steps: int = 1000
   chunk_interval: int = 100
   chunk_min_factor: float = 1.025
@@ -133,6 +141,11 @@ class BlockFFNLM(ExpertLayers, DenseLM):
       non_negative=("activation_locality_coef", "chunk_coef", "locality_alpha"),
       intervals={"chunk_min_factor": "[1, inf)", "chunk_max_factor": "[1, inf)"},
     )
+    lengths = self.cls_lengths
+    if not isinstance(lengths, tuple) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+      raise ConfigError(f"config.model.cls_lengths={lengths!r} must be a tuple of positive integers, e.g. (8, 16, 64)")
+    if any(n < 1 for n in lengths) or len(set(lengths)) != len(lengths):
+      raise ConfigError(f"config.model.cls_lengths={lengths!r} must hold distinct positive integers, e.g. (8, 16, 64)")
     super().__post_init__()
 
   def moe_ffn_factory(self):
@@ -141,7 +154,11 @@ class BlockFFNLM(ExpertLayers, DenseLM):
     if self.chunk_skip:
       kwargs["dispatch"] = "chunk_skip"
     return lambda name: BlockFFNLayer(
-      locality_alpha=self.locality_alpha, chunk_length=self.chunk_length, name=name, **kwargs
+      locality_alpha=self.locality_alpha,
+      chunk_length=self.chunk_length,
+      cls_lengths=self.cls_lengths,
+      name=name,
+      **kwargs,
     )
 
   @nn.compact

@@ -237,17 +237,25 @@ def token_level_sparsity(weights):
 
 
 def chunk_level_sparsity(weights, chunk_length):
-  """CLS(L): fraction of (chunk of L consecutive tokens, expert) pairs where the expert is off for every token.
+  """CLS(L): fraction of (window of L consecutive tokens, expert) pairs where the expert is off for every token.
 
-  Chunks are consecutive and non-overlapping [guess: the same tokens a speculative-decoding step verifies together].
+  Windows are consecutive and non-overlapping; when L does not divide the length, the last `length % L` tokens of
+  each row are left out, as the authors do (`ActivationContext.stat_window_activation`, thunlp/BlockFFN
+  pretrain/cpm/dragonfly/activation_context.py L312-329, which counts windows of each size in
+  `--stat_act_window_sizes`). The authors window the batch's tokens flattened into one stream; here each row is
+  windowed on its own.
 
   Args:
-    weights: [batch, length, experts] router outputs r; chunk_length: L, must divide length.
+    weights: [batch, length, experts] router outputs r; chunk_length: L, 1 <= L <= length.
 
   Returns:
     scalar float32.
   """
-  return jnp.mean(jnp.all(_chunks(weights, chunk_length) == 0, axis=2).astype(jnp.float32))
+  length = weights.shape[1]
+  if chunk_length < 1 or chunk_length > length:
+    raise ValueError(f"chunk_length={chunk_length} must be between 1 and the sequence length {length}")
+  kept = weights[:, : length - length % chunk_length]
+  return jnp.mean(jnp.all(_chunks(kept, chunk_length) == 0, axis=2).astype(jnp.float32))
 
 
 def init_chunk_lambda_state(initial=5e-2):
