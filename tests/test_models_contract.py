@@ -22,7 +22,9 @@ TINY = {
   ),
   "readme_moe": dict(LM, num_experts=2, router_mlp_dim=16, dispatch="dense"),
   "duo_llm": dict(LM, mlp_dim=16),
-  "mor": dict(LM, num_layers=4, head_dim=8, num_recursions=2, router="expert"),
+  # Expert-choice MoR evaluates with top-k over the sequence by default (the authors' rule); decoding with a cache is
+  # always causal, so the full forward it is compared with uses the causal rule too.
+  "mor": dict(LM, num_layers=4, head_dim=8, num_recursions=2, router="expert", eval_routing="causal"),
   "text_encoder": dict(LM, embed_dim=16, pooling="mean", num_classes=3),
   "simplenet": dict(num_classes=10, widths=(4,) * 13, num_pools=0, dropout_rate=0.0),
 }

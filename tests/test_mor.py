@@ -206,10 +206,13 @@ def _random_variables(model, x, seed):
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_cached_decoding_equals_full_forward(kw):
+  """Decoding with a cache uses the causal rule whatever eval_routing says (the model decodes with the default,
+  'topk'), so it equals the full forward under eval_routing='causal'."""
   model = make(num_recursions=3, num_layers=5, sharing="middle_cycle", **kw)
+  assert model.eval_routing == "topk"
   x = tokens(b=2, t=9, seed=3)
   v = _random_variables(model, x, 4)
-  apply = jitted(model)[0]
+  apply = jitted(model.clone(eval_routing="causal"))[0]
   full, out = apply(v, x)
   hist = np.asarray(out.metrics["depth_hist"])
   if kw["router"] != "none":
@@ -244,7 +247,7 @@ def test_cached_decoding_equals_full_forward(kw):
 
 @pytest.mark.parametrize("kw", VARIANTS[:3], ids=["expert", "expert-share-aux_router", "token"])
 def test_causal_inference_future_does_not_change_past(kw):
-  model = make(num_recursions=3, num_layers=3, sharing="cycle", **kw)
+  model = make(num_recursions=3, num_layers=3, sharing="cycle", eval_routing="causal", **kw)
   x = tokens(b=1, t=10, seed=5)
   y = x.at[:, 6:].set((x[:, 6:] + 7) % TINY["vocab_size"])
   v = _random_variables(model, x, 6)
@@ -261,13 +264,96 @@ def test_causal_inference_future_does_not_change_past(kw):
   np.testing.assert_allclose(np.bincount(depth_x.ravel(), minlength=4) / 10, out.metrics["depth_hist"], atol=1e-6)
 
 
-def test_topk_inference_is_refused_with_a_cache():
-  model = make(num_recursions=2, inference_selection="topk")
-  x = tokens()
-  v = jax.eval_shape(model.init, jax.random.key(0), x)
-  cache = model.apply({}, 2, 16, method="init_cache")
-  with pytest.raises(ValueError, match="causal"):
-    jax.eval_shape(functools.partial(model.apply, cache=cache), v, x)
+# ---------------------------------------------- the authors' rules (raymin0223/mixture_of_recursions), worked by hand
+
+
+class AffineBlocks(mor.MoRLM):
+  """MoR whose recursion r runs the token-wise `Block_r(h) = (r + 2) h + 1` instead of the shared layers (a block
+  output holds its own residual, as a decoder layer's does), and whose logits are the final hidden states, so that
+  the routing and update rules can be worked by hand in numpy."""
+
+  def _shared_layers(self, r, x, positions, mask, kv, skip_unless=None):
+    return (r + 2.0) * x + 1.0, tuple(kv)
+
+  def _coda(self, h, positions, cache, new_cache):
+    return h
+
+
+def _block(r, h):
+  return (r + 2.0) * h + 1.0
+
+
+def _set_params(model, x, embedding, routers):
+  """Initialised parameters with the embedding table and the router kernels ({name: [d, out]}) replaced."""
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x)["params"])
+  params["embed"]["embedding"] = jnp.asarray(embedding, jnp.float32)
+  for name, kernel in routers.items():
+    params[name]["out"]["kernel"] = jnp.asarray(kernel, jnp.float32)
+  return {"params": params}
+
+
+def _unit(d, i, out=1, scale=1.0):
+  kernel = np.zeros((d, out))
+  kernel[i, :] = scale
+  return kernel
+
+
+def _topk_rows(scores, active, k):
+  """Per row, the k highest scores among the active positions (numpy)."""
+  out = np.zeros(scores.shape, bool)
+  for b in range(scores.shape[0]):
+    idx = np.flatnonzero(active[b])
+    out[b, idx[np.argsort(-scores[b, idx], kind="stable")[:k]]] = True
+  return out
+
+
+def _sigmoid(z):
+  return 1 / (1 + np.exp(-z))
+
+
+def _expert_choice_case(num_recursions, x):
+  """Expert-choice with router r's logit read off feature (1, 0, 2)[r] of the hidden state."""
+  d = TINY["embed_dim"]
+  model = AffineBlocks(
+    **{**TINY, "num_layers": num_recursions, "num_recursions": num_recursions, "sharing": "cycle", "router": "expert"}
+  )
+  embedding = np.random.default_rng(1).normal(size=(TINY["vocab_size"], d)) * 0.5
+  embedding[:8, 0] = [3.0, -1.0, 2.0, -2.0, 1.0, -3.0, 0.5, 0.2]
+  routers = {f"step_routers_{r}": _unit(d, (1, 0, 2)[r]) for r in range(num_recursions)}
+  return model, embedding, _set_params(model, x, embedding, routers)
+
+
+def test_expert_choice_evaluates_with_topk_by_default_and_causal_on_request():
+  """Authors' `model/mor_model/expert_choice_router.py`: `top_k = max(1, int(capacity_factor * seq_len))` and
+  `torch.topk(router_probs, top_k, dim=1)` run in eval mode too (at the target capacity); `sigmoid >= 0.5` only
+  feeds the training metric `sampling_acc`. eval_routing='topk' (default) is that rule; 'causal' the per-token
+  decision."""
+  x = jnp.arange(8, dtype=jnp.int32)[None]
+  model, embedding, v = _expert_choice_case(2, x)
+  h0 = embedding[:8][None]
+  g0 = 0.1 * _sigmoid(h0[..., 1])
+  h1 = h0 + g0[..., None] * _block(0, h0)  # capacity 1: every token runs recursion 0
+  l1 = h1[..., 0]
+  g1 = 0.1 * _sigmoid(l1)
+  topk = _topk_rows(g1, np.ones_like(g1, bool), 4)  # int(0.5 * 8)
+  causal = l1 >= 0
+  np.testing.assert_array_equal(topk, [[1, 0, 1, 0, 1, 0, 1, 0]])
+  np.testing.assert_array_equal(causal, [[1, 0, 1, 0, 1, 0, 1, 1]])  # the last token differs
+
+  def final(chosen):
+    return np.where(chosen[..., None], h1 + g1[..., None] * _block(1, h1), h1)
+
+  apply = jax.jit(model.apply, static_argnames=("deterministic", "mutable"))
+  (h, _), sown = apply(v, x, mutable=("intermediates",))
+  assert model.eval_routing == "topk"
+  np.testing.assert_allclose(h, final(topk), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(sown["intermediates"]["depth"], 1 + topk)
+  trained, _ = apply(v, x, deterministic=False)  # the training rule, the same selection
+  np.testing.assert_allclose(trained, h, rtol=1e-6, atol=1e-6)
+  causal_model = model.clone(eval_routing="causal")
+  (h, _), sown = jax.jit(functools.partial(causal_model.apply, mutable=("intermediates",)))(v, x)
+  np.testing.assert_allclose(h, final(causal), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(sown["intermediates"]["depth"], 1 + causal)
 
 
 def _lm_loss(model, params, x):
@@ -331,6 +417,7 @@ def test_loss_free_bias_updates_in_training_only():
     (dict(gate_scale=-1.0), "gate_scale"),
     (dict(dtype="float33"), "dtype"),
     (dict(kv_mode="both"), "kv_mode"),
+    (dict(eval_routing="future"), "eval_routing"),
   ],
 )
 def test_bad_config_raises(kw, match):
@@ -345,11 +432,17 @@ def test_registry_builds_mor():
 
 def test_old_key_names_build_the_same_model_with_a_warning(caplog):
   base = {"name": "mor", **TINY, "num_layers": 4, "num_recursions": 2, "router": "token"}
-  renamed = {"balance_coef": ("load_balance_coef", 0.2), "z_coef": ("z_loss_coef", 1e-4), "alpha": ("gate_scale", 0.3)}
+  renamed = {
+    "balance_coef": ("load_balance_coef", 0.2),
+    "z_coef": ("z_loss_coef", 1e-4),
+    "alpha": ("gate_scale", 0.3),
+    "inference_selection": ("eval_routing", "causal"),
+  }
   with caplog.at_level("WARNING"):
     old = build_model({**base, **{key: value for key, (_, value) in renamed.items()}})
   new = build_model({**base, **{key: value for key, value in renamed.values()}})
-  assert old == new and (new.load_balance_coef, new.z_loss_coef, new.gate_scale) == (0.2, 1e-4, 0.3)
+  assert old == new
+  assert (new.load_balance_coef, new.z_loss_coef, new.gate_scale, new.eval_routing) == (0.2, 1e-4, 0.3, "causal")
   for key, (new_key, _) in renamed.items():
     assert f"config.model.{key} is now called config.model.{new_key}" in caplog.text
 

@@ -13,7 +13,7 @@ Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for 
   `h <- h + g * Block_r(h)` where `Block_r(h)` already contains its own residual (authors' code), the others pass
   unchanged. Top-k over the sequence sees the future, so a BCE loss (`causal_router='aux_loss'`: on the router's own
   logits; `'aux_router'`: on a separate router fed with detached states) teaches a per-token decision
-  `sigmoid(logit) >= 0.5` that inference uses.
+  `sigmoid(logit) >= 0.5` that cached decoding uses.
   `router='token'`: one router before the recursions, top-1 depth j of N_r; the token runs recursions 0..j with
   `h <- Block_r(h)` and, at its last recursion, `h <- h + p_j * Block_j(h)`; balance loss `N_r * sum_i f_i P_i`
   (`load_balance_coef` 0.1), z-loss (`z_loss_coef` 1e-5), optional loss-free bias (DeepSeek-V3 style, [guess] for
@@ -25,15 +25,19 @@ Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for 
   all tokens (same slot of the shared block), and only recursion 0 is cached. The layers' attention is
   `zoo.layers.Attention`; KV sharing hands it recursion 0's keys/values as a read-only cache (`SharedKV`).
 
-Which tokens run recursion r:
-- training (`deterministic=False`): expert-choice top-k (capacity warm-up: the capacity decays from 1 to its target
-  along a half cosine over `capacity_warmup_steps`, counted in `routing_state/step`).
-- `deterministic=True` with `inference_selection='causal'` (default; cached decoding always): token by token, a
-  recursion with capacity 1 keeps every active token, otherwise a token continues iff it was active and the decision
-  logit is >= 0 (sigmoid >= 0.5). Token-choice and the baseline are causal by construction.
-- `inference_selection='topk'`: the training rule at evaluation too (sees the future; refused with a cache).
+Which tokens run recursion r (expert-choice; token-choice and the baseline are causal by construction):
+- training (`deterministic=False`): top-k over the sequence (capacity warm-up: the capacity decays from 1 to its
+  target along a half cosine over `capacity_warmup_steps`, counted in `routing_state/step`).
+- evaluation without a cache (`deterministic=True`), `eval_routing='topk'` (default): the training rule, top-k over the
+  sequence at the target capacity. This is what the authors evaluate (`expert_choice_router.py` runs the same
+  `torch.topk` in eval mode; `sigmoid >= 0.5` only feeds a training accuracy metric), so the validation loss compares
+  like for like with the paper, but a token's depth depends on future tokens.
+- `eval_routing='causal'`: token by token, a recursion with capacity 1 keeps every active token, otherwise a token
+  continues iff it was active and the decision logit is >= 0 (sigmoid >= 0.5). The honest number for generation.
+- decoding with a cache: always the causal rule, whatever `eval_routing` says (top-k over a sequence that is not
+  there yet is impossible; the prefill uses it too, so a prompt's decisions do not depend on how it is split).
 
-Cached decoding equals the full forward (same selection rule) for every router and both KV modes: each token's
+Cached decoding equals the full forward under the causal rule for every router and both KV modes: each token's
 decisions depend only on its own hidden state, which depends only on earlier tokens.
 
 Training top-k with a static k runs the block only on the gathered chosen tokens (real compute savings); token-choice,
@@ -154,7 +158,8 @@ class MoRLM(nn.Module):
     capacity_warmup_steps: cosine warm-up of the capacity from 1 (0 = none).
     causal_router: 'aux_loss' (BCE on the router logits) or 'aux_router' (separate router on detached states).
     bce_coef: weight of the BCE loss (1e-3), summed over recursion steps.
-    inference_selection: 'causal' or 'topk' (see module docstring).
+    eval_routing: expert-choice selection in evaluation without a cache: 'topk' (default, the authors' evaluation)
+      or 'causal' (the per-token decision); decoding with a cache is always causal (see the module docstring).
     token_func: 'softmax' | 'sigmoid' for token-choice.
     load_balance_coef, z_loss_coef: token-choice balance loss (0.1) and router z-loss (1e-5) weights.
     balance_bias_rate: > 0 enables loss-free bias balancing of token-choice with this update rate.
@@ -167,6 +172,7 @@ class MoRLM(nn.Module):
     "balance_coef": "load_balance_coef",
     "z_coef": "z_loss_coef",
     "alpha": "gate_scale",
+    "inference_selection": "eval_routing",
   }
   vocab_size: int = 260
   embed_dim: int = 128
@@ -185,7 +191,7 @@ class MoRLM(nn.Module):
   capacity_warmup_steps: int = 0
   causal_router: str = "aux_loss"
   bce_coef: float = 1e-3
-  inference_selection: str = "causal"
+  eval_routing: str = "topk"
   token_func: str = "softmax"
   load_balance_coef: float = 0.1
   z_loss_coef: float = 1e-5
@@ -207,7 +213,7 @@ class MoRLM(nn.Module):
         "router": ROUTERS,
         "router_arch": ("linear", "mlp"),
         "causal_router": ("aux_loss", "aux_router"),
-        "inference_selection": ("causal", "topk"),
+        "eval_routing": ("topk", "causal"),
         "token_func": ("softmax", "sigmoid"),
         "kv_mode": ("recursion", "share"),
         "sharing": SHARING,
@@ -316,11 +322,9 @@ class MoRLM(nn.Module):
       start = jnp.zeros((b,), jnp.int32) if cache is None else cache["length"]
       positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     training = not deterministic
-    if cache is not None and self.inference_selection == "topk" and self.router == "expert":
-      raise ValueError(
-        "inference_selection='topk' sees future tokens and cannot decode with a cache; use inference_selection='causal'"
-      )
-    use_topk = cache is None and (training or self.inference_selection == "topk")
+    # Top-k over the sequence in training and (eval_routing='topk') in evaluation; never with a cache, where the
+    # future tokens do not exist yet: decoding always uses the causal rule.
+    use_topk = cache is None and (training or self.eval_routing == "topk")
     ks, static_k = self._step_sizes(t, training, use_topk)
     new_cache = None if cache is None else dict(cache)
 
@@ -410,10 +414,11 @@ class MoRLM(nn.Module):
   def _route_expert_step(self, r, h, active, k, use_topk, cache):
     """Expert-choice step r (Sec. 2.2.1): router r scores the active tokens, `g = gate_scale * sigmoid(W_r h)`.
 
-    Training (or `inference_selection='topk'`) keeps the top k of the active tokens (hierarchical); otherwise a token
-    continues iff the decision logit (the router's own, or the auxiliary router's on detached states) is >= 0, and
-    every active token when the capacity is 1. Without a cache, the BCE between the decision logits and the top-k
-    choice is returned with the decisions' accuracy.
+    Training (and evaluation with `eval_routing='topk'`) keeps the top k of the active tokens (hierarchical);
+    otherwise (`eval_routing='causal'`, and always with a cache) a token continues iff the decision logit (the
+    router's own, or the auxiliary router's on detached states) is >= 0, and every active token when the capacity is
+    1. Without a cache, the BCE between the decision logits and the top-k choice is returned with the decisions'
+    accuracy.
 
     Returns:
       (StepRoute, [(bce, accuracy)] or []).

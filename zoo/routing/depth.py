@@ -5,9 +5,12 @@ Token-Level Computation"; papers.md A1):
 - expert-choice (Sec. 2.2.1): one router per recursion step scores the tokens still active,
   `g = gate_scale * sigmoid(W h)` (the paper's alpha); step r keeps the top `k_r = int(cap_r * T)` of the tokens kept
   at step r-1 (hierarchical), in causal order; default `cap_r = (N_r - r) / N_r`, optional cosine warm-up of the
-  capacity from 1. Top-k over the sequence sees the future, so inference decides per token: an auxiliary BCE loss
-  teaches `sigmoid(logit) >= 0.5` to mean "chosen" (or a separate auxiliary router learns it on detached states).
+  capacity from 1. The authors evaluate with the same top-k; top-k over the sequence sees the future, so decoding
+  decides per token: an auxiliary BCE loss teaches `sigmoid(logit) >= 0.5` to mean "chosen" (or a separate auxiliary
+  router learns it on detached states).
 - token-choice (Sec. 2.2.1): one router before the recursions, softmax (or sigmoid) over the N_r depths, top-1 depth.
+Authors' code: github raymin0223/mixture_of_recursions, `model/mor_model/expert_choice_router.py` and
+`model/mor_model/token_choice_router.py`.
 
 Pure functions over arrays, routing math in float32; `DepthRouter` only owns parameters. The load-balance loss,
 router z-loss and loss-free bias update of token-choice live in the rest of `zoo/routing` and are reused from there.
@@ -128,7 +131,8 @@ def chosen_indices(chosen, k: int):
 
 
 def causal_decision(logits, prev_active):
-  """Inference-time expert-choice decision made per token without seeing the future: `sigmoid(logit) >= 0.5`.
+  """Expert-choice decision made per token without seeing the future: `sigmoid(logit) >= 0.5` (decoding with a
+  cache, and evaluation with the causal rule; the authors only use it as the accuracy metric of the BCE).
 
   Args:
     logits: [batch, length] logits of the router trained with `bce_aux_loss` (or of the auxiliary router).
@@ -143,7 +147,8 @@ def causal_decision(logits, prev_active):
 def bce_aux_loss(logits, targets, valid):
   """Mean binary cross-entropy with logits between router logits and the 0/1 "was in the top-k" target.
 
-  MoR's "aux_loss" sampling (Sec. 2.2.1): over the tokens the step scored (those active at the previous step).
+  MoR's "aux_loss" sampling (Sec. 2.2.1): over the tokens the step scored (those active at the previous step), the
+  authors' `BCEWithLogitsLoss(reduction="sum")` divided by batch x scored tokens (`expert_choice_router.py`).
 
   Args:
     logits: [batch, length] router logits.
