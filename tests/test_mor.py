@@ -298,6 +298,15 @@ def _unit(d, i, out=1, scale=1.0):
   return kernel
 
 
+def _softplus(z):
+  return np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0)
+
+
+def _bce(logits, targets):
+  """Per-token binary cross-entropy with logits (float64)."""
+  return _softplus(logits) - logits * targets
+
+
 def _topk_rows(scores, active, k):
   """Per row, the k highest scores among the active positions (numpy)."""
   out = np.zeros(scores.shape, bool)
@@ -354,6 +363,33 @@ def test_expert_choice_evaluates_with_topk_by_default_and_causal_on_request():
   (h, _), sown = jax.jit(functools.partial(causal_model.apply, mutable=("intermediates",)))(v, x)
   np.testing.assert_allclose(h, final(causal), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(sown["intermediates"]["depth"], 1 + causal)
+
+
+def test_bce_in_every_expert_choice_recursion_including_the_first():
+  """Authors' `expert_choice_router.py`: in training every expert-choice layer scatters its top-k indices into 0/1
+  targets and adds `BCEWithLogitsLoss(reduction='sum')(logits, targets) / (bs * scored tokens)`, recursion 0
+  included (capacity 1: every target is 1); `modeling_llama.py` sums the layers' losses."""
+  x = jnp.array([[0, 1, 2, 3, 4, 5], [6, 7, 5, 3, 1, 0]], jnp.int32)
+  model, embedding, v = _expert_choice_case(3, x)
+  _, out = jax.jit(functools.partial(model.apply, deterministic=False))(v, x)
+  h0 = embedding[np.asarray(x)]
+  # Recursion 0, k = 6 of 6: every target 1.
+  l0 = h0[..., 1]
+  bce0, acc0 = _bce(l0, 1.0).mean(), np.mean(l0 >= 0)
+  h1 = h0 + (0.1 * _sigmoid(l0))[..., None] * _block(0, h0)
+  # Recursion 1, k = 4 of the 6 tokens.
+  l1 = h1[..., 0]
+  t1 = _topk_rows(l1, np.ones(l1.shape, bool), 4)
+  bce1, acc1 = _bce(l1, t1).mean(), np.mean((l1 >= 0) == t1)
+  h2 = np.where(t1[..., None], h1 + (0.1 * _sigmoid(l1))[..., None] * _block(1, h1), h1)
+  # Recursion 2, k = 2 of the 4 tokens recursion 1 kept; the mean is over those 4 per row.
+  l2 = h2[..., 2]
+  t2 = _topk_rows(l2, t1, 2)
+  bce2, acc2 = _bce(l2, t2)[t1].mean(), np.mean(((l2 >= 0) == t2)[t1])
+  assert bce0 > 0.1  # recursion 0 counts
+  np.testing.assert_allclose(out.metrics["router_bce_loss"], bce0 + bce1 + bce2, rtol=1e-5)
+  np.testing.assert_allclose(out.aux_loss, 1e-3 * (bce0 + bce1 + bce2), rtol=1e-5)
+  np.testing.assert_allclose(out.metrics["router_decision_accuracy"], (acc0 + acc1 + acc2) / 3, rtol=1e-6)
 
 
 def _lm_loss(model, params, x):

@@ -12,7 +12,8 @@ Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for 
   alpha) and keeps the top `k_r = int(cap_r * T)` of them (hierarchical, causal order); chosen tokens update
   `h <- h + g * Block_r(h)` where `Block_r(h)` already contains its own residual (authors' code), the others pass
   unchanged. Top-k over the sequence sees the future, so a BCE loss (`causal_router='aux_loss'`: on the router's own
-  logits; `'aux_router'`: on a separate router fed with detached states) teaches a per-token decision
+  logits; `'aux_router'`: on a separate router fed with detached states), in every recursion including recursion 0
+  (capacity 1, all targets 1; authors' `model/mor_model/expert_choice_router.py`), teaches a per-token decision
   `sigmoid(logit) >= 0.5` that cached decoding uses.
   `router='token'`: one router before the recursions, top-1 depth j of N_r; the token runs recursions 0..j with
   `h <- Block_r(h)` and, at its last recursion, `h <- h + p_j * Block_j(h)`; balance loss `N_r * sum_i f_i P_i`
@@ -157,7 +158,15 @@ class MoRLM(nn.Module):
     capacities: expert-choice capacity per recursion; () = (N_r - r) / N_r.
     capacity_warmup_steps: cosine warm-up of the capacity from 1 (0 = none).
     causal_router: 'aux_loss' (BCE on the router logits) or 'aux_router' (separate router on detached states).
-    bce_coef: weight of the BCE loss (1e-3), summed over recursion steps.
+    bce_coef: weight of the BCE loss (1e-3), whose per-recursion means over the scored tokens are summed over every
+      recursion (recursion 0 included). 1e-3 is the authors' `mor.expert.coeff` (conf/pretrain/*_aux_loss_0.001.yaml)
+      and it is the zoo's effective weight: the engine averages the gradients of the micro-batches and sees the
+      global batch, so the weight does not depend on how a batch is split. The authors' effective weight is larger
+      and depends on the launch: their trainer (`util/trainer_pt.py`, `training_step`) adds `coeff * sampling_loss`,
+      a per-micro-batch mean, to an LM loss normalised by the tokens of the whole accumulated batch
+      (`num_items_in_batch`), so over G accumulation steps the BCE weighs `G * coeff` (G = 16 in their 360M configs:
+      1024 / (16 per device x 4 GPUs)), and `compute_loss` multiplies it by the number of processes when
+      `average_tokens_across_devices` is on. The zoo does not reproduce that launch-dependent factor.
     eval_routing: expert-choice selection in evaluation without a cache: 'topk' (default, the authors' evaluation)
       or 'causal' (the per-token decision); decoding with a cache is always causal (see the module docstring).
     token_func: 'softmax' | 'sigmoid' for token-choice.
@@ -417,8 +426,10 @@ class MoRLM(nn.Module):
     Training (and evaluation with `eval_routing='topk'`) keeps the top k of the active tokens (hierarchical);
     otherwise (`eval_routing='causal'`, and always with a cache) a token continues iff the decision logit (the
     router's own, or the auxiliary router's on detached states) is >= 0, and every active token when the capacity is
-    1. Without a cache, the BCE between the decision logits and the top-k choice is returned with the decisions'
-    accuracy.
+    1. Without a cache, the BCE between the decision logits and the top-k choice, a mean over the active tokens, is
+    returned with the decisions' accuracy at every step, recursion 0 included (capacity 1: every target is 1), as in
+    the authors' `expert_choice_router.py`, which computes it in every expert-choice layer from the scatter of the
+    top-k indices.
 
     Returns:
       (StepRoute, [(bce, accuracy)] or []).
@@ -437,7 +448,7 @@ class MoRLM(nn.Module):
     else:
       chosen = depth_routing.causal_decision(decision, active)
     terms = []
-    if targets is not None and self.caps[r] < 1.0:
+    if targets is not None:
       agree = jnp.where(active, (decision >= 0) == targets, False)
       terms.append(
         (depth_routing.bce_aux_loss(decision, targets, active), jnp.sum(agree) / jnp.maximum(jnp.sum(active), 1))

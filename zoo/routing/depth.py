@@ -6,8 +6,8 @@ Token-Level Computation"; papers.md A1):
   `g = gate_scale * sigmoid(W h)` (the paper's alpha); step r keeps the top `k_r = int(cap_r * T)` of the tokens kept
   at step r-1 (hierarchical), in causal order; default `cap_r = (N_r - r) / N_r`, optional cosine warm-up of the
   capacity from 1. The authors evaluate with the same top-k; top-k over the sequence sees the future, so decoding
-  decides per token: an auxiliary BCE loss teaches `sigmoid(logit) >= 0.5` to mean "chosen" (or a separate auxiliary
-  router learns it on detached states).
+  decides per token: an auxiliary BCE loss, in every recursion (recursion 0 included), teaches
+  `sigmoid(logit) >= 0.5` to mean "chosen" (or a separate auxiliary router learns it on detached states).
 - token-choice (Sec. 2.2.1): one router before the recursions, softmax (or sigmoid) over the N_r depths, top-1 depth.
 Authors' code: github raymin0223/mixture_of_recursions, `model/mor_model/expert_choice_router.py` and
 `model/mor_model/token_choice_router.py`.
