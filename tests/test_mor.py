@@ -320,6 +320,40 @@ def _sigmoid(z):
   return 1 / (1 + np.exp(-z))
 
 
+def _token_choice_case():
+  """Token-choice, N_r = 3, one router logit per depth read off the embedding's first 3 features."""
+  d = TINY["embed_dim"]
+  model = AffineBlocks(**{**TINY, "num_layers": 3, "num_recursions": 3, "sharing": "cycle", "router": "token"})
+  embedding = np.random.default_rng(0).normal(size=(TINY["vocab_size"], d)) * 0.3
+  embedding[0, :3], embedding[1, :3], embedding[2, :3] = [2.0, 0.0, 0.0], [0.0, 2.0, 0.5], [0.0, 0.5, 2.0]
+  x = jnp.array([[0, 1, 2, 1], [2, 2, 0, 1]], jnp.int32)
+  router = np.zeros((d, 3))
+  router[:3, :3] = np.eye(3)
+  return model, x, embedding, _set_params(model, x, embedding, {"depth_router": router})
+
+
+def test_token_choice_leaves_with_stack_input_plus_weighted_last_block():
+  """Authors' `model/mor_model/token_choice_router.py` (MoRLlamaDecoderLayer.forward): `final_x` starts as a copy of
+  the stack's input h_0 and receives `w * Block_j(h_j)` at the token's last recursion j (scatter_add); the recursions
+  before run unweighted, `h_{r+1} = Block_r(h_r)` (`updates`). Not `h_j + w * Block_j(h_j)`."""
+  model, x, embedding, v = _token_choice_case()
+  (h, _), sown = jax.jit(functools.partial(model.apply, mutable=("intermediates",)))(v, x)
+  h0 = embedding[np.asarray(x)]
+  logits = h0[..., :3]
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  depth = np.array([[0, 1, 2, 1], [2, 2, 0, 1]])  # the largest logit of tokens 0, 1, 2
+  np.testing.assert_array_equal(sown["intermediates"]["depth"], depth + 1)
+  want = np.empty_like(h0)
+  for b, t in np.ndindex(*depth.shape):
+    j, state = depth[b, t], h0[b, t]
+    for r in range(j):
+      state = _block(r, state)
+    want[b, t] = h0[b, t] + probs[b, t, j] * _block(j, state)
+  # e.g. a depth-1 token: h_0 + w (3 (2 h_0 + 1) + 1) = h_0 + w (6 h_0 + 4)
+  np.testing.assert_allclose(want[0, 1], h0[0, 1] + probs[0, 1, 1] * (6 * h0[0, 1] + 4), rtol=1e-12)
+  np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
+
+
 def _expert_choice_case(num_recursions, x):
   """Expert-choice with router r's logit read off feature (1, 0, 2)[r] of the hidden state."""
   d = TINY["embed_dim"]

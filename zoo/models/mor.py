@@ -16,7 +16,9 @@ Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for 
   (capacity 1, all targets 1; authors' `model/mor_model/expert_choice_router.py`), teaches a per-token decision
   `sigmoid(logit) >= 0.5` that cached decoding uses.
   `router='token'`: one router before the recursions, top-1 depth j of N_r; the token runs recursions 0..j with
-  `h <- Block_r(h)` and, at its last recursion, `h <- h + p_j * Block_j(h)`; balance loss `N_r * sum_i f_i P_i`
+  `h_{r+1} = Block_r(h_r)` and leaves with `h_0 + p_j * Block_j(h_j)`, where `h_0` is the input of the whole recursion
+  stack (authors' `model/mor_model/token_choice_router.py`, `final_x = x.clone()` plus a scatter-add of the weighted
+  output of the token's last recursion); balance loss `N_r * sum_i f_i P_i`
   (`load_balance_coef` 0.1), z-loss (`z_loss_coef` 1e-5), optional loss-free bias (DeepSeek-V3 style, [guess] for
   MoR).
   `router='none'`: the Recursive Transformer baseline, every token runs every recursion with `h <- Block_r(h)`.
@@ -133,11 +135,14 @@ class StepRoute:
   chosen: [batch, length] bool, the tokens that run recursion r.
   gate: [batch, length] float32 weight of the block output (expert- and token-choice), or None (baseline).
   last: [batch, length] bool, token-choice only: recursion r is the token's last one; None for the other routers.
+  stack_input: [batch, length, d], token-choice only: h_0, the input of the whole recursion stack, to which the
+    weighted output of a token's last recursion is added; None for the other routers.
   """
 
   chosen: Any
   gate: Any = None
   last: Any = None
+  stack_input: Any = None
 
 
 @register_model("mor")
@@ -342,13 +347,13 @@ class MoRLM(nn.Module):
     if self.router == "token":
       token_route, aux, metrics = self._route_token_choice(h, training)
     active, ran = jnp.ones((b, t), bool), jnp.zeros((b, t), jnp.int32)
-    shared, decision_terms = None, []
+    shared, decision_terms, stack_input = None, [], h
     for r in range(self.num_recursions):
       if self.router == "expert":
         route, terms = self._route_expert_step(r, h, active, ks[r], use_topk, cache)
         decision_terms += terms
       elif self.router == "token":
-        route = StepRoute(token_route[0] >= r, token_route[1], token_route[0] == r)
+        route = StepRoute(token_route[0] >= r, token_route[1], token_route[0] == r, stack_input)
       else:
         route = StepRoute(active)
       h, shared = self._recursion(r, h, positions, route, static_k, cache, new_cache, shared)
@@ -478,7 +483,7 @@ class MoRLM(nn.Module):
 
       x = take(h)
       y, out_kv = self._shared_layers(r, x, take(positions), None, kv)
-      update = self._combine(x, y, take(route.gate), take(route.last))
+      update = self._combine(x, y, take(route.gate), take(route.last), take(route.stack_input))
       h = h.at[jnp.arange(b)[:, None], idx].set(update.astype(h.dtype))
     else:
       mask = self._recursion_mask(r, route.chosen, positions, cache, new_cache)
@@ -486,7 +491,7 @@ class MoRLM(nn.Module):
       # left as it was; recursion-wise caching marks the token inactive there, KV sharing reads r = 0).
       skip_unless = route.chosen if cache is not None and r > 0 else None
       y, out_kv = self._shared_layers(r, h, positions, mask, kv, skip_unless)
-      update = self._combine(h, y, route.gate, route.last)
+      update = self._combine(h, y, route.gate, route.last, route.stack_input)
       h = jnp.where(route.chosen[..., None], update.astype(h.dtype), h)
     return h, self._store_kv(r, out_kv, shared, cache, new_cache)
 
@@ -513,14 +518,24 @@ class MoRLM(nn.Module):
       return run(self, x, kv)
     return nn.cond(jnp.any(skip_unless), run, lambda module, y, kv: (y, tuple(kv)), self, x, kv)
 
-  def _combine(self, x, y, gate, last):
-    """A chosen token's new state from its input x and the layers' output y = Block(x) (Sec. 2.2.1; Block(x) holds
-    its own residual, authors' code): expert-choice `x + g * y`; token-choice y, and `x + g * y` at the token's last
-    recursion; the baseline y."""
+  def _combine(self, x, y, gate, last, stack_input):
+    """A chosen token's new state from its input x = h_r and the layers' output y = Block_r(h_r) (Sec. 2.2.1;
+    Block_r(h) holds its own residual, authors' code).
+
+    Expert-choice: `h_r + g * y` (`expert_choice_router.py`: scatter-add of the weighted output onto the recursion's
+    input). Token-choice: y at the recursions before the token's last one, and `h_0 + g * y` at its last one, h_0
+    being `stack_input`, the input of the whole recursion stack (`token_choice_router.py`: `final_x` starts as a copy
+    of the stack's input and receives the weighted output of the token's last recursion; the intermediate states
+    `updates` are the unweighted block outputs). The baseline: y.
+
+    Args:
+      x, y: [batch, n, d]; gate: [batch, n] or None; last: [batch, n] bool or None; stack_input: [batch, n, d] or
+        None.
+    """
     if self.router == "expert":
       return x + gate[..., None] * y
     if self.router == "token":
-      return jnp.where(last[..., None], x + gate[..., None] * y, y)
+      return jnp.where(last[..., None], stack_input + gate[..., None] * y, y)
     return y
 
   def _recursion_kv(self, r, shared, cache):
