@@ -354,6 +354,25 @@ def test_token_choice_leaves_with_stack_input_plus_weighted_last_block():
   np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
 
 
+def test_token_choice_balance_loss_over_the_whole_batch():
+  """Authors' `token_choice_router.py`: `P_i = sum(router_probs, dim=(0, 1)) / (bs * seq_len)`, `f_i = N_r *
+  bincount(top_expert_indices) / (bs * seq_len)`, loss `sum_i P_i f_i`: one balance over every token of the batch,
+  not per sequence."""
+  model, x, embedding, v = _token_choice_case()
+  _, out = jax.jit(functools.partial(model.apply, deterministic=False))(v, x)
+  logits = embedding[np.asarray(x)][..., :3]
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  depth = np.array([[0, 1, 2, 1], [2, 2, 0, 1]])
+  p = probs.reshape(-1, 3).mean(0)
+  f = 3 * np.bincount(depth.ravel(), minlength=3) / depth.size
+  want = np.sum(p * f)
+  per_sequence = np.mean([np.sum(probs[b].mean(0) * 3 * np.bincount(depth[b], minlength=3) / 4) for b in range(2)])
+  assert abs(want - per_sequence) > 1e-3  # the two rules differ on this batch
+  np.testing.assert_allclose(out.metrics["router_balance_loss"], want, rtol=1e-5)
+  z = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
+  np.testing.assert_allclose(out.aux_loss, 0.1 * want + 1e-5 * z, rtol=1e-5)
+
+
 def _expert_choice_case(num_recursions, x):
   """Expert-choice with router r's logit read off feature (1, 0, 2)[r] of the hidden state."""
   d = TINY["embed_dim"]

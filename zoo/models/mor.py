@@ -18,8 +18,8 @@ Bae et al., 2025, "Mixture-of-Recursions: Learning Dynamic Recursive Depths for 
   `router='token'`: one router before the recursions, top-1 depth j of N_r; the token runs recursions 0..j with
   `h_{r+1} = Block_r(h_r)` and leaves with `h_0 + p_j * Block_j(h_j)`, where `h_0` is the input of the whole recursion
   stack (authors' `model/mor_model/token_choice_router.py`, `final_x = x.clone()` plus a scatter-add of the weighted
-  output of the token's last recursion); balance loss `N_r * sum_i f_i P_i`
-  (`load_balance_coef` 0.1), z-loss (`z_loss_coef` 1e-5), optional loss-free bias (DeepSeek-V3 style, [guess] for
+  output of the token's last recursion); balance loss `N_r * sum_i f_i P_i` over the whole batch (authors' code;
+  `load_balance_coef` 0.1), z-loss (`z_loss_coef` 1e-5), optional loss-free bias (DeepSeek-V3 style, [guess] for
   MoR).
   `router='none'`: the Recursive Transformer baseline, every token runs every recursion with `h <- Block_r(h)`.
 - KV (Sec. 2.2.2): `kv_mode='recursion'` (recursion-wise caching): at recursion r a query attends only to the tokens
@@ -175,7 +175,8 @@ class MoRLM(nn.Module):
     eval_routing: expert-choice selection in evaluation without a cache: 'topk' (default, the authors' evaluation)
       or 'causal' (the per-token decision); decoding with a cache is always causal (see the module docstring).
     token_func: 'softmax' | 'sigmoid' for token-choice.
-    load_balance_coef, z_loss_coef: token-choice balance loss (0.1) and router z-loss (1e-5) weights.
+    load_balance_coef, z_loss_coef: token-choice balance loss (0.1) and router z-loss (1e-5) weights; the balance
+      loss is computed over the whole (micro-)batch, as the authors do.
     balance_bias_rate: > 0 enables loss-free bias balancing of token-choice with this update rate.
     kv_mode: 'recursion' (recursion-wise caching) or 'share' (recursive KV sharing).
     rope_theta, norm_epsilon, tie_embeddings, dtype: as in the dense LM.
@@ -405,8 +406,8 @@ class MoRLM(nn.Module):
 
   def _route_token_choice(self, h, training):
     """Token-choice routing (Sec. 2.2.1): one router before the recursions picks each token's depth (top-1 of N_r),
-    with the balance loss `N_r sum_i f_i P_i`, the router z-loss and, optionally, the loss-free bias (DeepSeek-V3
-    style, [guess] for MoR) updated in training.
+    with the balance loss `N_r sum_i f_i P_i` over the whole batch, the router z-loss and, optionally, the loss-free
+    bias (DeepSeek-V3 style, [guess] for MoR) updated in training.
 
     Returns:
       ((depth_index [batch, length] int32, weight [batch, length] float32), weighted aux loss, metrics).
@@ -417,7 +418,11 @@ class MoRLM(nn.Module):
       router_logits, self.token_func, None if bias is None else bias.value
     )
     n = self.num_recursions
-    balance = losses.load_balance_loss(probs.reshape(-1, n), depth_index.reshape(-1, 1), n, sequence_length=h.shape[1])
+    # Over the whole batch, as the authors (`token_choice_router.py`: P_i and f_i are sums over batch and length
+    # divided by bs * seq_len); their division by `num_items_in_batch / bs / seq_len` undoes gradient accumulation, so
+    # `load_balance_coef` is the effective weight in both. The zoo's batch here is the global micro-batch (all
+    # devices), the authors' one device's micro-batch.
+    balance = losses.load_balance_loss(probs.reshape(-1, n), depth_index.reshape(-1, 1), n)
     z = losses.router_z_loss(router_logits.reshape(-1, n))
     aux = jnp.zeros((), jnp.float32) + self.load_balance_coef * balance + self.z_loss_coef * z
     if bias is not None and training and not self.is_initializing():
