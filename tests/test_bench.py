@@ -54,3 +54,26 @@ def test_gmm_benchmark_rejects_a_bad_tiling():
   )
   assert result.returncode != 0
   assert "TMxTKxTN" in result.stderr
+
+
+def test_mor_decode_benchmark_small(tmp_path):
+  plot = tmp_path / "occupancy.png"
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "bench", "mor_decode.py"),
+      "--small",
+      "--models",
+      "vanilla,expert",
+      "--plot",
+      str(plot),
+    ],
+    check=True,
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+  assert [r[0].strip() for r in rows[1:]] == ["vanilla (dense_lm)", "MoR expert, N_r=3, recursion-wise KV"]
+  assert float(rows[1][4]) == 1.0 and float(rows[2][3]) > 0  # ratio of vanilla to itself; MoR's tokens/s
+  assert plot.stat().st_size > 0

@@ -432,7 +432,7 @@ class DepthBatchingEngine:
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1")
     self.stages = make_stages(model)
-    self.model, self.variables = model, variables
+    self.model, self.variables = model, nn.meta.unbox(variables)
     self.batch_size = batch_size
     self.num_slots = num_slots or 2 * batch_size
     if self.num_slots < 1:
