@@ -1,7 +1,7 @@
 """Continuous depth-wise batching: a decoding engine for Mixture-of-Recursions (papers.md A1) and its baselines.
 
-Bae et al., 2025, "Mixture-of-Recursions", Sec. 2.1 (continuous depth-wise batching) and Sec. 4 (throughput). With
-cycle / middle-cycle parameter sharing every recursion runs the same layers, so one call of the shared block can
+Bae et al., 2025, "Mixture-of-Recursions", Sec. 2.1 (continuous depth-wise batching) and its throughput evaluation.
+With cycle / middle-cycle parameter sharing every recursion runs the same layers, so one call of the shared block can
 mix tokens of different sequences at different depths. The engine serves a queue of requests (prompts of any
 length, each with its number of new tokens) through a pool of `num_slots` sequence slots:
 
@@ -17,19 +17,23 @@ length, each with its number of new tokens) through a pool of `num_slots` sequen
   while enough sequences are in flight; a sequence has one token in flight at a time.
 - a finished sequence frees its slot, which the next request refills at once (`EngineStats.slot_reuses`).
 
-KV caches, per slot (`SlotStore`): the unshared layers' keys/values [S, L, kv_heads, head_dim]; the shared layers'
-[R, S, L, kv_heads, head_dim] with R = N_r for recursion-wise caching and R = 1 for recursive KV sharing.
+KV caches, per slot (the engine's store, a dict of arrays): the unshared layers' keys/values [S, L, kv_heads,
+head_dim]; the shared layers' [R, S, L, kv_heads, head_dim], R = N_r for recursion-wise caching, 1 for KV sharing.
 A job at depth r attends to its own slot's cache of depth r (gathered per job), and its new key/value is scattered
-back at (r, slot, position). A token that exits after depth r has no keys/values at the deeper depths, as in the
-authors' code: recursion-wise caching keeps, per depth, only the tokens that ran it (their `DynamicCache` appends a
-recursion's keys/values only for the tokens selected there, `model/kv_caches/cache_utils.py` `DynamicCache.update`,
-and attention at a depth is restricted to the selected tokens, `model/mor_model/expert_choice_router.py` lines
-243-263 "STEP 4"), so the engine keeps an `active` [N_r, S, L] mask and a deeper query never sees the exited token;
-with KV sharing every token runs recursion 0 and the deeper recursions read recursion 0's keys/values of every token
-(`RecursiveDynamicCache.update` returns the first recursion's cache for later ones, cache_utils.py lines 555-560),
-so an exited token's keys/values are there at every depth and nothing is copied. Both rules are the ones the
-model's own cached decoding (`zoo.models.mor`) applies, and greedy decoding through the engine equals
-`zoo.engine.generate.generate` per sequence (tests/test_mor_batching.py).
+back at (r, slot, position). A token that exits after depth r has no keys/values at the deeper depths; nothing is
+copied from its last depth. This follows the authors' code (github raymin0223/mixture_of_recursions):
+- recursion-wise caching: a depth's cache holds only the tokens that ran it. Each recursion is its own layer of their
+  `DynamicCache`, which appends only the keys/values of the tokens selected at that recursion
+  (`model/kv_caches/cache_utils.py`, `DynamicCache.update`), and a recursion's attention mask is restricted to the
+  selected tokens (`model/mor_model/expert_choice_router.py`, lines 244-263, "STEP 4"). The engine keeps an `active`
+  [N_r, S, L] mask: a query at depth r attends only to the earlier tokens of its sequence that ran depth r.
+- recursive KV sharing: every token runs recursion 0, and the deeper recursions read recursion 0's keys/values
+  (`RecursiveDynamicCache.update` returns the first recursion's cache for the later ones, cache_utils.py lines
+  553-560), so an exited token's keys/values are there at every depth.
+The released code has no depth-wise batching engine, and its decoding does not exit early: with one new token,
+`top_k = max(1, int(capacity * 1)) = 1` (expert_choice_router.py line 144), so every token runs every recursion. The
+exit rule here is the per-token one of the zoo's cached decoding (`zoo.models.mor`), which the engine matches:
+greedy decoding through the engine equals `zoo.engine.generate.generate` per sequence (tests/test_mor_batching.py).
 
 The same engine serves the vanilla dense LM (`dense_lm`: one depth, the block is all its layers, the coda its output
 projection, the prelude its embedding) and the Recursive Transformer (`mor` with router 'none': every token runs
