@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import pytest
 
 from configs.blockffn import get_config
-from test_engine import losses, wrap_train_step
+from test_engine import crash_and_resume, losses
 from zoo.engine import trainer
-from zoo.engine.checkpoint import Checkpointer, CheckpointError
+from zoo.engine.checkpoint import CheckpointError
 from zoo.engine.writers import read_metrics
 from zoo.routing import sparsity
 
@@ -31,20 +31,7 @@ def lambdas(workdir):
 
 
 def test_crash_and_resume_gives_the_same_losses_and_lambdas(tmp_path, monkeypatch):
-  ref = tmp_path / "ref"
-  trainer.train(tiny_config(), str(ref), progress=False)
-  run = tmp_path / "run"
-
-  def crash(n, state):
-    if n == 5:
-      raise RuntimeError("simulated crash")
-
-  with monkeypatch.context() as m:
-    wrap_train_step(m, crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-      trainer.train(tiny_config(), str(run), progress=False)
-  assert Checkpointer(str(run / "checkpoints")).latest_step() == 4
-  trainer.train(tiny_config(), str(run), progress=False)
+  ref, run = crash_and_resume(tiny_config(), tmp_path, monkeypatch)
   a, b = losses(ref), losses(run)
   assert sorted(b) == [1, 2, 3, 4, 5, 6]
   assert [b[s] for s in sorted(a)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-6)

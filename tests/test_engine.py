@@ -54,6 +54,25 @@ def wrap_train_step(monkeypatch, after_call):
   monkeypatch.setattr(trainer.Experiment, "compile_train_step", make)
 
 
+def crash_and_resume(config, tmp_path, monkeypatch, crash_after=4):
+  """Train `config` uninterrupted into tmp_path/ref, and into tmp_path/run with a crash in the step after
+  `crash_after` (the last checkpoint), then resume there with a fresh driver. Returns (ref, run) workdirs."""
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  trainer.train(config, str(ref), progress=False)
+
+  def crash(n, state):
+    if n == crash_after + 1:
+      raise RuntimeError("simulated crash")
+
+  with monkeypatch.context() as m:
+    wrap_train_step(m, crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+      trainer.train(config, str(run), progress=False)
+  assert Checkpointer(str(run / "checkpoints")).latest_step() == crash_after
+  trainer.train(config, str(run), progress=False)  # a fresh driver resumes from the last checkpoint
+  return ref, run
+
+
 def test_short_run_loss_falls_and_logs(tmp_path):
   c = tiny_config(steps=40)
   c.train.update(eval_every_steps=20, log_every_steps=10, eval_batches=4)

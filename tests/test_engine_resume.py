@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_engine import losses, tiny_config, wrap_train_step
+from test_engine import crash_and_resume, losses, tiny_config, wrap_train_step
 from zoo.engine import trainer
 from zoo.engine.checkpoint import Checkpointer, CheckpointError
 
@@ -32,20 +32,7 @@ def test_one_device_vs_sharded_and_restore_onto_other_mesh(tmp_path, monkeypatch
 
 
 def test_crash_and_resume_gives_the_same_losses(tmp_path, monkeypatch):
-  ref = tmp_path / "ref"
-  trainer.train(tiny_config(), str(ref), progress=False)
-  run = tmp_path / "run"
-
-  def crash(n, state):
-    if n == 5:
-      raise RuntimeError("simulated crash")
-
-  with monkeypatch.context() as m:
-    wrap_train_step(m, crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-      trainer.train(tiny_config(), str(run), progress=False)
-  assert Checkpointer(str(run / "checkpoints")).latest_step() == 4
-  trainer.train(tiny_config(), str(run), progress=False)  # a fresh driver resumes from step 4
+  ref, run = crash_and_resume(tiny_config(), tmp_path, monkeypatch)
   a, b = losses(ref), losses(run)
   assert sorted(b) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-6)
