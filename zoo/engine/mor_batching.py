@@ -45,7 +45,6 @@ where the capacity is 1), token-choice the depth its router picks at the prelude
 
 import dataclasses
 import functools
-import inspect
 from typing import Any
 
 import flax.linen as nn
@@ -101,14 +100,20 @@ def _job_kv(store_kv, rows, valid, write):
   return JobKV(k[rows], v[rows], valid, write)
 
 
-def _scatter_kv(store_kv, rows, positions, write, job_kv):
-  """Writes the jobs' new keys/values into `store_kv` at (rows..., position) where `write`."""
+def _scatter_kv(store_kv, rows, positions, write, job_kv, after):
+  """Writes the jobs' new keys/values into `store_kv` at (rows..., position) where `write`.
+
+  `after` is an output computed from the gathered keys/values (the attention's): the values written are made to
+  depend on it (`+ 0 * sum(after)`), so XLA orders the gather before the in-place scatter instead of copying the
+  whole store to keep the gather's input intact.
+  """
   k, v = store_kv
   pos = jnp.where(write, positions, k.shape[-3])
   idx = (*rows, pos)
+  tie = 0.0 * jnp.sum(after.astype(jnp.float32))
   return (
-    k.at[idx].set(job_kv.new_k[:, 0].astype(k.dtype), mode="drop"),
-    v.at[idx].set(job_kv.new_v[:, 0].astype(v.dtype), mode="drop"),
+    k.at[idx].set((job_kv.new_k[:, 0] + tie).astype(k.dtype), mode="drop"),
+    v.at[idx].set((job_kv.new_v[:, 0] + tie).astype(v.dtype), mode="drop"),
   )
 
 
@@ -183,7 +188,7 @@ class DenseStages:
     for i in range(self.model.num_layers):
       kv = _job_kv(rec[i], (zeros, slot), key_valid, valid)
       x, kv = self.parts.apply({"params": variables["params"]}, "layer", i, x, pos[:, None], kv)
-      rec[i] = _scatter_kv(rec[i], (zeros, slot), pos, valid, kv)
+      rec[i] = _scatter_kv(rec[i], (zeros, slot), pos, valid, kv, x)
     return {**store, "rec": tuple(rec)}, bufs, x[:, 0], jnp.zeros(slot.shape, bool)
 
 
@@ -263,7 +268,7 @@ class MoRStages:
       kv = _job_kv(store["last"], (slot,), jnp.ones((slot.shape[0], store["last"][0].shape[1]), bool), write)
     logits, kv = self._apply(variables, run, h, kv)
     if last_id is not None:
-      store = {**store, "last": _scatter_kv(store["last"], (slot,), pos, write, kv)}
+      store = {**store, "last": _scatter_kv(store["last"], (slot,), pos, write, kv, logits)}
     return store, logits
 
   def prelude(self, variables, store, bufs, jobs, tokens):
@@ -291,7 +296,7 @@ class MoRStages:
       kv = _job_kv(store["first"], (slot,), jnp.ones((slot.shape[0], store["first"][0].shape[1]), bool), write)
     h, kv, (chosen, depth, weight) = self._apply(variables, run, tokens, kv)
     if first_id is not None:
-      store = {**store, "first": _scatter_kv(store["first"], (slot,), pos, write, kv)}
+      store = {**store, "first": _scatter_kv(store["first"], (slot,), pos, write, kv, h)}
     if router == "token":
       at = jnp.where(write, slot, bufs["h0"].shape[0])
       bufs = {
@@ -327,22 +332,24 @@ class MoRStages:
       y = x[:, 0]
       if m.router == "expert":
         gate = _per_depth(depth, [m.gate_scale * jax.nn.sigmoid(m.step_routers[r](h)[..., 0]) for r in range(n_r)])
-        h_new = _combine(m, h, y, gate, None, None)
+        h_new = m._combine(h, y, gate, None, None)
         nxt = jnp.minimum(depth + 1, n_r - 1)
         decision = _per_depth(nxt, [_expert_decision(m, r, h_new) for r in range(n_r)])
         caps_one = jnp.asarray([c >= 1.0 for c in m.caps])[nxt]
         go_on = (depth + 1 < n_r) & (caps_one | (decision >= 0))
       elif m.router == "token":
         route_depth, weight, h0 = token_route
-        h_new = _combine(m, h, y, weight, route_depth == depth, h0)
+        h_new = m._combine(h, y, weight, route_depth == depth, h0)
         go_on = route_depth > depth
       else:
-        h_new = _combine(m, h, y, None, None, None)
+        h_new = m._combine(h, y, None, None, None)
         go_on = depth + 1 < n_r
       return h_new, tuple(out), go_on
 
     h_new, out, go_on = self._apply(variables, run, h, kvs)
-    rec = tuple(_scatter_kv(store["rec"][j], (rec_depth, slot), pos, write, out[j]) for j in range(len(layer_ids)))
+    rec = tuple(
+      _scatter_kv(store["rec"][j], (rec_depth, slot), pos, write, out[j], h_new) for j in range(len(layer_ids))
+    )
     store = {**store, "rec": rec}
     if active is not None:
       store["active"] = active
@@ -352,13 +359,6 @@ class MoRStages:
 def _per_depth(depth, values):
   """values[depth[i]][i] for each job i; values: a list of [jobs] arrays, one per depth."""
   return jnp.take_along_axis(jnp.stack(values, axis=-1), depth[:, None], axis=-1)[:, 0]
-
-
-def _combine(m, x, y, gate, last, stack_input):
-  """The model's own combine rule (`MoRLM._combine`); `stack_input` (h_0) is passed where the rule takes it."""
-  if "stack_input" in inspect.signature(m._combine).parameters:
-    return m._combine(x, y, gate, last, stack_input)
-  return m._combine(x, y, gate, last)
 
 
 def _expert_decision(m, r, h):
