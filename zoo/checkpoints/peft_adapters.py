@@ -1,0 +1,342 @@
+"""LoRA adapters in PEFT's format (adapter_config.json + adapter_model.safetensors) <-> zoo LoRA adapters
+(`zoo.layers.lora`), for the Hugging Face families the zoo loads (`zoo.checkpoints.hf`).
+
+Names: a PEFT tensor `base_model.model.<HF module>.lora_A.weight` [r, in] / `lora_B.weight` [out, r] belongs to the HF
+linear `<HF module>.weight` [out, in]. Which zoo layer that is comes from the two maps the checkpoint conversion
+already has, composed: `hf_spec.hf_to_canonical` (HF tensor -> canonical tensor; run on a probe checkpoint of the same
+family and layer layout with every size shrunk to 1 and each tensor filled with its own number, so the map costs
+nothing for a large model) and `zoo_tree.classify` (zoo parameter path -> canonical tensor). Layout: the canonical
+kernel is the HF weight transposed with its input and output axes reshaped (e.g. q: [embed, heads, head_dim]), so the
+zoo adapter is `lora_a = A^T` reshaped to [*contracted, r] and `lora_b = B^T` reshaped to [r, *features], and the
+adapted kernel `W + (alpha / r) lora_a . lora_b` is the transposed HF `W + (alpha / r) B A`.
+
+Supported: LoRA (`peft_type` LORA) with `alpha / r` scaling on the dense linears of Llama, Qwen2, Qwen3 and the
+attention / dense / shared-expert linears of the MoE families; refused with the key named: DoRA, rsLoRA, per-module
+ranks or alphas, LoRA biases, `modules_to_save`, parameter-level targets (experts), DeepSeek-V3's latent attention
+(its RoPE features are permuted), and an adapter whose base or rank does not fit the model.
+"""
+
+import dataclasses
+import json
+import os
+import re
+
+import flax.linen as nn
+import numpy as np
+from flax import traverse_util
+
+from zoo.checkpoints import hf_spec, safetensors_io, zoo_tree
+from zoo.checkpoints.hf_spec import ConversionError
+from zoo.layers.lora import LoRASpec, adapted_modules, split_adapters
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# adapter_config.json keys whose non-neutral values change the adapter's math or add parameters the zoo does not have.
+_UNSUPPORTED = {
+  "use_dora": "DoRA (weight-decomposed LoRA)",
+  "use_rslora": "rank-stabilised LoRA (alpha / sqrt(r) scaling)",
+  "lora_bias": "LoRA biases",
+  "use_qalora": "QA-LoRA",
+  "use_bdlora": "BD-LoRA",
+  "alora_invocation_tokens": "activated LoRA",
+  "layer_replication": "layer replication",
+  "rank_pattern": "per-module ranks",
+  "alpha_pattern": "per-module alphas",
+  "target_parameters": "parameter-level targets (expert weights)",
+  "modules_to_save": "fully trained modules (modules_to_save)",
+  "trainable_token_indices": "trained token embeddings",
+  "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
+  "arrow_config": "Arrow routing",
+  "monteclora_config": "MonteCLoRA",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftAdapter:
+  """A PEFT LoRA adapter read from its directory: its path, adapter_config.json and tensors {HF module: (A, B)}
+  with A [r, in] and B [out, r] (numpy)."""
+
+  path: str
+  config: dict
+  modules: dict
+
+  @property
+  def r(self):
+    return int(self.config["r"])
+
+  @property
+  def alpha(self):
+    return float(self.config["lora_alpha"])
+
+  @property
+  def base_model_name_or_path(self):
+    return self.config.get("base_model_name_or_path") or ""
+
+
+def read_adapter(path):
+  """Read and check a PEFT LoRA adapter directory.
+
+  Raises:
+    ConversionError naming the file, key or tensor: a missing or malformed file; a `peft_type` other than LORA; an
+      option the zoo does not support (DoRA, rsLoRA, ...); a tensor that is not a lora_A / lora_B weight; a module
+      with only one of them; a rank that differs from `r`.
+  """
+  path = path[5:] if str(path).startswith("peft:") else str(path)
+  if not os.path.isdir(path):
+    raise ConversionError(f"PEFT adapter {path}: no such directory")
+  config_path = os.path.join(path, CONFIG_FILE)
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      config = json.load(f)
+  except FileNotFoundError:
+    raise ConversionError(f"PEFT adapter {path} has no {CONFIG_FILE}") from None
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConversionError(f"{config_path}: not valid JSON ({e})") from None
+  if not isinstance(config, dict):
+    raise ConversionError(f"{config_path}: a JSON {type(config).__name__}, not an object of settings")
+  kind = config.get("peft_type")
+  if kind != "LORA":
+    raise ConversionError(f"{config_path}: peft_type={kind!r} is not supported; allowed: 'LORA'")
+  for key, what in _UNSUPPORTED.items():
+    if config.get(key):
+      raise ConversionError(f"{config_path}: {key}={config[key]!r}: {what} is not supported; allowed: plain LoRA")
+  if config.get("bias", "none") != "none":
+    raise ConversionError(f"{config_path}: bias={config['bias']!r} is not supported; allowed: 'none'")
+  for key in ("r", "lora_alpha"):
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (key == "r" and value % 1):
+      raise ConversionError(f"{config_path}: {key}={value!r} is invalid; allowed: a positive number")
+  weights = os.path.join(path, WEIGHTS_FILE)
+  if not os.path.isfile(weights):
+    raise ConversionError(f"PEFT adapter {path} has no {WEIGHTS_FILE} (pickled adapter_model.bin is never read)")
+  tensors = safetensors_io.load_file(weights)
+  parts = {}
+  for name in tensors:
+    m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
+    if m is None:
+      raise ConversionError(
+        f"{weights}: tensor {name!r} is not a LoRA weight ({PREFIX}<module>.lora_A.weight / .lora_B.weight)"
+      )
+    parts.setdefault(m.group(1), {})[m.group(2)] = np.asarray(tensors[name], np.float32)
+  modules = {}
+  r = int(config["r"])
+  for module, ab in sorted(parts.items()):
+    if set(ab) != {"A", "B"}:
+      raise ConversionError(f"{weights}: module {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+    a, b = ab["A"], ab["B"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+      raise ConversionError(
+        f"{weights}: module {module} has lora_A {a.shape} and lora_B {b.shape}; adapter_config.json gives r={r} "
+        "(expected lora_A [r, in] and lora_B [out, r])"
+      )
+    modules[module] = (a, b)
+  if not modules:
+    raise ConversionError(f"{weights} holds no LoRA weights")
+  return PeftAdapter(path, config, modules)
+
+
+def _probe_arch(arch):
+  """`arch` with every width 1: the same tensor names, tiny tensors."""
+  if arch.mla:
+    raise ConversionError(
+      f"{arch.family}: LoRA adapters of multi-head latent attention are not supported (its RoPE features are "
+      "permuted between the layouts)"
+    )
+  return dataclasses.replace(
+    arch,
+    vocab_size=1,
+    embed_dim=1,
+    head_dim=1,
+    mlp_dim=1,
+    expert_mlp_dim=min(arch.expert_mlp_dim, 1),
+    shared_mlp_dim=min(arch.shared_mlp_dim, 1),
+  )
+
+
+def module_names(arch):
+  """{(layer, group, canonical name): HF module name} for every HF linear weight that is one canonical kernel (the
+  stacked experts, made of several HF tensors, are left out)."""
+  probe_arch = _probe_arch(arch)
+  shapes = hf_spec.expected_tensors(probe_arch)
+  names = sorted(shapes)
+  probe = {n: np.full(shapes[n], i + 1, np.float32) for i, n in enumerate(names)}
+  canon = hf_spec.hf_to_canonical(probe, probe_arch)
+  out = {}
+
+  def visit(key, value):
+    ids = np.unique(np.asarray(value))
+    name = names[int(ids[0]) - 1] if ids.size == 1 else ""
+    if name.endswith(".weight") and len(shapes[name]) == 2 and np.ndim(value) >= 2:
+      out[key] = name[: -len(".weight")]
+
+  for key, value in canon.items():
+    if key != "layers":
+      visit((None, None, key), value)
+  for i, layer in enumerate(canon["layers"]):
+    for group, item in layer.items():
+      if isinstance(item, dict):
+        for key, value in item.items():
+          visit((i, group, key), value)
+  return out
+
+
+def zoo_modules(params, arch):
+  """{HF module name: zoo module path} of the model's `DenseGeneral` kernels that have an HF linear counterpart."""
+  names = module_names(arch)
+  out = {}
+  for path in traverse_util.flatten_dict(nn.unbox(params)):
+    if path[-1] != "kernel":
+      continue
+    try:
+      key = zoo_tree.classify(("params", *path))
+    except ConversionError:
+      continue
+    if key in names:
+      out[names[key]] = "/".join(path[:-1])
+  return out
+
+
+def adapter_spec(adapter, params, arch, *, dropout=None):
+  """The LoRASpec that adapts exactly the adapter's modules: its rank and alpha, each module's zoo path anchored.
+
+  Args:
+    adapter: a `PeftAdapter`.
+    params: the base model's params (or ShapeDtypeStructs).
+    arch: the base's `hf_spec.Arch` (its family and layer layout name the modules).
+    dropout: the adapter dropout (default: the adapter's `lora_dropout`).
+  """
+  paths = _zoo_paths(adapter, params, arch)
+  rate = float(adapter.config.get("lora_dropout") or 0.0) if dropout is None else dropout
+  r = adapter.r
+  alpha = adapter.alpha
+  return LoRASpec(
+    r=r, alpha=alpha, dropout=rate, target_modules=tuple(f"^{re.escape(p)}$" for p in sorted(paths.values()))
+  )
+
+
+def _zoo_paths(adapter, params, arch):
+  known = zoo_modules(params, arch)
+  paths = {}
+  for module in adapter.modules:
+    if module not in known:
+      raise ConversionError(
+        f"PEFT adapter {adapter.path}: module {module} has no counterpart in the {arch.family} base model "
+        f"(base_model_name_or_path={adapter.base_model_name_or_path!r}); adaptable modules look like "
+        f"{sorted(known)[:4]}"
+      )
+    paths[module] = known[module]
+  return paths
+
+
+def adapter_params(adapter, params, arch):
+  """The adapter as zoo adapter leaves: {'params': nested dict with `lora_a` / `lora_b` at the adapted modules}.
+
+  Args:
+    adapter: a `PeftAdapter`.
+    params: the adapted model's params (arrays or ShapeDtypeStructs, boxed or not): they give every adapter's shape.
+    arch: the base's `hf_spec.Arch`.
+
+  Raises:
+    ConversionError naming the module: one the model does not adapt, or whose shapes do not fit (another base model
+      or another rank).
+  """
+  flat = traverse_util.flatten_dict(nn.unbox(params))
+  out = {}
+  for module, path in _zoo_paths(adapter, params, arch).items():
+    key = tuple(path.split("/"))
+    if (*key, "lora_a") not in flat:
+      raise ConversionError(
+        f"PEFT adapter {adapter.path}: module {module} ({path}) is not adapted by the model; adapted: "
+        f"{adapted_modules(params)[:6]}"
+      )
+    a_shape, b_shape = tuple(flat[(*key, "lora_a")].shape), tuple(flat[(*key, "lora_b")].shape)
+    a, b = adapter.modules[module]
+    if a_shape[-1] != a.shape[0]:
+      raise ConversionError(
+        f"PEFT adapter {adapter.path}: rank r={a.shape[0]} of module {module} does not match the model's adapters "
+        f"(r={a_shape[-1]})"
+      )
+    if a.shape[1] != int(np.prod(a_shape[:-1])) or b.shape[0] != int(np.prod(b_shape[1:])):
+      raise ConversionError(
+        f"PEFT adapter {adapter.path}: module {module} has lora_A {a.shape} and lora_B {b.shape}, but the model's "
+        f"{path} maps {int(np.prod(a_shape[:-1]))} inputs to {int(np.prod(b_shape[1:]))} outputs; the adapter "
+        f"belongs to another base model (base_model_name_or_path={adapter.base_model_name_or_path!r})"
+      )
+    out[(*key, "lora_a")] = a.T.reshape(a_shape)
+    out[(*key, "lora_b")] = b.T.reshape(b_shape)
+  return {"params": traverse_util.unflatten_dict(out)}
+
+
+def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", overwrite=False, sources=()):
+  """Write the adapters of `params` as a PEFT LoRA adapter directory (loadable with `peft.PeftModel.from_pretrained`).
+
+  Args:
+    params: the adapted model's params (its adapters are written; the base is not).
+    spec: the model's LoRASpec (rank, alpha, dropout).
+    arch: the base's `hf_spec.Arch` (its family and layer layout name the modules).
+    out_dir: the directory to create, written whole (`zoo.checkpoints.write_dir`).
+    base_model_name_or_path: recorded in adapter_config.json.
+    overwrite: replace a non-empty `out_dir` whole.
+    sources: the inputs (base model, checkpoint), which `out_dir` may not be, lie in or contain.
+
+  Returns:
+    The adapter_config.json dict.
+
+  Raises:
+    ConversionError: extra trained base parameters (`spec.trainable_params`), which a LoRA adapter cannot hold, or
+      an adapted layer without a Hugging Face counterpart (named).
+  """
+  from zoo.checkpoints.hf import write_dir  # pylint: disable=g-import-not-at-top  (hf imports the model registry)
+
+  if spec.trainable_params:
+    raise ConversionError(
+      f"config.lora.trainable_params={list(spec.trainable_params)}: the base parameters trained beside the adapters "
+      "cannot be written into a PEFT LoRA adapter; allowed: adapters only"
+    )
+  _, adapters = split_adapters(nn.unbox(params))
+  flat = traverse_util.flatten_dict(adapters)
+  hf_names = {path: module for module, path in zoo_modules(params, arch).items()}
+  tensors, modules = {}, []
+  for path in adapted_modules(params):
+    if path not in hf_names:
+      raise ConversionError(f"adapted layer {path} has no Hugging Face counterpart in a {arch.family} model")
+    key, module = tuple(path.split("/")), hf_names[path]
+    a, b = np.asarray(flat[(*key, "lora_a")], np.float32), np.asarray(flat[(*key, "lora_b")], np.float32)
+    tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.r).T)
+    tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.r, -1).T)
+    modules.append(module)
+  # Short names (q_proj) when every module of those names is adapted, else the full module names.
+  short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+  every = sorted(m for m in hf_names.values() if m.rsplit(".", 1)[-1] in short)
+  config = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": base_model_name_or_path,
+    "r": spec.r,
+    "lora_alpha": spec.alpha,
+    "lora_dropout": spec.dropout,
+    "target_modules": short if every == sorted(modules) else sorted(modules),
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_dora": False,
+    "use_rslora": False,
+    "init_lora_weights": True,
+    "inference_mode": True,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+  }
+
+  def write(directory):
+    safetensors_io.save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+
+  write_dir(out_dir, write, overwrite=overwrite, sources=sources)
+  return config
+
+
+def base_arch(source):
+  """The `hf_spec.Arch` of a Hugging Face model directory ('hf:DIR' or DIR), from config.json and headers only."""
+  return hf_spec.check_dir(source).arch

@@ -1,0 +1,308 @@
+"""LoRA: low-rank adapters on the `DenseGeneral` layers of any zoo model, chosen by module-path patterns.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", section 4.1, eq. 3: `h = x W + (alpha / r) x A B`
+with `A` [*contracted, r] drawn as PEFT draws it (Kaiming-uniform, bound 1 / sqrt(fan_in)), `B` [r, *features]
+initialised to zero (so the adapted model starts as the base model) and dropout on the adapter's input only (PEFT's
+`lora_dropout`).
+
+`with_lora(model, spec)` returns the model with every `DenseGeneral` whose module path ('/'-joined, e.g.
+'layers_0/attention/query') matches one of `spec.target_modules` (regular expressions, `re.search`) adapted: its
+`lora_a` and `lora_b` parameters live beside its `kernel` (`layers_0/attention/query/lora_a`). No model file is
+edited: the adapters are added by a Flax method interceptor around the model's `init` and `apply`, so every
+parameter path of the base model is unchanged and a base checkpoint (`config.init_from`, a zoo checkpoint or
+'hf:DIR') loads as it is; the adapters, which no source has, keep their initialisation. The adapted model's
+`trainable_params` hook (the engine's trainable/frozen split, `zoo.engine.partition`) trains the adapters and the
+base parameters `spec.trainable_params` names, and freezes the rest: the base gets no gradient buffers and no
+optimizer state.
+
+Expert weights (the stacked [experts, in, out] einsum parameters of `zoo.routing`) and embeddings are not
+`DenseGeneral` layers: a pattern that matches them is refused (`check_targets`).
+
+`merge(params, spec)` folds the adapters into the kernels (`W + (alpha / r) A B`, the adapters dropped: the base
+model runs the result); `unmerge(merged, adapters, spec)` takes them out again.
+"""
+
+import contextlib
+import dataclasses
+import re
+import threading
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from zoo.layers.linear import DenseGeneral, _as_tuple
+from zoo.registry import ConfigError
+
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+# The default targets: the q/k/v/o projections of every attention layer (GQA's query/key/value/out).
+DEFAULT_TARGETS = (r"attention/(query|key|value|out)$",)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+  """Where the adapters go and how they are scaled (`config.lora`).
+
+  Attributes:
+    r: rank of every adapter (>= 1).
+    alpha: scale numerator; the adapter's output is multiplied by `alpha / r`.
+    dropout: dropout rate on the adapter's input while training, in [0, 1).
+    target_modules: regular expressions (`re.search`) over '/'-joined module paths of `DenseGeneral` layers.
+    trainable_params: regular expressions over '/'-joined parameter paths of base parameters that train along with
+      the adapters (e.g. the norms); every other base parameter is frozen.
+  """
+
+  r: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  target_modules: tuple[str, ...] = DEFAULT_TARGETS
+  trainable_params: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for key in ("target_modules", "trainable_params"):
+      object.__setattr__(self, key, tuple(getattr(self, key)))
+    if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+      raise ConfigError(f"config.lora.r={self.r!r} is invalid; allowed: an integer >= 1")
+    if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+      raise ConfigError(f"config.lora.alpha={self.alpha!r} is invalid; allowed: a number > 0")
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+      raise ConfigError(f"config.lora.dropout={self.dropout!r} is invalid; allowed: [0, 1)")
+    if not self.target_modules:
+      raise ConfigError("config.lora.target_modules is empty; allowed: regular expressions over module paths")
+    for key in ("target_modules", "trainable_params"):
+      for pattern in getattr(self, key):
+        if not isinstance(pattern, str):
+          raise ConfigError(f"config.lora.{key}: {pattern!r} is not a string (a regular expression)")
+        try:
+          re.compile(pattern)
+        except re.error as e:
+          raise ConfigError(f"config.lora.{key}: {pattern!r} is not a regular expression ({e})") from None
+
+  @property
+  def scale(self):
+    return self.alpha / self.r
+
+  def targets(self, module_path):
+    """Whether the `DenseGeneral` at `module_path` ('/'-joined) is adapted."""
+    return any(re.search(p, module_path) for p in self.target_modules)
+
+
+# ------------------------------------------------------------------------------------------------------- forward
+
+
+def lora_delta(x, lora_a, lora_b, scale, dtype):
+  """`scale * x . A . B`: x [..., *contracted], lora_a [*contracted, r], lora_b [r, *features] -> [..., *features]."""
+  n_in = lora_a.ndim - 1
+  x, lora_a, lora_b = nn.dtypes.promote_dtype(x, lora_a, lora_b, dtype=dtype)
+  contract = tuple(range(x.ndim - n_in, x.ndim))
+  h = jax.lax.dot_general(x, lora_a, ((contract, tuple(range(n_in))), ((), ())))
+  return scale * jax.lax.dot_general(h, lora_b, (((h.ndim - 1,), (0,)), ((), ())))
+
+
+def _interceptor(spec, deterministic):
+  """A Flax method interceptor adding the adapter to every targeted `DenseGeneral.__call__`."""
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, DenseGeneral):
+      return next_fun(*args, **kwargs)
+    if not spec.targets("/".join(module.path)):
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    (x,) = args
+    n_in = len(_as_tuple(module.axis))
+    features = _as_tuple(module.features)
+    in_shape = x.shape[x.ndim - n_in :]
+    in_axes, out_axes = tuple(module.kernel_axes[:n_in]), tuple(module.kernel_axes[n_in:])
+    init_a = nn.initializers.variance_scaling(
+      1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=(n_in,)
+    )  # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    lora_a = module.param(
+      "lora_a", nn.with_logical_partitioning(init_a, (*in_axes, None)), (*in_shape, spec.r), module.param_dtype
+    )
+    lora_b = module.param(
+      "lora_b",
+      nn.with_logical_partitioning(nn.initializers.zeros, (None, *out_axes)),
+      (spec.r, *features),
+      module.param_dtype,
+    )
+    if spec.dropout and not deterministic:
+      keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - spec.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+    return y + lora_delta(x, lora_a, lora_b, spec.scale, module.dtype).astype(y.dtype)
+
+  return intercept
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def _adapted(spec, deterministic):
+  """The interceptor installed once (an `init` that calls `init_with_output` does not add the adapters twice)."""
+  if getattr(_ACTIVE, "on", False):
+    yield
+    return
+  _ACTIVE.on = True
+  try:
+    with nn.intercept_methods(_interceptor(spec, deterministic)):
+      yield
+  finally:
+    _ACTIVE.on = False
+
+
+_CLASSES = {}
+
+
+def _lora_class(base):
+  """The subclass of model class `base` whose `init` / `apply` add the adapters (one per base class)."""
+  if base in _CLASSES:
+    return _CLASSES[base]
+
+  class Adapted(base):
+    lora: LoRASpec | None = None
+
+    @nn.nowrap
+    def init(self, *args, **kwargs):
+      with _adapted(self.lora, True):
+        return super().init(*args, **kwargs)
+
+    @nn.nowrap
+    def init_with_output(self, *args, **kwargs):
+      with _adapted(self.lora, True):
+        return super().init_with_output(*args, **kwargs)
+
+    @nn.nowrap
+    def apply(self, *args, **kwargs):
+      with _adapted(self.lora, kwargs.get("deterministic", True)):
+        return super().apply(*args, **kwargs)
+
+    @nn.nowrap
+    def trainable_params(self, params):
+      """The adapters and the base parameters `lora.trainable_params` names train (and the base model's own
+      `trainable_params` hook still freezes what it freezes); every other parameter is frozen."""
+      base_params, _ = split_adapters(params)
+      flags = {}
+      hook = getattr(super(), "trainable_params", None)
+      if hook is not None:
+        flags = traverse_util.flatten_dict(hook(base_params))
+      out = {}
+      for path in traverse_util.flatten_dict(params):
+        name = "/".join(str(p) for p in path)
+        if path[-1] in ADAPTER_LEAVES:
+          out[path] = True
+        else:
+          out[path] = any(re.search(p, name) for p in self.lora.trainable_params) and flags.get(path, True)
+      return traverse_util.unflatten_dict(out)
+
+  Adapted.__name__ = Adapted.__qualname__ = f"LoRA{base.__name__}"
+  _CLASSES[base] = Adapted
+  return Adapted
+
+
+def with_lora(model, spec):
+  """`model` (a zoo model) with LoRA adapters on the `DenseGeneral` layers `spec` targets.
+
+  The result has the model's fields, class attributes and methods (`exposes`, `init_cache`, `num_params`, ...); its
+  params hold the base parameters at their usual paths plus `lora_a` / `lora_b` beside each adapted kernel.
+  """
+  if not isinstance(spec, LoRASpec):
+    raise TypeError(f"with_lora: spec must be a LoRASpec, got {type(spec).__name__}")
+  if getattr(model, "lora", None) is not None:
+    raise ConfigError(f"{type(model).__name__} already has LoRA adapters")
+  skip = ("parent", "name")
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.init and f.name not in skip}
+  return _lora_class(type(model))(**fields, lora=spec)
+
+
+# ------------------------------------------------------------------------------------------------- checks, trees
+
+
+def _name(path):
+  return "/".join(str(p) for p in path)
+
+
+def split_adapters(params):
+  """(base params, adapters): nested dicts of the non-LoRA leaves and of the `lora_a` / `lora_b` leaves."""
+  flat = traverse_util.flatten_dict(params, is_leaf=lambda _, x: isinstance(x, nn.Partitioned))
+  base = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_LEAVES}
+  adapters = {p: v for p, v in flat.items() if p[-1] in ADAPTER_LEAVES}
+  return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapters)
+
+
+def adapted_modules(params):
+  """The '/'-joined module paths that hold adapters, sorted."""
+  flat = traverse_util.flatten_dict(nn.unbox(params))
+  return sorted({_name(p[:-1]) for p in flat if p[-1] == "lora_a"})
+
+
+def check_targets(spec, params):
+  """Every pattern of `spec` adapts at least one `DenseGeneral` and hits nothing LoRA cannot adapt.
+
+  Args:
+    spec: the LoRASpec.
+    params: the adapted model's params (arrays or ShapeDtypeStructs, boxed or not).
+
+  Raises:
+    ConfigError naming the pattern: one that matches a weight matrix that is not a `DenseGeneral` kernel (the
+      stacked expert weights of `zoo.routing`, an embedding table), or one that matches no `DenseGeneral` layer; and
+      a `trainable_params` pattern that matches no base parameter.
+  """
+  flat = traverse_util.flatten_dict(nn.unbox(params))
+  adapted = adapted_modules(params)
+  dense = sorted({_name(p[:-1]) for p in flat if p[-1] == "kernel"})
+  others = [_name(p) for p, v in flat.items() if p[-1] not in ("kernel", *ADAPTER_LEAVES) and len(v.shape) >= 2]
+  for pattern in spec.target_modules:
+    hits = [n for n in others if re.search(pattern, n)]
+    if hits:
+      raise ConfigError(
+        f"config.lora.target_modules: pattern {pattern!r} matches {len(hits)} weight(s) that are not DenseGeneral "
+        f"layers, e.g. {hits[:3]} (expert weights and embeddings); LoRA adapts DenseGeneral layers only (experts "
+        "are not supported yet): anchor the pattern to the layers to adapt, e.g. 'attention/(query|value)$'"
+      )
+    if not any(re.search(pattern, m) for m in adapted):
+      raise ConfigError(
+        f"config.lora.target_modules: pattern {pattern!r} matches no DenseGeneral layer; module paths look like "
+        f"{dense[:6]} ({len(dense)} layers)"
+      )
+  base_names = [_name(p) for p in flat if p[-1] not in ADAPTER_LEAVES]
+  for pattern in spec.trainable_params:
+    if not any(re.search(pattern, n) for n in base_names):
+      raise ConfigError(
+        f"config.lora.trainable_params: pattern {pattern!r} matches no base parameter; parameter paths look like "
+        f"{base_names[:4]}"
+      )
+  return adapted
+
+
+def _delta(lora_a, lora_b, scale):
+  """`scale * A . B` in the kernel's layout [*contracted, *features]."""
+  return scale * jnp.tensordot(jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32), axes=1)
+
+
+def merge(params, spec):
+  """The base model's params with every adapter folded into its kernel (`W + (alpha / r) A B`) and the adapters
+  dropped: `base_model.apply` on them gives the adapted model's output (deterministic)."""
+  base, adapters = split_adapters(nn.unbox(params))
+  flat = traverse_util.flatten_dict(base)
+  for module, leaves in traverse_util.flatten_dict(adapters, is_leaf=_is_adapter).items():
+    kernel = flat[(*module, "kernel")]
+    flat[(*module, "kernel")] = (kernel + _delta(leaves["lora_a"], leaves["lora_b"], spec.scale)).astype(kernel.dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
+def unmerge(merged, adapters, spec):
+  """The inverse of `merge`: the adapted model's params from merged params and the adapters (`split_adapters`)."""
+  flat = traverse_util.flatten_dict(nn.unbox(merged))
+  adapters = nn.unbox(adapters)
+  for module, leaves in traverse_util.flatten_dict(adapters, is_leaf=_is_adapter).items():
+    kernel = flat[(*module, "kernel")]
+    flat[(*module, "kernel")] = (kernel - _delta(leaves["lora_a"], leaves["lora_b"], spec.scale)).astype(kernel.dtype)
+    flat[(*module, "lora_a")], flat[(*module, "lora_b")] = leaves["lora_a"], leaves["lora_b"]
+  return traverse_util.unflatten_dict(flat)
+
+
+def _is_adapter(path, value):
+  del path
+  return hasattr(value, "keys") and "lora_a" in value
