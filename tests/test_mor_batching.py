@@ -30,12 +30,12 @@ def _variables(model):
   return {**variables, "params": params}
 
 
-def _one_at_a_time(model, variables, prompts):
+def _one_at_a_time(model, variables, prompts, eos_id=None):
   """Each request decoded alone with the model's cached decoding (requests of equal shape share a call)."""
   out = [None] * len(prompts)
   for shape in sorted(set(zip(PROMPT_LENGTHS, NEW_TOKENS))):
     idx = [i for i, s in enumerate(zip(PROMPT_LENGTHS, NEW_TOKENS)) if s == shape]
-    tokens = generate(model, variables, jnp.stack([prompts[i] for i in idx]), max_new_tokens=shape[1])
+    tokens = generate(model, variables, jnp.stack([prompts[i] for i in idx]), max_new_tokens=shape[1], eos_id=eos_id)
     for row, i in enumerate(idx):
       out[i] = np.asarray(tokens[row, shape[0] :])
   return out
@@ -65,10 +65,53 @@ def test_engine_equals_one_at_a_time_decoding(config):
   assert [len(o) for o in outputs] == list(NEW_TOKENS)
   # 6 requests through 3 slots: every admission after the first 3 refills a freed slot.
   assert stats.slot_reuses == len(prompts) - 3
+  # The first token of a request is sampled in its prefill call, which also runs its prelude: boundary steps (the
+  # coda) ran only on tokens that left the recursion, one per later token.
+  assert stats.jobs["boundary"] == sum(NEW_TOKENS) - len(prompts)
+  if config["kv_mode"] == "share":  # some block steps had no job at depth 0 and projected no keys/values
+    assert 0 < stats.read_only_block_steps < stats.steps["block"]
+  else:
+    assert stats.read_only_block_steps == 0
+  assert stats.prompt_tokens == sum(PROMPT_LENGTHS) and stats.generated_tokens == sum(NEW_TOKENS)
+  assert stats.prefill_seconds > 0 and stats.decode_seconds > 0
   # Tokens left the recursion at different depths, and block steps ran jobs of different depths together.
   assert (stats.depth_counts[1:-1] > 0).any() and stats.depth_counts[-1] > 0
   assert stats.mixed_depth_steps > 0
   assert stats.occupancy.shape == (sum(stats.steps.values()), 4)
+
+
+def _eos_candidate(outputs):
+  """A token that one request samples first and another in the middle of its output: as EOS it ends a sequence at
+  its prefill call and another at a boundary step."""
+  for out in outputs:
+    if any(out[0] in o[1:-1] and o[0] != out[0] for o in outputs):
+      return int(out[0])
+  raise AssertionError(f"no token of {outputs} is both a first token and a middle one")
+
+
+@pytest.mark.parametrize(
+  "config",
+  [dict(router="expert", kv_mode="recursion"), dict(router="token", kv_mode="share")],
+  ids=lambda c: c["router"],
+)
+def test_engine_stops_at_eos_where_generate_pads(config):
+  model = build_model(dict(name="mor", num_layers=5, num_recursions=3, sharing="middle_cycle", **SHAPE, **config))
+  variables = _variables(model)
+  prompts = _requests()
+  eos = _eos_candidate(_one_at_a_time(model, variables, prompts))
+  engine = DepthBatchingEngine(model, variables, batch_size=2, num_slots=3, max_length=12, eos_id=eos)
+  outputs, stats = engine.run(prompts, list(NEW_TOKENS))
+  # generate keeps every row to its full length, padding a finished one with EOS: equal up to and including the EOS.
+  expected = _one_at_a_time(model, variables, prompts, eos_id=eos)
+  stops = []
+  for i, (got, want) in enumerate(zip(outputs, expected)):
+    hits = np.flatnonzero(want == eos)
+    end = hits[0] + 1 if len(hits) else len(want)
+    np.testing.assert_array_equal(got, want[:end], err_msg=f"request {i}")
+    stops.append(end if end < len(want) else None)
+  assert 1 in stops and any(s is not None and s > 1 for s in stops), stops  # at a prefill and at a boundary
+  assert stats.admissions == len(prompts) and stats.slot_reuses == len(prompts) - 3
+  assert stats.generated_tokens == sum(len(o) for o in outputs) < sum(NEW_TOKENS)
 
 
 def test_engine_serves_the_dense_baseline():

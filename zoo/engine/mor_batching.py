@@ -6,21 +6,31 @@ mix tokens of different sequences at different depths. The engine serves a queue
 length, each with its number of new tokens) through a pool of `num_slots` sequence slots:
 
 - admission: a free slot takes the next request; the prompt is prefilled with the model's own cached forward (the
-  admitted prompts of one step in one padded call), the cache rows are copied into the slot, and the first token is
-  sampled from the prefill logits.
+  admitted prompts of one step in one padded call), the cache rows are copied into the slot, the first token is
+  sampled from the prefill logits, and the same call runs that token's prelude (and depth-0 routing), so a newly
+  admitted sequence goes straight to the block (or, routed past every recursion, to the boundary) and never takes a
+  place in a boundary step whose coda it does not need.
 - two kinds of engine step, each a jitted call on a fixed batch of `batch_size` jobs (padded with masked ones):
   the *block* step runs the shared block once on pending (slot, depth r) jobs of any depths, combines, and routes:
   a job either continues at depth r + 1 or exits; the *boundary* step runs, for exited tokens, the coda (the unshared
-  last layer, final norm, output projection) and samples the next token, then, for every token that goes on
-  (sampled here, or from a prefill), the prelude (embedding, unshared first layer) and the depth-0 routing.
+  last layer, final norm, output projection) and samples the next token, then, for every sampled token that goes on,
+  the prelude (embedding, unshared first layer) and the depth-0 routing.
   Each step serves the kind with more pending jobs (first come, first served within it), so both run full batches
   while enough sequences are in flight; a sequence has one token in flight at a time.
 - a finished sequence frees its slot, which the next request refills at once (`EngineStats.slot_reuses`).
+- end of sequence: a sequence that samples `eos_id` stops there (the EOS is its last output token) and frees its
+  slot, so its output is shorter than `max_new_tokens`; `zoo.engine.generate.generate` instead keeps its fixed-size
+  batch and pads a finished row with EOS up to the full length. The outputs agree up to and including the first EOS.
+- timing: `EngineStats` keeps the wall time of the prefill calls apart from the rest (the engine steps and the host
+  loop), so prefill and decoding throughput are reported separately.
 
 KV caches, per slot (the engine's store, a dict of arrays): the unshared layers' keys/values [S, L, kv_heads,
 head_dim]; the shared layers' [R, S, L, kv_heads, head_dim], R = N_r for recursion-wise caching, 1 for KV sharing.
 A job at depth r attends to its own slot's cache of depth r (gathered per job), and its new key/value is scattered
-back at (r, slot, position). A token that exits after depth r has no keys/values at the deeper depths; nothing is
+back at (r, slot, position). Under KV sharing only depth 0 writes, so a block step whose jobs are all deeper runs a
+variant without key/value projections (the attention reads the store, as `zoo.models.mor` does with its read-only
+`SharedKV` at recursions > 0); a step that mixes depth 0 with deeper jobs projects for all of them, since one batched
+matmul serves them. A token that exits after depth r has no keys/values at the deeper depths; nothing is
 copied from its last depth. This follows the authors' code (github raymin0223/mixture_of_recursions):
 - recursion-wise caching: a depth's cache holds only the tokens that ran it. Each recursion is its own layer of their
   `DynamicCache`, which appends only the keys/values of the tokens selected at that recursion
@@ -45,6 +55,7 @@ where the capacity is 1), token-choice the depth its router picks at the prelude
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -94,10 +105,17 @@ class JobKV:
     return self.k, self.v, slots, self.valid
 
 
-def _job_kv(store_kv, rows, valid, write):
+@flax.struct.dataclass
+class ReadOnlyJobKV(JobKV):
+  """A JobKV that is only read: the attention projects no keys/values (KV sharing at depths > 0)."""
+
+  read_only = True
+
+
+def _job_kv(store_kv, rows, valid, write, read_only=False):
   """A JobKV over `store_kv` = (k, v) [..., L, kvh, hd] gathered at `rows` (a tuple of index arrays [jobs])."""
   k, v = store_kv
-  return JobKV(k[rows], v[rows], valid, write)
+  return (ReadOnlyJobKV if read_only else JobKV)(k[rows], v[rows], valid, write)
 
 
 def _scatter_kv(store_kv, rows, positions, write, job_kv, after):
@@ -156,6 +174,7 @@ class DenseStages:
     )
     self.parts = _DenseParts(type(model), fields)
     self.num_depths = 1
+    self.share = False
     self.kv_shape = (model.resolved_kv_heads, model.resolved_head_dim)
 
   def init_store(self, num_slots, max_length):
@@ -179,7 +198,7 @@ class DenseStages:
     x = self.parts.apply({"params": variables["params"]}, "embed", tokens[:, None], None)[:, 0]
     return store, bufs, x, jnp.ones(tokens.shape, bool)
 
-  def block(self, variables, store, bufs, jobs, h):
+  def block(self, variables, store, bufs, jobs, h, project_kv=True):
     slot, pos, valid = jobs["slot"], jobs["pos"], jobs["valid"]
     zeros = jnp.zeros_like(slot)
     x = h[:, None]
@@ -253,7 +272,7 @@ class MoRStages:
     return self.model.apply(variables, *args, method=fn)
 
   def coda(self, variables, store, jobs, h):
-    slot, pos, write = jobs["slot"], jobs["pos"], jobs["valid"] & jobs["has_h"]
+    slot, pos, write = jobs["slot"], jobs["pos"], jobs["valid"]
     last_id = self.last_id
 
     def run(m, h, kv):
@@ -307,7 +326,9 @@ class MoRStages:
       }
     return store, bufs, h, chosen
 
-  def block(self, variables, store, bufs, jobs, h):
+  def block(self, variables, store, bufs, jobs, h, project_kv=True):
+    """One recursion of the shared block at each job's depth; `project_kv` False (KV sharing, no job at depth 0):
+    the attention reads the store and projects no keys/values."""
     slot, pos, depth, valid = jobs["slot"], jobs["pos"], jobs["depth"], jobs["valid"]
     model, layer_ids, n_r = self.model, self.layer_ids, self.num_depths
     rec_depth = jnp.zeros_like(depth) if self.share else depth
@@ -319,7 +340,8 @@ class MoRStages:
     else:
       active = store["active"].at[depth, slot, jnp.where(valid, pos, length)].set(True, mode="drop")
       key_valid = active[depth, slot]
-    kvs = tuple(_job_kv(store["rec"][j], (rec_depth, slot), key_valid, write) for j in range(len(layer_ids)))
+    read_only = self.share and not project_kv
+    kvs = tuple(_job_kv(store["rec"][j], (rec_depth, slot), key_valid, write, read_only) for j in range(len(layer_ids)))
     token_route = None
     if model.router == "token":
       token_route = (bufs["depth"][slot], bufs["weight"][slot], bufs["h0"][slot])
@@ -347,10 +369,11 @@ class MoRStages:
       return h_new, tuple(out), go_on
 
     h_new, out, go_on = self._apply(variables, run, h, kvs)
-    rec = tuple(
-      _scatter_kv(store["rec"][j], (rec_depth, slot), pos, write, out[j], h_new) for j in range(len(layer_ids))
-    )
-    store = {**store, "rec": rec}
+    if not read_only:
+      rec = tuple(
+        _scatter_kv(store["rec"][j], (rec_depth, slot), pos, write, out[j], h_new) for j in range(len(layer_ids))
+      )
+      store = {**store, "rec": rec}
     if active is not None:
       store["active"] = active
     return store, bufs, h_new, go_on & valid
@@ -386,7 +409,10 @@ class EngineStats:
   sequence of the run had used (a slot freed by a finished sequence refilled); occupancy: per engine step, the
   number of sequences at each depth (pending or running) and at the boundary, [steps, num_depths + 1] int; kinds:
   per engine step 0 = block, 1 = boundary; depth_counts: recursions run per generated token, histogram [num_depths
-  + 1]; mixed_depth_steps: block steps whose jobs were at more than one depth.
+  + 1]; mixed_depth_steps: block steps whose jobs were at more than one depth; read_only_block_steps: block steps
+  that projected no keys/values (KV sharing, no job at depth 0); prompt_tokens / generated_tokens: tokens prefilled
+  / generated (the first token of each request is sampled in its prefill call); prefill_seconds: wall time of the
+  prefill calls (each also runs the prelude of its requests' first tokens); decode_seconds: the rest of the run.
   """
 
   steps: dict
@@ -400,10 +426,27 @@ class EngineStats:
   mixed_depth_steps: int
   batch_size: int
   num_slots: int
+  read_only_block_steps: int = 0
+  prompt_tokens: int = 0
+  generated_tokens: int = 0
+  prefill_seconds: float = 0.0
+  decode_seconds: float = 0.0
 
   def fill(self, kind):
     """Mean fraction of the batch that held real jobs in steps of `kind`."""
     return self.jobs[kind] / max(1, self.steps[kind] * self.batch_size)
+
+  def prefill_tokens_per_s(self):
+    """Prompt tokens per second of prefill time."""
+    return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+  def decode_tokens_per_s(self):
+    """Tokens generated by the engine steps (all but each request's first) per second of decoding time."""
+    return (self.generated_tokens - self.admissions) / max(self.decode_seconds, 1e-9)
+
+  def tokens_per_s(self):
+    """Generated tokens per second of the whole run (prefills included)."""
+    return self.generated_tokens / max(self.prefill_seconds + self.decode_seconds, 1e-9)
 
 
 class DepthBatchingEngine:
@@ -416,7 +459,8 @@ class DepthBatchingEngine:
     max_length: the longest prompt + new tokens a request may have (the caches' length).
     temperature, top_k: sampling (`zoo.engine.generate.sample_logits`); 0 = greedy. Sampling keys are per request
       and position, so the output does not depend on the schedule.
-    eos_id: a sequence that produces it stops (the token is kept).
+    eos_id: a sequence that samples it stops there: its output ends with that EOS and is shorter than its
+      max_new_tokens (`zoo.engine.generate.generate` pads such a row with EOS to the full length instead).
     rng: PRNG key for sampling.
   """
 
@@ -446,9 +490,9 @@ class DepthBatchingEngine:
     self.rng = jax.random.key(0) if rng is None else rng
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
     self._sample = sample
-    self._block = jax.jit(self._block_step, donate_argnums=(1, 2))
+    self._block = jax.jit(self._block_step, donate_argnums=(1, 2), static_argnums=(4,))
     self._boundary = jax.jit(self._boundary_step, donate_argnums=(1, 2))
-    self._prefill = jax.jit(self._prefill_step, donate_argnums=(1,))
+    self._prefill = jax.jit(self._prefill_step, donate_argnums=(1, 2))
 
   # Device steps -------------------------------------------------------------------------------------------------
 
@@ -458,27 +502,37 @@ class DepthBatchingEngine:
 
     return jax.vmap(one)(logits, request, position)
 
-  def _block_step(self, variables, store, bufs, jobs):
+  def _block_step(self, variables, store, bufs, jobs, project_kv):
     slot = jobs["slot"]
     h = bufs["h"][slot]
-    store, bufs, h_new, go_on = self.stages.block(variables, store, bufs, jobs, h)
+    store, bufs, h_new, go_on = self.stages.block(variables, store, bufs, jobs, h, project_kv)
     at = jnp.where(jobs["valid"], slot, bufs["h"].shape[0])
     bufs = {**bufs, "h": bufs["h"].at[at].set(h_new.astype(bufs["h"].dtype), mode="drop")}
     return store, bufs, go_on
 
+  def _enter(self, variables, store, bufs, jobs, tokens):
+    """The prelude and depth-0 routing of `tokens` at jobs['entry_pos'] for the jobs that go on (jobs['enter'], and
+    not an EOS); their hidden states go to the slots' buffer. Returns (store, bufs, chosen: [jobs] bool, runs
+    depth 0)."""
+    if self.eos_id is not None:
+      jobs = {**jobs, "enter": jobs["enter"] & (tokens != self.eos_id)}
+    store, bufs, h, chosen = self.stages.prelude(variables, store, bufs, jobs, tokens)
+    at = jnp.where(jobs["valid"] & jobs["enter"], jobs["slot"], bufs["h"].shape[0])
+    bufs = {**bufs, "h": bufs["h"].at[at].set(h.astype(bufs["h"].dtype), mode="drop")}
+    return store, bufs, chosen
+
   def _boundary_step(self, variables, store, bufs, jobs):
+    """Coda and sampling for exited tokens, then the prelude of the sampled tokens that go on."""
     slot = jobs["slot"]
     store, logits = self.stages.coda(variables, store, jobs, bufs["h"][slot])
-    sampled = self._sample_jobs(logits, jobs["request"], jobs["pos"] + 1)
-    tokens = jnp.where(jobs["has_h"], sampled, jobs["token"])
-    store, bufs, h, chosen = self.stages.prelude(variables, store, bufs, jobs, tokens)
-    at = jnp.where(jobs["valid"] & jobs["enter"], slot, bufs["h"].shape[0])
-    bufs = {**bufs, "h": bufs["h"].at[at].set(h.astype(bufs["h"].dtype), mode="drop")}
+    tokens = self._sample_jobs(logits, jobs["request"], jobs["pos"] + 1)
+    store, bufs, chosen = self._enter(variables, store, bufs, jobs, tokens)
     return store, bufs, tokens, chosen
 
-  def _prefill_step(self, variables, store, tokens, lengths, slots, requests):
+  def _prefill_step(self, variables, store, bufs, tokens, lengths, slots, requests, enter):
     """Prefills `tokens` [rows, width] (prompts of `lengths`, right-padded), copies their caches into `slots` (rows
-    past the real ones carry slot S and are dropped) and samples each request's first token."""
+    past the real ones carry slot S and are dropped), samples each request's first token and runs its prelude where
+    `enter` (the request wants more tokens). Returns (store, bufs, first tokens [rows], chosen [rows])."""
     max_length = self.max_length
     batch = tokens.shape[0]
     cache = self.model.apply(variables, batch, max_length, method="init_cache")
@@ -488,7 +542,12 @@ class DepthBatchingEngine:
     rows = self.stages.prefill_rows(out.cache)
     if "active" in rows:  # keys past a prompt are padding: no depth holds them
       rows["active"] = rows["active"] & (jnp.arange(max_length)[None, None, :] < lengths[None, :, None])
-    return self._insert_rows(store, rows, slots), self._sample_jobs(last, requests, lengths)
+    store = self._insert_rows(store, rows, slots)
+    first = self._sample_jobs(last, requests, lengths)
+    valid = slots < self.num_slots
+    jobs = {"slot": jnp.minimum(slots, self.num_slots - 1), "valid": valid, "enter": enter, "entry_pos": lengths}
+    store, bufs, chosen = self._enter(variables, store, bufs, jobs, first)
+    return store, bufs, first, chosen
 
   @staticmethod
   def _insert_rows(store, rows, slots):
@@ -513,11 +572,15 @@ class DepthBatchingEngine:
       max_new_tokens: an int or a list of ints, the tokens to generate for each request (>= 1).
 
     Returns:
-      (outputs: a list of int32 arrays, request i's generated tokens in order; EngineStats).
+      (outputs: a list of int32 arrays, request i's generated tokens in order: max_new_tokens of them, or fewer
+      ending with the EOS when eos_id is set and sampled; EngineStats).
     """
+    start = time.perf_counter()
     n = len(prompts)
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
     news = [int(max_new_tokens)] * n if np.isscalar(max_new_tokens) else [int(m) for m in max_new_tokens]
+    if len(news) != n:
+      raise ValueError(f"max_new_tokens has {len(news)} entries for {n} prompts")
     for i, (p, m) in enumerate(zip(prompts, news)):
       if len(p) < 1 or m < 1:
         raise ValueError(f"request {i}: the prompt ({len(p)} tokens) and max_new_tokens ({m}) must be >= 1")
@@ -530,20 +593,22 @@ class DepthBatchingEngine:
     request = np.full(s, -1, np.int64)
     kind = np.full(s, FREE, np.int8)
     depth = np.zeros(s, np.int32)
-    pos = np.zeros(s, np.int32)  # the in-flight token's position (block) / the exiting token's (boundary)
-    has_h = np.zeros(s, bool)  # boundary: a hidden state to finish (else a prefilled token to enter)
-    token = np.zeros(s, np.int32)
+    pos = np.zeros(s, np.int32)  # the in-flight token's position (block) / the exited token's (boundary)
     ready = np.zeros(s, np.int64)  # the step at which the job became pending (first come, first served)
     used = np.zeros(s, bool)
     ran = np.zeros(s, np.int32)  # recursions the in-flight token ran
     queue = list(range(n))
     steps, jobs_run = {"block": 0, "boundary": 0}, {"block": 0, "boundary": 0}
-    prefill_calls = admissions = reuses = mixed = 0
+    prefill_calls = admissions = reuses = mixed = read_only = prompt_tokens = 0
+    prefill_seconds = 0.0
     occupancy, kinds, depth_counts = [], [], np.zeros(depths + 1, np.int64)
     step = 0
 
     def finish(i):
       kind[i], request[i] = FREE, -1
+
+    def is_eos(t):
+      return self.eos_id is not None and t == self.eos_id
 
     while queue or (kind != FREE).any():
       free = np.flatnonzero(kind == FREE)
@@ -553,15 +618,22 @@ class DepthBatchingEngine:
         admissions += len(take)
         reuses += int(used[slots].sum())
         used[slots] = True
-        first = self._prefill_batch(store, [prompts[r] for r in take], slots, take)
-        store, first_tokens = first
+        tick = time.perf_counter()
+        store, bufs, first_tokens, first_chosen = self._prefill_batch(
+          store, bufs, [prompts[r] for r in take], slots, take, [news[r] > 1 for r in take]
+        )
+        prefill_seconds += time.perf_counter() - tick
         prefill_calls += 1
-        for i, r, t in zip(slots, take, first_tokens):
+        prompt_tokens += sum(len(prompts[r]) for r in take)
+        for i, r, t, c in zip(slots, take, first_tokens, first_chosen):
           outputs[r].append(int(t))
-          request[i], kind[i], has_h[i], token[i], ready[i] = r, BOUNDARY, False, t, step
-          pos[i] = len(prompts[r]) - 1
-          if news[r] == 1 or (self.eos_id is not None and t == self.eos_id):
+          request[i], ready[i], ran[i], pos[i] = r, step, 0, len(prompts[r])
+          if news[r] == 1 or is_eos(t):
             finish(i)
+          elif c:
+            kind[i], depth[i] = BLOCK, 0
+          else:  # routed past every recursion: straight to the boundary
+            kind[i] = BOUNDARY
       pending_block = np.flatnonzero(kind == BLOCK)
       pending_boundary = np.flatnonzero(kind == BOUNDARY)
       if not len(pending_block) and not len(pending_boundary):
@@ -573,42 +645,32 @@ class DepthBatchingEngine:
         kinds.append(1)
         steps["boundary"] += 1
         jobs_run["boundary"] += len(chosen)
-        last = np.array([has_h[i] and len(outputs[request[i]]) + 1 >= news[request[i]] for i in chosen])
-        jobs = self._jobs(
-          chosen,
-          pos=pos[chosen],
-          has_h=has_h[chosen],
-          token=token[chosen],
-          request=request[chosen],
-          enter=~last,
-          entry_pos=pos[chosen] + 1,
-        )
+        last = np.array([len(outputs[request[i]]) + 1 >= news[request[i]] for i in chosen], bool)
+        jobs = self._jobs(chosen, pos=pos[chosen], request=request[chosen], enter=~last, entry_pos=pos[chosen] + 1)
         store, bufs, tokens, go = self._boundary(self.variables, store, bufs, jobs)
         tokens, go = np.asarray(tokens), np.asarray(go)
         for j, i in enumerate(chosen):
-          r = request[i]
-          if has_h[i]:
-            depth_counts[ran[i]] += 1
-            t = int(tokens[j])
-            outputs[r].append(t)
-            if last[j] or (self.eos_id is not None and t == self.eos_id):
-              finish(i)
-              continue
+          depth_counts[ran[i]] += 1
+          t = int(tokens[j])
+          outputs[request[i]].append(t)
+          if last[j] or is_eos(t):
+            finish(i)
+            continue
           pos[i] += 1
           ran[i] = 0
           ready[i] = step
           if go[j]:
             kind[i], depth[i] = BLOCK, 0
-          else:
-            has_h[i] = True
       else:
         chosen = pending_block[np.argsort(ready[pending_block], kind="stable")[:b]]
         kinds.append(0)
         steps["block"] += 1
         jobs_run["block"] += len(chosen)
         mixed += int(len(np.unique(depth[chosen])) > 1)
+        project_kv = not self.stages.share or bool((depth[chosen] == 0).any())
+        read_only += int(not project_kv)
         jobs = self._jobs(chosen, pos=pos[chosen], depth=depth[chosen])
-        store, bufs, go = self._block(self.variables, store, bufs, jobs)
+        store, bufs, go = self._block(self.variables, store, bufs, jobs, project_kv)
         go = np.asarray(go)
         for j, i in enumerate(chosen):
           ran[i] += 1
@@ -616,7 +678,7 @@ class DepthBatchingEngine:
           if go[j]:
             depth[i] += 1
           else:
-            kind[i], has_h[i] = BOUNDARY, True
+            kind[i] = BOUNDARY
       step += 1
     stats = EngineStats(
       steps=steps,
@@ -630,6 +692,11 @@ class DepthBatchingEngine:
       mixed_depth_steps=mixed,
       batch_size=b,
       num_slots=s,
+      read_only_block_steps=read_only,
+      prompt_tokens=prompt_tokens,
+      generated_tokens=sum(len(o) for o in outputs),
+      prefill_seconds=prefill_seconds,
+      decode_seconds=time.perf_counter() - start - prefill_seconds,
     )
     return [np.asarray(o, np.int32) for o in outputs], stats
 
@@ -639,16 +706,15 @@ class DepthBatchingEngine:
     jobs = {"slot": np.zeros(b, np.int32), "valid": np.zeros(b, bool)}
     jobs["slot"][:k], jobs["valid"][:k] = chosen, True
     for name, value in fields.items():
-      arr = np.zeros(b, np.asarray(value).dtype if np.asarray(value).dtype != np.int64 else np.int32)
+      value = np.asarray(value)
+      arr = np.zeros(b, np.int32 if value.dtype == np.int64 else value.dtype)
       arr[:k] = value
       jobs[name] = arr
-    if "has_h" in jobs:
-      for name in ("has_h", "enter"):
-        jobs[name] = jobs[name].astype(bool)
     return jobs
 
-  def _prefill_batch(self, store, prompts, slots, requests):
-    """Prefills `prompts` (padded to a bucket) and copies their caches into `slots`; returns (store, first tokens)."""
+  def _prefill_batch(self, store, bufs, prompts, slots, requests, enter):
+    """Prefills `prompts` (padded to a bucket), copies their caches into `slots` and runs the prelude of the first
+    tokens where `enter`; returns (store, bufs, first tokens, whether each runs depth 0)."""
     k = len(prompts)
     rows = 1 << (k - 1).bit_length()
     width = max(len(p) for p in prompts)
@@ -662,5 +728,7 @@ class DepthBatchingEngine:
     target[:k] = slots
     req = np.zeros(rows, np.int32)
     req[:k] = requests
-    store, first = self._prefill(self.variables, store, tokens, lengths, target, req)
-    return store, np.asarray(first)[:k]
+    go = np.zeros(rows, bool)
+    go[:k] = enter
+    store, bufs, first, chosen = self._prefill(self.variables, store, bufs, tokens, lengths, target, req, go)
+    return store, bufs, np.asarray(first)[:k], np.asarray(chosen)[:k]
