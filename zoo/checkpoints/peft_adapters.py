@@ -340,3 +340,44 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
 def base_arch(source):
   """The `hf_spec.Arch` of a Hugging Face model directory ('hf:DIR' or DIR), from config.json and headers only."""
   return hf_spec.check_dir(source).arch
+
+
+def load_for_model(path, spec, params, base=""):
+  """The variables of the PEFT adapter `path` for a model adapted by `spec` (`config.lora.adapter`).
+
+  Args:
+    path: the adapter directory.
+    spec: the model's LoRASpec (`config.lora`): its rank and alpha must be the adapter's, and it must adapt every
+      module the adapter has (modules it adapts beyond them keep their zero-initialised `lora_b`).
+    params: the adapted model's params (ShapeDtypeStructs or arrays).
+    base: the model's `config.init_from` ('hf:DIR' names the Hugging Face family and layout; else the adapter's
+      `base_model_name_or_path` must be a local Hugging Face directory).
+
+  Returns:
+    {'params': the adapter leaves}.
+
+  Raises:
+    ConversionError / ConfigError naming the key or module that does not match.
+  """
+  from zoo.registry import ConfigError  # pylint: disable=g-import-not-at-top
+
+  adapter = read_adapter(path)
+  if not base:
+    raise ConfigError(
+      f"config.lora.adapter={path!r} adapts a trained base model: set config.init_from to it ('hf:DIR' or a zoo "
+      "checkpoint)"
+    )
+  source = base if str(base).startswith("hf:") else adapter.base_model_name_or_path
+  if not source or not os.path.isfile(os.path.join(source[3:] if source.startswith("hf:") else source, "config.json")):
+    raise ConfigError(
+      f"config.lora.adapter={path!r}: the Hugging Face family of the base model is unknown (config.init_from="
+      f"{base!r}, the adapter's base_model_name_or_path={adapter.base_model_name_or_path!r}); allowed: "
+      "config.init_from='hf:DIR', or an adapter whose base_model_name_or_path is a local Hugging Face directory"
+    )
+  for key, ours, theirs in (("r", spec.r, adapter.r), ("alpha", spec.alpha, adapter.alpha)):
+    if float(ours) != float(theirs):
+      raise ConfigError(
+        f"config.lora.{key}={ours!r} does not match the adapter {path} ({'lora_alpha' if key == 'alpha' else 'r'}="
+        f"{theirs!r} in its {CONFIG_FILE}); set config.lora.{key}={theirs!r}"
+      )
+  return adapter_params(adapter, params, base_arch(source))

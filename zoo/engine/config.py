@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from zoo.engine import sharding
+from zoo.layers.lora import DEFAULT_TARGETS, spec_from_config
 from zoo.models import ConfigError, build_model
 
 SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
@@ -89,6 +90,20 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   # no gradients and no optimizer state, and are saved once per run.
   c.trainable_params = ()
   c.frozen_params = ()
+  # LoRA adapters (`zoo.layers.lora`) on the DenseGeneral layers whose '/'-joined module paths match target_modules
+  # (regular expressions); r = 0: none. With adapters only they (and the base parameters lora.trainable_params
+  # names) train: the base is frozen. `adapter`: a PEFT LoRA adapter directory that initialises them (its base model
+  # is config.init_from='hf:DIR', or the adapter's base_model_name_or_path).
+  c.lora = ml_collections.ConfigDict(
+    {
+      "r": 0,
+      "alpha": 16.0,
+      "dropout": 0.0,
+      "target_modules": DEFAULT_TARGETS,
+      "trainable_params": (),
+      "adapter": "",
+    }
+  )
   # Evaluators run by evaluate.py (`zoo.evaluators`); () = the task's and the model's defaults.
   c.evals = ()
   c.sample = ml_collections.ConfigDict(
@@ -176,6 +191,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check_keys("", config, base.keys())
   for section in ("mesh", "optimizer", "train", "checkpoint", "sample"):
     _check_keys(section, config[section], base[section].keys())
+  if "lora" in config:
+    _check_keys("lora", config.lora, base.lora.keys())
   _check_numbers(config)
 
   o, t, ck = config.optimizer, config.train, config.checkpoint
@@ -228,6 +245,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check(config.sample.top_k >= 0, "sample.top_k", config.sample.top_k, ">= 0 (0 = all)")
 
   init_sources(config)
+  spec_from_config(config.get("lora"))
   for key in ("trainable_params", "frozen_params", "evals"):
     value = config[key]
     _check(

@@ -28,6 +28,7 @@ from zoo.engine.state import abstract_state, create_train_state, init_variables
 from zoo.engine.workdir import WorkdirLock, check_workdir, record_config
 from zoo.engine.writers import MetricsWriter, to_python
 from zoo.evaluators import EvalContext, select
+from zoo.layers import lora
 from zoo.models import ConfigError, build_model
 from zoo.tasks import get_task, reduce_sums
 
@@ -53,6 +54,9 @@ class Experiment:
     self.task = get_task(config.task, config.task_options)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.model = build_model(config.model)
+    self.lora = lora.spec_from_config(config.get("lora"))
+    if self.lora is not None:  # adapters on the base model; only they (and lora.trainable_params) train
+      self.model = lora.with_lora(self.model, self.lora)
     self.evaluators = select(tuple(config.evals), self.model, self.task, config.task)
     self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps))
     shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
@@ -61,6 +65,8 @@ class Experiment:
     self.batch_spec = self.task.batch_spec(self.info, config.data, int(config.train.batch_size))
     self.local_batch = int(config.train.batch_size) // jax.process_count()
     abstract = jax.eval_shape(lambda r: init_variables(self.model, self.task, self.dummy, r), jax.random.key(0))
+    if self.lora is not None:
+      lora.check_targets(self.lora, abstract["params"])
     self.mask = partition.trainable_mask(
       abstract["params"], self.model, tuple(config.trainable_params), tuple(config.frozen_params)
     )
@@ -98,6 +104,13 @@ class Experiment:
       else:
         variables = restore_variables(source, sub, partial=True)
       loaded.append((path, source, variables))
+    if self.lora is not None and self.config.lora.adapter:
+      from zoo.checkpoints import peft_adapters  # pylint: disable=g-import-not-at-top
+
+      adapter = self.config.lora.adapter
+      base = init_sources(self.config).get("", "")
+      variables = peft_adapters.load_for_model(adapter, self.lora, target["params"], base)
+      loaded.append(("", f"peft:{adapter}", variables))
     return loaded
 
   def with_init_from(self, state, shardings, loaded):

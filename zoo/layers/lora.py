@@ -306,3 +306,29 @@ def unmerge(merged, adapters, spec):
 def _is_adapter(path, value):
   del path
   return hasattr(value, "keys") and "lora_a" in value
+
+
+def spec_from_config(lora_config):
+  """The LoRASpec of `config.lora`, or None when `r` is 0 (no adapters).
+
+  Raises:
+    ConfigError naming the key: a negative rank, an adapter directory without a rank, or a bad value (`LoRASpec`).
+  """
+  if not lora_config:
+    return None
+  r = lora_config.get("r", 0)
+  if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+    raise ConfigError(f"config.lora.r={r!r} is invalid; allowed: an integer >= 1, or 0 for no adapters")
+  if r == 0:
+    if lora_config.get("adapter"):
+      raise ConfigError(
+        f"config.lora.adapter={lora_config.adapter!r} needs adapters: set config.lora.r to the adapter's rank"
+      )
+    return None
+  return LoRASpec(
+    r=r,
+    alpha=lora_config.get("alpha", 16.0),
+    dropout=lora_config.get("dropout", 0.0),
+    target_modules=tuple(lora_config.get("target_modules", DEFAULT_TARGETS)),
+    trainable_params=tuple(lora_config.get("trainable_params", ())),
+  )
