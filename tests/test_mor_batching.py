@@ -131,3 +131,54 @@ def test_engine_refuses_sharing_that_differs_by_depth():
   model = build_model(dict(name="mor", num_layers=6, num_recursions=3, sharing="sequence", router="token", **SHAPE))
   with pytest.raises(ValueError, match="cycle"):
     DepthBatchingEngine(model, {}, batch_size=2, max_length=8)
+
+
+def test_depth_batching_evaluator_through_evaluate(tmp_path, monkeypatch):
+  # evaluate.py's path: trainer.evaluate on a checkpoint, config.evals naming the evaluator (small options).
+  from configs.mor_vanilla import mor_model
+  from test_engine import tiny_config
+  from test_engine_eval import SMALL_LM, save_init_checkpoint
+  from zoo.engine import trainer
+  from zoo.evaluators import depth_batching
+
+  for key, value in dict(requests=6, new_tokens=4, batch_size=2, num_slots=3, prompt_min=2, prompt_max=8).items():
+    monkeypatch.setitem(depth_batching.DEFAULTS, key, value)
+  c = tiny_config()
+  c.model = type(c.model)({**mor_model(2, "expert"), **SMALL_LM, "num_layers": 4})
+  c.evals = ("depth_batching",)
+  save_init_checkpoint(c, tmp_path)
+  _, results, _ = trainer.evaluate(c, str(tmp_path))
+  r = {k.removeprefix("depth_batching_"): v for k, v in results.items() if k.startswith("depth_batching_")}
+  assert r["requests_served"] == 6 and r["generated_tokens"] == 6 * 4
+  assert r["slot_reuses"] == 6 - 3  # every admission after the first 3 refills a freed slot
+  # The engine steps decode all tokens but each request's first (sampled by its prefill), by recursions run (0..N_r).
+  assert sum(r["tokens_per_depth"]) == 6 * (4 - 1) and len(r["tokens_per_depth"]) == 3
+  assert r["tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+  assert 0 < r["block_fill"] <= 1 and 0 < r["boundary_fill"] <= 1
+  assert r["plot"] == str(tmp_path / "depth_batching_occupancy_1.png")
+  assert (tmp_path / "depth_batching_occupancy_1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "sample" not in results  # only the evaluators config.evals names
+
+
+def test_depth_batching_options_and_refusals():
+  import ml_collections
+
+  from zoo.evaluators import get_evaluator
+  from zoo.evaluators.depth_batching import DEFAULTS, options
+  from zoo.models import ConfigError
+
+  config = ml_collections.ConfigDict({"depth_batching": {"requests": 4, "batch_size": 2}})
+  assert options(config) == {**DEFAULTS, "requests": 4, "batch_size": 2}
+  assert options(ml_collections.ConfigDict()) == DEFAULTS
+  for bad, match in (
+    ({"request": 4}, "unknown key config.depth_batching.request"),
+    ({"new_tokens": 0}, r"new_tokens=0 is invalid; allowed: >= 1"),
+    ({"prompt_min": 9, "prompt_max": 8}, "prompt_max=8 is invalid"),
+  ):
+    with pytest.raises(ConfigError, match=match):
+      options(ml_collections.ConfigDict({"depth_batching": bad}))
+  cls = get_evaluator("depth_batching")
+  sequence = build_model(dict(name="mor", num_layers=6, num_recursions=3, sharing="sequence", router="token", **SHAPE))
+  assert "cycle" in cls.unmet(sequence, "lm")
+  assert cls.unmet(build_model(dict(name="dense_lm", num_layers=2, **SHAPE)), "lm") is None
+  assert "tasks" in cls.unmet(build_model(dict(name="dense_lm", num_layers=2, **SHAPE)), "classification")
