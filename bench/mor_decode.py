@@ -18,7 +18,9 @@ slots refilled as sequences finish, and engine steps of `batch` jobs (the shared
 boundary: coda, sampling, prelude). The vanilla model is served as one depth (its block is all its layers), the
 Recursive Transformer as N_r depths that every token runs. Tokens/s counts generated tokens over the wall time of
 the whole run (prefills included), best of `--repeats` runs after a compile run; the ratio is to the first model at
-the same batch size, measured in this run.
+the same batch size, measured in this run. A second table splits the best run's time: prefill (prompt tokens per
+second of the prefill calls, which also sample each request's first token and run its prelude) and decoding (the
+other generated tokens per second of the engine steps).
 
 `--plot` writes a PNG of the slot occupancy per depth over engine steps (each MoR model at the largest batch size).
 """
@@ -37,6 +39,7 @@ from zoo.engine.generate import generate
 from zoo.engine.mor_batching import DepthBatchingEngine
 from zoo.engine.trainer import Experiment
 from zoo.engine.writers import read_config, read_metrics
+from zoo.evaluators.depth_batching import plot_occupancy
 from zoo.models import build_model
 
 RANDOM_MODELS = {  # --models key: (label, model config)
@@ -88,6 +91,7 @@ def main():
   max_length = int(max(lengths)) + a.new
   total = a.requests * a.new
   rows, plots = [], []
+  split = []  # (label, batch, EngineStats of the best run)
   for label, model, variables, config in cases:
     tps, depth, fill = [], "", []
     for b in batches:
@@ -96,10 +100,13 @@ def main():
       best, stats = float("inf"), None
       for _ in range(a.repeats):
         start = time.perf_counter()
-        outputs, stats = engine.run(prompts, a.new)
-        best = min(best, time.perf_counter() - start)
+        outputs, run_stats = engine.run(prompts, a.new)
+        elapsed = time.perf_counter() - start
+        if elapsed < best:
+          best, stats = elapsed, run_stats
       assert sum(len(o) for o in outputs) == total
       tps.append(total / best)
+      split.append((label, b, stats))
       fill.append(f"{stats.fill('block'):.2f}/{stats.fill('boundary'):.2f}")
       counts = stats.depth_counts
       depth = f"{np.dot(np.arange(len(counts)), counts) / max(1, counts.sum()):.2f}"
@@ -117,10 +124,21 @@ def main():
   for label, loss, depth, tps, fill in rows:
     cells = " | ".join(f"{t:.0f} | {t / base:.2f}" for t, base in zip(tps, rows[0][3]))
     print(f"| {label} | {loss} | {depth or '-'} | {cells} | {', '.join(fill)} |")
+  print("\nprefill and decoding apart (the best run of each):")
+  print(
+    "| model | batch | prefill tokens/s | decode tokens/s | prefill s | decode s | block steps "
+    "| block steps without K/V projection |"
+  )
+  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+  for label, b, st in split:
+    print(
+      f"| {label} | {b} | {st.prefill_tokens_per_s():.0f} | {st.decode_tokens_per_s():.0f} | "
+      f"{st.prefill_seconds:.3f} | {st.decode_seconds:.3f} | {st.steps['block']} | {st.read_only_block_steps} |"
+    )
   if a.fixed:
     _fixed_batch_table(cases, prompts, a.new, batches)
   if a.plot and plots:
-    _plot_occupancy(plots, a.plot, batches[-1])
+    plot_occupancy(plots, a.plot, batches[-1])
     print(f"occupancy plot: {a.plot}")
 
 
@@ -144,29 +162,6 @@ def _fixed_batch_table(cases, prompts, new, batches):
       tps.append(b * new / (time.perf_counter() - start))
     base = base or tps
     print(f"| {label} | " + " | ".join(f"{t:.0f} | {t / r:.2f}" for t, r in zip(tps, base)) + " |")
-
-
-def _plot_occupancy(plots, path, batch):
-  """One panel per model: sequences at each depth (pending or running) and at the boundary, per engine step."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(len(plots), 1, figsize=(9, 2.4 * len(plots)), squeeze=False)
-  for ax, (label, stats) in zip(axes[:, 0], plots):
-    occ = stats.occupancy
-    names = [f"depth {r}" for r in range(occ.shape[1] - 1)] + ["boundary (coda + prelude)"]
-    ax.stackplot(np.arange(len(occ)), occ.T, labels=names, alpha=0.8)
-    ax.axhline(batch, color="k", lw=0.8, ls="--", label=f"batch {batch}")
-    ax.set_title(f"{label}: sequences in flight by stage, batch {batch}, {stats.num_slots} slots", fontsize=9)
-    ax.set_ylabel("sequences")
-    ax.legend(fontsize=7, loc="upper right", ncol=2)
-  axes[-1, 0].set_xlabel("engine step")
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def _validation_prompts(config, lengths):

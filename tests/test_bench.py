@@ -73,7 +73,12 @@ def test_mor_decode_benchmark_small(tmp_path):
     text=True,
     cwd=ROOT,
   )
-  rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+  tables = result.stdout.split("\n\n")
+  rows = [line.split("|")[1:-1] for line in tables[0].splitlines() if line.startswith("| ")]
   assert [r[0].strip() for r in rows[1:]] == ["vanilla (dense_lm)", "MoR expert, N_r=3, recursion-wise KV"]
   assert float(rows[1][4]) == 1.0 and float(rows[2][3]) > 0  # ratio of vanilla to itself; MoR's tokens/s
-  assert plot.stat().st_size > 0
+  # Prefill and decoding apart: one row per model and batch size, both rates measured.
+  split = [[c.strip() for c in line.split("|")[1:-1]] for line in tables[1].splitlines() if line.startswith("| ")]
+  assert [r[:2] for r in split[1:]] == [["vanilla (dense_lm)", "4"], ["MoR expert, N_r=3, recursion-wise KV", "4"]]
+  assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in split[1:])
+  assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
