@@ -1,0 +1,146 @@
+"""PEFT interop of the LoRA adapters (`zoo.checkpoints.peft_adapters`): a random LoRA adapter made with peft on a tiny
+random Hugging Face model (built offline) gives the zoo the logits PEFT computes (within 1e-4, through the engine's
+`config.lora.adapter` for Llama), the zoo's export loads back into PEFT with the same logits, and bad adapters
+(DoRA, another kind, another rank or base) fail with one clear message. Needs the `hf` extra (torch, transformers,
+peft)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+
+from test_engine import tiny_config
+from zoo.checkpoints import ConversionError, hf_testing, load_hf_checkpoint, peft_adapters as pa, safetensors_io
+from zoo.engine import sharding, trainer
+from zoo.layers import lora
+from zoo.models import ConfigError, build_model
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The zoo's module paths of those projections.
+ZOO_TARGETS = (r"attention/(query|key|value|out)$", r"ffn/(gate|up|down)$")
+
+
+def _make(family, directory):
+  """(HF base dir, PEFT adapter dir, the PEFT model) of a tiny random `family` model with a random r=4 adapter (B not
+  zero) on every projection."""
+  base, adapter = os.path.join(directory, family), os.path.join(directory, family + "_adapter")
+  hf = hf_testing.build(family, base, vocab_size=264)  # covers the 259 byte ids of the engine's data
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False)
+  model = peft.get_peft_model(hf, config).eval()
+  model.save_pretrained(adapter)
+  return base, adapter, model
+
+
+def _torch_logits(model, toks):
+  with torch.no_grad():
+    return model(torch.tensor(toks, dtype=torch.long)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  return _make("llama", str(tmp_path_factory.mktemp("peft")))
+
+
+def test_engine_imports_a_peft_adapter_and_exports_it_back(llama, tmp_path):
+  base, adapter, peft_model = llama
+  toks = hf_testing.tokens()
+  reference = _torch_logits(peft_model, toks)
+  c = tiny_config()
+  c.init_from = f"hf:{base}"
+  c.lora.update(r=4, alpha=8.0, target_modules=ZOO_TARGETS, adapter=adapter)
+  c.mesh.update(data=1)
+  exp = trainer.Experiment(c, jax.devices()[:1])
+  loaded = exp.load_init_from()
+  with sharding.mesh_context(exp.mesh):
+    state, shardings = exp.init_state()
+    state = exp.with_init_from(state, shardings, loaded)
+  params = jax.device_get(state.variables()["params"])
+  logits = np.asarray(jax.jit(lambda p: exp.model.apply({"params": p}, jnp.asarray(toks))[0])(params))
+  diff = float(np.abs(logits - reference).max())
+  assert diff < 1e-4, f"max |logit diff| with the imported adapter: {diff}"
+
+  out = str(tmp_path / "export")
+  pa.export_adapter(params, exp.lora, pa.base_arch(base), out, base_model_name_or_path=base, sources=(base,))
+  assert json.load(open(os.path.join(out, pa.CONFIG_FILE)))["target_modules"] == sorted(PROJECTIONS)
+  reloaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), out).eval()
+  diff = float(np.abs(_torch_logits(reloaded, toks) - logits).max())
+  assert diff < 1e-4, f"max |logit diff| after export -> PEFT load: {diff}"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_adapters_match_peft(family, tmp_path):
+  base, adapter, peft_model = _make(family, str(tmp_path))
+  toks = hf_testing.tokens()
+  model_config, variables = load_hf_checkpoint(base)
+  arch, read = pa.base_arch(base), pa.read_adapter(adapter)
+  spec = pa.adapter_spec(read, variables["params"], arch)
+  model = lora.with_lora(build_model(model_config), spec)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  flat = traverse_util.flatten_dict(variables["params"])
+  flat.update(traverse_util.flatten_dict(pa.adapter_params(read, abstract["params"], arch)["params"]))
+  params = traverse_util.unflatten_dict(flat)
+  logits = np.asarray(jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(toks))[0])(params))
+  assert float(np.abs(logits - _torch_logits(peft_model, toks)).max()) < 1e-4
+
+
+def _edited(adapter, tmp_path, config=None, tensors=None):
+  """A copy of `adapter` with adapter_config.json keys and tensors replaced."""
+  out = str(tmp_path / "edited")
+  shutil.copytree(adapter, out)
+  if config:
+    path = os.path.join(out, pa.CONFIG_FILE)
+    settings = json.load(open(path))
+    settings.update(config)
+    json.dump(settings, open(path, "w"))
+  if tensors:
+    path = os.path.join(out, pa.WEIGHTS_FILE)
+    current = safetensors_io.load_file(path)
+    arrays = {name: np.asarray(current[name]) for name in current}
+    safetensors_io.save_file({**arrays, **tensors(arrays)}, path)
+  return out
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+  "config, tensors, message",
+  [
+    ({"use_dora": True}, None, "use_dora=True: DoRA"),
+    ({"peft_type": "IA3"}, None, "peft_type='IA3' is not supported"),
+    ({"use_rslora": True}, None, "use_rslora"),
+    (None, lambda t: {Q + ".lora_A.weight": t[Q + ".lora_A.weight"][:, :16]}, "belongs to another base model"),
+    (None, lambda t: {Q.replace("layers.0", "layers.7") + ".lora_A.weight": t[Q + ".lora_A.weight"]}, "lora_A"),
+    (None, lambda t: {Q + ".lora_B.weight": t[Q + ".lora_B.weight"][:, :2]}, "r=4"),
+  ],
+)
+def test_bad_adapters_fail_with_a_clear_message(llama, tmp_path, config, tensors, message):
+  base, adapter, _ = llama
+  bad = _edited(adapter, tmp_path, config, tensors)
+  model_config, variables = load_hf_checkpoint(base)
+  model = lora.with_lora(build_model(model_config), lora.LoRASpec(r=4, alpha=8.0, target_modules=ZOO_TARGETS))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  with pytest.raises(ConversionError, match=message):
+    pa.adapter_params(pa.read_adapter(bad), abstract["params"], pa.base_arch(base))
+
+
+def test_adapter_rank_or_targets_that_differ_from_the_config_are_refused(llama, tmp_path):
+  base, adapter, _ = llama
+  c = tiny_config()
+  c.init_from = f"hf:{base}"
+  c.lora.update(r=8, alpha=8.0, target_modules=ZOO_TARGETS, adapter=adapter)
+  with pytest.raises(ConfigError, match=r"config.lora.r=8 does not match the adapter .*\(r=4 in its"):
+    trainer.Experiment(c).load_init_from()
+  c.lora.update(r=4, target_modules=(r"attention/(query|value)$",))
+  with pytest.raises(ConversionError, match=r"mlp.down_proj \(layers_0/ffn/down\) is not adapted by the model"):
+    trainer.Experiment(c).load_init_from()
+  with pytest.raises(ConversionError, match="is inside the source"):  # a base is never written to
+    pa.export_adapter({}, lora.LoRASpec(r=4), pa.base_arch(base), os.path.join(base, "adapter"), sources=(base,))
