@@ -7,6 +7,12 @@
       ZOO_DIR (a workdir or a converted dir, with zoo_config.json or --model-config JSON) -> OUT_DIR with config.json
       and model.safetensors, loadable with transformers' AutoModelForCausalLM.from_pretrained.
 
+  python tools/convert_hf.py lora-to-peft WORKDIR OUT_DIR [--base hf:HF_DIR] [--overwrite]
+      the LoRA adapters of the latest checkpoint of a run with config.lora (WORKDIR/config.json gives the model and
+      config.lora; the base is the run's config.init_from='hf:HF_DIR' or --base) -> OUT_DIR with adapter_config.json
+      and adapter_model.safetensors, loadable with peft's PeftModel.from_pretrained onto HF_DIR. (A PEFT adapter is
+      read by a run or an evaluation with --config.lora.adapter=ADAPTER_DIR.)
+
 OUT_DIR must be new or empty; --overwrite replaces a non-empty OUT_DIR whole (the output is written to a temporary
 directory beside it and swapped in at the end, so a failed conversion leaves OUT_DIR as it was). OUT_DIR may not be
 the source, lie inside it or contain it; the source is never modified. Bad input (a missing or malformed source, an
@@ -128,6 +134,52 @@ def _to_hf(args):
   print(json.dumps(hf_config, sort_keys=True))
 
 
+def _lora_to_peft(args):
+  import flax.linen as nn
+  import jax
+  import ml_collections
+
+  from zoo.checkpoints import check_destination, peft_adapters
+  from zoo.layers import lora
+  from zoo.models.registry import build_model
+
+  _check_source(args.src, "WORKDIR")
+  config_path = os.path.join(args.src, "config.json")
+  if not os.path.isfile(config_path):
+    raise _UsageError(f"WORKDIR {args.src} has no config.json; expected the workdir of a run with config.lora")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      run = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise _UsageError(f"{config_path} is not valid JSON ({e})") from None
+  spec = lora.spec_from_config(run.get("lora") or {})
+  if spec is None:
+    raise _UsageError(f"the run in {args.src} has no LoRA adapters (config.lora.r=0)")
+  base = args.base or (run.get("init_from") if isinstance(run.get("init_from"), str) else "")
+  if not base.startswith("hf:"):
+    raise _UsageError(
+      f"the run's config.init_from={run.get('init_from')!r} is not a Hugging Face directory; pass --base hf:HF_DIR, "
+      "the model the adapters were trained on"
+    )
+  sources = (args.src, base[3:])
+  check_destination(args.out, overwrite=args.overwrite, sources=sources, option="--overwrite")
+  model = lora.with_lora(build_model(ml_collections.ConfigDict(run["model"])), spec)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 1), "int32"))
+  _, adapters = lora.split_adapters(nn.unbox(abstract["params"]))
+  variables = _restore(args.src, {"params": adapters})
+  arch = peft_adapters.base_arch(base)
+  config = peft_adapters.export_adapter(
+    variables["params"],
+    spec,
+    arch,
+    args.out,
+    base_model_name_or_path=base[3:],
+    overwrite=args.overwrite,
+    sources=sources,
+  )
+  print(json.dumps(config, sort_keys=True))
+
+
 def _expected_errors():
   """The exception types that mean bad input (printed as one line), imported only once a command has run."""
   from zoo.checkpoints import ConversionError
@@ -147,11 +199,15 @@ def main(argv=None):
   to_hf.add_argument("out")
   to_hf.add_argument("--family", required=True, choices=("mixtral", "qwen3_moe"))
   to_hf.add_argument("--model-config", help="JSON file with config.model (default: SRC/zoo_config.json)")
-  for command in (to_zoo, to_hf):
+  to_peft = sub.add_parser("lora-to-peft", help="the LoRA adapters of a run -> PEFT adapter directory")
+  to_peft.add_argument("src")
+  to_peft.add_argument("out")
+  to_peft.add_argument("--base", default="", help="hf:HF_DIR the adapters were trained on (default: the run's)")
+  for command in (to_zoo, to_hf, to_peft):
     command.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR whole")
   args = parser.parse_args(argv)
   try:
-    (_to_zoo if args.command == "to-zoo" else _to_hf)(args)
+    {"to-zoo": _to_zoo, "to-hf": _to_hf, "lora-to-peft": _lora_to_peft}[args.command](args)
   except Exception as e:
     if not isinstance(e, _expected_errors()):
       raise

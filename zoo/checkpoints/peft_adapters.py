@@ -182,14 +182,15 @@ def module_names(arch):
 
 
 def zoo_modules(params, arch):
-  """{HF module name: zoo module path} of the model's `DenseGeneral` kernels that have an HF linear counterpart."""
+  """{HF module name: zoo module path} of the model's `DenseGeneral` layers (found by their kernels or adapters) that
+  have an HF linear counterpart."""
   names = module_names(arch)
   out = {}
   for path in traverse_util.flatten_dict(nn.unbox(params)):
-    if path[-1] != "kernel":
+    if path[-1] not in ("kernel", "lora_a"):  # a kernel, or an adapter given without its base
       continue
     try:
-      key = zoo_tree.classify(("params", *path))
+      key = zoo_tree.classify(("params", *path[:-1], "kernel"))
     except ConversionError:
       continue
     if key in names:
@@ -272,7 +273,8 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
   """Write the adapters of `params` as a PEFT LoRA adapter directory (loadable with `peft.PeftModel.from_pretrained`).
 
   Args:
-    params: the adapted model's params (its adapters are written; the base is not).
+    params: the adapted model's params, or only its adapters (`zoo.layers.lora.split_adapters`); the adapters are
+      written, the base is not.
     spec: the model's LoRASpec (rank, alpha, dropout).
     arch: the base's `hf_spec.Arch` (its family and layer layout name the modules).
     out_dir: the directory to create, written whole (`zoo.checkpoints.write_dir`).
