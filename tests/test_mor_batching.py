@@ -133,17 +133,15 @@ def test_engine_refuses_sharing_that_differs_by_depth():
     DepthBatchingEngine(model, {}, batch_size=2, max_length=8)
 
 
-def test_depth_batching_evaluator_through_evaluate(tmp_path, monkeypatch):
+def test_depth_batching_evaluator_through_evaluate(tmp_path):
   # evaluate.py's path: trainer.evaluate on a checkpoint, config.evals naming the evaluator (small options).
   from configs.mor_vanilla import mor_model
   from test_engine import tiny_config
   from test_engine_eval import SMALL_LM, save_init_checkpoint
   from zoo.engine import trainer
-  from zoo.evaluators import depth_batching
 
-  for key, value in dict(requests=6, new_tokens=4, batch_size=2, num_slots=3, prompt_min=2, prompt_max=8).items():
-    monkeypatch.setitem(depth_batching.DEFAULTS, key, value)
   c = tiny_config()
+  c.depth_batching.update(requests=6, new_tokens=4, batch_size=2, num_slots=3, prompt_min=2, prompt_max=8)
   c.model = type(c.model)({**mor_model(2, "expert"), **SMALL_LM, "num_layers": 4})
   c.evals = ("depth_batching",)
   save_init_checkpoint(c, tmp_path)

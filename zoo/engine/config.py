@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from zoo.engine import sharding
+from zoo.evaluators.depth_batching import DEFAULTS as DEPTH_BATCHING_DEFAULTS
 from zoo.layers.lora import DEFAULT_TARGETS, spec_from_config
 from zoo.models import ConfigError, build_model
 
@@ -106,6 +107,8 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   )
   # Evaluators run by evaluate.py (`zoo.evaluators`); () = the task's and the model's defaults.
   c.evals = ()
+  # Options of the 'depth_batching' evaluator (continuous depth-wise batching of MoR decoding).
+  c.depth_batching = ml_collections.ConfigDict(DEPTH_BATCHING_DEFAULTS)
   c.sample = ml_collections.ConfigDict(
     {  # the 'sample' evaluator (lm)
       "prompt": "def ",
@@ -191,8 +194,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check_keys("", config, base.keys())
   for section in ("mesh", "optimizer", "train", "checkpoint", "sample"):
     _check_keys(section, config[section], base[section].keys())
-  if "lora" in config:
-    _check_keys("lora", config.lora, base.lora.keys())
+  for section in ("lora", "depth_batching"):  # sections that configs written before them lack
+    if section in config:
+      _check_keys(section, config[section], base[section].keys())
   _check_numbers(config)
 
   o, t, ck = config.optimizer, config.train, config.checkpoint
