@@ -222,7 +222,9 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     raise ValueError(f"prepare: unknown embedded dataset {name!r}; allowed: {sorted(EMBEDDED_BUILDERS)}")
   data_dir = resolve_data_dir(data_dir)
   builder = EMBEDDED_BUILDERS[name](data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared():  # No lock needed, so a read-only data_dir works.
+  # No lock needed, so a read-only data_dir works. A builder made while another process was finishing the build has
+  # read no dataset info (empty splits) though the data is there by now: it takes the locked path and is made again.
+  if builder.is_prepared() and builder.info.splits:
     return builder
   os.makedirs(data_dir, exist_ok=True)
   with _file_lock(os.path.join(data_dir, f".{name}.lock")):
