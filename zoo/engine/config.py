@@ -94,7 +94,8 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   # LoRA adapters (`zoo.layers.lora`) on the DenseGeneral layers whose '/'-joined module paths match target_modules
   # (regular expressions); r = 0: none. With adapters only they (and the base parameters lora.trainable_params
   # names) train: the base is frozen. `adapter`: a PEFT LoRA adapter directory that initialises them (its base model
-  # is config.init_from='hf:DIR', or the adapter's base_model_name_or_path).
+  # is config.init_from='hf:DIR', or the adapter's base_model_name_or_path). `quantize`: '' or 'nf4' (QLoRA: the
+  # adapted layers' frozen base kernels stored in 4-bit NormalFloat, dequantised in the matmul).
   c.lora = ml_collections.ConfigDict(
     {
       "r": 0,
@@ -103,6 +104,7 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
       "target_modules": DEFAULT_TARGETS,
       "trainable_params": (),
       "adapter": "",
+      "quantize": "",
     }
   )
   # Evaluators run by evaluate.py (`zoo.evaluators`); () = the task's and the model's defaults.

@@ -4,7 +4,8 @@ A parameter is frozen when its path ('/'-joined, e.g. 'layers_0/attention/query/
 `config.frozen_params` (regular expressions, `re.search`), when `config.trainable_params` is non-empty and it matches
 none of those, or when the model's optional hook `trainable_params(params) -> pytree of bool` says False. The two
 parts are nested dicts holding disjoint paths; the train step differentiates the trainable part only, so frozen
-parameters get no gradient buffers and no optimizer state.
+parameters get no gradient buffers and no optimizer state. The model may store its frozen part in another form
+(`store_frozen`: QLoRA keeps the frozen base kernels in NF4).
 """
 
 import re
@@ -68,6 +69,13 @@ def merge(trainable, frozen):
   flat = traverse_util.flatten_dict(trainable, is_leaf=lambda _, x: isinstance(x, nn.Partitioned))
   flat.update(traverse_util.flatten_dict(frozen, is_leaf=lambda _, x: isinstance(x, nn.Partitioned)))
   return traverse_util.unflatten_dict(flat)
+
+
+def store_frozen(model, frozen):
+  """The frozen part as the train state keeps it: the model's optional hook `frozen_storage(frozen) -> frozen`
+  (e.g. QLoRA's NF4 base kernels, `zoo.layers.lora`), or `frozen` as it is."""
+  hook = getattr(model, "frozen_storage", None)
+  return hook(frozen) if hook is not None and frozen else frozen
 
 
 def count(tree):

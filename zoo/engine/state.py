@@ -42,6 +42,7 @@ def _init_fn(model, tx, task, dummy_batch, mask):
   def init(rng):
     variables = init_variables(model, task, dummy_batch, rng)
     params, frozen = partition.split(variables.pop("params"), mask)
+    frozen = partition.store_frozen(model, frozen)
     return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), collections=variables, frozen=frozen
     )

@@ -28,7 +28,7 @@ from zoo.engine.state import abstract_state, create_train_state, init_variables
 from zoo.engine.workdir import WorkdirLock, check_workdir, record_config
 from zoo.engine.writers import MetricsWriter, to_python
 from zoo.evaluators import EvalContext, select
-from zoo.layers import lora
+from zoo.layers import lora, nf4
 from zoo.models import ConfigError, build_model
 from zoo.tasks import get_task, reduce_sums
 
@@ -91,7 +91,7 @@ class Experiment:
         sub-tree (a leaf the model lacks or a shape that differs, named).
     """
     loaded = []
-    target = self.abstract_state()[0].variables()
+    target = nf4.dense_shapes(self.abstract_state()[0].variables())
     for path, source in init_sources(self.config).items():
       sub = _subtree(target, path)
       if not sub.get("params"):
@@ -121,15 +121,20 @@ class Experiment:
       prefix = tuple(p for p in path.split("/") if p)
       for key, value in traverse_util.flatten_dict(dict(variables)).items():
         full = (key[0], *prefix, *key[1:])
-        flat[full] = jax.device_put(jnp.asarray(value, flat[full].dtype), places[full])
+        if isinstance(flat[full], nf4.NF4Tensor):  # a frozen kernel kept in NF4: quantised by store_frozen below
+          flat[full] = jnp.asarray(value, jnp.float32)
+        else:
+          flat[full] = jax.device_put(jnp.asarray(value, flat[full].dtype), places[full])
     variables = traverse_util.unflatten_dict(flat)
     params, frozen = partition.split(variables.pop("params"), self.mask)
+    frozen = jax.device_put(partition.store_frozen(self.model, frozen), shardings.frozen)
     return state.replace(params=params, frozen=frozen, collections={**state.collections, **variables})
 
   def with_params(self, state, params, shardings):
     """`state` with the whole params tree `params`, split into its trainable and frozen parts, placed in
     `shardings`."""
     trainable, frozen = partition.split(params, self.mask)
+    frozen = partition.store_frozen(self.model, frozen)
     return state.replace(
       params=jax.device_put(trainable, shardings.params), frozen=jax.device_put(frozen, shardings.frozen)
     )

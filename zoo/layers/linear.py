@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo.layers import nf4
+
 
 def _as_tuple(value):
   return tuple(value) if isinstance(value, (tuple, list)) else (value,)
@@ -23,6 +25,9 @@ class DenseGeneral(nn.Module):
     param_dtype: storage dtype of the parameters.
     kernel_init: initializer called with the full kernel shape; default: fan-in truncated normal (LeCun) where
       fan-in is the product of the contracted axes.
+
+  A kernel given as an `nf4.NF4Tensor` (a frozen base quantised for QLoRA, `zoo.layers.lora`) is dequantised to
+  `dtype` inside the call.
   """
 
   features: int | tuple[int, ...]
@@ -51,7 +56,15 @@ class DenseGeneral(nn.Module):
     init = self.kernel_init or nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, len(kernel_shape)))
     )
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes), kernel_shape, self.param_dtype)
+    stored = self.get_variable("params", "kernel")
+    if isinstance(stored, nf4.NF4Tensor):  # a frozen base kept in 4 bits (QLoRA): dequantised for this matmul
+      if stored.shape != kernel_shape:
+        raise ValueError(f"{self.name}: the NF4 kernel has shape {stored.shape}, the layer needs {kernel_shape}")
+      kernel = nf4.dequantize(stored, self.dtype)
+    else:
+      kernel = self.param(
+        "kernel", nn.with_logical_partitioning(init, self.kernel_axes), kernel_shape, self.param_dtype
+      )
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
     if self.use_bias:

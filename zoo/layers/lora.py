@@ -18,6 +18,12 @@ optimizer state.
 Expert weights (the stacked [experts, in, out] einsum parameters of `zoo.routing`) and embeddings are not
 `DenseGeneral` layers: a pattern that matches them is refused (`check_targets`).
 
+QLoRA (Dettmers et al. 2023, sec. 3-4, papers.md B5): with `spec.quantize='nf4'` the frozen base kernels of the
+adapted layers are stored as NF4 with double-quantised block scales (`zoo.layers.nf4`, 4.127 bits per parameter)
+through the adapted model's `frozen_storage` hook, which the engine applies to the frozen part of the train state;
+`DenseGeneral` dequantises such a kernel to its compute dtype inside the matmul: `y = x deq(W) + (alpha / r) x A B`.
+Only frozen kernels are quantised (one that trains stays as it is).
+
 `merge(params, spec)` folds the adapters into the kernels (`W + (alpha / r) A B`, the adapters dropped: the base
 model runs the result); `unmerge(merged, adapters, spec)` takes them out again.
 """
@@ -32,12 +38,14 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from zoo.layers import nf4
 from zoo.layers.linear import DenseGeneral, _as_tuple
 from zoo.registry import ConfigError
 
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 # The default targets: the q/k/v/o projections of every attention layer (GQA's query/key/value/out).
 DEFAULT_TARGETS = (r"attention/(query|key|value|out)$",)
+QUANTIZATIONS = ("", "nf4")  # storage of the adapted layers' frozen base kernels: as they are, or NF4 (QLoRA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +59,7 @@ class LoRASpec:
     target_modules: regular expressions (`re.search`) over '/'-joined module paths of `DenseGeneral` layers.
     trainable_params: regular expressions over '/'-joined parameter paths of base parameters that train along with
       the adapters (e.g. the norms); every other base parameter is frozen.
+    quantize: '' (the frozen base kernels as they are) or 'nf4' (QLoRA: the adapted layers' frozen kernels in NF4).
   """
 
   r: int = 8
@@ -58,6 +67,7 @@ class LoRASpec:
   dropout: float = 0.0
   target_modules: tuple[str, ...] = DEFAULT_TARGETS
   trainable_params: tuple[str, ...] = ()
+  quantize: str = ""
 
   def __post_init__(self):
     for key in ("target_modules", "trainable_params"):
@@ -68,6 +78,8 @@ class LoRASpec:
       raise ConfigError(f"config.lora.alpha={self.alpha!r} is invalid; allowed: a number > 0")
     if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
       raise ConfigError(f"config.lora.dropout={self.dropout!r} is invalid; allowed: [0, 1)")
+    if self.quantize not in QUANTIZATIONS:
+      raise ConfigError(f"config.lora.quantize={self.quantize!r} is invalid; allowed: {QUANTIZATIONS}")
     if not self.target_modules:
       raise ConfigError("config.lora.target_modules is empty; allowed: regular expressions over module paths")
     for key in ("target_modules", "trainable_params"):
@@ -196,6 +208,12 @@ def _lora_class(base):
           out[path] = any(re.search(p, name) for p in self.lora.trainable_params) and flags.get(path, True)
       return traverse_util.unflatten_dict(out)
 
+    @nn.nowrap
+    def frozen_storage(self, frozen):
+      """The frozen parameters as the train state stores them: with `lora.quantize='nf4'` the kernels of the adapted
+      layers become `nf4.NF4Tensor`s (already quantised ones are kept); everything else as it is."""
+      return quantize_frozen(frozen, self.lora)
+
   Adapted.__name__ = Adapted.__qualname__ = f"LoRA{base.__name__}"
   _CLASSES[base] = Adapted
   return Adapted
@@ -276,6 +294,29 @@ def check_targets(spec, params):
   return adapted
 
 
+def quantize_frozen(frozen, spec):
+  """`frozen` (nested dict, leaves boxed or not) with the adapted layers' kernels in NF4 when `spec.quantize` says so.
+
+  Raises:
+    ConfigError naming the layer: a kernel whose size is not a multiple of the NF4 block (64).
+  """
+  if spec.quantize != "nf4" or not frozen:
+    return frozen
+  is_leaf = lambda _, x: isinstance(x, (nn.Partitioned, nf4.NF4Tensor))
+  flat = traverse_util.flatten_dict(frozen, is_leaf=is_leaf)
+  for path, value in flat.items():
+    if path[-1] != "kernel" or isinstance(value, nf4.NF4Tensor) or not spec.targets(_name(path[:-1])):
+      continue
+    kernel = nn.unbox(value)
+    if kernel.size % nf4.BLOCK_SIZE:
+      raise ConfigError(
+        f"config.lora.quantize='nf4': the kernel of {_name(path[:-1])} has {kernel.size} values, not a multiple of "
+        f"the NF4 block ({nf4.BLOCK_SIZE}); allowed: quantize='' or target_modules without that layer"
+      )
+    flat[path] = nf4.quantize(kernel)
+  return traverse_util.unflatten_dict(flat)
+
+
 def _delta(lora_a, lora_b, scale):
   """`scale * A . B` in the kernel's layout [*contracted, *features]."""
   return scale * jnp.tensordot(jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32), axes=1)
@@ -285,9 +326,11 @@ def merge(params, spec):
   """The base model's params with every adapter folded into its kernel (`W + (alpha / r) A B`) and the adapters
   dropped: `base_model.apply` on them gives the adapted model's output (deterministic)."""
   base, adapters = split_adapters(nn.unbox(params))
-  flat = traverse_util.flatten_dict(base)
+  flat = traverse_util.flatten_dict(base, is_leaf=lambda _, x: isinstance(x, nf4.NF4Tensor))
   for module, leaves in traverse_util.flatten_dict(adapters, is_leaf=_is_adapter).items():
     kernel = flat[(*module, "kernel")]
+    if isinstance(kernel, nf4.NF4Tensor):  # a QLoRA base: merged in float32
+      kernel = nf4.dequantize(kernel)
     flat[(*module, "kernel")] = (kernel + _delta(leaves["lora_a"], leaves["lora_b"], spec.scale)).astype(kernel.dtype)
   return traverse_util.unflatten_dict(flat)
 
@@ -331,4 +374,5 @@ def spec_from_config(lora_config):
     dropout=lora_config.get("dropout", 0.0),
     target_modules=tuple(lora_config.get("target_modules", DEFAULT_TARGETS)),
     trainable_params=tuple(lora_config.get("trainable_params", ())),
+    quantize=lora_config.get("quantize", ""),
   )

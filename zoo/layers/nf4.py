@@ -14,9 +14,12 @@ Dequantisation is `levels[index] * scale`, done on the fly in the matmul by the 
 """
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+BLOCK_SIZE = 64  # weights per absmax scale (QLoRA's default)
+SCALE_BLOCK_SIZE = 256  # block scales per second-level scale (double quantisation)
 NF4_LEVELS = np.array(
   [
     -1.0,
@@ -55,8 +58,8 @@ class NF4Tensor:
   scale_scales: jnp.ndarray
   scale_mean: jnp.ndarray
   shape: tuple = flax.struct.field(pytree_node=False)
-  block_size: int = flax.struct.field(pytree_node=False, default=64)
-  scale_block_size: int = flax.struct.field(pytree_node=False, default=256)
+  block_size: int = flax.struct.field(pytree_node=False, default=BLOCK_SIZE)
+  scale_block_size: int = flax.struct.field(pytree_node=False, default=SCALE_BLOCK_SIZE)
 
   def nbytes(self):
     """Bytes of the stored arrays."""
@@ -69,7 +72,7 @@ def _blocks(x, size):
   return jnp.pad(x, (0, pad)).reshape(-1, size)
 
 
-def quantize_scales(scales, scale_block_size=256):
+def quantize_scales(scales, scale_block_size=SCALE_BLOCK_SIZE):
   """Double quantisation: scales [m] float32 -> (codes [m] int8, per-block scales float32, mean [] float32)."""
   mean = jnp.mean(scales)
   blocks = _blocks(scales - mean, scale_block_size)
@@ -78,13 +81,13 @@ def quantize_scales(scales, scale_block_size=256):
   return codes.reshape(-1)[: scales.shape[0]], step.astype(jnp.float32), mean.astype(jnp.float32)
 
 
-def dequantize_scales(codes, steps, mean, scale_block_size=256):
+def dequantize_scales(codes, steps, mean, scale_block_size=SCALE_BLOCK_SIZE):
   """The block scales [m] float32 from their int8 codes."""
   blocks = _blocks(codes.astype(jnp.float32), scale_block_size) * steps[:, None]
   return blocks.reshape(-1)[: codes.shape[0]] + mean
 
 
-def quantize(w, block_size=64, scale_block_size=256):
+def quantize(w, block_size=BLOCK_SIZE, scale_block_size=SCALE_BLOCK_SIZE):
   """w: any shape, float, with w.size divisible by block_size (even) -> NF4Tensor."""
   flat = jnp.asarray(w, jnp.float32).reshape(-1)
   if flat.shape[0] % block_size or block_size % 2:
@@ -109,3 +112,19 @@ def dequantize(q, dtype=jnp.float32):
   values = jnp.asarray(NF4_LEVELS)[index].reshape(-1, q.block_size)
   scales = dequantize_scales(q.scale_codes, q.scale_scales, q.scale_mean, q.scale_block_size)
   return (values * scales[:, None]).reshape(q.shape).astype(dtype)
+
+
+def dense_shapes(tree):
+  """`tree` with every NF4Tensor (arrays or ShapeDtypeStructs) replaced by a float32 ShapeDtypeStruct of the weight it
+  stores: the layout a checkpoint or a Hugging Face directory of the unquantised model has."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32) if isinstance(x, NF4Tensor) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, NF4Tensor),
+  )
+
+
+def nbytes(tree):
+  """Bytes of the arrays of `tree`, NF4Tensors counted as stored (packed indices and double-quantised scales)."""
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
+  return sum(x.nbytes() if isinstance(x, NF4Tensor) else int(x.size) * x.dtype.itemsize for x in leaves)
