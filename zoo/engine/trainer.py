@@ -442,6 +442,7 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       if loaded:
         state = exp.with_init_from(state, shardings, loaded)
         log_init_from(loaded, primary)
+    _log(primary, describe_params(state))
     eval_step = exp.make_eval_step(shardings, exp.dummy)
 
     def advance(step, state, batch):
@@ -460,6 +461,18 @@ def train(config, workdir, *, devices=None, progress=True, step=None):
       save=lambda step, state: ckpt.save(step, state, train_iter.get_state()),
       evaluate=lambda state: exp.run_eval(state, eval_step),
     )
+
+
+def describe_params(state):
+  """One line: the trainable and frozen parameters of `state`, their bytes and bits per value (an NF4 frozen base
+  counted as stored)."""
+  parts = []
+  for name, tree in (("trainable", state.params), ("frozen", state.frozen)):
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nf4.NF4Tensor))
+    values = sum(int(np.prod(x.shape)) for x in leaves)
+    size = nf4.nbytes(tree)
+    parts.append(f"{values} {name} ({size} bytes, {8 * size / max(values, 1):.3f} bits per value)")
+  return "parameters: " + ", ".join(parts)
 
 
 def log_init_from(loaded, primary):
