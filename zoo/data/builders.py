@@ -6,15 +6,21 @@
   topics, the top-level package for files in a package, 'modules' for top-level single-file modules). Splits
   `train` / `validation`, by a hash of the path (about 5% validation), so a file is never in both. One builder config
   per Python minor version (`py3_11`, ...), because the corpus is that interpreter's stdlib.
+* `stdlib_doc_code`: docstring -> code pairs of the stdlib's functions, methods and classes
+  (`zoo.data.code_pairs.extract_doc_code_pairs`), for text-to-code retrieval. Features: `query` (the docstring's first
+  paragraph), `document` (the definition's source without its docstrings), `path`, `name` (qualified in its file) and
+  `domain` (a ClassLabel over the groups of `DOC_CODE_DOMAINS`). Split by file like `pystdlib`, with
+  `DOC_CODE_VALIDATION_PERCENT` of the files in `validation`. See `StdlibDocCode`.
 * `digits`: scikit-learn's 8x8 digits, `image` float32 [8, 8, 1] in [0, 1], `label` in 0..9; splits `train` (1500)
   and `test` (297), by a fixed permutation.
 
-Both are written as array_record, read with `tfds.data_source`-style random access; no TensorFlow is needed.
+All are written as array_record, read with `tfds.data_source`-style random access; no TensorFlow is needed.
 `prepare(name, data_dir)` builds once under a file lock, so that processes starting together build it once.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import functools
@@ -26,6 +32,7 @@ import sysconfig
 import numpy as np
 import tensorflow_datasets as tfds
 
+from zoo.data.code_pairs import extract_doc_code_pairs
 from zoo.data.config import resolve_data_dir
 
 # Directories never read: installed packages, test suites, build files, codec tables.
@@ -53,9 +60,10 @@ def _path_hash(salt: str, path: str) -> int:
   return int.from_bytes(hashlib.sha256(f"{salt}:{path}".encode()).digest()[:8], "big")
 
 
-def split_of(path: str) -> str:
-  """The split ('train' | 'validation') of a document, from a hash of its path alone."""
-  return "validation" if _path_hash("split", path) % 100 < VALIDATION_PERCENT else "train"
+def split_of(path: str, validation_percent: int = VALIDATION_PERCENT) -> str:
+  """The split ('train' | 'validation') of a document, from a hash of its path alone (`validation_percent` of the
+  paths, about, are in 'validation'; a path in 'validation' at some percent stays there at any larger one)."""
+  return "validation" if _path_hash("split", path) % 100 < validation_percent else "train"
 
 
 def _domain_of(relpath: str) -> str:
@@ -155,6 +163,109 @@ class PyStdlib(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yield path, {"text": text, "path": path, "domain": "docs"}
 
 
+# Domains of `stdlib_doc_code`: groups of top-level packages and modules by what they are about. Chosen among the
+# stdlib's areas as those with, under Python 3.11, at least 100 training and 40 validation pairs at the 20% split by
+# file (the split is by file, so a small package can land wholly in one split: 'email' has 512 pairs, 23 of them in
+# validation, and was left out; so were 'importlib' (4) and 'logging' (0)). Members missing from an interpreter
+# (removed modules, e.g. cgi in 3.13) are skipped.
+DOC_CODE_DOMAINS = {
+  "concurrency": ("asyncio", "concurrent", "multiprocessing", "queue", "sched", "selectors", "threading"),
+  "gui": ("idlelib", "tkinter", "turtle", "turtledemo"),
+  "markup": ("html", "xml", "xmlrpc"),
+  "testing": ("bdb", "cProfile", "doctest", "pdb", "profile", "pstats", "timeit", "trace", "unittest"),
+  "web": ("cgi", "ftplib", "http", "socketserver", "urllib", "webbrowser", "wsgiref"),
+}
+DOC_CODE_VALIDATION_PERCENT = 20
+
+
+@functools.cache
+def doc_code_files() -> tuple[tuple[str, str, str], ...]:
+  """The (relative path, absolute path, domain) of the stdlib files `stdlib_doc_code` reads, sorted by relative
+  path: every `*.py` of the members of `DOC_CODE_DOMAINS` (packages walked without their test directories) of at most
+  MAX_FILE_BYTES."""
+  root = sysconfig.get_paths()["stdlib"]
+  chosen = []
+  for domain, members in DOC_CODE_DOMAINS.items():
+    for member in members:
+      path = os.path.join(root, member)
+      paths = [path + ".py"] if os.path.isfile(path + ".py") else []
+      for dirpath, dirnames, filenames in os.walk(path) if os.path.isdir(path) else ():
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_DIRS)
+        paths += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+      for abspath in paths:
+        if os.path.getsize(abspath) <= MAX_FILE_BYTES:
+          chosen.append((os.path.relpath(abspath, root).replace(os.sep, "/"), abspath, domain))
+  return tuple(sorted(chosen))
+
+
+@functools.cache
+def doc_code_pairs() -> tuple[dict[str, str], ...]:
+  """Every pair of `stdlib_doc_code`, both splits, in (path, source) order: {'query', 'document', 'path', 'name',
+  'domain', 'split'}. A pair whose query or whose document occurs more than once in the whole set is left out, so
+  every query has exactly one relevant document and no document is a copy of another."""
+  pairs = []
+  for relpath, abspath, domain in doc_code_files():
+    text = _read_utf8(abspath)
+    try:
+      extracted = extract_doc_code_pairs(text) if text is not None else []
+    except SyntaxError:  # a file the running interpreter cannot parse (e.g. lib2to3 test data) has no pairs
+      extracted = []
+    split = split_of(relpath, DOC_CODE_VALIDATION_PERCENT)
+    pairs += [
+      {"query": p.query, "document": p.document, "path": relpath, "name": p.name, "domain": domain, "split": split}
+      for p in extracted
+    ]
+  queries = collections.Counter(p["query"] for p in pairs)
+  documents = collections.Counter(p["document"] for p in pairs)
+  return tuple(p for p in pairs if queries[p["query"]] == 1 and documents[p["document"]] == 1)
+
+
+class StdlibDocCode(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Docstring -> code retrieval pairs of the Python standard library, one domain per group of `DOC_CODE_DOMAINS`.
+
+  Each example is one function, method or class with a docstring (`zoo.data.code_pairs`): `query` the first paragraph
+  of its docstring, `document` its code with every docstring removed, `path` its file (relative to the stdlib),
+  `name` its qualified name in the file, `domain` its group. Split by a hash of the file path
+  (`split_of(path, DOC_CODE_VALIDATION_PERCENT)`), so a file's definitions are all in one split. Deterministic for a
+  given interpreter; one builder config per Python minor version, as `PyStdlib`.
+  """
+
+  name = "stdlib_doc_code"
+  code_path = None  # nothing to download, no checksums file
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Docstring first paragraph -> code without docstrings; 5 domains; 20% of files validate."}
+  BUILDER_CONFIGS = [
+    tfds.core.BuilderConfig(
+      name=f"py{sys.version_info.major}_{sys.version_info.minor}",
+      description=f"The standard library of Python {sys.version_info.major}.{sys.version_info.minor}.",
+    )
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "query": tfds.features.Text(),
+          "document": tfds.features.Text(),
+          "path": tfds.features.Text(),
+          "name": tfds.features.Text(),
+          "domain": tfds.features.ClassLabel(names=sorted(DOC_CODE_DOMAINS)),
+        }
+      ),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {split: self._generate_examples(split) for split in ("train", "validation")}
+
+  def _generate_examples(self, split: str):
+    for i, pair in enumerate(doc_code_pairs()):  # a name can repeat in a file (a property's setter, an if/else def)
+      if pair["split"] == split:
+        yield f"{i}:{pair['path']}:{pair['name']}", {k: v for k, v in pair.items() if k != "split"}
+
+
 DIGITS_TRAIN_SIZE = 1500
 
 
@@ -195,7 +306,7 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield int(i), {"image": image, "label": int(digits.target[i])}
 
 
-EMBEDDED_BUILDERS = {"pystdlib": PyStdlib, "digits": Digits}
+EMBEDDED_BUILDERS = {"pystdlib": PyStdlib, "digits": Digits, "stdlib_doc_code": StdlibDocCode}
 
 
 @contextlib.contextmanager

@@ -1,12 +1,14 @@
 """The data config (`config.data`): its keys, defaults and checks.
 
 Keys:
-  name: 'pystdlib' (the embedded stdlib + pydoc text corpus), 'digits' (scikit-learn's 8x8 digits), or the name of
+  name: 'pystdlib' (the embedded stdlib + pydoc text corpus), 'stdlib_doc_code' (the embedded docstring -> code
+    retrieval pairs of the stdlib, format 'text_pairs'), 'digits' (scikit-learn's 8x8 digits), or the name of
     a standard TFDS dataset prepared as array_record in `data_dir` (e.g. 'lm1b', 'cifar10'; a config/version suffix
     such as 'c4/en:3.1.0' is passed to TFDS as it is).
   data_dir: the TFDS data directory. None means $ZOO_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
     The embedded datasets are built there on first use (about a second).
-  seq_len: tokens per packed text sequence (text datasets; >= 2). Ignored for image datasets.
+  seq_len: tokens per packed text sequence (text datasets; >= 2); for 'text_pairs', tokens per query and per
+    document (each cut to it and padded). Ignored for image datasets.
   domains: tuple of domain names to keep (datasets with a `domain` ClassLabel feature, e.g. pystdlib: 'docs',
     'modules', 'asyncio', 'email', ...); () keeps all.
   text_key: the Text feature holding the documents of a standard TFDS text dataset ('text' for lm1b and c4).
@@ -29,7 +31,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-EMBEDDED_EVAL_SPLITS = {"pystdlib": "validation", "digits": "test"}
+EMBEDDED_EVAL_SPLITS = {"pystdlib": "validation", "digits": "test", "stdlib_doc_code": "validation"}
 
 
 def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:

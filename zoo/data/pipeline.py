@@ -13,6 +13,12 @@ Format 'labelled_text' (a text dataset read with `data.label_key`, a ClassLabel 
 last one padded), each labelled with its document's label; the windows are shuffled (a new order each epoch).
 `inputs` int32 [B, T], `mask` float32 [B, T], `label` int32 [B]. Meant for corpora that fit in memory as tokens.
 
+Format 'text_pairs' (a dataset with Text features `query` and `document`, e.g. the embedded 'stdlib_doc_code'):
+each record gives one row, its query and its document each tokenized (BOS + ids + EOS), cut to seq_len tokens and
+padded: `query` int32 [B, T], `query_mask` float32 [B, T], `document` int32 [B, T], `document_mask` float32 [B, T],
+and `domain` int32 [B] (the record's `domain` label; 0 when the dataset has none). Records are shuffled (a new order
+each epoch); row i's document is the one relevant to row i's query.
+
 Format 'images': `image` as float32 (uint8 images are scaled to [0, 1]), `label` as int32.
 
 Multi-host: the examples of a split are dealt to hosts round-robin (host p reads examples p, p + P, ...), so hosts
@@ -59,7 +65,21 @@ def _builder(cfg: dict[str, Any]) -> tfds.core.DatasetBuilder:
 def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict[str, Any]:
   features = builder.info.features
   text_key = cfg["text_key"]
-  if text_key in features and isinstance(features[text_key], tfds.features.Text):
+  if _has_text_pairs(features):
+    if cfg["label_key"]:
+      raise ValueError(
+        f"data config: label_key={cfg['label_key']!r} but dataset {cfg['name']!r} holds (query, document) pairs "
+        f"(format 'text_pairs'); allowed: label_key=''"
+      )
+    tok = make_tokenizer(cfg["tokenizer"])
+    info = {
+      "format": "text_pairs",
+      "vocab_size": tok.vocab_size,
+      "pad_id": _pad_id(tok),
+      "bos_id": tok.bos_id,
+      "eos_id": tok.eos_id,
+    }
+  elif text_key in features and isinstance(features[text_key], tfds.features.Text):
     tok = make_tokenizer(cfg["tokenizer"])
     info = {
       "format": "text",
@@ -104,6 +124,11 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
   return info
 
 
+def _has_text_pairs(features) -> bool:
+  """Whether a dataset's features hold (query, document) text pairs (format 'text_pairs')."""
+  return all(isinstance(features[k] if k in features else None, tfds.features.Text) for k in ("query", "document"))
+
+
 def dataset_info(data_config: Mapping[str, Any] | ml_collections.ConfigDict) -> dict[str, Any]:
   """What the engine needs to know about a dataset, without reading it.
 
@@ -112,7 +137,8 @@ def dataset_info(data_config: Mapping[str, Any] | ml_collections.ConfigDict) -> 
 
   Returns:
     {'format': 'text', 'vocab_size', 'pad_id', 'bos_id', 'eos_id'} (the tokenizer's) for text; the same plus
-    'num_classes' and 'label_names' with format 'labelled_text'; {'format': 'images', 'num_classes', 'image_shape':
+    'num_classes' and 'label_names' with format 'labelled_text'; the same keys as text with format 'text_pairs';
+    {'format': 'images', 'num_classes', 'image_shape':
     (H, W, C)} for images; plus 'domains' (the names) when the dataset has a `domain` label.
   """
   cfg = resolve_data_config(data_config)
@@ -237,6 +263,27 @@ def _labelled_windows(source, cfg: dict[str, Any], pad_id: int) -> list[dict[str
 
 
 @dataclasses.dataclass(frozen=True)
+class _ToPairExample(grain.transforms.Map):
+  """Record {'query', 'document', ['domain']} -> {'query', 'document': int32 [T], 'query_mask', 'document_mask':
+  float32 [T], 'domain': int32 []}: each text as BOS + ids + EOS, cut to seq_len tokens, padded with pad_id."""
+
+  tokenizer: str
+  seq_len: int
+  pad_id: int
+
+  def map(self, record):
+    tok, example = make_tokenizer(self.tokenizer), {}
+    for key in ("query", "document"):
+      ids = tok.encode(record[key])[: self.seq_len]
+      mask = np.zeros(self.seq_len, np.float32)
+      mask[: len(ids)] = 1.0
+      example[key] = np.pad(ids, (0, self.seq_len - len(ids)), constant_values=self.pad_id).astype(np.int32)
+      example[f"{key}_mask"] = mask
+    example["domain"] = np.int32(record["domain"] if "domain" in record else 0)
+    return example
+
+
+@dataclasses.dataclass(frozen=True)
 class _ToImageExample(grain.transforms.Map):
   """Record -> {'image': float32 [H, W, C] (uint8 scaled to [0, 1]), 'label': int32 []}."""
 
@@ -274,6 +321,7 @@ def make_iterator(
   Returns:
     A `DataIterator` (`get_state()`/`set_state()`, see there) of dicts of numpy arrays, B = global_batch_size //
     process_count: text {'inputs': int32 [B, T], 'targets': int32 [B, T], 'mask': float32 [B, T]} with T = seq_len;
+    text_pairs {'query', 'document': int32 [B, T], 'query_mask', 'document_mask': float32 [B, T], 'domain': int32 [B]};
     images {'image': float32 [B, H, W, C], 'label': int32 [B]}.
 
   Raises:
@@ -321,6 +369,9 @@ def make_iterator(
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": length, "token_bytes": length})
     it = it.map(_ToLmExample(info["pad_id"])).batch(batch_size, drop_remainder=drop_remainder)
   elif info["format"] == "labelled_text":
+    it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(_READ_OPTIONS)
+  elif info["format"] == "text_pairs":
+    ds = ds.map(_ToPairExample(cfg["tokenizer"], cfg["seq_len"], info["pad_id"]))
     it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(_READ_OPTIONS)
   else:
     ds = ds.map(_ToImageExample()).batch(batch_size, drop_remainder=drop_remainder)
