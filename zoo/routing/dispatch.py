@@ -184,6 +184,29 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 PERMUTES = ("fused", "custom_vjp", "gather")
 
 
+def sort_by_expert(expert_ids, num_experts):
+  """Sorts the (token, slot) pairs by expert for the grouped matmuls (MegaBlocks, Gale et al. 2023, Sec. 5).
+
+  The sort is stable (token order within an expert) and empty slots (-1) sort last, outside every group, where the
+  grouped matmuls return zeros.
+
+  Args:
+    expert_ids: [tokens, k] int expert of each slot, -1 = empty slot.
+    num_experts: E.
+
+  Returns:
+    order [tokens * k] int32, the token-major (token, slot) index of each sorted row;
+    row_ids [tokens * k] int32, the token of each sorted row (`order // k`; a valid token id for every row, the empty
+      slots' rows included, as `kernels.gmm_gather` needs);
+    group_sizes [E] int32, the rows of each expert.
+  """
+  k = expert_ids.shape[-1]
+  key = jnp.where(expert_ids >= 0, expert_ids, num_experts).reshape(-1)  # token-major, empty slots sort last
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+  group_sizes = jnp.sum(jax.nn.one_hot(key, num_experts, dtype=jnp.int32), axis=0)
+  return order, order // k, group_sizes
+
+
 def dropless_ffn(x, expert_ids, weights, expert_weights, activation, *, permute="fused"):
   """Dropless dispatch (MegaBlocks, Gale et al. 2023, Sec. 5): sort by expert, grouped matmuls, unsort.
 
@@ -207,11 +230,8 @@ def dropless_ffn(x, expert_ids, weights, expert_weights, activation, *, permute=
     raise ValueError(f"permute={permute!r} is unknown; allowed: {PERMUTES}")
   tokens, k = expert_ids.shape
   num_experts = expert_weights["up"].shape[0]
-  key = jnp.where(expert_ids >= 0, expert_ids, num_experts).reshape(-1)  # token-major, empty slots sort last
-  order = jnp.argsort(key, stable=True).astype(jnp.int32)
-  group_sizes = jnp.sum(jax.nn.one_hot(key, num_experts, dtype=jnp.int32), axis=0)
+  order, row_ids, group_sizes = sort_by_expert(expert_ids, num_experts)
   if permute == "fused":
-    row_ids = order // k  # valid token ids for every row, the empty slots' rows included
     up = kernels.gmm_gather(x, row_ids, expert_weights["up"], group_sizes)
     gate = kernels.gmm_gather(x, row_ids, expert_weights["gate"], group_sizes) if "gate" in expert_weights else None
     out = kernels.gmm(_hidden(gate, up, activation), expert_weights["down"], group_sizes)
