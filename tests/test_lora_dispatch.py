@@ -1,4 +1,5 @@
-"""Sparse LoRA-expert dispatch (grouped matmuls) == the dense masked reference, values and gradients."""
+"""Sparse LoRA-expert dispatch (grouped matmuls) == the dense masked reference, values and gradients, with the xla
+path and the Mosaic ("interpret") and Triton ("interpret_gpu") kernels in interpret mode."""
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ def test_dense_equals_a_per_token_loop():
   np.testing.assert_allclose(lora_dispatch.dense_lora_experts(x, a, b, w, SCALE), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("implementation", ["xla", "interpret", "interpret_gpu"])
 @pytest.mark.parametrize("kind", ["top1", "top2", "variable"])
 def test_sparse_equals_dense(kind, implementation):
   rng = np.random.default_rng({"top1": 1, "top2": 2, "variable": 3}[kind])
