@@ -1,14 +1,22 @@
-"""Text retrieval: docstring -> code pairs (extraction, the `stdlib_doc_code` builder and its batches)."""
+"""Text retrieval: docstring -> code pairs (extraction, the `stdlib_doc_code` builder and its batches), the
+'retrieval' task's InfoNCE loss."""
 
+import math
 import os
 import sysconfig
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from zoo.data import builders, dataset_info, make_iterator
 from zoo.data.code_pairs import docstring_summary, extract_doc_code_pairs
 from zoo.data.tokenizer import ByteTokenizer
+from zoo.engine import sharding
+from zoo.models import ConfigError
+from zoo.tasks import get_task
+from zoo.tasks.retrieval import info_nce
 
 SOURCE = '''
 import os
@@ -143,3 +151,76 @@ def test_pair_batches_hold_each_validation_pair_once(data_dir):
 
   expected = [(cut(r["query"]), cut(r["document"]), r["domain"]) for r in _records(data_dir, "validation")]
   assert sorted(rows) == sorted(expected)  # every validation pair once, query with its own document and domain
+
+
+# The task: InfoNCE over in-batch negatives.
+
+
+def test_info_nce_on_a_hand_worked_two_by_two_batch():
+  # q1 = (1, 0), q2 = (0, 1); d1 = (1, 0), d2 = (0.6, 0.8): similarities [[1, 0.6], [0, 0.8]]; temperature 0.5 gives
+  # logits [[2, 1.2], [0, 1.6]].
+  q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  d = jnp.array([[1.0, 0.0], [0.6, 0.8]])
+  loss, correct = info_nce(q, d, jnp.ones(2), 0.5)
+  # -log(e^2 / (e^2 + e^1.2)) = log(1 + e^-0.8); -log(e^1.6 / (e^0 + e^1.6)) = log(1 + e^-1.6)
+  np.testing.assert_allclose(loss, [math.log(1 + math.exp(-0.8)), math.log(1 + math.exp(-1.6))], rtol=1e-6)
+  np.testing.assert_array_equal(correct, [1, 1])
+  # Document -> query: column 1 [2, 0] gives log(1 + e^-2), column 2 [1.2, 1.6] gives log(1 + e^-0.4).
+  loss, _ = info_nce(q, d, jnp.ones(2), 0.5, symmetric=True)
+  expected = [
+    (math.log(1 + math.exp(-0.8)) + math.log(1 + math.exp(-2))) / 2,
+    (math.log(1 + math.exp(-1.6)) + math.log(1 + math.exp(-0.4))) / 2,
+  ]
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  # Row 2 is padding: no negative of row 1, which is then alone (loss 0); row 2's own loss is finite.
+  loss, correct = info_nce(q, d, jnp.array([1.0, 0.0]), 0.5)
+  np.testing.assert_allclose(loss[0], 0.0, atol=1e-6)
+  assert np.isfinite(loss[1]) and correct[0] == 1
+  # A swap of the documents: each query's own document is now the worse one.
+  loss, correct = info_nce(q, d[::-1], jnp.ones(2), 0.5)
+  np.testing.assert_allclose(loss[0], math.log(1 + math.exp(0.8)), rtol=1e-6)
+  np.testing.assert_array_equal(correct, [0, 0])
+
+
+def test_task_interleaves_pairs_normalises_and_weights():
+  task = get_task("retrieval", {"temperature": 0.5})
+  batch = {
+    "query": jnp.array([[1, 2], [3, 4]]),
+    "document": jnp.array([[5, 6], [7, 8]]),
+    "query_mask": jnp.ones((2, 2)),
+    "document_mask": jnp.array([[1.0, 1.0], [1.0, 0.0]]),
+    "weight": jnp.array([1.0, 1.0]),
+  }
+  inputs, _ = task.prepare(batch, {})
+  np.testing.assert_array_equal(inputs["tokens"], [[1, 2], [5, 6], [3, 4], [7, 8]])  # q1, d1, q2, d2
+  np.testing.assert_array_equal(inputs["mask"], [[1, 1], [1, 1], [1, 1], [1, 0]])
+  outputs = jnp.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.6, 0.8]])  # unnormalised q1, d1, q2, d2
+  sums = task.stats(outputs, {}, batch)
+  metrics = task.finalize(jax.device_get(sums), {})
+  expected = (math.log(1 + math.exp(-0.8)) + math.log(1 + math.exp(-1.6))) / 2
+  assert metrics["accuracy"] == 1.0 and abs(metrics["loss"] - expected) < 1e-6
+  for bad in (0.0, -1.0, "0.05"):
+    with pytest.raises(ConfigError, match="temperature"):
+      get_task("retrieval", {"temperature": bad})
+
+
+def test_loss_over_a_sharded_global_batch_is_the_whole_batch_loss():
+  """Under the engine's data-parallel layout (8 devices here) the [B, B] similarity spans the global batch."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+  task = get_task("retrieval", {"temperature": 0.1})
+  rows = 16
+  outputs = np.random.default_rng(0).normal(size=(2 * rows, 8)).astype(np.float32)
+  weight = np.ones(rows, np.float32)
+  weight[-3:] = 0  # padding rows
+  spread = {
+    "outputs": jax.device_put(outputs, sharding.batch_sharding(mesh, 2)),
+    "weight": jax.device_put(weight, sharding.batch_sharding(mesh, 1)),
+  }
+  assert len(spread["outputs"].sharding.device_set) == 8
+  sums = jax.jit(lambda b: task.stats(b["outputs"], {}, {"weight": b["weight"]}))(spread)
+  q, d = outputs[0::2], outputs[1::2]
+  q, d = q / np.linalg.norm(q, axis=1, keepdims=True), d / np.linalg.norm(d, axis=1, keepdims=True)
+  logits = (q @ d.T / 0.1)[:13, :13]  # the real rows, every real document a negative
+  reference = np.log(np.exp(logits).sum(1)) - np.diag(logits)
+  np.testing.assert_allclose(float(sums["loss_sum"]), reference.sum(), rtol=1e-4)
+  assert float(sums["weight"]) == 13
