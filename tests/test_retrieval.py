@@ -1,5 +1,5 @@
 """Text retrieval: docstring -> code pairs (extraction, the `stdlib_doc_code` builder and its batches), the
-'retrieval' task's InfoNCE loss."""
+'retrieval' task's InfoNCE loss, the 'retrieval' evaluator's metrics, and a run through the engine."""
 
 import math
 import os
@@ -14,6 +14,7 @@ from zoo.data import builders, dataset_info, make_iterator
 from zoo.data.code_pairs import docstring_summary, extract_doc_code_pairs
 from zoo.data.tokenizer import ByteTokenizer
 from zoo.engine import sharding
+from zoo.evaluators.retrieval import corpus_ranks, ndcg_at_k, recall_at_k, relevant_ranks, retrieval_metrics
 from zoo.models import ConfigError
 from zoo.tasks import get_task
 from zoo.tasks.retrieval import info_nce
@@ -224,3 +225,41 @@ def test_loss_over_a_sharded_global_batch_is_the_whole_batch_loss():
   reference = np.log(np.exp(logits).sum(1)) - np.diag(logits)
   np.testing.assert_allclose(float(sums["loss_sum"]), reference.sum(), rtol=1e-4)
   assert float(sums["weight"]) == 13
+
+
+# The evaluator's metrics, by hand.
+
+
+def test_ranks_ndcg_and_recall_by_hand():
+  scores = np.array(
+    [
+      [0.1, 0.9, 0.5, 0.3],  # relevant 2 (0.5): 0.9 above it -> rank 2
+      [0.9, 0.2, 0.8, 0.7],  # relevant 3 (0.7): 0.9 and 0.8 above it -> rank 3
+      [0.4, 0.3, 0.2, 0.1],  # relevant 0: rank 1
+      [0.5, 0.5, 0.1, 0.0],  # relevant 1 ties with document 0: counted against it -> rank 2
+    ]
+  )
+  ranks = relevant_ranks(scores, np.array([2, 3, 0, 1]))
+  np.testing.assert_array_equal(ranks, [2, 3, 1, 2])
+  # nDCG@10 = 1 / log2(rank + 1): rank 1 -> 1, rank 2 -> 1 / log2(3) = 0.6309, rank 3 -> 1 / log2(4) = 0.5.
+  np.testing.assert_allclose(ndcg_at_k(ranks, 10), [1 / math.log2(3), 0.5, 1.0, 1 / math.log2(3)])
+  np.testing.assert_allclose(ndcg_at_k([10, 11], 10), [1 / math.log2(11), 0.0])  # past the cut-off: 0
+  np.testing.assert_array_equal(recall_at_k(ranks, 1), [0, 0, 1, 0])
+  np.testing.assert_array_equal(recall_at_k([1, 10, 11], 10), [1, 1, 0])
+  metrics = retrieval_metrics([3, 1, 12, 2], domains=[0, 0, 1, 1], domain_names=("a", "b", "empty"))
+  assert metrics["queries"] == 4 and metrics["queries_a"] == metrics["queries_b"] == 2
+  assert "queries_empty" not in metrics  # a domain without queries is not reported
+  np.testing.assert_allclose(metrics["ndcg_at_10"], (0.5 + 1 + 0 + 1 / math.log2(3)) / 4)
+  np.testing.assert_allclose(metrics["ndcg_at_10_a"], (0.5 + 1) / 2)
+  np.testing.assert_allclose(metrics["ndcg_at_10_b"], (0 + 1 / math.log2(3)) / 2)
+  assert metrics["recall_at_1"] == 0.25 and metrics["recall_at_10"] == 0.75
+  assert metrics["recall_at_1_a"] == 0.5 and metrics["recall_at_10_b"] == 0.5
+
+
+def test_corpus_ranks_rank_the_whole_corpus_in_chunks():
+  rng = np.random.default_rng(1)
+  queries, documents = rng.normal(size=(7, 4)), rng.normal(size=(7, 4))
+  expected = relevant_ranks(queries @ documents.T, np.arange(7))
+  np.testing.assert_array_equal(corpus_ranks(queries, documents, chunk=3), expected)
+  unit = documents / np.linalg.norm(documents, axis=1, keepdims=True)
+  np.testing.assert_array_equal(corpus_ranks(unit, unit), np.ones(7))  # a unit vector finds itself first
