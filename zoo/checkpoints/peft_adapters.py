@@ -269,6 +269,14 @@ def adapter_params(adapter, params, arch):
   return {"params": traverse_util.unflatten_dict(out)}
 
 
+def _refuse_mixture(spec):
+  if spec.experts:
+    raise ConversionError(
+      f"config.lora.experts={spec.experts}: a mixture of LoRA experts has no PEFT LoRA form yet (each expert as its "
+      "own adapter plus the router is not written or read); allowed: experts=0"
+    )
+
+
 def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", overwrite=False, sources=()):
   """Write the adapters of `params` as a PEFT LoRA adapter directory (loadable with `peft.PeftModel.from_pretrained`).
 
@@ -291,6 +299,7 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
   """
   from zoo.checkpoints.hf import write_dir  # pylint: disable=g-import-not-at-top  (hf imports the model registry)
 
+  _refuse_mixture(spec)
   if spec.trainable_params:
     raise ConversionError(
       f"config.lora.trainable_params={list(spec.trainable_params)}: the base parameters trained beside the adapters "
@@ -363,6 +372,7 @@ def load_for_model(path, spec, params, base=""):
   """
   from zoo.registry import ConfigError  # pylint: disable=g-import-not-at-top
 
+  _refuse_mixture(spec)
   adapter = read_adapter(path)
   if not base:
     raise ConfigError(

@@ -95,7 +95,10 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   # (regular expressions); r = 0: none. With adapters only they (and the base parameters lora.trainable_params
   # names) train: the base is frozen. `adapter`: a PEFT LoRA adapter directory that initialises them (its base model
   # is config.init_from='hf:DIR', or the adapter's base_model_name_or_path). `quantize`: '' or 'nf4' (QLoRA: the
-  # adapted layers' frozen base kernels stored in 4-bit NormalFloat, dequantised in the matmul).
+  # adapted layers' frozen base kernels stored in 4-bit NormalFloat, dequantised in the matmul). `experts` >= 2: a
+  # mixture of LoRA experts per adapted layer, routed by `router` ('topk' | 'lora_mixer' | 'dynmole') with `top_k`
+  # (DynMoLE's keep_top_k), computed by `dispatch` ('dense': every expert, masked | 'sparse': grouped matmuls over the
+  # selected experts, for GPU/TPU).
   c.lora = ml_collections.ConfigDict(
     {
       "r": 0,
@@ -105,6 +108,10 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
       "trainable_params": (),
       "adapter": "",
       "quantize": "",
+      "experts": 0,
+      "router": "lora_mixer",
+      "top_k": 2,
+      "dispatch": "dense",
     }
   )
   # Evaluators run by evaluate.py (`zoo.evaluators`); () = the task's and the model's defaults.

@@ -24,12 +24,24 @@ through the adapted model's `frozen_storage` hook, which the engine applies to t
 `DenseGeneral` dequantises such a kernel to its compute dtype inside the matmul: `y = x deq(W) + (alpha / r) x A B`.
 Only frozen kernels are quantised (one that trains stays as it is).
 
+Mixtures of LoRA experts (papers.md B1-B2): with `spec.experts = E >= 2` every adapted layer holds E adapters
+(`lora_a` [E, *contracted, r], `lora_b` [E, r, *features]) and a router `lora_router` [*contracted, E] (N(0, 0.02),
+MoE-PEFT's `router_init_range`); per token `y = x W + (alpha / r) sum_e w_e x A_e B_e` with the weights of
+`spec.router` (`zoo.routing.lora_routers`): 'topk' (softmax top-k, renormalised, Switch load balance), 'lora_mixer'
+(LoRA-Mixer: the same plus the routing-entropy term) or 'dynmole' (DynMoLE: top-p with keep-top-k, all experts above
+the Tsallis-entropy threshold). The experts run through `zoo.layers.lora_dispatch`: `spec.dispatch='sparse'` computes
+only the selected (token, expert) pairs with the grouped-matmul kernels, 'dense' (the default: 5-38x faster on CPU,
+bench/RESULTS.md) every expert masked. Each layer's
+router loss is averaged over the adapted layers and added to the model's `aux_loss`; its unweighted terms and the
+mean active experts per token go to the metrics (`lora_<name>`).
+
 `merge(params, spec)` folds the adapters into the kernels (`W + (alpha / r) A B`, the adapters dropped: the base
 model runs the result); `unmerge(merged, adapters, spec)` takes them out again.
 """
 
 import contextlib
 import dataclasses
+import math
 import re
 import threading
 
@@ -38,11 +50,15 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from zoo.layers import nf4
+from zoo.layers import lora_dispatch, nf4
 from zoo.layers.linear import DenseGeneral, _as_tuple
 from zoo.registry import ConfigError
+from zoo.routing import lora_routers
 
-ADAPTER_LEAVES = ("lora_a", "lora_b")
+ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_router")
+ROUTERS = ("topk", "lora_mixer", "dynmole")  # routers of a mixture of LoRA experts (`spec.experts` >= 2)
+DISPATCHES = ("dense", "sparse")  # dense is faster on CPU (bench/RESULTS.md, lora_dispatch)
+ROUTING_COLLECTION = "lora_routing"  # where each adapted layer sows its router's losses and metrics
 # The default targets: the q/k/v/o projections of every attention layer (GQA's query/key/value/out).
 DEFAULT_TARGETS = (r"attention/(query|key|value|out)$",)
 QUANTIZATIONS = ("", "nf4")  # storage of the adapted layers' frozen base kernels: as they are, or NF4 (QLoRA)
@@ -60,6 +76,11 @@ class LoRASpec:
     trainable_params: regular expressions over '/'-joined parameter paths of base parameters that train along with
       the adapters (e.g. the norms); every other base parameter is frozen.
     quantize: '' (the frozen base kernels as they are) or 'nf4' (QLoRA: the adapted layers' frozen kernels in NF4).
+    experts: 0 (one adapter per layer) or E >= 2 (a mixture of E LoRA experts of rank r per layer).
+    router: the mixture's router, one of ROUTERS.
+    top_k: experts per token of 'topk' and 'lora_mixer'; DynMoLE's keep_top_k.
+    dispatch: 'dense' (every expert, masked; faster on CPU, where the grouped matmul is XLA's ragged_dot) or
+      'sparse' (grouped matmuls over the selected experts, the Pallas kernels on GPU/TPU).
   """
 
   r: int = 8
@@ -68,6 +89,10 @@ class LoRASpec:
   target_modules: tuple[str, ...] = DEFAULT_TARGETS
   trainable_params: tuple[str, ...] = ()
   quantize: str = ""
+  experts: int = 0
+  router: str = "lora_mixer"
+  top_k: int = 2
+  dispatch: str = "dense"
 
   def __post_init__(self):
     for key in ("target_modules", "trainable_params"):
@@ -78,6 +103,14 @@ class LoRASpec:
       raise ConfigError(f"config.lora.alpha={self.alpha!r} is invalid; allowed: a number > 0")
     if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
       raise ConfigError(f"config.lora.dropout={self.dropout!r} is invalid; allowed: [0, 1)")
+    if isinstance(self.experts, bool) or not isinstance(self.experts, int) or self.experts < 0 or self.experts == 1:
+      raise ConfigError(f"config.lora.experts={self.experts!r} is invalid; allowed: 0 (one adapter) or an integer >= 2")
+    if self.router not in ROUTERS:
+      raise ConfigError(f"config.lora.router={self.router!r} is invalid; allowed: {ROUTERS}")
+    if self.dispatch not in DISPATCHES:
+      raise ConfigError(f"config.lora.dispatch={self.dispatch!r} is invalid; allowed: {DISPATCHES}")
+    if self.experts and not 1 <= self.top_k <= self.experts:
+      raise ConfigError(f"config.lora.top_k={self.top_k!r} is invalid; allowed: 1 <= top_k <= experts={self.experts}")
     if self.quantize not in QUANTIZATIONS:
       raise ConfigError(f"config.lora.quantize={self.quantize!r} is invalid; allowed: {QUANTIZATIONS}")
     if not self.target_modules:
@@ -127,6 +160,13 @@ def _interceptor(spec, deterministic):
     features = _as_tuple(module.features)
     in_shape = x.shape[x.ndim - n_in :]
     in_axes, out_axes = tuple(module.kernel_axes[:n_in]), tuple(module.kernel_axes[n_in:])
+    if spec.dropout and not deterministic:
+      keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - spec.dropout, x.shape)
+      x_adapter = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+    else:
+      x_adapter = x
+    if spec.experts:
+      return y + _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes).astype(y.dtype)
     init_a = nn.initializers.variance_scaling(
       1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=(n_in,)
     )  # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -139,12 +179,76 @@ def _interceptor(spec, deterministic):
       (spec.r, *features),
       module.param_dtype,
     )
-    if spec.dropout and not deterministic:
-      keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - spec.dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
-    return y + lora_delta(x, lora_a, lora_b, spec.scale, module.dtype).astype(y.dtype)
+    return y + lora_delta(x_adapter, lora_a, lora_b, spec.scale, module.dtype).astype(y.dtype)
 
   return intercept
+
+
+def route(spec, logits):
+  """The `zoo.routing.lora_routers` routing of `spec.router` for logits [tokens, E] (the authors' coefficients)."""
+  if spec.router == "dynmole":
+    return lora_routers.dynmole(logits, keep_top_k=spec.top_k)
+  return lora_routers.lora_mixer(logits, spec.top_k, entropy_coef=0.01 if spec.router == "lora_mixer" else 0.0)
+
+
+def _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes):
+  """The routed update `scale * sum_e w_e x A_e B_e` of one adapted layer ([..., *features]); sows the router's
+  losses and metrics into ROUTING_COLLECTION."""
+  n_in, experts = len(in_shape), spec.experts
+  d_in, d_out = math.prod(in_shape), math.prod(features)
+  init_a = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(1, n_in + 1)), out_axis=(n_in + 1,), batch_axis=(0,)
+  )  # each expert as one PEFT adapter
+  lora_a = module.param(
+    "lora_a",
+    nn.with_logical_partitioning(init_a, (None, *in_axes, None)),
+    (experts, *in_shape, spec.r),
+    module.param_dtype,
+  )
+  lora_b = module.param(
+    "lora_b",
+    nn.with_logical_partitioning(nn.initializers.zeros, (None, None, *out_axes)),
+    (experts, spec.r, *features),
+    module.param_dtype,
+  )
+  router = module.param(
+    "lora_router",
+    nn.with_logical_partitioning(nn.initializers.normal(0.02), (*in_axes, None)),
+    (*in_shape, experts),
+    jnp.float32,
+  )
+  batch_shape = x.shape[: x.ndim - n_in]
+  logits = jnp.asarray(x, jnp.float32).reshape(-1, d_in) @ router.reshape(d_in, experts)
+  routing = route(spec, logits)
+  xs, a, b = nn.dtypes.promote_dtype(x_adapter.reshape(-1, d_in), lora_a, lora_b, dtype=module.dtype)
+  a, b = a.reshape(experts, d_in, spec.r), b.reshape(experts, spec.r, d_out)
+  if spec.dispatch == "sparse":
+    delta = lora_dispatch.sparse_lora_experts(xs, a, b, routing.expert_ids, routing.weights, spec.scale)
+  else:
+    delta = lora_dispatch.dense_lora_experts(xs, a, b, routing.weights, spec.scale)
+  active = jnp.mean(jnp.sum(routing.expert_ids >= 0, axis=-1).astype(jnp.float32))
+  for name, value in {"aux_loss": routing.aux_loss, "active_experts": active, **routing.aux}.items():
+    module.sow(ROUTING_COLLECTION, name, value)
+  return delta.reshape(*batch_shape, *features)
+
+
+def _without_routing(variables):
+  """Variables less what the mixture's layers sowed while initialising (the router losses are outputs, not state)."""
+  return {k: v for k, v in variables.items() if k != ROUTING_COLLECTION}
+
+
+def _with_routing_losses(out, sown):
+  """(outputs, ModelOutput) with the adapted layers' sown router losses (mean over layers) added to aux_loss and
+  their terms to the metrics as `lora_<name>`."""
+  outputs, model_out = out
+  values = {}
+  for path, value in traverse_util.flatten_dict(sown).items():
+    values.setdefault(path[-1], []).extend(value)
+  if not values:
+    return out
+  means = {name: jnp.mean(jnp.stack(v)) for name, v in values.items()}
+  metrics = {**model_out.metrics, **{f"lora_{k}": v for k, v in means.items() if k != "aux_loss"}}
+  return outputs, model_out.replace(aux_loss=model_out.aux_loss + means["aux_loss"], metrics=metrics)
 
 
 _ACTIVE = threading.local()
@@ -178,17 +282,27 @@ def _lora_class(base):
     @nn.nowrap
     def init(self, *args, **kwargs):
       with _adapted(self.lora, True):
-        return super().init(*args, **kwargs)
+        return _without_routing(super().init(*args, **kwargs))
 
     @nn.nowrap
     def init_with_output(self, *args, **kwargs):
       with _adapted(self.lora, True):
-        return super().init_with_output(*args, **kwargs)
+        out, variables = super().init_with_output(*args, **kwargs)
+        return out, _without_routing(variables)
 
     @nn.nowrap
     def apply(self, *args, **kwargs):
       with _adapted(self.lora, kwargs.get("deterministic", True)):
-        return super().apply(*args, **kwargs)
+        if not self.lora.experts or kwargs.get("method") is not None:
+          return super().apply(*args, **kwargs)
+        mutable = kwargs.pop("mutable", False)  # the mixture's router losses come back through ROUTING_COLLECTION
+        extra = (
+          True if mutable is True else [*([mutable] if isinstance(mutable, str) else mutable or ()), ROUTING_COLLECTION]
+        )
+        out, updated = super().apply(*args, mutable=extra, **kwargs)
+        updated = dict(updated)
+        out = _with_routing_losses(out, updated.pop(ROUTING_COLLECTION, {}))
+        return (out, updated) if mutable is not False else out
 
     @nn.nowrap
     def trainable_params(self, params):
@@ -325,6 +439,8 @@ def _delta(lora_a, lora_b, scale):
 def merge(params, spec):
   """The base model's params with every adapter folded into its kernel (`W + (alpha / r) A B`) and the adapters
   dropped: `base_model.apply` on them gives the adapted model's output (deterministic)."""
+  if spec.experts:
+    raise ConfigError("a mixture of LoRA experts (config.lora.experts > 0) routes per token; it cannot be merged")
   base, adapters = split_adapters(nn.unbox(params))
   flat = traverse_util.flatten_dict(base, is_leaf=lambda _, x: isinstance(x, nf4.NF4Tensor))
   for module, leaves in traverse_util.flatten_dict(adapters, is_leaf=_is_adapter).items():
@@ -375,4 +491,8 @@ def spec_from_config(lora_config):
     target_modules=tuple(lora_config.get("target_modules", DEFAULT_TARGETS)),
     trainable_params=tuple(lora_config.get("trainable_params", ())),
     quantize=lora_config.get("quantize", ""),
+    experts=lora_config.get("experts", 0),
+    router=lora_config.get("router", "lora_mixer"),
+    top_k=lora_config.get("top_k", 2),
+    dispatch=lora_config.get("dispatch", "dense"),
   )
