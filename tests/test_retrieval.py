@@ -13,7 +13,8 @@ import pytest
 from zoo.data import builders, dataset_info, make_iterator
 from zoo.data.code_pairs import docstring_summary, extract_doc_code_pairs
 from zoo.data.tokenizer import ByteTokenizer
-from zoo.engine import sharding
+from zoo.engine import sharding, trainer
+from zoo.engine.writers import read_metrics
 from zoo.evaluators.retrieval import corpus_ranks, ndcg_at_k, recall_at_k, relevant_ranks, retrieval_metrics
 from zoo.models import ConfigError
 from zoo.tasks import get_task
@@ -263,3 +264,25 @@ def test_corpus_ranks_rank_the_whole_corpus_in_chunks():
   np.testing.assert_array_equal(corpus_ranks(queries, documents, chunk=3), expected)
   unit = documents / np.linalg.norm(documents, axis=1, keepdims=True)
   np.testing.assert_array_equal(corpus_ranks(unit, unit), np.ones(7))  # a unit vector finds itself first
+
+
+def test_a_small_run_lowers_the_loss_and_evaluates_the_whole_corpus(data_dir, tmp_path):
+  from configs.retrieval_stdlib import get_config
+
+  c = get_config()
+  c.data.data_dir = data_dir
+  c.data.seq_len = 32
+  c.model.update(num_layers=1, embed_dim=32, num_heads=2, mlp_dim=64)
+  c.train.update(steps=16, batch_size=16, log_every_steps=1, eval_every_steps=0, eval_batches=2)
+  c.optimizer.update(lr=3e-3, warmup_steps=2)
+  c.checkpoint.update(every_steps=0, async_save=False)
+  trainer.train(c, str(tmp_path), progress=False)
+  losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+  assert len(losses) == 16 and np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
+  step, results, _ = trainer.evaluate(c, str(tmp_path))
+  validation = len(_records(data_dir, "validation"))
+  assert step == 16 and results["corpus_size"] == results["queries"] == validation
+  assert sum(results[f"queries_{d}"] for d in builders.DOC_CODE_DOMAINS) == validation
+  for key in ("ndcg_at_10", "recall_at_1", "recall_at_10", "ndcg_at_10_gui"):
+    assert 0 <= results[key] <= 1
+  assert results["recall_at_1"] <= results["ndcg_at_10"] <= results["recall_at_10"]
