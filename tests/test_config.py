@@ -60,7 +60,7 @@ def test_overrides_of_unknown_keys_are_rejected():
       lambda c: c.__setitem__("task", "classification"),
       r"config.task='classification' is invalid; allowed: a task that reads format 'text'",
     ),
-    (lambda c: c.__setitem__("task", "retrieval"), r"config.task='retrieval' is not a known task; choose one of \['"),
+    (lambda c: c.__setitem__("task", "no_task"), r"config.task='no_task' is not a known task; choose one of \['"),
     (lambda c: c.model.__setitem__("vocab_size", 100), r"config.model.vocab_size=100 is invalid; allowed: >= 259"),
     (lambda c: c.mesh.__setitem__("fsdp", 3), r"config.mesh: 8 devices cannot be split with fixed axes"),
     (lambda c: c.mesh.update(data=2, fsdp=2), r"config.mesh .* uses 4 devices but 8 exist"),
