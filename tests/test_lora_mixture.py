@@ -1,7 +1,7 @@
 """Mixtures of LoRA experts in a model (`config.lora.experts`, `zoo.layers.lora`): sparse dispatch computes what the
 masked dense one does (outputs and gradients) for every router; the routers' losses reach the model's aux_loss with
 their coefficients; zero-initialised experts leave the base output unchanged; a run trains only the experts and the
-routers; bad keys and the unsupported merge / PEFT export fail with one clear message."""
+routers; bad keys, a merge and a PEFT import of a mixture fail with one clear message."""
 
 import flax.linen as nn
 import jax
@@ -130,11 +130,9 @@ def test_bad_mixture_configs_fail_with_a_clear_message(edit, message):
     trainer.Experiment(c)
 
 
-def test_a_mixture_is_not_merged_or_exported_as_one_peft_adapter(tmp_path):
+def test_a_mixture_is_not_merged_or_read_from_one_peft_adapter(tmp_path):
   _, adapted, params = _setup("topk")
   with pytest.raises(ConfigError, match="cannot be merged"):
     lora.merge(params, adapted.lora)
-  with pytest.raises(ConversionError, match="no PEFT LoRA form"):
-    peft_adapters.export_adapter(params, adapted.lora, None, str(tmp_path / "out"))
-  with pytest.raises(ConversionError, match="no PEFT LoRA form"):
+  with pytest.raises(ConversionError, match="read from PEFT only as separate adapters"):
     peft_adapters.load_for_model(str(tmp_path / "in"), adapted.lora, params, "hf:x")

@@ -144,3 +144,52 @@ def test_adapter_rank_or_targets_that_differ_from_the_config_are_refused(llama, 
     trainer.Experiment(c).load_init_from()
   with pytest.raises(ConversionError, match="is inside the source"):  # a base is never written to
     pa.export_adapter({}, lora.LoRASpec(r=4), pa.base_arch(base), os.path.join(base, "adapter"), sources=(base,))
+
+
+def test_a_mixture_exports_each_expert_as_a_peft_adapter_plus_the_router(llama, tmp_path):
+  base, _, _ = llama
+  toks = hf_testing.tokens()
+  c = tiny_config()
+  c.init_from = f"hf:{base}"
+  c.lora.update(r=4, alpha=8.0, target_modules=ZOO_TARGETS[:1], experts=3, router="topk", top_k=2)
+  c.mesh.update(data=1)
+  exp = trainer.Experiment(c, jax.devices()[:1])
+  loaded = exp.load_init_from()
+  with sharding.mesh_context(exp.mesh):
+    state, shardings = exp.init_state()
+    state = exp.with_init_from(state, shardings, loaded)
+  keys = iter(jax.random.split(jax.random.key(7), 64))
+  params = jax.tree_util.tree_map_with_path(  # trained-looking experts (B != 0)
+    lambda path, x: 0.05 * jax.random.normal(next(keys), x.shape) if path[-1].key == "lora_b" else x,
+    jax.device_get(state.variables()["params"]),
+  )
+  out = str(tmp_path / "mixture")
+  pa.export_adapter(params, exp.lora, pa.base_arch(base), out, base_model_name_or_path=base, sources=(base,))
+  mixture = json.load(open(os.path.join(out, pa.MIXTURE_FILE)))
+  assert mixture == {
+    "experts": 3,
+    "router": "topk",
+    "top_k": 2,
+    "expert_dirs": ["expert_0", "expert_1", "expert_2"],
+    "scaling": 2.0,
+  }
+  routers = safetensors_io.load_file(os.path.join(out, pa.ROUTER_FILE))
+  flat = traverse_util.flatten_dict(params)
+  for layer in range(c.model.num_layers):
+    w = routers[f"base_model.model.model.layers.{layer}.self_attn.q_proj.lora_router.weight"]  # torch Linear [E, in]
+    np.testing.assert_array_equal(
+      w, np.asarray(flat[(f"layers_{layer}", "attention", "query", "lora_router")]).reshape(-1, 3).T
+    )
+  # Each expert alone in PEFT computes what the zoo computes with that expert as a plain LoRA adapter.
+  single = lora.with_lora(build_model(c.model), lora.LoRASpec(r=4, alpha=8.0, target_modules=ZOO_TARGETS[:1]))
+  for e in range(3):
+    expert = jax.tree_util.tree_map_with_path(lambda p, x: x[e] if p[-1].key in ("lora_a", "lora_b") else x, params)
+    expert = traverse_util.unflatten_dict(
+      {k: v for k, v in traverse_util.flatten_dict(expert).items() if k[-1] != "lora_router"}
+    )
+    zoo = np.asarray(single.apply({"params": expert}, jnp.asarray(toks))[0])
+    reloaded = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(base), os.path.join(out, f"expert_{e}")
+    ).eval()
+    diff = float(np.abs(_torch_logits(reloaded, toks) - zoo).max())
+    assert diff < 1e-4, f"expert {e}: max |logit diff| {diff}"

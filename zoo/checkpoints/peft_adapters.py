@@ -272,13 +272,21 @@ def adapter_params(adapter, params, arch):
 def _refuse_mixture(spec):
   if spec.experts:
     raise ConversionError(
-      f"config.lora.experts={spec.experts}: a mixture of LoRA experts has no PEFT LoRA form yet (each expert as its "
-      "own adapter plus the router is not written or read); allowed: experts=0"
+      f"config.lora.experts={spec.experts}: a mixture of LoRA experts is read from PEFT only as separate adapters "
+      "(not yet); allowed here: experts=0"
     )
+
+
+MIXTURE_FILE = "mixture.json"  # a mixture's routing: router kind, top_k, experts, the expert directories
+ROUTER_FILE = "router.safetensors"  # a mixture's routers: '<HF module>.lora_router.weight' [E, in]
 
 
 def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", overwrite=False, sources=()):
   """Write the adapters of `params` as a PEFT LoRA adapter directory (loadable with `peft.PeftModel.from_pretrained`).
+
+  A mixture of LoRA experts (`spec.experts` = E) is written as E PEFT adapters, `expert_<e>/` (each loadable on its
+  own: that expert alone, weight 1), beside `router.safetensors` (every adapted module's router,
+  '<HF module>.lora_router.weight' [E, in] as torch Linear weights) and `mixture.json` (router, top_k, experts).
 
   Args:
     params: the adapted model's params, or only its adapters (`zoo.layers.lora.split_adapters`); the adapters are
@@ -291,7 +299,7 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
     sources: the inputs (base model, checkpoint), which `out_dir` may not be, lie in or contain.
 
   Returns:
-    The adapter_config.json dict.
+    The adapter_config.json dict (of every expert, for a mixture).
 
   Raises:
     ConversionError: extra trained base parameters (`spec.trainable_params`), which a LoRA adapter cannot hold, or
@@ -299,7 +307,6 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
   """
   from zoo.checkpoints.hf import write_dir  # pylint: disable=g-import-not-at-top  (hf imports the model registry)
 
-  _refuse_mixture(spec)
   if spec.trainable_params:
     raise ConversionError(
       f"config.lora.trainable_params={list(spec.trainable_params)}: the base parameters trained beside the adapters "
@@ -308,15 +315,55 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
   _, adapters = split_adapters(nn.unbox(params))
   flat = traverse_util.flatten_dict(adapters)
   hf_names = {path: module for module, path in zoo_modules(params, arch).items()}
-  tensors, modules = {}, []
+  modules = {}
   for path in adapted_modules(params):
     if path not in hf_names:
       raise ConversionError(f"adapted layer {path} has no Hugging Face counterpart in a {arch.family} model")
-    key, module = tuple(path.split("/")), hf_names[path]
-    a, b = np.asarray(flat[(*key, "lora_a")], np.float32), np.asarray(flat[(*key, "lora_b")], np.float32)
+    modules[hf_names[path]] = tuple(path.split("/"))
+  leaf = lambda key, name: np.asarray(flat[(*key, name)], np.float32)
+  if not spec.experts:
+    experts = [{m: (leaf(k, "lora_a"), leaf(k, "lora_b")) for m, k in modules.items()}]
+  else:
+    experts = [
+      {m: (leaf(k, "lora_a")[e], leaf(k, "lora_b")[e]) for m, k in modules.items()} for e in range(spec.experts)
+    ]
+  files = [_peft_files(expert, spec, hf_names, base_model_name_or_path) for expert in experts]
+  config = files[0][1]
+
+  def write(directory):
+    for e, (tensors, cfg) in enumerate(files):
+      sub = os.path.join(directory, f"expert_{e}") if spec.experts else directory
+      os.makedirs(sub, exist_ok=True)
+      safetensors_io.save_file(tensors, os.path.join(sub, WEIGHTS_FILE), metadata={"format": "pt"})
+      with open(os.path.join(sub, CONFIG_FILE), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    if spec.experts:
+      routers = {
+        f"{PREFIX}{m}.lora_router.weight": np.ascontiguousarray(leaf(k, "lora_router").reshape(-1, spec.experts).T)
+        for m, k in modules.items()
+      }
+      safetensors_io.save_file(routers, os.path.join(directory, ROUTER_FILE), metadata={"format": "pt"})
+      mixture = {
+        "experts": spec.experts,
+        "router": spec.router,
+        "top_k": spec.top_k,
+        "expert_dirs": [f"expert_{e}" for e in range(spec.experts)],
+        "scaling": spec.scale,
+      }
+      with open(os.path.join(directory, MIXTURE_FILE), "w") as f:
+        json.dump(mixture, f, indent=2, sort_keys=True)
+
+  write_dir(out_dir, write, overwrite=overwrite, sources=sources)
+  return config
+
+
+def _peft_files(expert, spec, hf_names, base_model_name_or_path):
+  """(tensors, adapter_config.json dict) of one adapter; `expert`: {HF module: (lora_a [*in, r], lora_b [r, *out])}."""
+  tensors = {}
+  for module, (a, b) in expert.items():
     tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, spec.r).T)
     tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(spec.r, -1).T)
-    modules.append(module)
+  modules = list(expert)
   # Short names (q_proj) when every module of those names is adapted, else the full module names.
   short = sorted({m.rsplit(".", 1)[-1] for m in modules})
   every = sorted(m for m in hf_names.values() if m.rsplit(".", 1)[-1] in short)
@@ -338,14 +385,7 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
     "rank_pattern": {},
     "alpha_pattern": {},
   }
-
-  def write(directory):
-    safetensors_io.save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-
-  write_dir(out_dir, write, overwrite=overwrite, sources=sources)
-  return config
+  return tensors, config
 
 
 def base_arch(source):
