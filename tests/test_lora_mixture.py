@@ -11,11 +11,12 @@ import pytest
 from flax import traverse_util
 
 from test_engine import read_metrics, tiny_config
-from test_lora import TOKENS
+from test_lora import TOKENS, lora_config
 from test_models_contract import TINY
-from zoo.checkpoints import peft_adapters
+from zoo.checkpoints import peft_adapters, save_orbax
 from zoo.checkpoints.hf_spec import ConversionError
 from zoo.engine import trainer
+from zoo.engine.checkpoint import CheckpointError
 from zoo.layers import lora
 from zoo.models import ConfigError, build_model
 
@@ -136,3 +137,39 @@ def test_a_mixture_is_not_merged_or_read_from_one_peft_adapter(tmp_path):
     lora.merge(params, adapted.lora)
   with pytest.raises(ConversionError, match="read from PEFT only as separate adapters"):
     peft_adapters.load_for_model(str(tmp_path / "in"), adapted.lora, params, "hf:x")
+
+
+def test_a_mixture_routes_over_frozen_separately_trained_adapters(tmp_path):
+  # LoRA-Mixer's second regime: two single-adapter runs on one base become the experts; only the routers train.
+  base = tmp_path / "base"
+  c = lora_config(base, steps=3)
+  c.lora.update(dropout=0.0)
+  base_vars = nn.unbox(jax.jit(build_model(c.model).init)(jax.random.key(5), TOKENS))
+  save_orbax(str(base), c.model, base_vars)
+  experts = []
+  for seed in (1, 2):
+    c.seed = seed
+    experts.append(trainer.train(c, str(tmp_path / f"expert_{seed}"), progress=False))
+  m = lora_config(base, steps=3)
+  m.lora.update(
+    dropout=0.0,
+    experts=2,
+    router="topk",
+    top_k=1,
+    expert_adapters=tuple(str(tmp_path / f"expert_{s}") for s in (1, 2)),
+    freeze_experts=True,
+  )
+  state = trainer.train(m, str(tmp_path / "mixture"), progress=False)
+  assert {p[-1] for p in traverse_util.flatten_dict(state.params)} == {"lora_router"}
+  frozen = traverse_util.flatten_dict(state.frozen)
+  for e, expert in enumerate(experts):
+    for path, value in traverse_util.flatten_dict(expert.params).items():
+      np.testing.assert_array_equal(frozen[path][e], value)  # each expert is its run's adapter, unchanged
+  # A run whose adapters sit on other layers, or a count that is not `experts`, is refused in one line.
+  m.lora.update(expert_adapters=(str(tmp_path / "expert_1"),))
+  with pytest.raises(ConfigError, match="names 1 runs but config.lora.experts=2"):
+    trainer.Experiment(m)
+  m.lora.update(expert_adapters=tuple(str(tmp_path / f"expert_{s}") for s in (1, 2)))
+  m.lora.update(target_modules=(r"attention/(query|key|value)$",))
+  with pytest.raises(CheckpointError, match="config.lora.expert_adapters=.*ffn.down.lora_a"):
+    trainer.train(m, str(tmp_path / "mixture2"), progress=False)

@@ -422,8 +422,8 @@ def restore_params(path, target_params):
   return restore_variables(path, {"params": target_params})["params"]
 
 
-def restore_variables(path, target, *, partial=False):
-  """The variables of the latest checkpoint under `path`, for `config.init_from`.
+def restore_variables(path, target, *, partial=False, key="config.init_from"):
+  """The variables of the latest checkpoint under `path`, for `config.init_from` (or the config key `key` names).
 
   Args:
     path: a workdir or its checkpoints/ folder.
@@ -441,7 +441,7 @@ def restore_variables(path, target, *, partial=False):
       (a leaf the model lacks, a shape that differs, or with partial=False a leaf the checkpoint lacks).
   """
   directory = checkpoint_dir(path)
-  where = f"config.init_from={path!r}"
+  where = f"{key}={path!r}"
   if not os.path.isdir(directory):
     raise CheckpointNotFound(f"{where}: no such directory {directory}")
   ckpt = Checkpointer(directory, create=False)

@@ -98,7 +98,8 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   # adapted layers' frozen base kernels stored in 4-bit NormalFloat, dequantised in the matmul). `experts` >= 2: a
   # mixture of LoRA experts per adapted layer, routed by `router` ('topk' | 'lora_mixer' | 'dynmole') with `top_k`
   # (DynMoLE's keep_top_k), computed by `dispatch` ('dense': every expert, masked | 'sparse': grouped matmuls over the
-  # selected experts, for GPU/TPU).
+  # selected experts, for GPU/TPU). `expert_adapters`: one zoo run per expert, each with one adapter of rank r on the
+  # same layers, that the experts start from; `freeze_experts`: only the routers train (LoRA-Mixer's second regime).
   c.lora = ml_collections.ConfigDict(
     {
       "r": 0,
@@ -112,6 +113,8 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
       "router": "lora_mixer",
       "top_k": 2,
       "dispatch": "dense",
+      "expert_adapters": (),
+      "freeze_experts": False,
     }
   )
   # Evaluators run by evaluate.py (`zoo.evaluators`); () = the task's and the model's defaults.

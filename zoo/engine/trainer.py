@@ -13,6 +13,7 @@ import signal
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +105,8 @@ class Experiment:
       else:
         variables = restore_variables(source, sub, partial=True)
       loaded.append((path, source, variables))
+    if self.lora is not None and self.lora.expert_adapters:
+      loaded.append(("", "experts:" + ",".join(self.lora.expert_adapters), self.load_expert_adapters()))
     if self.lora is not None and self.config.lora.adapter:
       from zoo.checkpoints import peft_adapters  # pylint: disable=g-import-not-at-top
 
@@ -112,6 +115,24 @@ class Experiment:
       variables = peft_adapters.load_for_model(adapter, self.lora, target["params"], base)
       loaded.append(("", f"peft:{adapter}", variables))
     return loaded
+
+  def load_expert_adapters(self):
+    """{'params': the mixture's stacked experts} from the runs `config.lora.expert_adapters` names, each trained with
+    one adapter of the mixture's rank on its layers (`lora.single_adapter_spec`)."""
+    single = lora.with_lora(build_model(self.config.model), lora.single_adapter_spec(self.lora))
+    abstract = jax.eval_shape(lambda r: init_variables(single, self.task, self.dummy, r), jax.random.key(0))
+    target = {"params": nn.unbox(abstract["params"])}
+    trees = []
+    for source in self.lora.expert_adapters:
+      variables = restore_variables(source, target, partial=True, key="config.lora.expert_adapters")
+      _, adapters = lora.split_adapters(variables["params"])
+      if len(lora.adapted_modules(adapters)) != len(lora.adapted_modules(target["params"])):
+        raise ConfigError(
+          f"config.lora.expert_adapters: {source} holds adapters on {lora.adapted_modules(adapters)[:4]}..., not on "
+          f"the layers config.lora.target_modules adapts ({len(lora.adapted_modules(target['params']))} layers)"
+        )
+      trees.append(adapters)
+    return {"params": lora.stack_experts(trees)}
 
   def with_init_from(self, state, shardings, loaded):
     """`state` with the loaded variables overlaid onto its fresh values (placed in `shardings`)."""

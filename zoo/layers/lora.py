@@ -81,6 +81,9 @@ class LoRASpec:
     top_k: experts per token of 'topk' and 'lora_mixer'; DynMoLE's keep_top_k.
     dispatch: 'dense' (every expert, masked; faster on CPU, where the grouped matmul is XLA's ragged_dot) or
       'sparse' (grouped matmuls over the selected experts, the Pallas kernels on GPU/TPU).
+    expert_adapters: zoo run directories, one per expert, each trained with one adapter (experts=0) of this rank on
+      these layers of the same base: the mixture's experts start as those adapters (LoRA-Mixer's second regime).
+    freeze_experts: the experts do not train (only the routers and `trainable_params` do).
   """
 
   r: int = 8
@@ -93,9 +96,11 @@ class LoRASpec:
   router: str = "lora_mixer"
   top_k: int = 2
   dispatch: str = "dense"
+  expert_adapters: tuple[str, ...] = ()
+  freeze_experts: bool = False
 
   def __post_init__(self):
-    for key in ("target_modules", "trainable_params"):
+    for key in ("target_modules", "trainable_params", "expert_adapters"):
       object.__setattr__(self, key, tuple(getattr(self, key)))
     if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
       raise ConfigError(f"config.lora.r={self.r!r} is invalid; allowed: an integer >= 1")
@@ -111,6 +116,13 @@ class LoRASpec:
       raise ConfigError(f"config.lora.dispatch={self.dispatch!r} is invalid; allowed: {DISPATCHES}")
     if self.experts and not 1 <= self.top_k <= self.experts:
       raise ConfigError(f"config.lora.top_k={self.top_k!r} is invalid; allowed: 1 <= top_k <= experts={self.experts}")
+    if self.expert_adapters and len(self.expert_adapters) != self.experts:
+      raise ConfigError(
+        f"config.lora.expert_adapters names {len(self.expert_adapters)} runs but config.lora.experts={self.experts}; "
+        "allowed: one run per expert"
+      )
+    if self.freeze_experts and not self.experts:
+      raise ConfigError("config.lora.freeze_experts=True needs a mixture (config.lora.experts >= 2)")
     if self.quantize not in QUANTIZATIONS:
       raise ConfigError(f"config.lora.quantize={self.quantize!r} is invalid; allowed: {QUANTIZATIONS}")
     if not self.target_modules:
@@ -232,6 +244,19 @@ def _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes):
   return delta.reshape(*batch_shape, *features)
 
 
+def single_adapter_spec(spec):
+  """The spec of one expert of the mixture `spec`: one adapter of the same rank, scale and targets."""
+  return dataclasses.replace(spec, experts=0, expert_adapters=(), freeze_experts=False)
+
+
+def stack_experts(adapter_trees):
+  """The mixture's expert leaves from E single-adapter trees: {'.../lora_a': [E, *in, r], '.../lora_b': [E, r, *out]}
+  (nested dicts). Every tree must adapt the same layers with the same shapes."""
+  flats = [traverse_util.flatten_dict(nn.unbox(t)) for t in adapter_trees]
+  flats = [{p: v for p, v in f.items() if p[-1] in ("lora_a", "lora_b")} for f in flats]
+  return traverse_util.unflatten_dict({p: jnp.stack([f[p] for f in flats]) for p in flats[0]})
+
+
 def _without_routing(variables):
   """Variables less what the mixture's layers sowed while initialising (the router losses are outputs, not state)."""
   return {k: v for k, v in variables.items() if k != ROUTING_COLLECTION}
@@ -317,7 +342,7 @@ def _lora_class(base):
       for path in traverse_util.flatten_dict(params):
         name = "/".join(str(p) for p in path)
         if path[-1] in ADAPTER_LEAVES:
-          out[path] = True
+          out[path] = not (self.lora.freeze_experts and path[-1] != "lora_router")
         else:
           out[path] = any(re.search(p, name) for p in self.lora.trainable_params) and flags.get(path, True)
       return traverse_util.unflatten_dict(out)
@@ -495,4 +520,6 @@ def spec_from_config(lora_config):
     router=lora_config.get("router", "lora_mixer"),
     top_k=lora_config.get("top_k", 2),
     dispatch=lora_config.get("dispatch", "dense"),
+    expert_adapters=tuple(lora_config.get("expert_adapters", ())),
+    freeze_experts=lora_config.get("freeze_experts", False),
   )
