@@ -66,10 +66,16 @@ class Experiment:
     self.batch_spec = self.task.batch_spec(self.info, config.data, int(config.train.batch_size))
     self.local_batch = int(config.train.batch_size) // jax.process_count()
     abstract = jax.eval_shape(lambda r: init_variables(self.model, self.task, self.dummy, r), jax.random.key(0))
+    # Unboxed without sharding constraints: an Experiment may be built under a mesh (e.g. by an evaluator).
+    params = jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+      abstract["params"],
+      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
     if self.lora is not None:
-      lora.check_targets(self.lora, abstract["params"])
+      lora.check_targets(self.lora, params)
     self.mask = partition.trainable_mask(
-      abstract["params"], self.model, tuple(config.trainable_params), tuple(config.frozen_params)
+      params, self.model, tuple(config.trainable_params), tuple(config.frozen_params)
     )
 
   def batch_shardings(self, batch):
@@ -719,19 +725,7 @@ def evaluate(config, workdir, *, step=None, devices=None):
       state, shardings = exp.init_state()
       state = exp.with_init_from(state, shardings, loaded)
   else:
-    directory = os.path.join(workdir, "checkpoints")
-    if _latest_step(workdir) is None:
-      raise CheckpointNotFound(
-        f"no checkpoint in {directory}; train first with train.py --workdir {workdir}, or set config.init_from"
-      )
-    ckpt = Checkpointer(directory, use_async=False, create=False)
-    try:
-      step = ckpt.latest_step() if step is None else int(step)
-      target, shardings = exp.abstract_state()
-      with sharding.mesh_context(exp.mesh):
-        state, _ = ckpt.restore(step, target)
-    finally:
-      ckpt.close()
+    step, state, shardings = restore_run(exp, workdir, step)
   with sharding.mesh_context(exp.mesh):
     results = exp.run_eval(state, exp.make_eval_step(shardings, exp.dummy))
     context = EvalContext(exp, state, workdir, step, results)
@@ -744,6 +738,29 @@ def evaluate(config, workdir, *, step=None, devices=None):
       json.dump({"step": step, **results}, f)
     os.replace(path + ".partial", path)
   return step, results, results.get("sample")
+
+
+def restore_run(exp, workdir, step=None):
+  """(step, state, shardings): checkpoint `step` (default: the latest) of the run in `workdir`, restored onto
+  `exp`'s mesh.
+
+  Raises:
+    CheckpointNotFound / CheckpointError: no checkpoint, or one that is corrupted or does not fit `exp`.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if _latest_step(workdir) is None:
+    raise CheckpointNotFound(
+      f"no checkpoint in {directory}; train first with train.py --workdir {workdir}, or set config.init_from"
+    )
+  ckpt = Checkpointer(directory, use_async=False, create=False)
+  try:
+    step = ckpt.latest_step() if step is None else int(step)
+    target, shardings = exp.abstract_state()
+    with sharding.mesh_context(exp.mesh):
+      state, _ = ckpt.restore(step, target)
+  finally:
+    ckpt.close()
+  return step, state, shardings
 
 
 def _latest_step(workdir):

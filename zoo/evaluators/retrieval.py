@@ -79,8 +79,9 @@ def retrieval_metrics(ranks, domains=None, domain_names=()):
   return out
 
 
-def embed_split(exp, state, split=None):
-  """The query and document embeddings of every pair of `split` (default `config.data.eval_split`).
+def embed_split(exp, state, split=None, max_pairs=None):
+  """The query and document embeddings of every pair of `split` (default `config.data.eval_split`), or of its first
+  batches holding `max_pairs` pairs.
 
   Args:
     exp: the `zoo.engine.trainer.Experiment` (its task must be 'retrieval').
@@ -107,7 +108,10 @@ def embed_split(exp, state, split=None):
     queries.append(q[real])
     documents.append(d[real])
     domains.append(domain[real])
-  return np.concatenate(queries), np.concatenate(documents), np.concatenate(domains).astype(np.int32)
+    if max_pairs is not None and sum(len(x) for x in queries) >= max_pairs:
+      break
+  queries, documents, domains = (np.concatenate(x)[:max_pairs] for x in (queries, documents, domains))
+  return queries, documents, domains.astype(np.int32)
 
 
 def corpus_retrieval(exp, state):
