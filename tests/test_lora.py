@@ -69,6 +69,32 @@ def test_merged_forward_equals_adapted_forward_and_unmerge_restores_the_base():
   assert float(jnp.abs(trained - out).max()) > 1e-3
 
 
+def test_lora_on_the_stacked_expert_weights_of_a_moe():
+  # One adapter per expert on MoEFFN's [E, in, out] weights, added to the weight: every dispatch path runs it, it
+  # merges into the weight, and only the adapters train.
+  model = build_model({"name": "moe_lm", **TINY["moe_lm"], "dispatch": "dropless"})
+  spec = lora.LoRASpec(r=2, alpha=4.0, target_modules=(r"attention/query$", r"ffn/(gate|up|down)$"))
+  adapted = lora.with_lora(model, spec)
+  initial = nn.unbox(adapted.init(jax.random.key(0), TOKENS))["params"]
+  modules = lora.check_targets(spec, initial)
+  assert "layers_1/ffn/up_lora" in modules and "layers_1/attention/query" in modules
+  assert initial["layers_1"]["ffn"]["up_lora"]["lora_a"].shape == (4, 16, 2)  # [E, in, r]
+  assert initial["layers_1"]["ffn"]["down_lora"]["lora_b"].shape == (4, 2, 16)  # [E, r, out]
+  base, _ = lora.split_adapters(initial)
+  expected = model.apply({"params": base}, TOKENS)[0]
+  np.testing.assert_array_equal(adapted.apply({"params": initial}, TOKENS)[0], expected)
+  params = _random_b(initial)
+  out = adapted.apply({"params": params}, TOKENS)[0]
+  assert float(jnp.abs(out - expected).max()) > 1e-2
+  dense = lora.with_lora(build_model({"name": "moe_lm", **TINY["moe_lm"], "dispatch": "dense"}), spec)
+  np.testing.assert_allclose(dense.apply({"params": params}, TOKENS)[0], out, atol=2e-5)
+  np.testing.assert_allclose(model.apply({"params": lora.merge(params, spec)}, TOKENS)[0], out, atol=2e-5)
+  flags = traverse_util.flatten_dict(adapted.trainable_params(params))
+  assert {p for p, t in flags.items() if t} == {p for p in flags if p[-1] in ("lora_a", "lora_b")}
+  grads = jax.grad(lambda p: jnp.sum(adapted.apply({"params": p}, TOKENS)[0] ** 2))(params)
+  assert float(jnp.abs(grads["layers_1"]["ffn"]["gate_lora"]["lora_a"]).max()) > 0
+
+
 def _digest(directory):
   h = hashlib.sha256()
   for root, _, files in sorted(os.walk(directory)):
@@ -117,8 +143,8 @@ def test_a_lora_run_trains_only_the_adapters_of_a_base_checkpoint(tmp_path):
   "edit, message",
   [
     (dict(target_modules=("attention/nothing$",)), "matches no DenseGeneral layer"),
-    (dict(target_modules=("ffn/gate$",)), "not DenseGeneral layers"),  # moe_lm's stacked expert weights
-    (dict(target_modules=("embed",)), "not DenseGeneral layers"),
+    (dict(target_modules=("ffn/gate$",), experts=2), "adapts DenseGeneral layers only"),  # stacked expert weights
+    (dict(target_modules=("embed",)), "neither DenseGeneral layers nor MoEFFN expert weights"),
     (dict(trainable_params=("no_such_param",)), "matches no base parameter"),
     (dict(r=-1), "config.lora.r=-1"),
     (dict(r=0, adapter="/tmp/x"), "config.lora.adapter"),

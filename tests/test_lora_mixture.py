@@ -3,6 +3,8 @@ masked dense one does (outputs and gradients) for every router; the routers' los
 their coefficients; zero-initialised experts leave the base output unchanged; a run trains only the experts and the
 routers; bad keys, a merge and a PEFT import of a mixture fail with one clear message."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from test_lora import TOKENS, lora_config
 from test_models_contract import TINY
 from zoo.checkpoints import peft_adapters, save_orbax
 from zoo.checkpoints.hf_spec import ConversionError
+from zoo.data import make_iterator
 from zoo.engine import trainer
 from zoo.engine.checkpoint import CheckpointError
 from zoo.layers import lora
@@ -173,3 +176,57 @@ def test_a_mixture_routes_over_frozen_separately_trained_adapters(tmp_path):
   m.lora.update(target_modules=(r"attention/(query|key|value)$",))
   with pytest.raises(CheckpointError, match="config.lora.expert_adapters=.*ffn.down.lora_a"):
     trainer.train(m, str(tmp_path / "mixture2"), progress=False)
+
+
+def test_glider_global_bias_selects_the_experts_of_the_task():
+  # Experts 0 and 1 have zero B (they add nothing), experts 2 and 3 random B. Task embeddings: experts 0 and 1 along
+  # the query embeddings of TOKENS, 2 and 3 against them. With s=100 the bias puts every token on {0, 1} (the base
+  # output); with s=0 the random local gates route some tokens to 2 and 3.
+  model, adapted, params = _setup("glider", "dense")
+  base, _ = lora.split_adapters(params)
+  assert params[lora.TASK_EMBEDDINGS].shape == (4, TINY["dense_lm"]["embed_dim"])
+  assert not adapted.trainable_params(params)[lora.TASK_EMBEDDINGS]
+  params = _trained(params)
+  query = lora.glider_query_embeddings(params["embed"]["embedding"], TOKENS).reshape(-1, TINY["dense_lm"]["embed_dim"])
+  direction = jnp.mean(query / jnp.linalg.norm(query, axis=-1, keepdims=True), axis=0)
+  params[lora.TASK_EMBEDDINGS] = jnp.stack([direction, direction, -direction, -direction])
+  bias = lora.glider_bias(params, TOKENS)
+  assert bool(jnp.all(bias[:, :2] > 0)) and bool(jnp.all(bias[:, 2:] < 0))
+
+  def zero_first_two(path, x):
+    return x.at[:2].set(0.0) if path[-1].key == "lora_b" else x
+
+  params = jax.tree_util.tree_map_with_path(zero_first_two, params)
+  expected = model.apply({"params": base}, TOKENS)[0]
+  held_in = lora.with_lora(model, dataclasses.replace(adapted.lora, glider_scale=100.0))
+  np.testing.assert_allclose(held_in.apply({"params": params}, TOKENS)[0], expected, atol=1e-6)
+  local_only = lora.with_lora(model, dataclasses.replace(adapted.lora, glider_scale=0.0))
+  assert float(jnp.max(jnp.abs(local_only.apply({"params": params}, TOKENS)[0] - expected))) > 1e-3
+
+
+def test_glider_task_embeddings_come_from_each_expert_runs_data(tmp_path):
+  base = tmp_path / "base"
+  c = lora_config(base, steps=2)
+  c.lora.update(dropout=0.0)
+  save_orbax(str(base), c.model, nn.unbox(jax.jit(build_model(c.model).init)(jax.random.key(5), TOKENS)))
+  runs = {}
+  for domain in ("idlelib", "docs"):
+    c.data.domains = (domain,)
+    runs[domain] = str(tmp_path / domain)
+    trainer.train(c, runs[domain], progress=False)
+  m = lora_config(base, steps=2)
+  m.lora.update(dropout=0.0, experts=2, router="glider", expert_adapters=tuple(runs.values()), freeze_experts=True)
+  state = trainer.train(m, str(tmp_path / "glider"), progress=False)
+  assert {p[-1] for p in traverse_util.flatten_dict(state.params)} == {"lora_router"}
+  tasks = state.frozen[lora.TASK_EMBEDDINGS]
+  table = state.frozen["embed"]["embedding"]
+  for e, run in enumerate(runs.values()):
+    data = trainer.read_config(run).data
+    it = make_iterator(data, split="train", global_batch_size=m.train.batch_size, seed=0)
+    expected = lora.glider_task_embeddings(table, [next(it)["inputs"] for _ in range(8)])
+    np.testing.assert_allclose(tasks[e], expected, rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(tasks[0] - tasks[1]))) > 1e-3  # code and English give different task embeddings
+  # Without the expert runs the global bias has no task embeddings: refused in one line.
+  m.lora.update(expert_adapters=())
+  with pytest.raises(ConfigError, match="glider_scale > 0 needs config.lora.expert_adapters"):
+    trainer.Experiment(m)

@@ -27,7 +27,7 @@ from flax import traverse_util
 
 from zoo.checkpoints import hf_spec, safetensors_io, zoo_tree
 from zoo.checkpoints.hf_spec import ConversionError
-from zoo.layers.lora import LoRASpec, adapted_modules, split_adapters
+from zoo.layers.lora import EXPERT_SUFFIX, LoRASpec, adapted_modules, split_adapters
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -317,6 +317,11 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
   hf_names = {path: module for module, path in zoo_modules(params, arch).items()}
   modules = {}
   for path in adapted_modules(params):
+    if path.endswith(EXPERT_SUFFIX):
+      raise ConversionError(
+        f"adapted weight {path[: -len(EXPERT_SUFFIX)]} is a MoE's stacked expert weight: LoRA on expert weights "
+        "(PEFT's target_parameters) is not written to PEFT; allowed: adapters on the attention and dense FFN layers"
+      )
     if path not in hf_names:
       raise ConversionError(f"adapted layer {path} has no Hugging Face counterpart in a {arch.family} model")
     modules[hf_names[path]] = tuple(path.split("/"))

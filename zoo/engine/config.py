@@ -97,10 +97,12 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   # names) train: the base is frozen. `adapter`: a PEFT LoRA adapter directory that initialises them (its base model
   # is config.init_from='hf:DIR', or the adapter's base_model_name_or_path). `quantize`: '' or 'nf4' (QLoRA: the
   # adapted layers' frozen base kernels stored in 4-bit NormalFloat, dequantised in the matmul). `experts` >= 2: a
-  # mixture of LoRA experts per adapted layer, routed by `router` ('topk' | 'lora_mixer' | 'dynmole') with `top_k`
-  # (DynMoLE's keep_top_k), computed by `dispatch` ('dense': every expert, masked | 'sparse': grouped matmuls over the
-  # selected experts, for GPU/TPU). `expert_adapters`: one zoo run per expert, each with one adapter of rank r on the
-  # same layers, that the experts start from; `freeze_experts`: only the routers train (LoRA-Mixer's second regime).
+  # mixture of LoRA experts per adapted layer, routed by `router` ('topk' | 'lora_mixer' | 'dynmole' | 'glider')
+  # with `top_k` (DynMoLE's keep_top_k; GLIDER's 2), computed by `dispatch` ('dense': every expert, masked |
+  # 'sparse': grouped matmuls over the selected experts, for GPU/TPU). `expert_adapters`: one zoo run per expert,
+  # each with one adapter of rank r on the same layers, that the experts start from; `freeze_experts`: only the
+  # routers train (LoRA-Mixer's second regime).
+  # `glider_scale`: GLIDER's scale of its global task bias (100 held-in, 3 held-out, 0 none).
   c.lora = ml_collections.ConfigDict(
     {
       "r": 0,
@@ -116,6 +118,7 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
       "dispatch": "dense",
       "expert_adapters": (),
       "freeze_experts": False,
+      "glider_scale": 100.0,
     }
   )
   # Evaluators run by evaluate.py (`zoo.evaluators`); () = the task's and the model's defaults.

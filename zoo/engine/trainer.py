@@ -27,7 +27,7 @@ from zoo.engine.memory import check_memory
 from zoo.engine.optim import make_optimizer
 from zoo.engine.state import abstract_state, create_train_state, init_variables
 from zoo.engine.workdir import WorkdirLock, check_workdir, record_config
-from zoo.engine.writers import MetricsWriter, to_python
+from zoo.engine.writers import MetricsWriter, read_config, to_python
 from zoo.evaluators import EvalContext, select
 from zoo.layers import lora, nf4
 from zoo.models import ConfigError, build_model
@@ -124,11 +124,12 @@ class Experiment:
 
   def load_expert_adapters(self):
     """{'params': the mixture's stacked experts} from the runs `config.lora.expert_adapters` names, each trained with
-    one adapter of the mixture's rank on its layers (`lora.single_adapter_spec`)."""
+    one adapter of the mixture's rank on its layers (`lora.single_adapter_spec`); with GLIDER's router also each
+    expert's task embedding (`lora.glider_task_embeddings` of its run's training data, on its run's embedding)."""
     single = lora.with_lora(build_model(self.config.model), lora.single_adapter_spec(self.lora))
     abstract = jax.eval_shape(lambda r: init_variables(single, self.task, self.dummy, r), jax.random.key(0))
     target = {"params": nn.unbox(abstract["params"])}
-    trees = []
+    trees, tasks = [], []
     for source in self.lora.expert_adapters:
       variables = restore_variables(source, target, partial=True, key="config.lora.expert_adapters")
       _, adapters = lora.split_adapters(variables["params"])
@@ -138,7 +139,22 @@ class Experiment:
           f"the layers config.lora.target_modules adapts ({len(lora.adapted_modules(target['params']))} layers)"
         )
       trees.append(adapters)
-    return {"params": lora.stack_experts(trees)}
+      if self.lora.router == "glider":
+        tasks.append(self._glider_task_embedding(source, variables["params"]))
+    params = lora.stack_experts(trees)
+    if tasks:
+      params[lora.TASK_EMBEDDINGS] = jnp.stack(tasks)
+    return {"params": params}
+
+  def _glider_task_embedding(self, run, params, batches=8):
+    """GLIDER's task embedding of the expert trained in `run`: over the first `batches` batches of its training data
+    (its config.json's `data`), with the embedding table of its checkpoint (`params`)."""
+    from zoo.data import make_iterator  # pylint: disable=g-import-not-at-top
+
+    data = read_config(run).data
+    iterator = make_iterator(data, split="train", global_batch_size=int(self.config.train.batch_size), seed=0)
+    tokens = [next(iterator)["inputs"] for _ in range(batches)]
+    return lora.glider_task_embeddings(lora.embedding_table(params), tokens)
 
   def with_init_from(self, state, shardings, loaded):
     """`state` with the loaded variables overlaid onto its fresh values (placed in `shardings`)."""

@@ -15,8 +15,10 @@ parameter path of the base model is unchanged and a base checkpoint (`config.ini
 base parameters `spec.trainable_params` names, and freezes the rest: the base gets no gradient buffers and no
 optimizer state.
 
-Expert weights (the stacked [experts, in, out] einsum parameters of `zoo.routing`) and embeddings are not
-`DenseGeneral` layers: a pattern that matches them is refused (`check_targets`).
+The stacked expert weights of a `zoo.routing.moe.MoEFFN` ([E, in, out], e.g. 'layers_1/ffn/up') are adapted too when
+a pattern matches their parameter path: one adapter per expert (`ExpertLoRA`, at 'layers_1/ffn/up_lora'), added to
+the weight as PEFT adapts `target_parameters`, so every dispatch path runs the adapted experts. Embeddings and other
+experts' weights are not adapted: a pattern that matches them is refused (`check_targets`).
 
 QLoRA (Dettmers et al. 2023, sec. 3-4, papers.md B5): with `spec.quantize='nf4'` the frozen base kernels of the
 adapted layers are stored as NF4 with double-quantised block scales (`zoo.layers.nf4`, 4.127 bits per parameter)
@@ -28,12 +30,14 @@ Mixtures of LoRA experts (papers.md B1-B2): with `spec.experts = E >= 2` every a
 (`lora_a` [E, *contracted, r], `lora_b` [E, r, *features]) and a router `lora_router` [*contracted, E] (N(0, 0.02),
 MoE-PEFT's `router_init_range`); per token `y = x W + (alpha / r) sum_e w_e x A_e B_e` with the weights of
 `spec.router` (`zoo.routing.lora_routers`): 'topk' (softmax top-k, renormalised, Switch load balance), 'lora_mixer'
-(LoRA-Mixer: the same plus the routing-entropy term) or 'dynmole' (DynMoLE: top-p with keep-top-k, all experts above
-the Tsallis-entropy threshold). The experts run through `zoo.layers.lora_dispatch`: `spec.dispatch='sparse'` computes
-only the selected (token, expert) pairs with the grouped-matmul kernels, 'dense' (the default: 5-38x faster on CPU,
-bench/RESULTS.md) every expert masked. Each layer's
-router loss is averaged over the adapted layers and added to the model's `aux_loss`; its unweighted terms and the
-mean active experts per token go to the metrics (`lora_<name>`).
+(LoRA-Mixer: the same plus the routing-entropy term), 'dynmole' (DynMoLE: top-p with keep-top-k, all experts above
+the Tsallis-entropy threshold) or 'glider' (GLIDER, papers.md B3: the router's columns are gate vectors on the
+layer-normed input, plus `spec.glider_scale` times a global bias, the cosine of the query's embedding with each
+expert's task embedding, the same in every layer; `glider_bias`, `glider_task_embeddings`). The experts run
+through `zoo.layers.lora_dispatch`: `spec.dispatch='sparse'` computes only the selected (token, expert) pairs with
+the grouped-matmul kernels, 'dense' (the default: 5-38x faster on CPU, bench/RESULTS.md) every expert masked. Each
+layer's router loss is averaged over the adapted layers and added to the model's `aux_loss`; its unweighted terms
+and the mean active experts per token go to the metrics (`lora_<name>`).
 
 `merge(params, spec)` folds the adapters into the kernels (`W + (alpha / r) A B`, the adapters dropped: the base
 model runs the result); `unmerge(merged, adapters, spec)` takes them out again.
@@ -44,6 +48,7 @@ import dataclasses
 import math
 import re
 import threading
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -54,13 +59,16 @@ from zoo.layers import lora_dispatch, nf4
 from zoo.layers.linear import DenseGeneral, _as_tuple
 from zoo.registry import ConfigError
 from zoo.routing import lora_routers
+from zoo.routing.moe import MoEFFN
 
-ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_router")
-ROUTERS = ("topk", "lora_mixer", "dynmole")  # routers of a mixture of LoRA experts (`spec.experts` >= 2)
+TASK_EMBEDDINGS = "lora_task_embeddings"  # GLIDER's per-expert task embeddings [E, embed], a top-level frozen leaf
+ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_router", TASK_EMBEDDINGS)
+ROUTERS = ("topk", "lora_mixer", "dynmole", "glider")  # routers of a mixture of LoRA experts (`spec.experts` >= 2)
 DISPATCHES = ("dense", "sparse")  # dense is faster on CPU (bench/RESULTS.md, lora_dispatch)
 ROUTING_COLLECTION = "lora_routing"  # where each adapted layer sows its router's losses and metrics
 # The default targets: the q/k/v/o projections of every attention layer (GQA's query/key/value/out).
 DEFAULT_TARGETS = (r"attention/(query|key|value|out)$",)
+EXPERT_SUFFIX = "_lora"  # the adapter of a MoE's stacked expert weight `.../ffn/up` lives at `.../ffn/up_lora`
 QUANTIZATIONS = ("", "nf4")  # storage of the adapted layers' frozen base kernels: as they are, or NF4 (QLoRA)
 
 
@@ -84,6 +92,8 @@ class LoRASpec:
     expert_adapters: zoo run directories, one per expert, each trained with one adapter (experts=0) of this rank on
       these layers of the same base: the mixture's experts start as those adapters (LoRA-Mixer's second regime).
     freeze_experts: the experts do not train (only the routers and `trainable_params` do).
+    glider_scale: GLIDER's scale s of the global task bias (100 on held-in tasks, 3 on held-out ones, 0: the local
+      routers alone).
   """
 
   r: int = 8
@@ -98,6 +108,7 @@ class LoRASpec:
   dispatch: str = "dense"
   expert_adapters: tuple[str, ...] = ()
   freeze_experts: bool = False
+  glider_scale: float = lora_routers.GLIDER_SCALE_HELD_IN
 
   def __post_init__(self):
     for key in ("target_modules", "trainable_params", "expert_adapters"):
@@ -123,6 +134,9 @@ class LoRASpec:
       )
     if self.freeze_experts and not self.experts:
       raise ConfigError("config.lora.freeze_experts=True needs a mixture (config.lora.experts >= 2)")
+    scale = self.glider_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+      raise ConfigError(f"config.lora.glider_scale={scale!r} is invalid; allowed: a number >= 0")
     if self.quantize not in QUANTIZATIONS:
       raise ConfigError(f"config.lora.quantize={self.quantize!r} is invalid; allowed: {QUANTIZATIONS}")
     if not self.target_modules:
@@ -157,11 +171,23 @@ def lora_delta(x, lora_a, lora_b, scale, dtype):
   return scale * jax.lax.dot_general(h, lora_b, (((h.ndim - 1,), (0,)), ((), ())))
 
 
-def _interceptor(spec, deterministic):
-  """A Flax method interceptor adding the adapter to every targeted `DenseGeneral.__call__`."""
+def _interceptor(spec, deterministic, task_bias=None):
+  """A Flax method interceptor adding the adapter to every targeted `DenseGeneral.__call__` (`task_bias`: GLIDER's
+  global bias [tokens, E] of this forward, the same in every layer)."""
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
+    if context.method_name == "expert_weight" and isinstance(module, MoEFFN):
+      weight = next_fun(*args, **kwargs)
+      name = args[0] if args else kwargs["name"]
+      if not spec.targets("/".join((*module.path, name))):
+        return weight
+      if spec.experts:
+        raise ConfigError(
+          f"config.lora.target_modules adapts the MoE expert weight {'/'.join((*module.path, name))}: a mixture of "
+          "LoRA experts (config.lora.experts > 0) adapts DenseGeneral layers only; allowed: experts=0 there"
+        )
+      return ExpertLoRA(spec.r, spec.scale, module.param_dtype, name=name + EXPERT_SUFFIX, parent=module)(weight)
     if context.method_name != "__call__" or not isinstance(module, DenseGeneral):
       return next_fun(*args, **kwargs)
     if not spec.targets("/".join(module.path)):
@@ -178,7 +204,8 @@ def _interceptor(spec, deterministic):
     else:
       x_adapter = x
     if spec.experts:
-      return y + _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes).astype(y.dtype)
+      delta = _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes, task_bias)
+      return y + delta.astype(y.dtype)
     init_a = nn.initializers.variance_scaling(
       1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=(n_in,)
     )  # PEFT: kaiming_uniform_(a=sqrt(5)) on [r, in], i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -196,14 +223,47 @@ def _interceptor(spec, deterministic):
   return intercept
 
 
-def route(spec, logits):
-  """The `zoo.routing.lora_routers` routing of `spec.router` for logits [tokens, E] (the authors' coefficients)."""
+class ExpertLoRA(nn.Module):
+  """One LoRA adapter per expert on a MoE's stacked expert weight (`MoEFFN.expert_weight`): `W_e + scale * A_e B_e`,
+  added to the weight itself (as PEFT adapts `target_parameters`), so every dispatch path (dense, dropless, expert
+  parallel, the kernels) runs the adapted experts unchanged. No adapter dropout: it is a weight, not an input, that
+  changes.
+
+  Attributes: r (rank), scale (alpha / r), param_dtype. Call: weight [E, in, out] -> [E, in, out] in its dtype."""
+
+  r: int
+  scale: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, weight):
+    experts, d_in, d_out = weight.shape
+    init_a = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=1, out_axis=2, batch_axis=0)
+    lora_a = self.param(
+      "lora_a", nn.with_logical_partitioning(init_a, ("expert", None, None)), (experts, d_in, self.r), self.param_dtype
+    )
+    lora_b = self.param(
+      "lora_b",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("expert", None, None)),
+      (experts, self.r, d_out),
+      self.param_dtype,
+    )
+    lora_a, lora_b = jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32)
+    return (weight + self.scale * jnp.einsum("eir,ero->eio", lora_a, lora_b)).astype(weight.dtype)
+
+
+def route(spec, logits, task_bias=None):
+  """The `zoo.routing.lora_routers` routing of `spec.router` for logits [tokens, E] (the authors' coefficients);
+  GLIDER's `logits` are its local router's and `task_bias` [tokens, E] (None: 0) the global bias."""
+  if spec.router == "glider":
+    bias = jnp.zeros_like(logits) if task_bias is None else task_bias
+    return lora_routers.glider(logits, bias, spec.glider_scale, k=spec.top_k)
   if spec.router == "dynmole":
     return lora_routers.dynmole(logits, keep_top_k=spec.top_k)
   return lora_routers.lora_mixer(logits, spec.top_k, entropy_coef=0.01 if spec.router == "lora_mixer" else 0.0)
 
 
-def _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes):
+def _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes, task_bias=None):
   """The routed update `scale * sum_e w_e x A_e B_e` of one adapted layer ([..., *features]); sows the router's
   losses and metrics into ROUTING_COLLECTION."""
   n_in, experts = len(in_shape), spec.experts
@@ -230,8 +290,16 @@ def _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes):
     jnp.float32,
   )
   batch_shape = x.shape[: x.ndim - n_in]
-  logits = jnp.asarray(x, jnp.float32).reshape(-1, d_in) @ router.reshape(d_in, experts)
-  routing = route(spec, logits)
+  if spec.router == "glider":  # the gate vectors on the layer-normed input (GLIDER's local router)
+    logits = lora_routers.glider_local_logits(x.reshape(-1, d_in), router.reshape(d_in, experts))
+    if task_bias is not None and task_bias.shape[0] != logits.shape[0]:
+      raise ValueError(
+        f"GLIDER: the layer {'/'.join(module.path)} sees {logits.shape[0]} tokens but the task bias has "
+        f"{task_bias.shape[0]} (the model's token ids); GLIDER needs layers applied once per input token"
+      )
+  else:
+    logits = jnp.asarray(x, jnp.float32).reshape(-1, d_in) @ router.reshape(d_in, experts)
+  routing = route(spec, logits, task_bias)
   xs, a, b = nn.dtypes.promote_dtype(x_adapter.reshape(-1, d_in), lora_a, lora_b, dtype=module.dtype)
   a, b = a.reshape(experts, d_in, spec.r), b.reshape(experts, spec.r, d_out)
   if spec.dispatch == "sparse":
@@ -246,7 +314,9 @@ def _mixture(module, spec, x, x_adapter, in_shape, features, in_axes, out_axes):
 
 def single_adapter_spec(spec):
   """The spec of one expert of the mixture `spec`: one adapter of the same rank, scale and targets."""
-  return dataclasses.replace(spec, experts=0, expert_adapters=(), freeze_experts=False)
+  return dataclasses.replace(
+    spec, experts=0, expert_adapters=(), freeze_experts=False, router=LoRASpec.router, glider_scale=0.0
+  )
 
 
 def stack_experts(adapter_trees):
@@ -276,18 +346,73 @@ def _with_routing_losses(out, sown):
   return outputs, model_out.replace(aux_loss=model_out.aux_loss + means["aux_loss"], metrics=metrics)
 
 
+def embedding_table(params):
+  """The model's token embedding table [vocab, embed] (`params['embed']['embedding']`)."""
+  table = nn.unbox(params.get("embed", {})).get("embedding") if isinstance(params.get("embed"), dict) else None
+  if table is None:
+    raise ConfigError(
+      "config.lora.router='glider' embeds the input with the model's token embedding params['embed']['embedding'], "
+      "which this model does not have; allowed: the zoo's language models"
+    )
+  return table
+
+
+def glider_query_embeddings(table, tokens):
+  """The query embedding of GLIDER's global router at each position: the mean input embedding of the tokens so far
+  (causal) [guess: the zoo's stand-in for the embedded, LLM-written task instruction of papers.md B3].
+
+  Args: table [vocab, d]; tokens [..., T] int. Returns: [..., T, d] float32.
+  """
+  emb = jnp.take(jnp.asarray(table, jnp.float32), tokens, axis=0)
+  count = jnp.arange(1, tokens.shape[-1] + 1, dtype=jnp.float32)[:, None]
+  return jnp.cumsum(emb, axis=-2) / count
+
+
+def glider_bias(params, tokens):
+  """GLIDER's global bias [tokens, E] (`lora_routers.glider_task_bias`) of each position's query embedding against
+  the experts' task embeddings (`params[TASK_EMBEDDINGS]`, all zero until `glider_task_embeddings` fills them: then
+  the bias is 0). With a KV cache the query is the tokens of the call (the cache does not keep their sum)."""
+  task = jnp.asarray(nn.unbox(params[TASK_EMBEDDINGS]), jnp.float32)
+  query = glider_query_embeddings(embedding_table(params), tokens)
+  return lora_routers.glider_task_bias(task, query.reshape(-1, query.shape[-1]))
+
+
+def glider_task_embeddings(table, batches):
+  """One expert's task embedding [d]: the mean over its training sequences of `glider_query_embeddings` at their last
+  position (the mean input embedding of each sequence) [guess, as `glider_query_embeddings`].
+
+  Args: table [vocab, d]; batches: iterable of token arrays [B, T]."""
+  total, count = 0.0, 0
+  for tokens in batches:
+    tokens = jnp.asarray(tokens)
+    total = total + jnp.sum(glider_query_embeddings(table, tokens)[..., -1, :].reshape(-1, table.shape[-1]), axis=0)
+    count += math.prod(tokens.shape[:-1])
+  if not count:
+    raise ValueError("glider_task_embeddings: no batches")
+  return total / count
+
+
+def _with_task_embeddings(spec, variables):
+  """GLIDER's mixtures get the experts' task embeddings [E, embed] (zeros; frozen) as a top-level parameter."""
+  if spec.router != "glider" or not spec.experts:
+    return variables
+  table = embedding_table(variables["params"])
+  task = nn.LogicallyPartitioned(jnp.zeros((spec.experts, table.shape[-1]), jnp.float32), names=(None, "embed"))
+  return {**variables, "params": {**variables["params"], TASK_EMBEDDINGS: task}}
+
+
 _ACTIVE = threading.local()
 
 
 @contextlib.contextmanager
-def _adapted(spec, deterministic):
+def _adapted(spec, deterministic, task_bias=None):
   """The interceptor installed once (an `init` that calls `init_with_output` does not add the adapters twice)."""
   if getattr(_ACTIVE, "on", False):
     yield
     return
   _ACTIVE.on = True
   try:
-    with nn.intercept_methods(_interceptor(spec, deterministic)):
+    with nn.intercept_methods(_interceptor(spec, deterministic, task_bias)):
       yield
   finally:
     _ACTIVE.on = False
@@ -307,17 +432,21 @@ def _lora_class(base):
     @nn.nowrap
     def init(self, *args, **kwargs):
       with _adapted(self.lora, True):
-        return _without_routing(super().init(*args, **kwargs))
+        return _with_task_embeddings(self.lora, _without_routing(super().init(*args, **kwargs)))
 
     @nn.nowrap
     def init_with_output(self, *args, **kwargs):
       with _adapted(self.lora, True):
         out, variables = super().init_with_output(*args, **kwargs)
-        return out, _without_routing(variables)
+        return out, _with_task_embeddings(self.lora, _without_routing(variables))
 
     @nn.nowrap
     def apply(self, *args, **kwargs):
-      with _adapted(self.lora, kwargs.get("deterministic", True)):
+      task_bias = None
+      if self.lora.router == "glider" and self.lora.experts and kwargs.get("method") is None:
+        tokens = kwargs["tokens"] if "tokens" in kwargs else args[1]
+        task_bias = glider_bias(args[0]["params"], tokens)
+      with _adapted(self.lora, kwargs.get("deterministic", True), task_bias):
         if not self.lora.experts or kwargs.get("method") is not None:
           return super().apply(*args, **kwargs)
         mutable = kwargs.pop("mutable", False)  # the mixture's router losses come back through ROUTING_COLLECTION
@@ -341,7 +470,9 @@ def _lora_class(base):
       out = {}
       for path in traverse_util.flatten_dict(params):
         name = "/".join(str(p) for p in path)
-        if path[-1] in ADAPTER_LEAVES:
+        if path[-1] == TASK_EMBEDDINGS:  # fixed embeddings of the experts' data (`glider_task_embeddings`)
+          out[path] = False
+        elif path[-1] in ADAPTER_LEAVES:
           out[path] = not (self.lora.freeze_experts and path[-1] != "lora_router")
         else:
           out[path] = any(re.search(p, name) for p in self.lora.trainable_params) and flags.get(path, True)
@@ -408,20 +539,25 @@ def check_targets(spec, params):
   """
   flat = traverse_util.flatten_dict(nn.unbox(params))
   adapted = adapted_modules(params)
+  targets = [m[: -len(EXPERT_SUFFIX)] if m.endswith(EXPERT_SUFFIX) else m for m in adapted]  # expert weights by name
   dense = sorted({_name(p[:-1]) for p in flat if p[-1] == "kernel"})
-  others = [_name(p) for p, v in flat.items() if p[-1] not in ("kernel", *ADAPTER_LEAVES) and len(v.shape) >= 2]
+  others = [
+    _name(p)
+    for p, v in flat.items()
+    if p[-1] not in ("kernel", *ADAPTER_LEAVES) and len(v.shape) >= 2 and _name(p) not in targets
+  ]
   for pattern in spec.target_modules:
     hits = [n for n in others if re.search(pattern, n)]
     if hits:
       raise ConfigError(
-        f"config.lora.target_modules: pattern {pattern!r} matches {len(hits)} weight(s) that are not DenseGeneral "
-        f"layers, e.g. {hits[:3]} (expert weights and embeddings); LoRA adapts DenseGeneral layers only (experts "
-        "are not supported yet): anchor the pattern to the layers to adapt, e.g. 'attention/(query|value)$'"
+        f"config.lora.target_modules: pattern {pattern!r} matches {len(hits)} weight(s) that are neither "
+        f"DenseGeneral layers nor MoEFFN expert weights, e.g. {hits[:3]} (embeddings, other experts); anchor the "
+        "pattern to the layers to adapt, e.g. 'attention/(query|value)$'"
       )
-    if not any(re.search(pattern, m) for m in adapted):
+    if not any(re.search(pattern, m) for m in targets):
       raise ConfigError(
-        f"config.lora.target_modules: pattern {pattern!r} matches no DenseGeneral layer; module paths look like "
-        f"{dense[:6]} ({len(dense)} layers)"
+        f"config.lora.target_modules: pattern {pattern!r} matches no DenseGeneral layer or MoE expert weight; "
+        f"module paths look like {dense[:6]} ({len(dense)} layers)"
       )
   base_names = [_name(p) for p in flat if p[-1] not in ADAPTER_LEAVES]
   for pattern in spec.trainable_params:
@@ -456,9 +592,13 @@ def quantize_frozen(frozen, spec):
   return traverse_util.unflatten_dict(flat)
 
 
-def _delta(lora_a, lora_b, scale):
-  """`scale * A . B` in the kernel's layout [*contracted, *features]."""
-  return scale * jnp.tensordot(jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32), axes=1)
+def _delta(module, lora_a, lora_b, scale):
+  """(path of the weight the adapter at `module` adapts, `scale * A . B` in that weight's layout): a `DenseGeneral`
+  kernel [*contracted, *features], or a stacked expert weight [E, in, out] (adapter at `<weight>_lora`)."""
+  a, b = jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32)
+  if module[-1].endswith(EXPERT_SUFFIX):
+    return (*module[:-1], module[-1][: -len(EXPERT_SUFFIX)]), scale * jnp.einsum("eir,ero->eio", a, b)
+  return (*module, "kernel"), scale * jnp.tensordot(a, b, axes=1)
 
 
 def merge(params, spec):
@@ -469,10 +609,11 @@ def merge(params, spec):
   base, adapters = split_adapters(nn.unbox(params))
   flat = traverse_util.flatten_dict(base, is_leaf=lambda _, x: isinstance(x, nf4.NF4Tensor))
   for module, leaves in traverse_util.flatten_dict(adapters, is_leaf=_is_adapter).items():
-    kernel = flat[(*module, "kernel")]
+    path, delta = _delta(module, leaves["lora_a"], leaves["lora_b"], spec.scale)
+    kernel = flat[path]
     if isinstance(kernel, nf4.NF4Tensor):  # a QLoRA base: merged in float32
       kernel = nf4.dequantize(kernel)
-    flat[(*module, "kernel")] = (kernel + _delta(leaves["lora_a"], leaves["lora_b"], spec.scale)).astype(kernel.dtype)
+    flat[path] = (kernel + delta).astype(kernel.dtype)
   return traverse_util.unflatten_dict(flat)
 
 
@@ -481,8 +622,8 @@ def unmerge(merged, adapters, spec):
   flat = traverse_util.flatten_dict(nn.unbox(merged))
   adapters = nn.unbox(adapters)
   for module, leaves in traverse_util.flatten_dict(adapters, is_leaf=_is_adapter).items():
-    kernel = flat[(*module, "kernel")]
-    flat[(*module, "kernel")] = (kernel - _delta(leaves["lora_a"], leaves["lora_b"], spec.scale)).astype(kernel.dtype)
+    path, delta = _delta(module, leaves["lora_a"], leaves["lora_b"], spec.scale)
+    flat[path] = (flat[path] - delta).astype(flat[path].dtype)
     flat[(*module, "lora_a")], flat[(*module, "lora_b")] = leaves["lora_a"], leaves["lora_b"]
   return traverse_util.unflatten_dict(flat)
 
@@ -509,7 +650,7 @@ def spec_from_config(lora_config):
         f"config.lora.adapter={lora_config.adapter!r} needs adapters: set config.lora.r to the adapter's rank"
       )
     return None
-  return LoRASpec(
+  spec = LoRASpec(
     r=r,
     alpha=lora_config.get("alpha", 16.0),
     dropout=lora_config.get("dropout", 0.0),
@@ -522,4 +663,11 @@ def spec_from_config(lora_config):
     dispatch=lora_config.get("dispatch", "dense"),
     expert_adapters=tuple(lora_config.get("expert_adapters", ())),
     freeze_experts=lora_config.get("freeze_experts", False),
+    glider_scale=lora_config.get("glider_scale", lora_routers.GLIDER_SCALE_HELD_IN),
   )
+  if spec.router == "glider" and spec.experts and spec.glider_scale and not spec.expert_adapters:
+    raise ConfigError(
+      "config.lora.router='glider' with glider_scale > 0 needs config.lora.expert_adapters (each expert's task "
+      "embedding comes from its run's training data); set glider_scale=0 to train the local routers alone"
+    )
+  return spec

@@ -253,16 +253,7 @@ class MoEFFN(nn.Module):
       if router.num_experts != self.num_experts:
         raise ValueError(f"router.num_experts={router.num_experts} != MoEFFN.num_experts={self.num_experts}")
       routing = router(x, deterministic=deterministic)
-    expert_weights = {}
-    for name in names:
-      shape = (
-        (self.num_experts, self.expert_mlp_dim, embed)
-        if name == "down"
-        else (self.num_experts, embed, self.expert_mlp_dim)
-      )
-      axes = ("expert", "expert_mlp", "embed") if name == "down" else ("expert", "embed", "expert_mlp")
-      param = self.param(name, nn.with_logical_partitioning(_expert_init(), axes), shape, self.param_dtype)
-      expert_weights[name] = param.astype(self.dtype)
+    expert_weights = {name: self.expert_weight(name, embed).astype(self.dtype) for name in names}
     tokens = x.reshape(-1, embed).astype(self.dtype)
     tokens = nn.with_logical_constraint(tokens, ("batch", "embed"))
     y, dispatch_metrics = self._dispatch(tokens, routing, expert_weights)
@@ -270,6 +261,17 @@ class MoEFFN(nn.Module):
       y = y + self._shared(tokens, names)
     metrics = {**routing.metrics, **dispatch_metrics}
     return y.reshape(x.shape[:-1] + (embed,)), dict(routing.aux), metrics
+
+  def expert_weight(self, name, embed):
+    """The stacked weight `name` of the routed experts: 'gate' / 'up' [E, embed, expert_mlp], 'down' [E, expert_mlp,
+    embed]. A method of its own so that `zoo.layers.lora` can add an adapter to the weight it returns."""
+    shape = (
+      (self.num_experts, self.expert_mlp_dim, embed)
+      if name == "down"
+      else (self.num_experts, embed, self.expert_mlp_dim)
+    )
+    axes = ("expert", "expert_mlp", "embed") if name == "down" else ("expert", "embed", "expert_mlp")
+    return self.param(name, nn.with_logical_partitioning(_expert_init(), axes), shape, self.param_dtype)
 
   def _dispatch(self, tokens, routing, expert_weights):
     """Expert parallelism when `mesh` (or the mesh in context) splits the experts over devices, else local dispatch.
