@@ -1,7 +1,8 @@
 """PEFT interop of the LoRA adapters (`zoo.checkpoints.peft_adapters`): a random LoRA adapter made with peft on a tiny
 random Hugging Face model (built offline) gives the zoo the logits PEFT computes (within 1e-4, through the engine's
 `config.lora.adapter` for Llama), the zoo's export loads back into PEFT with the same logits, and bad adapters
-(DoRA, another kind, another rank or base) fail with one clear message. Needs the `hf` extra (torch, transformers,
+(DoRA, another kind, another rank or base) fail with one clear message; Qwen2, Qwen3, Mixtral and DeepSeek-V3's latent
+attention both ways. Needs the `hf` extra (torch, transformers,
 peft)."""
 
 import json
@@ -28,12 +29,12 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 ZOO_TARGETS = (r"attention/(query|key|value|out)$", r"ffn/(gate|up|down)$")
 
 
-def _make(family, directory):
+def _make(family, directory, projections=PROJECTIONS):
   """(HF base dir, PEFT adapter dir, the PEFT model) of a tiny random `family` model with a random r=4 adapter (B not
   zero) on every projection."""
   base, adapter = os.path.join(directory, family), os.path.join(directory, family + "_adapter")
   hf = hf_testing.build(family, base, vocab_size=264)  # covers the 259 byte ids of the engine's data
-  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False)
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=projections, init_lora_weights=False)
   model = peft.get_peft_model(hf, config).eval()
   model.save_pretrained(adapter)
   return base, adapter, model
@@ -75,9 +76,16 @@ def test_engine_imports_a_peft_adapter_and_exports_it_back(llama, tmp_path):
   assert diff < 1e-4, f"max |logit diff| after export -> PEFT load: {diff}"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_qwen_adapters_match_peft(family, tmp_path):
-  base, adapter, peft_model = _make(family, str(tmp_path))
+# MLA's projections: DeepSeek's interleaved RoPE features of q_b / kv_a are half-split in the zoo, B's rows with them.
+MLA_PROJECTIONS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+
+
+@pytest.mark.parametrize(
+  "family, projections",
+  [("qwen2", PROJECTIONS), ("qwen3", PROJECTIONS), ("mixtral", PROJECTIONS[:4]), ("deepseek_v3", MLA_PROJECTIONS)],
+)
+def test_adapters_of_other_families_match_peft_both_ways(family, projections, tmp_path):
+  base, adapter, peft_model = _make(family, str(tmp_path), projections)
   toks = hf_testing.tokens()
   model_config, variables = load_hf_checkpoint(base)
   arch, read = pa.base_arch(base), pa.read_adapter(adapter)
@@ -87,8 +95,12 @@ def test_qwen_adapters_match_peft(family, tmp_path):
   flat = traverse_util.flatten_dict(variables["params"])
   flat.update(traverse_util.flatten_dict(pa.adapter_params(read, abstract["params"], arch)["params"]))
   params = traverse_util.unflatten_dict(flat)
-  logits = np.asarray(jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(toks))[0])(params))
+  logits = np.asarray(jax.jit(lambda p: model.apply({**variables, "params": p}, jnp.asarray(toks))[0])(params))
   assert float(np.abs(logits - _torch_logits(peft_model, toks)).max()) < 1e-4
+  out = str(tmp_path / "export")
+  pa.export_adapter(params, spec, arch, out, base_model_name_or_path=base)
+  reloaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), out).eval()
+  assert float(np.abs(_torch_logits(reloaded, toks) - logits).max()) < 1e-4
 
 
 def _edited(adapter, tmp_path, config=None, tensors=None):

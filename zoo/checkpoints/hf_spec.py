@@ -654,7 +654,7 @@ def check_dir(path):
 # ------------------------------------------------------------------------------------------- HF <-> canonical
 
 
-def _rope_perm(dim):
+def rope_order(dim):
   """Interleaved pair order (0,1),(2,3).. -> half-split order: [0, 2, 4, .., 1, 3, 5, ..]."""
   return np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
 
@@ -689,7 +689,7 @@ def hf_to_canonical(tensors, arch, *, fused_experts=False, dtype=np.float32):
     layer = {"attn_norm": t(p + "input_layernorm.weight"), "ffn_norm": t(p + "post_attention_layernorm.weight")}
     if a.mla:
       qk, rope = a.qk_nope_head_dim + a.qk_rope_head_dim, a.qk_rope_head_dim
-      perm = _rope_perm(rope) if a.rope_interleave else np.arange(rope)
+      perm = rope_order(rope) if a.rope_interleave else np.arange(rope)
       head_perm = np.concatenate([np.arange(a.qk_nope_head_dim), a.qk_nope_head_dim + perm])
       attn = {}
       if a.q_lora_rank is None:
@@ -773,7 +773,7 @@ def canonical_to_hf(canon, arch):
     attn = layer["attn"]
     if a.mla:
       rope = a.qk_rope_head_dim
-      inv = np.argsort(_rope_perm(rope)) if a.rope_interleave else np.arange(rope)
+      inv = np.argsort(rope_order(rope)) if a.rope_interleave else np.arange(rope)
       head_inv = np.concatenate([np.arange(a.qk_nope_head_dim), a.qk_nope_head_dim + inv])
       if a.q_lora_rank is None:
         out[s + "q_proj.weight"] = lin(np.asarray(attn["q"])[..., head_inv])

@@ -11,9 +11,10 @@ zoo adapter is `lora_a = A^T` reshaped to [*contracted, r] and `lora_b = B^T` re
 adapted kernel `W + (alpha / r) lora_a . lora_b` is the transposed HF `W + (alpha / r) B A`.
 
 Supported: LoRA (`peft_type` LORA) with `alpha / r` scaling on the dense linears of Llama, Qwen2, Qwen3 and the
-attention / dense / shared-expert linears of the MoE families; refused with the key named: DoRA, rsLoRA, per-module
-ranks or alphas, LoRA biases, `modules_to_save`, parameter-level targets (experts), DeepSeek-V3's latent attention
-(its RoPE features are permuted), and an adapter whose base or rank does not fit the model.
+attention / dense / shared-expert linears of the MoE families, DeepSeek-V3's latent attention included (its query and
+kv_a outputs hold interleaved RoPE features that the zoo keeps half-split: B's rows are permuted as the weight's,
+`output_order`); refused with the key named: DoRA, rsLoRA, per-module ranks or alphas, LoRA biases,
+`modules_to_save`, parameter-level targets (experts), and an adapter whose base or rank does not fit the model.
 """
 
 import dataclasses
@@ -137,11 +138,15 @@ def read_adapter(path):
 
 
 def _probe_arch(arch):
-  """`arch` with every width 1: the same tensor names, tiny tensors."""
+  """`arch` with every width 1 (MLA's RoPE width 2): the same tensor names, tiny tensors."""
+  mla = {}
   if arch.mla:
-    raise ConversionError(
-      f"{arch.family}: LoRA adapters of multi-head latent attention are not supported (its RoPE features are "
-      "permuted between the layouts)"
+    mla = dict(
+      q_lora_rank=None if arch.q_lora_rank is None else 1,
+      kv_lora_rank=1,
+      qk_nope_head_dim=1,
+      qk_rope_head_dim=2,
+      v_head_dim=1,
     )
   return dataclasses.replace(
     arch,
@@ -151,7 +156,23 @@ def _probe_arch(arch):
     mlp_dim=1,
     expert_mlp_dim=min(arch.expert_mlp_dim, 1),
     shared_mlp_dim=min(arch.shared_mlp_dim, 1),
+    **mla,
   )
+
+
+def output_order(arch, module):
+  """The HF output features of `module` in the zoo's order (an index array), or None when they are the same: MLA's
+  query and kv_a projections hold RoPE features that the zoo keeps half-split, not in DeepSeek's interleaved pairs
+  (`hf_spec.hf_to_canonical`); an adapter's B rows are permuted as the weight's rows are."""
+  if not arch.mla or not module.endswith(("self_attn.q_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa")):
+    return None
+  rope = arch.qk_rope_head_dim
+  perm = hf_spec.rope_order(rope) if arch.rope_interleave else np.arange(rope)
+  if module.endswith("kv_a_proj_with_mqa"):
+    return np.concatenate([np.arange(arch.kv_lora_rank), arch.kv_lora_rank + perm])
+  qk = arch.qk_nope_head_dim + rope
+  head = np.concatenate([np.arange(arch.qk_nope_head_dim), arch.qk_nope_head_dim + perm])
+  return np.concatenate([h * qk + head for h in range(arch.num_heads)])
 
 
 def module_names(arch):
@@ -264,8 +285,9 @@ def adapter_params(adapter, params, arch):
         f"{path} maps {int(np.prod(a_shape[:-1]))} inputs to {int(np.prod(b_shape[1:]))} outputs; the adapter "
         f"belongs to another base model (base_model_name_or_path={adapter.base_model_name_or_path!r})"
       )
+    order = output_order(arch, module)
     out[(*key, "lora_a")] = a.T.reshape(a_shape)
-    out[(*key, "lora_b")] = b.T.reshape(b_shape)
+    out[(*key, "lora_b")] = (b.T if order is None else b.T[:, order]).reshape(b_shape)
   return {"params": traverse_util.unflatten_dict(out)}
 
 
@@ -326,11 +348,17 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
       raise ConversionError(f"adapted layer {path} has no Hugging Face counterpart in a {arch.family} model")
     modules[hf_names[path]] = tuple(path.split("/"))
   leaf = lambda key, name: np.asarray(flat[(*key, name)], np.float32)
+
+  def hf_b(module, b):  # lora_b [r, *out] with its output features in the HF order
+    order = output_order(arch, module)
+    return b if order is None else b.reshape(spec.r, -1)[:, np.argsort(order)]
+
   if not spec.experts:
-    experts = [{m: (leaf(k, "lora_a"), leaf(k, "lora_b")) for m, k in modules.items()}]
+    experts = [{m: (leaf(k, "lora_a"), hf_b(m, leaf(k, "lora_b"))) for m, k in modules.items()}]
   else:
     experts = [
-      {m: (leaf(k, "lora_a")[e], leaf(k, "lora_b")[e]) for m, k in modules.items()} for e in range(spec.experts)
+      {m: (leaf(k, "lora_a")[e], hf_b(m, leaf(k, "lora_b")[e])) for m, k in modules.items()}
+      for e in range(spec.experts)
     ]
   files = [_peft_files(expert, spec, hf_names, base_model_name_or_path) for expert in experts]
   config = files[0][1]
