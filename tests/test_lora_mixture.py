@@ -16,7 +16,6 @@ from test_engine import read_metrics, tiny_config
 from test_lora import TOKENS, lora_config
 from test_models_contract import TINY
 from zoo.checkpoints import peft_adapters, save_orbax
-from zoo.checkpoints.hf_spec import ConversionError
 from zoo.data import make_iterator
 from zoo.engine import trainer
 from zoo.engine.checkpoint import CheckpointError
@@ -138,7 +137,7 @@ def test_a_mixture_is_not_merged_or_read_from_one_peft_adapter(tmp_path):
   _, adapted, params = _setup("topk")
   with pytest.raises(ConfigError, match="cannot be merged"):
     lora.merge(params, adapted.lora)
-  with pytest.raises(ConversionError, match="read from PEFT only as separate adapters"):
+  with pytest.raises(ConfigError, match="is a single PEFT adapter"):
     peft_adapters.load_for_model(str(tmp_path / "in"), adapted.lora, params, "hf:x")
 
 

@@ -205,3 +205,15 @@ def test_a_mixture_exports_each_expert_as_a_peft_adapter_plus_the_router(llama, 
     ).eval()
     diff = float(np.abs(_torch_logits(reloaded, toks) - zoo).max())
     assert diff < 1e-4, f"expert {e}: max |logit diff| {diff}"
+  # The export reads back into a mixture (config.lora.adapter): the experts, their routers, unchanged.
+  c.lora.adapter = out
+  exp = trainer.Experiment(c, jax.devices()[:1])
+  (_, _, _), (_, source, imported) = exp.load_init_from()
+  assert source == f"peft:{out}"
+  imported = traverse_util.flatten_dict(imported["params"])
+  assert {p[-1] for p in imported} == {"lora_a", "lora_b", "lora_router"}
+  for path, value in imported.items():
+    np.testing.assert_allclose(value, flat[path], atol=1e-7)
+  c.lora.router = "dynmole"  # another router than the mixture's is refused, naming it
+  with pytest.raises(ConfigError, match="config.lora.router='dynmole' does not match the mixture"):
+    trainer.Experiment(c, jax.devices()[:1]).load_init_from()

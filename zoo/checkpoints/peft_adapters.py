@@ -23,12 +23,13 @@ import os
 import re
 
 import flax.linen as nn
+import jax
 import numpy as np
 from flax import traverse_util
 
 from zoo.checkpoints import hf_spec, safetensors_io, zoo_tree
 from zoo.checkpoints.hf_spec import ConversionError
-from zoo.layers.lora import EXPERT_SUFFIX, LoRASpec, adapted_modules, split_adapters
+from zoo.layers.lora import EXPERT_SUFFIX, TASK_EMBEDDINGS, LoRASpec, adapted_modules, split_adapters, stack_experts
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -291,14 +292,6 @@ def adapter_params(adapter, params, arch):
   return {"params": traverse_util.unflatten_dict(out)}
 
 
-def _refuse_mixture(spec):
-  if spec.experts:
-    raise ConversionError(
-      f"config.lora.experts={spec.experts}: a mixture of LoRA experts is read from PEFT only as separate adapters "
-      "(not yet); allowed here: experts=0"
-    )
-
-
 MIXTURE_FILE = "mixture.json"  # a mixture's routing: router kind, top_k, experts, the expert directories
 ROUTER_FILE = "router.safetensors"  # a mixture's routers: '<HF module>.lora_router.weight' [E, in]
 
@@ -308,7 +301,8 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
 
   A mixture of LoRA experts (`spec.experts` = E) is written as E PEFT adapters, `expert_<e>/` (each loadable on its
   own: that expert alone, weight 1), beside `router.safetensors` (every adapted module's router,
-  '<HF module>.lora_router.weight' [E, in] as torch Linear weights) and `mixture.json` (router, top_k, experts).
+  '<HF module>.lora_router.weight' [E, in] as torch Linear weights; GLIDER's task embeddings [E, embed]) and
+  `mixture.json` (router, top_k, experts); `config.lora.adapter` reads it back into a mixture (`mixture_params`).
 
   Args:
     params: the adapted model's params, or only its adapters (`zoo.layers.lora.split_adapters`); the adapters are
@@ -375,6 +369,8 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
         f"{PREFIX}{m}.lora_router.weight": np.ascontiguousarray(leaf(k, "lora_router").reshape(-1, spec.experts).T)
         for m, k in modules.items()
       }
+      if (TASK_EMBEDDINGS,) in flat:  # GLIDER's experts' task embeddings [E, embed]
+        routers[TASK_EMBEDDINGS] = np.ascontiguousarray(leaf((), TASK_EMBEDDINGS))
       safetensors_io.save_file(routers, os.path.join(directory, ROUTER_FILE), metadata={"format": "pt"})
       mixture = {
         "experts": spec.experts,
@@ -382,6 +378,7 @@ def export_adapter(params, spec, arch, out_dir, *, base_model_name_or_path="", o
         "top_k": spec.top_k,
         "expert_dirs": [f"expert_{e}" for e in range(spec.experts)],
         "scaling": spec.scale,
+        **({"glider_scale": spec.glider_scale} if spec.router == "glider" else {}),
       }
       with open(os.path.join(directory, MIXTURE_FILE), "w") as f:
         json.dump(mixture, f, indent=2, sort_keys=True)
@@ -445,8 +442,8 @@ def load_for_model(path, spec, params, base=""):
   """
   from zoo.registry import ConfigError  # pylint: disable=g-import-not-at-top
 
-  _refuse_mixture(spec)
-  adapter = read_adapter(path)
+  mixture = _read_mixture(path, spec)
+  adapter = read_adapter(os.path.join(path, mixture["expert_dirs"][0]) if mixture else path)
   if not base:
     raise ConfigError(
       f"config.lora.adapter={path!r} adapts a trained base model: set config.init_from to it ('hf:DIR' or a zoo "
@@ -465,4 +462,74 @@ def load_for_model(path, spec, params, base=""):
         f"config.lora.{key}={ours!r} does not match the adapter {path} ({'lora_alpha' if key == 'alpha' else 'r'}="
         f"{theirs!r} in its {CONFIG_FILE}); set config.lora.{key}={theirs!r}"
       )
+  if mixture:
+    return mixture_params(path, mixture, spec, params, base_arch(source))
   return adapter_params(adapter, params, base_arch(source))
+
+
+def _read_mixture(path, spec):
+  """The mixture.json of a mixture export at `path` (checked against `spec`), or None for a single adapter."""
+  from zoo.registry import ConfigError  # pylint: disable=g-import-not-at-top
+
+  file = os.path.join(path, MIXTURE_FILE)
+  if not os.path.isfile(file):
+    if spec.experts:
+      raise ConfigError(
+        f"config.lora.experts={spec.experts}: {path} is a single PEFT adapter (no {MIXTURE_FILE}); allowed: a "
+        "mixture written by tools/convert_hf.py lora-to-peft, or config.lora.experts=0"
+      )
+    return None
+  try:
+    with open(file) as f:
+      mixture = json.load(f)
+    experts, dirs = int(mixture["experts"]), list(mixture["expert_dirs"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConversionError(f"{file}: not a mixture description ({type(e).__name__}: {e})") from None
+  for key, ours, theirs in (("experts", spec.experts, experts), ("router", spec.router, mixture.get("router"))):
+    if ours != theirs:
+      raise ConfigError(f"config.lora.{key}={ours!r} does not match the mixture {path} ({key}={theirs!r} in {file})")
+  if len(dirs) != experts:
+    raise ConversionError(f"{file}: {len(dirs)} expert_dirs for experts={experts}")
+  return mixture
+
+
+def mixture_params(path, mixture, spec, params, arch):
+  """The variables of a mixture export (`export_adapter` with experts): each `expert_<e>/` PEFT adapter stacked into
+  the experts, the routers from router.safetensors (and GLIDER's task embeddings).
+
+  Raises:
+    ConfigError / ConversionError naming the expert, module or tensor that does not fit.
+  """
+  from zoo.registry import ConfigError  # pylint: disable=g-import-not-at-top
+
+  flat = traverse_util.flatten_dict(nn.unbox(params))
+  single = {  # one expert's shapes: the mixture's without the expert axis
+    p: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) if p[-1] in ("lora_a", "lora_b") else v for p, v in flat.items()
+  }
+  single = traverse_util.unflatten_dict(single)
+  trees = []
+  for e, sub in enumerate(mixture["expert_dirs"]):
+    adapter = read_adapter(os.path.join(path, sub))
+    for key, ours, theirs in (("r", spec.r, adapter.r), ("alpha", spec.alpha, adapter.alpha)):
+      if float(ours) != float(theirs):
+        raise ConfigError(f"config.lora.{key}={ours!r} does not match expert {e} of {path} ({key}={theirs!r})")
+    trees.append(adapter_params(adapter, single, arch)["params"])
+  out = traverse_util.flatten_dict(stack_experts(trees))
+  router_file = os.path.join(path, ROUTER_FILE)
+  if not os.path.isfile(router_file):
+    raise ConversionError(f"mixture {path} has no {ROUTER_FILE}")
+  routers = safetensors_io.load_file(router_file)
+  for module, zoo_path in _zoo_paths(read_adapter(os.path.join(path, mixture["expert_dirs"][0])), params, arch).items():
+    key = (*zoo_path.split("/"), "lora_router")
+    name = f"{PREFIX}{module}.lora_router.weight"
+    if name not in routers:
+      raise ConversionError(f"{router_file} has no router {name}")
+    w = np.asarray(routers[name], np.float32)
+    if w.shape != (spec.experts, int(np.prod(flat[key].shape[:-1]))):
+      raise ConversionError(f"{router_file}: {name} has shape {w.shape}, the model's router {flat[key].shape}")
+    out[key] = w.T.reshape(flat[key].shape)
+  if (TASK_EMBEDDINGS,) in flat:
+    if TASK_EMBEDDINGS not in routers:
+      raise ConversionError(f"{router_file} has no {TASK_EMBEDDINGS} (GLIDER's experts' task embeddings)")
+    out[(TASK_EMBEDDINGS,)] = np.asarray(routers[TASK_EMBEDDINGS], np.float32).reshape(flat[(TASK_EMBEDDINGS,)].shape)
+  return {"params": traverse_util.unflatten_dict(out)}

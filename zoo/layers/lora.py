@@ -666,8 +666,10 @@ def spec_from_config(lora_config):
     glider_scale=lora_config.get("glider_scale", lora_routers.GLIDER_SCALE_HELD_IN),
   )
   if spec.router == "glider" and spec.experts and spec.glider_scale and not spec.expert_adapters:
-    raise ConfigError(
-      "config.lora.router='glider' with glider_scale > 0 needs config.lora.expert_adapters (each expert's task "
-      "embedding comes from its run's training data); set glider_scale=0 to train the local routers alone"
-    )
+    if not lora_config.get("adapter"):
+      raise ConfigError(
+        "config.lora.router='glider' with glider_scale > 0 needs config.lora.expert_adapters (each expert's task "
+        "embedding comes from its run's training data) or a GLIDER mixture in config.lora.adapter; set "
+        "glider_scale=0 to train the local routers alone"
+      )
   return spec
