@@ -20,6 +20,9 @@ instructions]; evaluation adds `s * cos(task, query)` to every layer's logits, s
   # held-out (domains no expert saw):
   python evaluate.py --config configs/glider_dense_lm.py --workdir workdirs/glider --config.lora.glider_scale=3 \\
       "--config.data.domains=('distutils','wsgiref','zoneinfo','urllib')"
+
+Measured (2-core CPU): held-in eval loss 1.823 / 1.810 / 1.807 with s = 0 / 3 / 100 (base 1.906); held-out 1.735 /
+1.729 / 1.763 (base 1.738).
 """
 
 from configs.base import small_lm, small_lm_config

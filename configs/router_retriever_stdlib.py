@@ -16,6 +16,9 @@ routed and oracle (`zoo.evaluators.router_retriever`).
   python evaluate.py --config configs/retrieval_stdlib.py --workdir workdirs/retrieval_stdlib \\
       "--config.evals=('retrieval','router_retriever')" \\
       "--config.router_retriever.expert_runs=('workdirs/rr_concurrency','workdirs/rr_gui','workdirs/rr_markup','workdirs/rr_testing','workdirs/rr_web')"
+
+Measured (2-core CPU): nDCG@10 base 0.150, multi-task LoRA 0.150, routed 0.106 (routing accuracy 0.26), oracle
+domain expert 0.176; the table per domain is in the README.
 """
 
 from configs.retrieval_stdlib import get_config as retrieval_config
