@@ -27,8 +27,13 @@ TINY = {
   "mor": dict(LM, num_layers=4, head_dim=8, num_recursions=2, router="expert", eval_routing="causal"),
   "text_encoder": dict(LM, embed_dim=16, pooling="mean", num_classes=3),
   "simplenet": dict(num_classes=10, widths=(4,) * 13, num_pools=0, dropout_rate=0.0),
+  "dit": dict(patch_size=4, num_classes=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8),
+  "flow_router": dict(patch_size=4, num_experts=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8),
 }
 IMAGES = ("simplenet",)
+# Flow-matching image models (`zoo.tasks.flow_matching`, `zoo.tasks.flow_router`): images plus the time t [B], and
+# the class labels [B] for the velocity model.
+FLOW_IMAGES = {"dit": ("t", "labels"), "flow_router": ("t",)}
 
 
 def test_every_registered_model_has_a_tiny_config():
@@ -36,6 +41,11 @@ def test_every_registered_model_has_a_tiny_config():
 
 
 def _inputs(name):
+  if name in FLOW_IMAGES:
+    inputs = {"images": jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), "t": jnp.array([0.25, 0.75])}
+    if "labels" in FLOW_IMAGES[name]:
+      inputs["labels"] = jnp.array([0, TINY[name]["num_classes"]], jnp.int32)  # a class and the null class
+    return inputs
   if name in IMAGES:
     return {"images": jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))}
   return {"tokens": jax.random.randint(jax.random.key(0), (2, 8), 0, LM["vocab_size"])}

@@ -20,6 +20,9 @@ Keys:
   shuffle: shuffle the examples (seeded by `make_iterator`'s seed; a new order every epoch).
   worker_count: grain worker processes; 0 reads in the calling process.
   train_split / eval_split: the TFDS split names the engine trains and evaluates on.
+  clusters: 0, or K >= 2: partition an image dataset into K k-means clusters of its train split (`zoo.data.partition`;
+    Decentralized Diffusion's data partition); batches then carry `cluster` int32 [B].
+  cluster: -1 (every cluster) or the one cluster k in [0, clusters) to keep.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:
       "worker_count": 0,
       "train_split": "train",
       "eval_split": EMBEDDED_EVAL_SPLITS.get(name, "test"),
+      "clusters": 0,
+      "cluster": -1,
     }
   )
 
@@ -110,6 +115,11 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   for key in ("tokenizer", "label_key", "text_key"):
     if not isinstance(cfg[key], str):
       raise ValueError(f"data config: {key}={cfg[key]!r}; allowed: a string")
+  clusters, cluster = cfg["clusters"], cfg["cluster"]
+  if not isinstance(clusters, int) or isinstance(clusters, bool) or clusters < 0 or clusters == 1:
+    raise ValueError(f"data config: clusters={clusters!r}; allowed: 0 (no partition) or an int >= 2")
+  if not isinstance(cluster, int) or isinstance(cluster, bool) or not (cluster == -1 or 0 <= cluster < clusters):
+    raise ValueError(f"data config: cluster={cluster!r}; allowed: -1 (all) or an int in [0, clusters={clusters})")
   if not isinstance(cfg["shuffle"], bool):
     raise ValueError(f"data config: shuffle={cfg['shuffle']!r}; allowed: True or False")
   return cfg

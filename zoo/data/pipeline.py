@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from zoo.data import builders
+from zoo.data import builders, partition
 from zoo.data.config import resolve_data_config
 from zoo.data.tokenizer import make_tokenizer
 
@@ -114,6 +114,8 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
         f"'image' feature has a fixed shape (e.g. cifar10, digits)"
       )
     info = {"format": "images", "num_classes": features["label"].num_classes, "image_shape": shape}
+    if cfg.get("clusters"):
+      info["clusters"] = cfg["clusters"]
   else:
     raise ValueError(
       f"dataset {cfg['name']!r} has features {sorted(features)}; allowed: a Text feature named "
@@ -285,12 +287,54 @@ class _ToPairExample(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class _ToImageExample(grain.transforms.Map):
-  """Record -> {'image': float32 [H, W, C] (uint8 scaled to [0, 1]), 'label': int32 []}."""
+  """Record -> {'image': float32 [H, W, C] (uint8 scaled to [0, 1]), 'label': int32 [] (and 'cluster' int32 [] with
+  `data.clusters`)}."""
 
   def map(self, record):
     image = np.asarray(record["image"])
     image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
-    return {"image": image, "label": np.int32(record["label"])}
+    example = {"image": image, "label": np.int32(record["label"])}
+    if "cluster" in record:
+      example["cluster"] = np.int32(record["cluster"])
+    return example
+
+
+class _Clustered:
+  """A random-access source whose records also carry their k-means cluster (`zoo.data.partition`)."""
+
+  def __init__(self, source, clusters):
+    self._source = source
+    self._clusters = clusters
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int):
+    return {**self._source[i], "cluster": self._clusters[i]}
+
+
+def _cluster_filter(cfg):
+  return f" cluster={cfg['cluster']} of {cfg['clusters']}" if cfg["clusters"] and cfg["cluster"] >= 0 else ""
+
+
+def _with_clusters(source, indices, cfg, info):
+  """(source, indices) with `data.clusters` > 0: the records carry their cluster and, with `data.cluster` >= 0, only
+  that cluster's are kept."""
+  k = cfg["clusters"]
+  if not k:
+    return source, indices
+  if info["format"] != "images":
+    raise ValueError(
+      f"data config: clusters={k} partitions image datasets; dataset {cfg['name']!r} has format {info['format']!r}"
+    )
+  train, _ = _open_source(cfg, cfg["train_split"])
+  key = (cfg["name"], cfg["data_dir"], cfg["train_split"])
+  centroids = partition.centroids(key, k, lambda: partition.flat_images(train, range(len(train))))
+  clusters = np.full(len(source), -1, np.int32)
+  clusters[indices] = partition.assign(partition.flat_images(source, indices), centroids)
+  if cfg["cluster"] >= 0:
+    indices = [i for i in indices if clusters[i] == cfg["cluster"]]
+  return _Clustered(source, clusters), indices
 
 
 def make_iterator(
@@ -348,13 +392,15 @@ def make_iterator(
   source, builder = _open_source(cfg, split)
   info = _format_info(builder, cfg)
   indices = _select(source, builder, cfg)
+  source, indices = _with_clusters(source, indices, cfg, info)
   if info["format"] == "labelled_text":  # the windows, not the documents, are dealt to the hosts
     source, indices = _labelled_windows(_Subset(source, indices), cfg, info["pad_id"]), None
     indices = list(range(len(source)))
   indices = indices[process_index::process_count]
   if not indices:
     raise ValueError(
-      f"dataset {cfg['name']!r} split={split!r} domains={cfg['domains'] or 'all'} has no examples for "
+      f"dataset {cfg['name']!r} split={split!r} domains={cfg['domains'] or 'all'}{_cluster_filter(cfg)} has no "
+      f"examples for "
       f"host {process_index} of {process_count}; allowed: a split, domain filter and process_count "
       f"that leave every host at least one example"
     )
@@ -387,6 +433,8 @@ def make_iterator(
     "examples": len(indices),
     "process_count": process_count,
   }
+  if cfg["clusters"]:
+    fingerprint.update(clusters=cfg["clusters"], cluster=cfg["cluster"])
   if info["format"] != "images":
     fingerprint["seq_len"] = cfg["seq_len"]
     fingerprint["tokenizer"] = cfg["tokenizer"]

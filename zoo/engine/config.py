@@ -10,6 +10,7 @@ from ml_collections import config_dict
 from zoo.engine import sharding
 from zoo.evaluators.depth_batching import DEFAULTS as DEPTH_BATCHING_DEFAULTS
 from zoo.evaluators.router_retriever import DEFAULTS as ROUTER_RETRIEVER_DEFAULTS
+from zoo.flow.evaluation import DEFAULTS as FLOW_EVAL_DEFAULTS
 from zoo.layers.lora import DEFAULT_TARGETS, spec_from_config
 from zoo.models import ConfigError, build_model
 
@@ -127,6 +128,8 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   c.depth_batching = ml_collections.ConfigDict(DEPTH_BATCHING_DEFAULTS)
   # Options of the 'router_retriever' evaluator (per-domain LoRA experts of an embedding model, routed per input).
   c.router_retriever = ml_collections.ConfigDict(ROUTER_RETRIEVER_DEFAULTS)
+  # Options of the 'flow_samples' and 'ddm_ensemble' evaluators (sampling, the classifier run, the expert runs).
+  c.flow_eval = ml_collections.ConfigDict(FLOW_EVAL_DEFAULTS)
   c.sample = ml_collections.ConfigDict(
     {  # the 'sample' evaluator (lm)
       "prompt": "def ",
@@ -212,7 +215,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   _check_keys("", config, base.keys())
   for section in ("mesh", "optimizer", "train", "checkpoint", "sample"):
     _check_keys(section, config[section], base[section].keys())
-  for section in ("lora", "depth_batching", "router_retriever"):  # sections that configs written before them lack
+  # sections that configs written before them lack
+  for section in ("lora", "depth_batching", "router_retriever", "flow_eval"):
     if section in config:
       _check_keys(section, config[section], base[section].keys())
   _check_numbers(config)
