@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from zoo.data import partition
 from zoo.flow import ensemble, matching
 
 # A 2-D mixture of three well-separated isotropic Gaussians.
@@ -203,18 +204,17 @@ def test_batched_ensemble_sampler_equals_per_sample_reference(sampler):
     ensemble.ensemble_sample(experts_fn, router_fn, x1, 4, "top2", sampler)
 
 
-def test_kmeans_recovers_separated_blobs():
+def test_partition_recovers_separated_blobs():
   rng = np.random.default_rng(0)
   labels = rng.permutation(np.repeat(np.arange(3), 40))
   features = MEANS[labels] + 0.5 * rng.standard_normal((120, 2)).astype(np.float32)
-  centroids, assignment = ensemble.kmeans(features, 3, seed=1)
-  assignment = np.asarray(assignment)
+  centroids = partition.fit(features, 3)
+  assignment = partition.assign(features, centroids)
   # The same partition up to a permutation of the cluster ids.
   mapping = {int(k): int(assignment[labels == k][0]) for k in range(3)}
   assert sorted(mapping.values()) == [0, 1, 2]
   np.testing.assert_array_equal(assignment, [mapping[int(k)] for k in labels])
-  np.testing.assert_allclose(np.asarray(centroids)[[mapping[k] for k in range(3)]], MEANS, atol=0.3)
-  again, _ = ensemble.kmeans(features, 3, seed=1)
-  np.testing.assert_array_equal(again, centroids)
-  with pytest.raises(ValueError, match="k=200"):
-    ensemble.kmeans(features, 200)
+  np.testing.assert_allclose(centroids[[mapping[k] for k in range(3)]], MEANS, atol=0.3)
+  np.testing.assert_array_equal(partition.fit(features, 3), centroids)  # deterministic
+  with pytest.raises(ValueError, match="clusters=200"):
+    partition.fit(features, 200)

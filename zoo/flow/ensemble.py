@@ -1,4 +1,5 @@
-"""Decentralized Diffusion Models (McAllister et al. 2025, papers.md D1): k-means, the ensemble velocity, sampling.
+"""Decentralized Diffusion Models (McAllister et al. 2025, papers.md D1): the ensemble velocity and sampling (the
+k-means partition of the data is `zoo.data.partition`).
 
 DDM splits the data into K clusters (k-means on features), trains one flow-matching expert per cluster with no
 communication, and a router r(x_t, t) that predicts the cluster of x0 from the noised x_t. Because the optimal
@@ -8,8 +9,6 @@ the section]), the ensemble velocity is the router-weighted sum of the experts' 
 samples with the single most likely expert per step ('top1'). Conventions of `zoo.flow.matching` (data at t = 0).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,66 +16,6 @@ import numpy as np
 from zoo.flow import matching
 
 MODES = ("top1", "mixture")
-
-
-def _distances(features, centroids):
-  """Squared distances [N, k] (expanded form, float32, clamped at 0; full-precision matmul on accelerators)."""
-  cross = jnp.dot(features, centroids.T, precision=jax.lax.Precision.HIGHEST)
-  squared = jnp.sum(jnp.square(features), axis=1)[:, None] - 2.0 * cross + jnp.sum(jnp.square(centroids), axis=1)
-  return jnp.maximum(squared, 0.0)
-
-
-@functools.partial(jax.jit, static_argnames=("k", "iterations"))
-def _kmeans(features, key, k, iterations):
-  n = features.shape[0]
-  first_key, rest_key = jax.random.split(key)
-
-  # k-means++ (Arthur & Vassilvitskii 2007): each new centroid is a point drawn with probability ~ its squared
-  # distance to the nearest centroid so far; uniform when every point coincides with one.
-  first = features[jax.random.randint(first_key, (), 0, n)]
-  centroids = jnp.zeros((k, features.shape[1]), jnp.float32).at[0].set(first)
-  nearest = _distances(features, centroids[:1])[:, 0]
-
-  def seed_step(j, carry):
-    centroids, nearest = carry
-    logits = jnp.where(jnp.sum(nearest) > 0, jnp.log(nearest), 0.0)
-    chosen = features[jax.random.categorical(jax.random.fold_in(rest_key, j), logits)]
-    centroids = centroids.at[j].set(chosen)
-    return centroids, jnp.minimum(nearest, jnp.sum(jnp.square(features - chosen), axis=1))
-
-  centroids, _ = jax.lax.fori_loop(1, k, seed_step, (centroids, nearest))
-
-  def lloyd_step(_, centroids):
-    assignment = jnp.argmin(_distances(features, centroids), axis=1)
-    sums = jax.ops.segment_sum(features, assignment, num_segments=k)
-    counts = jax.ops.segment_sum(jnp.ones((n,), jnp.float32), assignment, num_segments=k)
-    return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1.0)[:, None], centroids)  # empty: kept
-
-  centroids = jax.lax.fori_loop(0, iterations, lloyd_step, centroids)
-  return centroids, jnp.argmin(_distances(features, centroids), axis=1).astype(jnp.int32)
-
-
-def kmeans(features, k, *, iterations=50, seed=0):
-  """k-means (k-means++ initialisation, then `iterations` Lloyd steps), deterministic given `seed`.
-
-  Args:
-    features: [N, D] (cast to float32).
-    k: number of clusters, 1 <= k <= N.
-    iterations: Lloyd iterations (a fixed count; a converged assignment stays put). An empty cluster keeps its
-      centroid.
-    seed: seed of the k-means++ draws.
-
-  Returns:
-    (centroids float32 [k, D], assignment int32 [N]: the index of each point's nearest centroid).
-  """
-  features = jnp.asarray(features, jnp.float32)
-  if features.ndim != 2:
-    raise ValueError(f"features has shape {features.shape}; allowed: [N, D]")
-  if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= features.shape[0]:
-    raise ValueError(f"k={k!r} is invalid; allowed: an integer in 1..N = {features.shape[0]} (the number of points)")
-  if not isinstance(iterations, int) or iterations < 0:
-    raise ValueError(f"iterations={iterations!r} is invalid; allowed: an integer >= 0")
-  return _kmeans(features, jax.random.key(seed), k, iterations)
 
 
 def _check_mode(mode):
