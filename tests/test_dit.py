@@ -202,3 +202,70 @@ def test_bad_inputs(dit):
     model.apply(variables, images=jnp.zeros((2, 8, 8, 1)), t=jnp.zeros((3,)))
   with pytest.raises(ValueError, match="labels must be int"):
     model.apply(variables, images=jnp.zeros((2, 8, 8, 1)), t=jnp.zeros((2,)), labels=jnp.zeros((2,)))
+
+
+def _gates(model, override=None):
+  """All-open structured-pruning gates of `model` for BATCH images, with `override[(layer, kind)] = array`."""
+  gates = [
+    {
+      "heads": jnp.ones((BATCH, model.num_heads)),
+      "mlp": jnp.ones((BATCH, int(model.embed_dim * model.mlp_ratio))),
+      "block": jnp.ones((BATCH,)),
+    }
+    for _ in range(model.num_layers)
+  ]
+  for (layer, kind), value in (override or {}).items():
+    gates[layer][kind] = value
+  return gates
+
+
+def test_pruning_gates_equal_weight_surgery(dit):
+  """Structured-pruning gates (APTP): all open = no gates; a closed head, MLP unit or block gives what zeroing that
+  head's output-projection rows, that unit's down-projection row, or that block's modulation gives."""
+  model, variables, apply = dit
+  variables = nn.unbox(_perturb(variables))
+  inputs = _inputs()
+  plain = apply(variables, **inputs)
+  np.testing.assert_allclose(apply(variables, **inputs, gates=_gates(model)), plain, rtol=1e-6, atol=1e-6)
+  layer = lambda v: v["params"]["backbone"]["layers_1"]
+  cases = {
+    "heads": (
+      jnp.array([[1.0, 0.0]] * BATCH),
+      lambda p: p["attention"]["out"].update(kernel=p["attention"]["out"]["kernel"].at[1].set(0.0)),
+    ),
+    "mlp": (
+      jnp.ones((BATCH, 64)).at[:, 5].set(0.0),
+      lambda p: p["mlp"]["down"].update(kernel=p["mlp"]["down"]["kernel"].at[5].set(0.0)),
+    ),
+    "block": (
+      jnp.zeros((BATCH,)),
+      lambda p: p["modulation"]["linear"].update(
+        kernel=jnp.zeros_like(p["modulation"]["linear"]["kernel"]),
+        bias=jnp.zeros_like(p["modulation"]["linear"]["bias"]),
+      ),
+    ),
+  }
+  for kind, (gate, surgery) in cases.items():
+    edited = jax.tree.map(lambda x: x, variables)
+    surgery(layer(edited))
+    gated = apply(variables, **inputs, gates=_gates(model, {(1, kind): gate}))
+    np.testing.assert_allclose(gated, apply(edited, **inputs), rtol=1e-5, atol=1e-5, err_msg=kind)
+    assert not np.allclose(gated, plain, atol=1e-4), kind
+
+
+def test_pruned_flops_equal_smaller_models():
+  """`pruned_flops`: all open = `flops_per_sample`; a closed block = a DiT with one layer fewer; half the MLP units
+  closed = a DiT with half the MLP ratio (exact); soft gates in between."""
+  model = build_model(TINY_DIT)
+  np.testing.assert_allclose(model.pruned_flops(_gates(model)), model.flops_per_sample())
+  fewer = build_model(dict(TINY_DIT, num_layers=1))
+  np.testing.assert_allclose(
+    model.pruned_flops(_gates(model, {(0, "block"): jnp.zeros(BATCH)})), fewer.flops_per_sample()
+  )
+  half = jnp.ones((BATCH, 64)).at[:, 32:].set(0.0)
+  narrower = build_model(dict(TINY_DIT, mlp_ratio=2.0))
+  np.testing.assert_allclose(
+    model.pruned_flops(_gates(model, {(0, "mlp"): half, (1, "mlp"): half})), narrower.flops_per_sample()
+  )
+  soft = model.pruned_flops(_gates(model, {(0, "block"): jnp.full((BATCH,), 0.5)}))
+  assert fewer.flops_per_sample() < float(soft[0]) < model.flops_per_sample()

@@ -131,7 +131,7 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, *, cache: KVCache | None = None, mask=None):
+  def __call__(self, x, positions, *, cache: KVCache | None = None, mask=None, head_gates=None):
     """Attend over the sequence (and the cache, if given).
 
     Args:
@@ -144,6 +144,8 @@ class Attention(nn.Module):
         MoR's recursive KV sharing): it is only read, and no key/value projection runs.
       mask: optional extra bool mask, broadcastable to [batch, 1 or heads, length, k_length], ANDed with the
         causal/window mask; k_length = length without a cache, cache.max_length with one.
+      head_gates: optional [batch, heads] multipliers of each head's output before the output projection (structured
+        pruning: a 0 removes the head; APTP, `zoo.models.aptp`).
 
     Returns:
       (y [batch, length, embed], updated cache or None).
@@ -191,6 +193,8 @@ class Attention(nn.Module):
     if mask is not None:
       full_mask = full_mask & mask
     out = dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), full_mask)
+    if head_gates is not None:
+      out = out * head_gates.astype(out.dtype)[:, None, :, None]
     y = DenseGeneral(
       x.shape[-1],
       axis=(-2, -1),

@@ -50,8 +50,10 @@ class MLP(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic=True):
-    """x: [batch, length, embed] -> [batch, length, embed]. `deterministic` is unused (uniform FFN interface)."""
+  def __call__(self, x, *, deterministic=True, hidden_gates=None):
+    """x: [batch, length, embed] -> [batch, length, embed]. `deterministic` is unused (uniform FFN interface).
+    hidden_gates: optional [batch, hidden_dim] multipliers of the inner units (structured pruning: a 0 removes the
+    unit; APTP, `zoo.models.aptp`)."""
     del deterministic
     act, gated = check_activation(self.activation)
     dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -60,5 +62,7 @@ class MLP(nn.Module):
       h = act(DenseGeneral(self.hidden_dim, kernel_axes=("embed", "mlp"), name="gate", **dense)(x)) * h
     else:
       h = act(h)
+    if hidden_gates is not None:
+      h = h * hidden_gates.astype(h.dtype)[:, None, :]
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     return DenseGeneral(x.shape[-1], kernel_axes=("mlp", "embed"), name="down", **dense)(h)

@@ -131,8 +131,12 @@ class AdaLNZeroBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c):
-    """x: [batch, tokens, embed], c: [batch, embed] -> [batch, tokens, embed]; x itself at initialisation."""
+  def __call__(self, x, c, gates=None):
+    """x: [batch, tokens, embed], c: [batch, embed] -> [batch, tokens, embed]; x itself at initialisation.
+
+    gates: optional structured-pruning multipliers (APTP, `zoo.models.aptp`): {'heads': [batch, num_heads], 'mlp':
+    [batch, mlp_dim], 'block': [batch]}; a 0 removes a head, an MLP unit, or the whole block (x passes through)."""
+    gates = gates or {}
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embed = x.shape[-1]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = Modulation(6, name="modulation", **dtypes)(c)
@@ -145,10 +149,13 @@ class AdaLNZeroBlock(nn.Module):
       qkv_bias=True,
       name="attention",
       **dtypes,
-    )(modulate(layer_norm(x, self.norm_epsilon), shift_msa, scale_msa), positions)
+    )(modulate(layer_norm(x, self.norm_epsilon), shift_msa, scale_msa), positions, head_gates=gates.get("heads"))
+    block = gates.get("block")
+    if block is not None:
+      gate_msa, gate_mlp = gate_msa * block[:, None], gate_mlp * block[:, None]
     x = x + gate_msa[:, None, :] * h
     h = MLP(self.mlp_dim, activation="gelu", use_bias=True, name="mlp", **dtypes)(
-      modulate(layer_norm(x, self.norm_epsilon), shift_mlp, scale_mlp)
+      modulate(layer_norm(x, self.norm_epsilon), shift_mlp, scale_mlp), hidden_gates=gates.get("mlp")
     )
     x = x + gate_mlp[:, None, :] * h
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -174,9 +181,10 @@ class DiTBackbone(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, t, condition=None):
+  def __call__(self, images, t, condition=None, gates=None):
     """images [batch, H, W, C], t [batch] in [0, 1], condition: optional [batch, embed] added to the timestep
-    embedding -> (tokens [batch, (H/p)(W/p), embed] after the final modulated norm, c [batch, embed])."""
+    embedding, gates: optional per-layer pruning gates (a list of `AdaLNZeroBlock` gate dicts) -> (tokens [batch,
+    (H/p)(W/p), embed] after the final modulated norm, c [batch, embed])."""
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     _, h, w, _ = images.shape
     p, e = self.patch_size, self.embed_dim
@@ -195,7 +203,10 @@ class DiTBackbone(nn.Module):
     if condition is not None:
       c = c + condition.astype(self.dtype)
     for i in range(self.num_layers):
-      x = AdaLNZeroBlock(self.num_heads, self.mlp_dim, self.norm_epsilon, name=f"layers_{i}", **dtypes)(x, c)
+      block_gates = gates[i] if gates is not None else None
+      x = AdaLNZeroBlock(self.num_heads, self.mlp_dim, self.norm_epsilon, name=f"layers_{i}", **dtypes)(
+        x, c, block_gates
+      )
     shift, scale = Modulation(2, name="final_modulation", **dtypes)(c)
     return modulate(layer_norm(x, self.norm_epsilon), shift, scale), c
 
@@ -327,7 +338,7 @@ class DiT(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, images, *, t, labels=None, deterministic=True):
+  def __call__(self, images, *, t, labels=None, gates=None, deterministic=True):
     """The velocity at (x_t, t).
 
     Args:
@@ -335,6 +346,7 @@ class DiT(nn.Module):
       t: [batch] (or a scalar) float32 in [0, 1]; data at t = 0, noise at t = 1 (`zoo.flow.matching`).
       labels: [batch] int32 in 0..num_classes (num_classes = the null class); None = the null class. Ignored when
         num_classes = 0.
+      gates: optional structured-pruning gates, one `AdaLNZeroBlock` gate dict per layer (APTP, `zoo.models.aptp`).
       deterministic: unused (DiT has no dropout); part of the models' call contract.
 
     Returns:
@@ -356,7 +368,7 @@ class DiT(nn.Module):
         param_dtype=jnp.dtype(self.param_dtype),
         name="class_embed",
       )(labels)
-    x, _ = backbone_of(self)(images, t, condition)
+    x, _ = backbone_of(self)(images, t, condition, gates)
     x = DenseGeneral(
       self.patch_size**2 * self.channels,
       kernel_axes=("embed", None),
@@ -380,3 +392,19 @@ class DiT(nn.Module):
     output projection `2 N E P`; the class embedding is a lookup."""
     n = (self.image_size // self.patch_size) ** 2
     return backbone_flops(self) + 2 * n * self.embed_dim * self.patch_size**2 * self.channels
+
+  def pruned_flops(self, gates):
+    """Forward FLOPs per image [batch] under structured-pruning `gates` (one `AdaLNZeroBlock` gate dict per layer, each
+    entry optional), differentiable in soft gates: `flops_per_sample` with each block's attention terms scaled by its
+    open heads / num_heads, its MLP term by its open units, and the whole block (modulation included) by its block
+    gate. With every gate 1 this is `flops_per_sample()`."""
+    e, f, n = self.embed_dim, self.frequency_dim, (self.image_size // self.patch_size) ** 2
+    pixels = self.patch_size**2 * self.channels
+    m = int(e * self.mlp_ratio)
+    total = 2.0 * (n * pixels * e + f * e + e * e + 2 * e * e) + 2.0 * n * e * pixels
+    for g in gates:
+      heads = jnp.sum(g["heads"], -1) / self.num_heads if "heads" in g else 1.0
+      units = jnp.sum(g["mlp"], -1) if "mlp" in g else m
+      block = g.get("block", 1.0)
+      total = total + 2.0 * block * (6 * e * e + (4 * n * e * e + 2 * n * n * e) * heads + 2 * n * e * units)
+    return total
