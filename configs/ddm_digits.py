@@ -31,7 +31,7 @@ def get_config(role="router"):
     config.data.update(clusters=CLUSTERS, cluster=0)
     return config
   config = run_config(
-    {"name": "flow_router", "num_experts": CLUSTERS, "image_size": 8, "channels": 1},
+    {"name": "flow_router", "num_experts": CLUSTERS, "num_classes": 10, "image_size": 8, "channels": 1},
     dataset="digits",
     task="flow_router",
     lr=1e-3,

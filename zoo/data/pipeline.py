@@ -123,6 +123,11 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
     )
   if "domain" in features and isinstance(features["domain"], tfds.features.ClassLabel):
     info["domains"] = tuple(features["domain"].names)
+  if cfg.get("clusters") and info["format"] != "images":
+    raise ValueError(
+      f"data config: clusters={cfg['clusters']} partitions image datasets; dataset {cfg['name']!r} has format "
+      f"{info['format']!r}"
+    )
   return info
 
 

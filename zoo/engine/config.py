@@ -296,13 +296,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   )
   build_model(config.model)  # unknown model names and keys raise ConfigError
   for key in ("vocab_size", "num_classes"):
-    if key in info and key in config.model:
-      _check(
+    if key in info and key in config.model and not (key == "num_classes" and config.model[key] == 0):
+      _check(  # num_classes = 0: an unconditional model of a labelled dataset (e.g. an unconditional DiT)
         config.model[key] >= info[key],
         f"model.{key}",
         config.model[key],
         f">= {info[key]}, the {key} of dataset {config.data.name!r}",
       )
+
+  if "num_experts" in config.model and "clusters" in info and config.task == "flow_router":
+    _check(
+      config.model.num_experts == info["clusters"],
+      "model.num_experts",
+      config.model.num_experts,
+      f"config.data.clusters={info['clusters']} (the router predicts one of the data clusters)",
+    )
 
   if num_devices is not None:
     _check(

@@ -49,7 +49,17 @@ def load_experts(exp, runs, clusters):
       raise ConfigError(
         f"config.flow_eval.expert_runs: {run} was trained on cluster {config.data.cluster}, listed as expert {k}"
       )
-    expert = trainer.Experiment(config, exp.mesh.devices.reshape(-1).tolist())
+    partition = {key: config.data.get(key) for key in ("name", "train_split")}
+    router_partition = {key: exp.config.data.get(key) for key in ("name", "train_split")}
+    if config.data.get("clusters", 0) not in (0, clusters) or partition != router_partition:
+      raise ConfigError(
+        f"config.flow_eval.expert_runs: {run} was trained on a partition of {partition} into "
+        f"{config.data.get('clusters', 0)} clusters; the router's is {router_partition} into {clusters}"
+      )
+    try:
+      expert = trainer.Experiment(config, exp.mesh.devices.reshape(-1).tolist())
+    except ConfigError as e:
+      raise ConfigError(f"config.flow_eval.expert_runs: {run}: {e}") from None
     if tuple(expert.info["image_shape"]) != tuple(exp.info["image_shape"]):
       raise ConfigError(
         f"config.flow_eval.expert_runs: {run} makes images of shape {tuple(expert.info['image_shape'])}, the router "
@@ -87,7 +97,7 @@ class DDMEnsemble(Evaluator):
       return jax.vmap(lambda v: velocity_fn(experts.model, v, labels, classes, o["guidance"])(x, t))(stacked)
 
     def router_fn(x, t):
-      return exp.model.apply(router_variables, images=x, t=t)[0]
+      return exp.model.apply(router_variables, images=x, t=t, labels=labels)[0]
 
     x1 = jax.random.normal(jax.random.key(o["seed"]), (o["samples"], *exp.info["image_shape"]), jnp.float32)
     guided = bool(classes) and o["guidance"] != 1.0

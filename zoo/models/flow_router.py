@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from zoo.layers import DenseGeneral
+from zoo.layers import DenseGeneral, Embed
 from zoo.models.dit import backbone_flops, backbone_of, backbone_params, check_backbone, check_inputs
 from zoo.models.output import ModelOutput
 from zoo.models.registry import check_config, register_model
@@ -29,6 +29,9 @@ class FlowRouter(nn.Module):
     image_size: height = width of the images.
     channels: image channels.
     num_experts: K, the number of data clusters / flow-matching experts (= config.data.clusters).
+    num_classes: 0 = r(x_t, t); C = a class-conditional router r(x_t, t, class) (class embedding added to the time
+      embedding, as in DiT), the posterior a class-conditional ensemble needs: v(x_t | c) = sum_k p(k | x_t, c)
+      v_k(x_t | c).
     patch_size: p; (image_size / p)^2 tokens.
     embed_dim: transformer width (divisible by num_heads and by 4).
     num_layers: adaLN-Zero blocks.
@@ -49,6 +52,7 @@ class FlowRouter(nn.Module):
   image_size: int = 8
   channels: int = 1
   num_experts: int = 4
+  num_classes: int = 0
   patch_size: int = 2
   embed_dim: int = 32
   num_layers: int = 2
@@ -62,16 +66,18 @@ class FlowRouter(nn.Module):
 
   def __post_init__(self):
     check_backbone(self)
-    check_config(self, positive=("num_experts",))
+    check_config(self, positive=("num_experts",), non_negative=("num_classes",))
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, images, *, t, deterministic=True):
+  def __call__(self, images, *, t, labels=None, deterministic=True):
     """Cluster logits of noised images.
 
     Args:
       images: x_t [batch, image_size, image_size, channels] float.
       t: [batch] (or a scalar) float32 in [0, 1] (data at t = 0, noise at t = 1).
+      labels: [batch] int32 classes of a class-conditional router (num_classes > 0): p(k | x_t, t, class); ignored
+        when num_classes = 0.
       deterministic: unused (no dropout); part of the models' call contract.
 
     Returns:
@@ -79,7 +85,18 @@ class FlowRouter(nn.Module):
     """
     del deterministic
     t = check_inputs(self, images, t)
-    x, _ = backbone_of(self)(images, t)
+    condition = None
+    if self.num_classes:
+      if labels is None or jnp.shape(labels) != images.shape[:1]:
+        raise ValueError(f"labels must be int [batch] = [{images.shape[0]}] for a router with num_classes > 0")
+      condition = Embed(
+        self.num_classes,
+        self.embed_dim,
+        dtype=jnp.dtype(self.dtype),
+        param_dtype=jnp.dtype(self.param_dtype),
+        name="class_embed",
+      )(labels)
+    x, _ = backbone_of(self)(images, t, condition)
     pooled = jnp.mean(x.astype(jnp.float32), axis=1).astype(jnp.dtype(self.dtype))
     logits = DenseGeneral(
       self.num_experts,
@@ -93,7 +110,9 @@ class FlowRouter(nn.Module):
 
   def num_params(self):
     """Analytic parameter count (equals `count_params` of the initialised params)."""
-    return backbone_params(self) + self.embed_dim * self.num_experts + self.num_experts
+    return (
+      backbone_params(self) + self.embed_dim * self.num_experts + self.num_experts + self.num_classes * self.embed_dim
+    )
 
   def flops_per_sample(self):
     """Forward FLOPs of one image (2 x multiply-adds of the matmuls, attention included): `zoo.models.dit.

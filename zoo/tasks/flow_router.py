@@ -3,7 +3,8 @@ its time t, predict the k-means cluster of the clean image x0 (cross-entropy), t
 denoise it. The data must be partitioned (`config.data.clusters` = K; `zoo.data.partition`). Same noising as the
 experts (`zoo.tasks.flow_matching`).
 
-Model: `model(images=x_t [B, H, W, C], t=t [B]) -> (logits [B, K], ModelOutput)`. Reports loss and accuracy.
+Model: `model(images=x_t [B, H, W, C], t=t [B], labels=class [B]) -> (logits [B, K], ModelOutput)` (an
+unconditional router ignores the labels). Reports loss and accuracy.
 """
 
 import dataclasses
@@ -29,7 +30,7 @@ class FlowRouter(Task):
 
   def prepare(self, batch, rngs):
     _, _, t, x_t = noised(batch, rngs)
-    return {"images": x_t, "t": t}, {}
+    return {"images": x_t, "t": t, "labels": batch["label"]}, {}
 
   def stats(self, logits, targets, batch):
     return label_stats(logits, batch["cluster"], batch["weight"])
