@@ -29,11 +29,12 @@ TINY = {
   "simplenet": dict(num_classes=10, widths=(4,) * 13, num_pools=0, dropout_rate=0.0),
   "dit": dict(patch_size=4, num_classes=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8),
   "flow_router": dict(patch_size=4, num_experts=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8),
+  "aptp": dict(patch_size=4, num_classes=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8, num_codes=2),
 }
 IMAGES = ("simplenet",)
 # Flow-matching image models (`zoo.tasks.flow_matching`, `zoo.tasks.flow_router`): images plus the time t [B], and
 # the class labels [B] for the velocity model.
-FLOW_IMAGES = {"dit": ("t", "labels"), "flow_router": ("t",)}
+FLOW_IMAGES = {"dit": ("t", "labels"), "flow_router": ("t",), "aptp": ("t", "labels", "prompts")}
 
 
 def test_every_registered_model_has_a_tiny_config():
@@ -45,6 +46,8 @@ def _inputs(name):
     inputs = {"images": jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), "t": jnp.array([0.25, 0.75])}
     if "labels" in FLOW_IMAGES[name]:
       inputs["labels"] = jnp.array([0, TINY[name]["num_classes"]], jnp.int32)  # a class and the null class
+    if "prompts" in FLOW_IMAGES[name]:
+      inputs["prompts"] = jax.nn.one_hot(jnp.array([0, 3]), 15)  # APTP's prompt embeddings
     return inputs
   if name in IMAGES:
     return {"images": jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))}
@@ -59,7 +62,7 @@ def test_model_contract(name):
   (output, out), state = jax.jit(lambda v: model.apply(v, **inputs, mutable=["intermediates"]))(variables)
   assert isinstance(out, ModelOutput) and out.aux_loss.shape == () and bool(jnp.isfinite(out.aux_loss))
   assert all(isinstance(k, str) and hasattr(v, "shape") for k, v in out.metrics.items())  # flat: name -> array
-  assert bool(jnp.all(jnp.isfinite(output)))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(output))
   top_level = {k for k, v in state.get("intermediates", {}).items() if not hasattr(v, "items")}  # not sub-modules
   assert top_level == set(type(model).exposes)
   if hasattr(model, "num_params"):

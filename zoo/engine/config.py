@@ -296,8 +296,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   )
   build_model(config.model)  # unknown model names and keys raise ConfigError
   for key in ("vocab_size", "num_classes"):
-    if key in info and key in config.model and not (key == "num_classes" and config.model[key] == 0):
-      _check(  # num_classes = 0: an unconditional model of a labelled dataset (e.g. an unconditional DiT)
+    unconditional = key == "num_classes" and config.model[key] == 0 if key in config.model else False
+    if unconditional and config.task in ("flow_matching", "aptp") and not config.task_options.get("num_classes"):
+      continue  # an unconditional generative model of a labelled dataset
+    if key in info and key in config.model:
+      _check(
         config.model[key] >= info[key],
         f"model.{key}",
         config.model[key],

@@ -49,8 +49,8 @@ def load_experts(exp, runs, clusters):
       raise ConfigError(
         f"config.flow_eval.expert_runs: {run} was trained on cluster {config.data.cluster}, listed as expert {k}"
       )
-    partition = {key: config.data.get(key) for key in ("name", "train_split")}
-    router_partition = {key: exp.config.data.get(key) for key in ("name", "train_split")}
+    partition = {key: config.data.get(key) for key in ("name", "data_dir", "train_split")}
+    router_partition = {key: exp.config.data.get(key) for key in ("name", "data_dir", "train_split")}
     if config.data.get("clusters", 0) not in (0, clusters) or partition != router_partition:
       raise ConfigError(
         f"config.flow_eval.expert_runs: {run} was trained on a partition of {partition} into "
