@@ -297,23 +297,6 @@ def test_router_pretrain_feeds_the_predictors_own_gates():
   np.testing.assert_array_equal(out["gates"], (out["gate_logits"] + aptp.OFFSET >= 0).astype(np.float32))
 
 
-def test_router_eval_draws_fixed_noise():
-  """Evaluation draws its Gumbel noise from `eval_seed` (the reference's fixed seed): the same for any rng, the same
-  as the noiseless evaluation plus that draw, and another seed gives other gates."""
-  x = _clustered_prompts(1)
-  module, params = _router()
-  p = dict(params["params"], codes=params["params"]["codes"] - 3.0)  # gate logits at the threshold: noise decides
-  first = _apply(module, {"params": p}, x, training=False, rng=jax.random.key(5))
-  second = _apply(module, {"params": p}, x, training=False, rng=jax.random.key(6))
-  np.testing.assert_array_equal(first["code_gates"], second["code_gates"])
-  _, k_codes = jax.random.split(jax.random.key(0))
-  expected = aptp.gumbel_sigmoid(p["codes"], k_codes, hard=True)
-  np.testing.assert_array_equal(first["code_gates"], expected)
-  other_module, _ = _router(eval_seed=1)
-  other = _apply(other_module, {"params": p}, x, training=False)
-  assert np.any(np.asarray(other["code_gates"]) != np.asarray(first["code_gates"]))
-
-
 def test_router_bottleneck_variant_and_depth_gates():
   module, params = _router(arch_dim=16, hidden_dim=32, num_depth_gates=6)
   assert params["params"]["codes"].shape == (N, 16)
