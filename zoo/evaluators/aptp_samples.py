@@ -3,8 +3,9 @@ of one evaluation image (its digit and stroke, `zoo.tasks.aptp`), the router pic
 (cosine argmax) and the student integrates under that code's hard gates. Options: `config.flow_eval`.
 
 Keys: `aptp_samples` (the PNG grid), `fd` and `sample_accuracy` (with `classifier_run`), `flops_per_sample` (the mean
-over samples of the gated FLOPs x velocity evaluations), `flops_ratio` (mean gated / unpruned FLOPs), `codes_used`
-(distinct codes among the samples' prompts), and `flops_ratio_<stroke>` per stroke word.
+over samples of the gated FLOPs x velocity evaluations), `samples_flops_ratio` (mean gated / unpruned FLOPs over the
+samples' prompts; the task's `flops_ratio` is over the evaluation split), `codes_used` (distinct codes among the
+samples' prompts), and `samples_flops_ratio_<stroke>` per stroke word.
 """
 
 import jax
@@ -51,9 +52,9 @@ class APTPSamples(Evaluator):
     flops = model.flops_per_sample() * evaluations_per_sample(o, guided) * float(np.mean(ratio))
     results = score(ctx, o, samples, labels, "aptp_samples", flops)
     results = {k.replace("aptp_samples_", "") if k != "aptp_samples" else k: v for k, v in results.items()}
-    results["flops_ratio"] = float(np.mean(ratio))
+    results["samples_flops_ratio"] = float(np.mean(ratio))
     results["codes_used"] = float(len(np.unique(np.asarray(routed["code"]))))
     for s, word in enumerate(aptp_task.STROKES):
       if np.any(stroke_ids == s):
-        results[f"flops_ratio_{word}"] = float(np.mean(ratio[stroke_ids == s]))
+        results[f"samples_flops_ratio_{word}"] = float(np.mean(ratio[stroke_ids == s]))
     return results

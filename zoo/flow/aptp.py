@@ -252,7 +252,10 @@ def resource_spread_losses(flops_ratio):
   """The trainer's two extra resource terms on the per-sample ratios [B]: ('max', 1 - max r) and ('std', -std r)
   (unbiased std, as torch), weighted 0.1 each. Returns a dict of () float32."""
   r = jnp.asarray(flops_ratio, jnp.float32)
-  return {"max": 1.0 - jnp.max(r), "std": -jnp.std(r, ddof=1)}
+  var = jnp.var(r, ddof=1)
+  # sqrt'(0) is infinite: equal ratios (every gate open at initialisation) would make the gradient NaN
+  std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)
+  return {"max": 1.0 - jnp.max(r), "std": -std}
 
 
 def group_scale(width_groups, num_gates):

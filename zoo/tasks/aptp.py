@@ -71,7 +71,8 @@ class APTPTask(FlowMatching):
   def batch_spec(self, info, data_config, batch_size):
     if self.distill_weight < 0:
       raise ConfigError(f"config.task_options.distill_weight={self.distill_weight!r}; allowed: >= 0")
-    if len(tuple(self.ink_thresholds)) != len(STROKES) - 1:
+    thresholds = tuple(self.ink_thresholds)
+    if len(thresholds) != len(STROKES) - 1 or list(thresholds) != sorted(set(thresholds)):
       raise ConfigError(
         f"config.task_options.ink_thresholds={self.ink_thresholds!r}; allowed: {len(STROKES) - 1} increasing numbers"
       )
