@@ -25,19 +25,13 @@ FINETUNE_STEPS = 1000  # [guess] the fine-tuning phase
 
 def get_config(role="finetune"):
   """role: 'prune' / 'finetune' (APTP, 8 codes), 'static_prune' / 'static' (one code), or 'unpruned' (the DiT
-  fine-tuned as long as the pruned ones, unpruned: the baseline at equal training)."""
+  fine-tuned exactly as the pruned ones, flow matching + distillation, with every gate open)."""
   if role not in ROLES:
     raise ValueError(f"configs/aptp_digits.py:{role}: allowed roles are {', '.join(ROLES)}")
   base = flow_digits.get_config()
-  if role == "unpruned":
-    base.init_from = "workdirs/flow_digits"
-    base.optimizer.update(lr=3e-4, warmup_steps=50)
-    base.train.update(steps=FINETUNE_STEPS, eval_every_steps=500)
-    base.checkpoint.every_steps = 500
-    return base
   pruning = role in ("prune", "static_prune")
   config = run_config(
-    {**base.model.to_dict(), "name": "aptp", "num_codes": 1 if role.startswith("static") else 8},
+    {**base.model.to_dict(), "name": "aptp", "num_codes": 8 if role in ("prune", "finetune") else 1},
     dataset="digits",
     task="aptp",
     lr=3e-2 if pruning else 3e-4,  # [guess]: the gate logits start 3 (the offset) above closing
@@ -52,7 +46,11 @@ def get_config(role="finetune"):
   config.task_options.num_classes = 10
   config.flow_eval.update(classifier_run=base.flow_eval.classifier_run)
   prune_run = "workdirs/static_prune" if role.startswith("static") else "workdirs/aptp_prune"
-  if pruning:
+  if role == "unpruned":  # every gate open (offset 3, no pruning phase): the same fine-tuning, nothing pruned
+    config.init_from = {"student": "workdirs/flow_digits", "teacher": "workdirs/flow_digits"}
+    config.model.freeze_architecture = True
+    config.trainable_params = ("^student/",)
+  elif pruning:
     config.init_from = {"student": "workdirs/flow_digits", "teacher": "workdirs/flow_digits"}
     config.trainable_params = ("^router/",)
   else:

@@ -5,8 +5,9 @@ data: the baseline of Decentralized Diffusion Models (`configs/ddm_digits.py`, p
   python train.py --config configs/flow_digits.py --workdir workdirs/flow_digits
   python evaluate.py --config configs/flow_digits.py --workdir workdirs/flow_digits
 
-Evaluation draws `config.flow_eval.samples` images (classes in turn), writes a grid and reports the Frechet distance
-and class accuracy of the samples on the SimpleNet run's logits.
+Evaluation draws `config.flow_eval.samples` images (the classes of the test images in turn), writes a grid and
+reports the Frechet distance and class accuracy of the samples on the SimpleNet run's logits, and the distance of
+real training images of the same classes (`fd_real`, the floor).
 """
 
 from configs.base import run_config

@@ -90,7 +90,7 @@ class DDMEnsemble(Evaluator):
     clusters = exp.info["clusters"]
     experts, stacked = load_experts(exp, o["expert_runs"], clusters)
     classes = experts.task.num_classes
-    labels = jnp.asarray(evaluation.sample_labels(o["samples"], classes))
+    labels = jnp.asarray(evaluation.sample_labels(exp, o["samples"], classes))
     router_variables = jax.device_get(ctx.state.variables())
 
     def experts_fn(x, t):

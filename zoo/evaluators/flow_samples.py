@@ -2,8 +2,9 @@
 of the samples on a zoo classifier's features, and the FLOPs per sample (`zoo.flow.evaluation`; options
 `config.flow_eval`).
 
-Keys: `flow_samples` (the grid's path), `fd`, `sample_accuracy` (with `classifier_run`), `flops_per_sample` (the
-model's forward FLOPs x velocity evaluations per sample: steps, x2 for Heun, x2 with guidance).
+Keys: `flow_samples` (the grid's path), `fd`, `sample_accuracy` and `fd_real` (the distance of real training images
+of the samples' classes: the floor of `fd`) with `classifier_run`, and `flops_per_sample` (the model's forward FLOPs x
+velocity evaluations per sample: steps, x2 for Heun, x2 with guidance).
 """
 
 import jax
@@ -43,8 +44,10 @@ def score(ctx, o, samples, labels, name, flops):
   if o["classifier_run"]:
     logits_fn, _ = evaluation.classifier(ctx.exp, o["classifier_run"])
   reference, _ = evaluation.real_images(ctx.exp, len(samples))
+  real = evaluation.training_images_like(ctx.exp, labels) if logits_fn else None
   results = {name: evaluation.save_grid(samples[:100], ctx.path(f"{name}.png"))}
-  results.update({f"{name}_{k}": v for k, v in evaluation.quality(samples, labels, logits_fn, reference).items()})
+  quality = evaluation.quality(samples, labels, logits_fn, reference, real)
+  results.update({f"{name}_{k}": v for k, v in quality.items()})
   results[f"{name}_flops_per_sample"] = float(flops)
   return results
 
@@ -59,7 +62,7 @@ class FlowSamples(Evaluator):
     o = evaluation.options(ctx.config)
     exp = ctx.exp
     classes = exp.task.num_classes
-    labels = evaluation.sample_labels(o["samples"], classes)
+    labels = evaluation.sample_labels(exp, o["samples"], classes)
     variables = jax.device_get(ctx.state.variables())
     guided = bool(classes) and o["guidance"] != 1.0
     velocity = velocity_fn(exp.model, variables, jnp.asarray(labels), classes, o["guidance"])

@@ -6,10 +6,10 @@ The Frechet distance (Heusel et al. 2017, FID's formula) is computed on the logi
 (`config.flow_eval.classifier_run`, e.g. `configs/simplenet_digits.py`), not on Inception features: numbers are
 comparable between runs of this zoo on the same images only.
 
-Options (`config.flow_eval`): `samples` (images drawn, classes in turn), `steps` and `sampler` ('euler' | 'heun') of
-the integration from t = 1 to 0, `guidance` (classifier-free guidance scale; 1 = the conditional velocity alone),
-`classifier_run` ('' = no distance or accuracy), `expert_runs` (the 'ddm_ensemble' experts, one flow-matching run per
-cluster), `seed`.
+Options (`config.flow_eval`): `samples` (images drawn, with the classes of the evaluation images in turn), `steps`
+and `sampler` ('euler' | 'heun') of the integration from t = 1 to 0, `guidance` (classifier-free guidance scale; 1 =
+the conditional velocity alone), `classifier_run` ('' = no distance or accuracy), `expert_runs` (the 'ddm_ensemble'
+experts, one flow-matching run per cluster), `seed`.
 """
 
 import numpy as np
@@ -46,9 +46,14 @@ def options(config):
   return o
 
 
-def sample_labels(n, num_classes):
-  """The classes of `n` samples, in turn (0, 1, .., C-1, 0, ..); zeros when unconditional."""
-  return np.arange(n, dtype=np.int32) % num_classes if num_classes else np.zeros((n,), np.int32)
+def sample_labels(exp, n, num_classes):
+  """The classes of `n` samples: the evaluation images' labels in turn, so that the samples have the class frequencies
+  of the reference the Frechet distance compares them with (a uniform draw against the digits' unbalanced test split
+  costs more distance than the models differ by); zeros when unconditional."""
+  if not num_classes:
+    return np.zeros((n,), np.int32)
+  _, labels = real_images(exp, n)
+  return labels[np.arange(n) % len(labels)].astype(np.int32)
 
 
 def frechet_distance(a, b):
@@ -120,10 +125,10 @@ def classifier(exp, run):
   return logits, int(classifier_exp.info["num_classes"])
 
 
-def real_images(exp, limit):
-  """Up to `limit` evaluation images [N, H, W, C] and labels [N] of the evaluated config's data."""
+def real_images(exp, limit, split=None):
+  """Up to `limit` images [N, H, W, C] and labels [N] of the evaluated config's data (the evaluation split)."""
   images, labels = [], []
-  for batch in exp.make_iterator(exp.config.data.eval_split, repeat=False, drop_remainder=False):
+  for batch in exp.make_iterator(split or exp.config.data.eval_split, repeat=False, drop_remainder=False):
     images.append(batch["image"])
     labels.append(batch["label"])
     if sum(len(x) for x in images) >= limit:
@@ -131,13 +136,32 @@ def real_images(exp, limit):
   return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
 
 
-def quality(samples, labels, logits_fn, reference):
+def training_images_like(exp, labels):
+  """Real images of the training split with the given labels [N] (each class's images in turn; all images, in turn,
+  when `labels` is all zeros of an unconditional model): the distance real data of the same classes has."""
+  images, train_labels = real_images(exp, 1 << 30, exp.config.data.train_split)
+  if not np.any(labels):
+    return images[np.arange(len(labels)) % len(images)]
+  chosen = np.empty((len(labels), *images.shape[1:]), images.dtype)
+  for c in np.unique(labels):
+    pool = images[train_labels == c]
+    where = np.flatnonzero(labels == c)
+    chosen[where] = pool[np.arange(len(where)) % len(pool)]
+  return chosen
+
+
+def quality(samples, labels, logits_fn, reference, real=None):
   """{'fd': Frechet distance of the samples' classifier logits to the real images', 'sample_accuracy': the share of
-  samples the classifier gives their conditioning class} (empty without a classifier)."""
+  samples the classifier gives their conditioning class, and with `real` (`training_images_like`) 'fd_real': the
+  distance of real training images of the same classes, the floor the samples' distance compares with} (empty
+  without a classifier)."""
   if logits_fn is None:
     return {}
-  fake = logits_fn(samples)
-  return {
-    "fd": frechet_distance(fake, logits_fn(reference)),
+  fake, reference_logits = logits_fn(samples), logits_fn(reference)
+  results = {
+    "fd": frechet_distance(fake, reference_logits),
     "sample_accuracy": float(np.mean(np.argmax(fake, -1) == labels)),
   }
+  if real is not None:
+    results["fd_real"] = frechet_distance(logits_fn(real), reference_logits)
+  return results
