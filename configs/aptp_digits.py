@@ -13,6 +13,9 @@ FLOPs target.
   python evaluate.py --config configs/aptp_digits.py:finetune --workdir workdirs/aptp
   # the static baseline: the same with :static_prune / :static; the unpruned DiT fine-tuned as long:
   python train.py --config configs/aptp_digits.py:unpruned --workdir workdirs/aptp_unpruned
+
+Measured (2-core CPU, 3 sampling seeds, README): FD at guidance 2 unpruned 0.71 / static 0.65 at 57% FLOPs / APTP 0.47
+at 61% (7 codes used); at guidance 1 0.27 / 0.55 / 0.69; test flow loss 0.395 / 0.412 / 0.420.
 """
 
 from configs import flow_digits

@@ -12,6 +12,9 @@ each, so the ensemble trains with the same total compute as the one model on all
   python evaluate.py --config configs/ddm_digits.py --workdir workdirs/ddm_router --config.evals="('ddm_ensemble',)"
 
 The evaluation samples with the ensemble top-1 (the paper's choice) and with the softmax mixture.
+
+Measured (2-core CPU, 3 sampling seeds, README): FD at guidance 2 one DiT 0.68 / top-1 0.45 / mixture 0.52 (accuracy
+1.00 / 0.97 / 0.96); at guidance 1 0.39 / 2.05 / 3.30; router cluster accuracy 84%.
 """
 
 from configs import flow_digits
