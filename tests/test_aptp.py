@@ -174,6 +174,11 @@ def test_resource_loss_is_zero_at_the_target_and_symmetric_in_log():
   spread = aptp.resource_spread_losses(jnp.array([0.4, 0.6, 0.8]))
   np.testing.assert_allclose(spread["max"], 0.2, rtol=1e-5)
   np.testing.assert_allclose(spread["std"], -0.2, rtol=1e-5)
+  # equal ratios (every gate open) and a single sample: no spread, and a finite gradient (sqrt'(0) is infinite)
+  for ratios in (jnp.ones((4,)), jnp.array([0.7])):
+    total = lambda r: sum(aptp.resource_spread_losses(r).values())
+    assert float(aptp.resource_spread_losses(ratios)["std"]) == 0.0
+    assert np.all(np.isfinite(np.asarray(jax.grad(total)(ratios))))
 
 
 def test_assign_eval_is_argmax_cosine_and_feeds_the_prototype_without_gradient_to_the_embedding():

@@ -252,6 +252,8 @@ def resource_spread_losses(flops_ratio):
   """The trainer's two extra resource terms on the per-sample ratios [B]: ('max', 1 - max r) and ('std', -std r)
   (unbiased std, as torch), weighted 0.1 each. Returns a dict of () float32."""
   r = jnp.asarray(flops_ratio, jnp.float32)
+  if r.shape[0] < 2:  # one sample: no spread (the unbiased std is 0 / 0)
+    return {"max": 1.0 - jnp.max(r), "std": jnp.zeros((), jnp.float32)}
   var = jnp.var(r, ddof=1)
   # sqrt'(0) is infinite: equal ratios (every gate open at initialisation) would make the gradient NaN
   std = jnp.where(var > 0, jnp.sqrt(jnp.where(var > 0, var, 1.0)), 0.0)

@@ -18,7 +18,8 @@ flow matching and distillation from the teacher.
 Deviations [guess]: the paper prunes Stable Diffusion's U-Net channels and attention heads and fine-tunes each
 pruned expert afterwards; here the gates prune a DiT's heads, MLP units and blocks, and `freeze_architecture=True`
 (the fine-tuning phase) trains the shared student under each prompt's evaluation gates (one copy of the weights for
-all codes, not one per expert).
+all codes, not one per expert). The reference's first 500 pruning steps feed the predictor's own gates
+(`PromptRouter(pretrain=True)`); the shipped configs skip that warm-up.
 """
 
 from typing import Any, ClassVar
