@@ -13,6 +13,7 @@ from zoo.evaluators.router_retriever import DEFAULTS as ROUTER_RETRIEVER_DEFAULT
 from zoo.flow.evaluation import DEFAULTS as FLOW_EVAL_DEFAULTS
 from zoo.layers.lora import DEFAULT_TARGETS, spec_from_config
 from zoo.models import ConfigError, build_model
+from zoo.sparsity import CONFIG_DEFAULTS as SPARSITY_DEFAULTS
 
 SCHEDULES = ("warmup_cosine", "warmup_stable_decay", "constant")
 # Keys that were renamed: old full key -> new full key.
@@ -130,6 +131,10 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
   c.router_retriever = ml_collections.ConfigDict(ROUTER_RETRIEVER_DEFAULTS)
   # Options of the 'flow_samples' and 'ddm_ensemble' evaluators (sampling, the classifier run, the expert runs).
   c.flow_eval = ml_collections.ConfigDict(FLOW_EVAL_DEFAULTS)
+  # Sparse training (`zoo.sparsity`): method 'static' (magnitude pruning at prune_fraction of the steps), 'set' or
+  # 'rigl' (prune and regrow every update_every steps until end_fraction), at `sparsity` per sparsified leaf
+  # ('uniform') or overall ('erk'), in blocks of block_shape over the kernels' trailing dims ((1, 16): SparseByteNN).
+  c.sparsity = ml_collections.ConfigDict(SPARSITY_DEFAULTS)
   c.sample = ml_collections.ConfigDict(
     {  # the 'sample' evaluator (lm)
       "prompt": "def ",
@@ -216,7 +221,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
   for section in ("mesh", "optimizer", "train", "checkpoint", "sample"):
     _check_keys(section, config[section], base[section].keys())
   # sections that configs written before them lack
-  for section in ("lora", "depth_batching", "router_retriever", "flow_eval"):
+  for section in ("lora", "depth_batching", "router_retriever", "flow_eval", "sparsity"):
     if section in config:
       _check_keys(section, config[section], base[section].keys())
   _check_numbers(config)

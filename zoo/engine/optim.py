@@ -3,6 +3,7 @@
 import jax
 import optax
 
+from zoo import sparsity
 from zoo.models import ConfigError
 
 
@@ -42,7 +43,7 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt_config, total_steps):
+def make_optimizer(opt_config, total_steps, sparsity_config=None):
   """Returns (optax transformation, schedule). The engine applies it to the trainable parameters only
   (`zoo.engine.partition`): frozen ones have no moments, no update and no weight decay, and clipping sees only the
   trainable gradients.
@@ -50,6 +51,12 @@ def make_optimizer(opt_config, total_steps):
   Args:
     opt_config: `config.optimizer`.
     total_steps: the training steps (for the schedule).
+    sparsity_config: `config.sparsity` (None or method 'none': dense): the chain is wrapped by `zoo.sparsity.sparse`,
+      so clipping and AdamW see the masked gradients.
+
+  Raises:
+    ConfigError: a `config.sparsity` value the sparse transform refuses (a block shape that does not divide a
+      sparsified kernel is found when the state is initialised, and raised then).
   """
   schedule = make_schedule(opt_config, total_steps)
   parts = []
@@ -65,4 +72,19 @@ def make_optimizer(opt_config, total_steps):
       mask=_decay_mask,
     )
   )
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  try:
+    tx = sparsity.from_config(tx, sparsity_config, total_steps)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  if (sparsity_config or {}).get("method", "none") != "none":
+    init = tx.init
+
+    def checked_init(params):
+      try:
+        return init(params)
+      except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+
+    tx = optax.GradientTransformation(checked_init, tx.update)
+  return tx, schedule

@@ -59,7 +59,7 @@ class Experiment:
     if self.lora is not None:  # adapters on the base model; only they (and lora.trainable_params) train
       self.model = lora.with_lora(self.model, self.lora)
     self.evaluators = select(tuple(config.evals), self.model, self.task, config.task)
-    self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps))
+    self.tx, self.schedule = make_optimizer(config.optimizer, int(config.train.steps), config.get("sparsity"))
     shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
     # ShapeDtypeStructs: one row per batch shard (for init) and the global batch (for compiling the train step).
     self.dummy = self.task.batch_spec(self.info, config.data, shards)
