@@ -58,15 +58,7 @@ def _is_box(x):
 
 def path_name(path) -> str:
   """'/'-joined key path, e.g. 'Dense_0/kernel' (the convention of `zoo.engine.partition`)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def default_include(path: str, leaf) -> bool:

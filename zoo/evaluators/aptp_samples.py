@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.evaluators.base import Evaluator, register_evaluator
-from zoo.evaluators.flow_samples import evaluations_per_sample, integrate, score
+from zoo.evaluators.flow_samples import evaluations_per_sample, integrate, scorer
 from zoo.flow import evaluation, matching
 from zoo.tasks import aptp as aptp_task
 from zoo.tasks.flow_matching import from_model_range
@@ -50,7 +50,7 @@ class APTPSamples(Evaluator):
     routed, _ = model.apply(variables, images=x1, t=jnp.ones((o["samples"],)), labels=y, prompts=prompts)
     ratio = np.asarray(routed["flops_ratio"])
     flops = model.flops_per_sample() * evaluations_per_sample(o, guided) * float(np.mean(ratio))
-    results = score(ctx, o, samples, labels, "aptp_samples", flops)
+    results = scorer(ctx, o, labels)(samples, "aptp_samples", flops)
     results = {k.replace("aptp_samples_", "") if k != "aptp_samples" else k: v for k, v in results.items()}
     results["samples_flops_ratio"] = float(np.mean(ratio))
     results["codes_used"] = float(len(np.unique(np.asarray(routed["code"]))))

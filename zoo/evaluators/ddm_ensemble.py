@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.evaluators.base import Evaluator, register_evaluator
-from zoo.evaluators.flow_samples import evaluations_per_sample, score, velocity_fn
+from zoo.evaluators.flow_samples import evaluations_per_sample, scorer, velocity_fn
 from zoo.flow import ensemble, evaluation
 from zoo.models import ConfigError
 from zoo.tasks.flow_matching import from_model_range
@@ -103,12 +103,12 @@ class DDMEnsemble(Evaluator):
     guided = bool(classes) and o["guidance"] != 1.0
     expert_flops = experts.model.flops_per_sample() * evaluations_per_sample(o, guided)
     router_flops = exp.model.flops_per_sample() * o["steps"] * (2 if o["sampler"] == "heun" else 1)
-    results = {}
+    score, results = scorer(ctx, o, np.asarray(labels)), {}
     for mode in MODES:
       sample = jax.jit(
         lambda x, mode=mode: ensemble.ensemble_sample(experts_fn, router_fn, x, o["steps"], mode, o["sampler"])
       )
       samples = np.asarray(from_model_range(sample(x1)))
       flops = expert_flops * (1 if mode == "top1" else clusters) + router_flops
-      results.update(score(ctx, o, samples, np.asarray(labels), f"ddm_{mode}", flops))
+      results.update(score(samples, f"ddm_{mode}", flops))
     return results

@@ -38,18 +38,25 @@ def integrate(velocity, x1, o):
   return jax.jit(lambda x: sampler(velocity, x, o["steps"]))(x1)
 
 
-def score(ctx, o, samples, labels, name, flops):
-  """The grid, quality and FLOPs of `samples` [N, H, W, C] in [0, 1] under result keys prefixed by `name`."""
-  logits_fn = None
-  if o["classifier_run"]:
-    logits_fn, _ = evaluation.classifier(ctx.exp, o["classifier_run"])
-  reference, _ = evaluation.real_images(ctx.exp, len(samples))
+def scorer(ctx, o, labels):
+  """`score(samples [N, H, W, C] in [0, 1], name, flops) -> results`: the grid, quality and FLOPs of samples drawn
+  for `labels` [N], under result keys prefixed by `name`. The classifier run and the real images (reference and
+  same-class training images) are loaded once, for every set of samples scored."""
+  logits_fn = evaluation.classifier(ctx.exp, o["classifier_run"])[0] if o["classifier_run"] else None
+  reference, _ = evaluation.real_images(ctx.exp, len(labels))
   real = evaluation.training_images_like(ctx.exp, labels) if logits_fn else None
-  results = {name: evaluation.save_grid(samples[:100], ctx.path(f"{name}.png"))}
-  quality = evaluation.quality(samples, labels, logits_fn, reference, real)
-  results.update({f"{name}_{k}": v for k, v in quality.items()})
-  results[f"{name}_flops_per_sample"] = float(flops)
-  return results
+  reference_logits = logits_fn(reference) if logits_fn else None
+  real_logits = logits_fn(real) if logits_fn else None
+
+  def score(samples, name, flops):
+    results = {name: evaluation.save_grid(samples[:100], ctx.path(f"{name}.png"))}
+    if logits_fn:
+      quality = evaluation.quality(logits_fn(samples), labels, reference_logits, real_logits)
+      results.update({f"{name}_{k}": v for k, v in quality.items()})
+    results[f"{name}_flops_per_sample"] = float(flops)
+    return results
+
+  return score
 
 
 @register_evaluator("flow_samples")
@@ -69,5 +76,5 @@ class FlowSamples(Evaluator):
     x1 = jax.random.normal(jax.random.key(o["seed"]), (o["samples"], *exp.info["image_shape"]), jnp.float32)
     samples = np.asarray(from_model_range(integrate(velocity, x1, o)))
     flops = exp.model.flops_per_sample() * evaluations_per_sample(o, guided)
-    results = score(ctx, o, samples, labels, "flow_samples", flops)
+    results = scorer(ctx, o, labels)(samples, "flow_samples", flops)
     return {k.replace("flow_samples_", "") if k != "flow_samples" else k: v for k, v in results.items()}

@@ -150,18 +150,15 @@ def training_images_like(exp, labels):
   return chosen
 
 
-def quality(samples, labels, logits_fn, reference, real=None):
-  """{'fd': Frechet distance of the samples' classifier logits to the real images', 'sample_accuracy': the share of
-  samples the classifier gives their conditioning class, and with `real` (`training_images_like`) 'fd_real': the
-  distance of real training images of the same classes, the floor the samples' distance compares with} (empty
-  without a classifier)."""
-  if logits_fn is None:
-    return {}
-  fake, reference_logits = logits_fn(samples), logits_fn(reference)
+def quality(sample_logits, labels, reference_logits, real_logits=None):
+  """{'fd': Frechet distance of the samples' classifier logits [N, C] to the real images' [M, C], 'sample_accuracy':
+  the share of samples the classifier gives their conditioning class (labels [N]), and with `real_logits` (of
+  `training_images_like`) 'fd_real': the distance of real training images of the same classes, the floor the
+  samples' distance compares with}."""
   results = {
-    "fd": frechet_distance(fake, reference_logits),
-    "sample_accuracy": float(np.mean(np.argmax(fake, -1) == labels)),
+    "fd": frechet_distance(sample_logits, reference_logits),
+    "sample_accuracy": float(np.mean(np.argmax(sample_logits, -1) == labels)),
   }
-  if real is not None:
-    results["fd_real"] = frechet_distance(logits_fn(real), reference_logits)
+  if real_logits is not None:
+    results["fd_real"] = frechet_distance(real_logits, reference_logits)
   return results

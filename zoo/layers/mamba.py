@@ -237,6 +237,10 @@ class Mamba(nn.Module):
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
 
+# The `Mamba` fields `MambaBlock` and `MambaStack` pass on.
+MIXER_FIELDS = ("d_state", "d_conv", "expand", "dt_rank", "use_bias", "conv_bias", "scan", "dtype", "param_dtype")
+
+
 class MambaBlock(nn.Module):
   """Pre-norm residual Mamba block, mambapy's `ResidualBlock`: `x + Mamba(RMSNorm(x))`.
 
@@ -263,18 +267,7 @@ class MambaBlock(nn.Module):
   def __call__(self, x):
     """x: [batch, length, d_model] -> [batch, length, d_model]."""
     h = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
-    h = Mamba(
-      d_state=self.d_state,
-      d_conv=self.d_conv,
-      expand=self.expand,
-      dt_rank=self.dt_rank,
-      use_bias=self.use_bias,
-      conv_bias=self.conv_bias,
-      scan=self.scan,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="mixer",
-    )(h)
+    h = Mamba(**{k: getattr(self, k) for k in MIXER_FIELDS}, name="mixer")(h)
     return x + h.astype(x.dtype)
 
 
@@ -306,19 +299,7 @@ class MambaStack(nn.Module):
   def __call__(self, x):
     """x: [batch, length, d_model] -> [batch, length, d_model]."""
     for i in range(self.n_layers):
-      x = MambaBlock(
-        d_state=self.d_state,
-        d_conv=self.d_conv,
-        expand=self.expand,
-        dt_rank=self.dt_rank,
-        use_bias=self.use_bias,
-        conv_bias=self.conv_bias,
-        scan=self.scan,
-        norm_eps=self.norm_eps,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=f"layers_{i}",
-      )(x)
+      x = MambaBlock(**{k: getattr(self, k) for k in (*MIXER_FIELDS, "norm_eps")}, name=f"layers_{i}")(x)
     if self.final_norm:
       x = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_f")(x)
     return x
