@@ -14,6 +14,10 @@
 * `digits`: scikit-learn's 8x8 digits, `image` float32 [8, 8, 1] in [0, 1], `label` in 0..9; splits `train` (1500)
   and `test` (297), by a fixed permutation.
 
+* `loopback_traffic` (`zoo.data.traffic`), `can_bus` (`zoo.data.can_bus`), `ctr_domains` and `ctr_movielens100k`
+  (`zoo.data.ctr`; the latter reads MovieLens-100K from the optional package recbole==1.2.1): format 'arrays'
+  datasets made on this machine; see their modules.
+
 All are written as array_record, read with `tfds.data_source`-style random access; no TensorFlow is needed.
 `prepare(name, data_dir)` builds once under a file lock, so that processes starting together build it once.
 """
@@ -32,8 +36,11 @@ import sysconfig
 import numpy as np
 import tensorflow_datasets as tfds
 
+from zoo.data.can_bus import CanBus
 from zoo.data.code_pairs import extract_doc_code_pairs
 from zoo.data.config import resolve_data_dir
+from zoo.data.ctr import CtrDomains, CtrMovielens100k
+from zoo.data.traffic import LoopbackTraffic
 
 # Directories never read: installed packages, test suites, build files, codec tables.
 # pydoc_data is replaced by its topics (below); __phello__ is a test package.
@@ -306,7 +313,15 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield int(i), {"image": image, "label": int(digits.target[i])}
 
 
-EMBEDDED_BUILDERS = {"pystdlib": PyStdlib, "digits": Digits, "stdlib_doc_code": StdlibDocCode}
+EMBEDDED_BUILDERS = {
+  "pystdlib": PyStdlib,
+  "digits": Digits,
+  "stdlib_doc_code": StdlibDocCode,
+  "loopback_traffic": LoopbackTraffic,
+  "can_bus": CanBus,
+  "ctr_domains": CtrDomains,
+  "ctr_movielens100k": CtrMovielens100k,
+}
 
 
 @contextlib.contextmanager

@@ -21,6 +21,11 @@ each epoch); row i's document is the one relevant to row i's query.
 
 Format 'images': `image` as float32 (uint8 images are scaled to [0, 1]), `label` as int32.
 
+Format 'arrays' (a dataset whose features are all fixed-shape numeric tensors or ClassLabels, one ClassLabel named
+'label', e.g. the embedded 'loopback_traffic', 'can_bus' and 'ctr_domains'): every feature under its own name,
+integers as int32 and floats as float32 (uint8 bytes become int32 0..255, not scaled). The dataset info lists them
+(`features`: name -> (shape, dtype)) with what the builder's `FORMAT_INFO` adds (vocabulary sizes, cardinalities).
+
 Multi-host: the examples of a split are dealt to hosts round-robin (host p reads examples p, p + P, ...), so hosts
 read disjoint examples; each host packs and batches its own share and yields global_batch_size // process_count rows.
 The rows of all hosts together are not the rows a single host would yield.
@@ -116,10 +121,19 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
     info = {"format": "images", "num_classes": features["label"].num_classes, "image_shape": shape}
     if cfg.get("clusters"):
       info["clusters"] = cfg["clusters"]
+  elif _has_arrays(features):
+    info = {
+      "format": "arrays",
+      "features": {k: _array_spec(f) for k, f in features.items()},
+      "num_classes": features["label"].num_classes,
+      "label_names": tuple(features["label"].names),
+      **getattr(builder, "FORMAT_INFO", {}),
+    }
   else:
     raise ValueError(
       f"dataset {cfg['name']!r} has features {sorted(features)}; allowed: a Text feature named "
-      f"text_key={text_key!r} (format 'text') or 'image' + ClassLabel 'label' (format 'images')"
+      f"text_key={text_key!r} (format 'text'), 'image' + ClassLabel 'label' (format 'images'), or fixed-shape "
+      f"tensors + ClassLabel 'label' (format 'arrays')"
     )
   if "domain" in features and isinstance(features["domain"], tfds.features.ClassLabel):
     info["domains"] = tuple(features["domain"].names)
@@ -129,6 +143,29 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
       f"{info['format']!r}"
     )
   return info
+
+
+def _has_arrays(features) -> bool:
+  """Whether every feature is a fixed-shape numeric tensor or a ClassLabel, one of them 'label' (format 'arrays')."""
+  if not isinstance(features["label"] if "label" in features else None, tfds.features.ClassLabel):
+    return False
+  return all(
+    isinstance(f, tfds.features.ClassLabel)
+    or (isinstance(f, tfds.features.Tensor) and None not in f.shape and np.dtype(f.np_dtype).kind in "biuf")
+    for f in features.values()
+  )
+
+
+def _array_dtype(dtype) -> str:
+  """The batch dtype of an 'arrays' feature: integers (and booleans) as int32, floats as float32."""
+  return "float32" if np.dtype(dtype).kind == "f" else "int32"
+
+
+def _array_spec(feature) -> tuple[tuple[int, ...], str]:
+  """(shape, batch dtype name) of one feature of an 'arrays' dataset (a ClassLabel is an int32 scalar)."""
+  if isinstance(feature, tfds.features.ClassLabel):
+    return (), "int32"
+  return tuple(feature.shape), _array_dtype(feature.np_dtype)
 
 
 def _has_text_pairs(features) -> bool:
@@ -304,6 +341,14 @@ class _ToImageExample(grain.transforms.Map):
     return example
 
 
+@dataclasses.dataclass(frozen=True)
+class _ToArrays(grain.transforms.Map):
+  """Record -> every feature as a numpy array, integers as int32 and floats as float32 (format 'arrays')."""
+
+  def map(self, record):
+    return {k: np.asarray(v).astype(_array_dtype(np.asarray(v).dtype)) for k, v in record.items()}
+
+
 class _Clustered:
   """A random-access source whose records also carry their k-means cluster (`zoo.data.partition`)."""
 
@@ -424,6 +469,8 @@ def make_iterator(
   elif info["format"] == "text_pairs":
     ds = ds.map(_ToPairExample(cfg["tokenizer"], cfg["seq_len"], info["pad_id"]))
     it = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(_READ_OPTIONS)
+  elif info["format"] == "arrays":
+    it = ds.map(_ToArrays()).batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(_READ_OPTIONS)
   else:
     ds = ds.map(_ToImageExample()).batch(batch_size, drop_remainder=drop_remainder)
     it = ds.to_iter_dataset(_READ_OPTIONS)
@@ -440,7 +487,7 @@ def make_iterator(
   }
   if cfg["clusters"]:
     fingerprint.update(clusters=cfg["clusters"], cluster=cfg["cluster"])
-  if info["format"] != "images":
+  if info["format"] not in ("images", "arrays"):
     fingerprint["seq_len"] = cfg["seq_len"]
     fingerprint["tokenizer"] = cfg["tokenizer"]
   return DataIterator(iter(it), fingerprint)
