@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.layers import MLP, Attention, DenseGeneral, Embed
+from zoo.layers.embeddings import sincos_2d
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, check_config, register_model
 
@@ -55,20 +56,6 @@ def unpatchify(x, patch_size, height, width, channels):
   b, p = x.shape[0], patch_size
   x = x.reshape(b, height // p, width // p, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, height, width, channels)
-
-
-def sincos_1d(positions, dim):
-  """[n] positions -> [n, dim] float32: `[sin(pos * w_i), cos(pos * w_i)]` with `w_i = 10000^(-i / (dim/2))`."""
-  omega = 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim // 2))
-  angles = np.asarray(positions, np.float64)[:, None] * omega[None, :]
-  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
-
-
-def sincos_2d(grid_height, grid_width, dim):
-  """The fixed 2-D positional embedding of ViT/MAE (used by DiT): [grid_height * grid_width, dim] float32, half the
-  width encoding the patch row, half its column (dim divisible by 4); row-major patch order as in `patchify`."""
-  rows, cols = np.meshgrid(np.arange(grid_height), np.arange(grid_width), indexing="ij")
-  return np.concatenate([sincos_1d(rows.reshape(-1), dim // 2), sincos_1d(cols.reshape(-1), dim // 2)], axis=1)
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
