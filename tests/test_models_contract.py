@@ -30,6 +30,13 @@ TINY = {
   "dit": dict(patch_size=4, num_classes=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8),
   "flow_router": dict(patch_size=4, num_experts=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8),
   "aptp": dict(patch_size=4, num_classes=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8, num_codes=2),
+  "adaptdhm": dict(cardinalities=(5, 6), numeric_features=2, num_domains=3, embed_dim=4, tower_dims=(8, 4)),
+  "netmamba": dict(num_classes=3, packets=2, header_bytes=8, payload_bytes=8, embed_dim=8, depth=1, decoder_dim=8),
+  "bilstm": dict(vocab_size=32, embed_dim=8, hidden_dim=8, num_classes=3),
+  "distillation": dict(
+    teacher=dict(name="text_encoder", **LM, pooling="mean", num_classes=3),
+    student=dict(name="bilstm", vocab_size=32, embed_dim=8, hidden_dim=8, num_classes=3),
+  ),
 }
 IMAGES = ("simplenet",)
 # Flow-matching image models (`zoo.tasks.flow_matching`, `zoo.tasks.flow_router`): images plus the time t [B], and
@@ -49,6 +56,14 @@ def _inputs(name):
     if "prompts" in FLOW_IMAGES[name]:
       inputs["prompts"] = jax.nn.one_hot(jnp.array([0, 3]), 15)  # APTP's prompt embeddings
     return inputs
+  if name == "adaptdhm":  # a CTR example: categorical fields, numeric features, its domain
+    return {
+      "categorical": jnp.array([[0, 3], [4, 5]], jnp.int32),
+      "numeric": jax.random.normal(jax.random.key(0), (2, 2)),
+      "domain": jnp.array([0, 2], jnp.int32),
+    }
+  if name == "netmamba":  # NetMamba's flows: 5 packets of 80 header + 240 payload bytes
+    return {"packets": jax.random.randint(jax.random.key(0), (2, 5, 320), 0, 256)}
   if name in IMAGES:
     return {"images": jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))}
   return {"tokens": jax.random.randint(jax.random.key(0), (2, 8), 0, LM["vocab_size"])}

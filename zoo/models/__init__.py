@@ -15,6 +15,7 @@ Model contract (call signatures by task: CONTRIBUTING.md):
     blockffn with k = num_experts, readme_moe with k = 1).
   - 'depth': int32 [batch, length], the recursions each token ran (mor).
   - 'routes': int32 [batch, length, num_layers], each token's route per layer, 0 skip / 1 small / 2 big (duo_llm).
+  - 'cluster_ids': int32 [batch], the tower (cluster, or domain) each example used (adaptdhm).
 """
 
 from zoo.models.output import ModelOutput
