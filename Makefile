@@ -20,7 +20,7 @@ train: venv
 	$(PY) evaluate.py --config configs/dense_lm.py --workdir $(WORKDIR)
 
 test: venv
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 -q --durations=15 tests
 
 # ruff, configured in pyproject.toml (CONTRIBUTING.md, "Formatting and lint"); CI runs it before the tests.
 lint: venv
