@@ -190,3 +190,16 @@ def test_a_renamed_key_is_read_under_its_new_name_with_a_warning(extra_models, m
   assert "config.model.breadth is now called config.model.width" in caplog.text
   with pytest.raises(ConfigError, match="config.model.breadth was renamed to config.model.width .* set only"):
     build_model({"name": "extra_model", "breadth": 7, "width": 8})
+
+
+def test_list_models_and_create_model():
+  from zoo.models import ConfigError, create_model, list_models, model_names
+
+  assert list_models() == model_names() and list_models("moe*") == ["moe_lm"]
+  assert {"simplenet", "text_encoder"} <= set(list_models("*e*"))
+  model = create_model("simplenet", num_classes=3, width_multiplier=0.5)
+  assert type(model).__name__ == "SimpleNet" and model.num_classes == 3
+  with pytest.raises(ConfigError, match=r"'nope' is not a known model; choose one of \["):
+    create_model("nope")
+  with pytest.raises(ConfigError, match="config.model.bogus is not a field of model 'simplenet'"):
+    create_model("simplenet", bogus=1)

@@ -18,7 +18,38 @@ Model contract (call signatures by task: CONTRIBUTING.md):
   - 'cluster_ids': int32 [batch], the tower (cluster, or domain) each example used (adaptdhm).
 """
 
+import fnmatch
+
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, build_model, get_model_class, model_names, register_model
 
-__all__ = ["ConfigError", "ModelOutput", "build_model", "get_model_class", "model_names", "register_model"]
+__all__ = [
+  "ConfigError",
+  "ModelOutput",
+  "build_model",
+  "create_model",
+  "get_model_class",
+  "list_models",
+  "model_names",
+  "register_model",
+]
+
+
+def list_models(pattern="*"):
+  """The model names matching the shell-style `pattern` (timm's `list_models`), sorted; no model module is imported.
+
+  >>> list_models("moe*")
+  ['moe_lm']
+  """
+  return fnmatch.filter(model_names(), pattern)
+
+
+def create_model(name, **overrides):
+  """The Linen module of model `name` with its defaults changed by `overrides` (timm's `create_model`), e.g.
+  `create_model("simplenet", num_classes=100)`; initialise it with `model.init(rng, **inputs)`.
+
+  Raises:
+    ConfigError: no model `name` (the message lists them), or an override that is not one of its keys or has an
+      invalid value (the message names it and what is allowed).
+  """
+  return build_model({"name": name}, **overrides)
