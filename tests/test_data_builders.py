@@ -97,5 +97,5 @@ def test_two_processes_build_at_once(tmp_path):
 
 
 def test_prepare_unknown_name(tmp_path):
-  with pytest.raises(ValueError, match="allowed: \\['digits', 'pystdlib', 'stdlib_doc_code'\\]"):
+  with pytest.raises(ValueError, match=r"unknown embedded dataset 'nope'; allowed: \['can_bus', 'ctr_domains', "):
     builders.prepare("nope", str(tmp_path))
