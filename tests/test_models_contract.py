@@ -30,6 +30,21 @@ TINY = {
   "dit": dict(patch_size=4, num_classes=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8),
   "flow_router": dict(patch_size=4, num_experts=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8),
   "aptp": dict(patch_size=4, num_classes=3, embed_dim=8, num_layers=1, num_heads=2, frequency_dim=8, num_codes=2),
+  "emov2": dict(
+    variant="custom",
+    num_classes=10,
+    image_size=8,
+    in_channels=1,
+    depths=(1, 1, 2, 2),
+    widths=(4, 4, 8, 8),
+    head_dims=(4, 4, 4, 4),
+    stem_stride=1,
+    stage_strides=(1, 2, 1, 2),
+    window_size=2,
+  ),
+  "mofme": dict(
+    num_classes=3, channels=1, patch_size=4, embed_dim=8, depth=1, num_heads=2, hidden_dim=8, num_experts=3, top_k=2
+  ),
   "adaptdhm": dict(cardinalities=(5, 6), numeric_features=2, num_domains=3, embed_dim=4, tower_dims=(8, 4)),
   "netmamba": dict(num_classes=3, packets=2, header_bytes=8, payload_bytes=8, embed_dim=8, depth=1, decoder_dim=8),
   "bilstm": dict(vocab_size=32, embed_dim=8, hidden_dim=8, num_classes=3),
@@ -38,7 +53,7 @@ TINY = {
     student=dict(name="bilstm", vocab_size=32, embed_dim=8, hidden_dim=8, num_classes=3),
   ),
 }
-IMAGES = ("simplenet",)
+IMAGES = ("simplenet", "emov2", "mofme")
 # Flow-matching image models (`zoo.tasks.flow_matching`, `zoo.tasks.flow_router`): images plus the time t [B], and
 # the class labels [B] for the velocity model.
 FLOW_IMAGES = {"dit": ("t", "labels"), "flow_router": ("t",), "aptp": ("t", "labels", "prompts")}
