@@ -108,6 +108,10 @@ class Experiment:
 
         _, variables = load_hf_checkpoint(source)
         _check_fits(variables, sub, source)
+      elif source.startswith("timm:"):
+        from zoo.checkpoints.timm_weights import load_timm_checkpoint  # pylint: disable=g-import-not-at-top
+
+        variables = load_timm_checkpoint(source, sub)  # every leaf of the sub-tree, or a ConversionError
       else:
         variables = restore_variables(source, sub, partial=True)
       loaded.append((path, source, variables))
