@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.layers import DenseGeneral
+from zoo.layers.vision import TORCH_CONV_INIT, drop_path
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, check_config, register_model
 
@@ -101,8 +102,6 @@ STAGE_ACTIVATIONS = ("silu", "silu", "gelu", "gelu")
 DW_KERNEL = 5  # the i2RMB depthwise kernel ("k5")
 STEM_KERNEL = 3
 
-# PyTorch's default convolution init (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-TORCH_CONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 ACTIVATIONS = {"silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False)}
 
 
@@ -179,14 +178,6 @@ def hybrid_window_attention(q, k, v, *, num_heads, window):
   close = window_attention(q, k, v, num_heads=num_heads, window=window, mode="close")
   remote = window_attention(q, k, v, num_heads=num_heads, window=window, mode="remote")
   return close + remote
-
-
-def drop_path(x, rate, rng):
-  """Stochastic depth (Huang et al. 2016): each example's branch is zeroed with probability `rate`, the rest scaled by
-  1 / (1 - rate)."""
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
 class _Parts:

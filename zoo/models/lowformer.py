@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.layers import DenseGeneral, count_params, dot_product_attention
-from zoo.models.emov2 import TORCH_CONV_INIT, drop_path
+from zoo.layers.vision import TORCH_CONV_INIT, drop_path
 from zoo.models.output import ModelOutput
 from zoo.models.registry import ConfigError, check_config, register_model
 
