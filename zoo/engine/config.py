@@ -84,9 +84,11 @@ def base_config(model=None, dataset="pystdlib", task="lm"):
     }
   )
   # Where the initial variables come from: '' (a fresh init), a zoo checkpoint directory (a workdir or its
-  # checkpoints/ folder), 'hf:DIR' (a Hugging Face model directory; its config.json then sets config.model), or a
-  # mapping {sub-tree path: source} overlaid onto a fresh init (e.g. {'small': 'workdirs/a', 'large': 'hf:DIR'};
-  # '' is the whole tree). Sub-tree paths are '/'-joined keys of the params (and of the other collections).
+  # checkpoints/ folder), 'hf:DIR' (a Hugging Face model directory; its config.json then sets config.model),
+  # 'timm:FILE.safetensors' (a timm LowFormer state dict, `zoo.checkpoints.timm_weights`, for a 'lowformer' model or
+  # sub-tree), or a mapping {sub-tree path: source} overlaid onto a fresh init (e.g. {'small': 'workdirs/a',
+  # 'large': 'hf:DIR'}; '' is the whole tree). Sub-tree paths are '/'-joined keys of the params (and of the other
+  # collections).
   c.init_from = config_dict.placeholder(object)
   c.init_from = ""
   # Regular expressions over '/'-joined parameter paths (`zoo.engine.partition`): when trainable_params is
@@ -162,7 +164,7 @@ def init_sources(config):
   if hasattr(value, "items") and all(isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
     return {k.strip("/"): v for k, v in value.items()}
   raise ConfigError(
-    f"config.init_from={value!r} is invalid; allowed: '', a checkpoint directory, 'hf:DIR', or a "
+    f"config.init_from={value!r} is invalid; allowed: '', a checkpoint directory, 'hf:DIR', 'timm:FILE', or a "
     "mapping {sub-tree path: source}"
   )
 
@@ -299,7 +301,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None):
     f"a task that reads format {info['format']!r} (dataset {config.data.get('name')!r}); task {config.task!r} "
     f"reads {list(task.formats)}",
   )
-  build_model(config.model)  # unknown model names and keys raise ConfigError
+  model = build_model(config.model)  # unknown model names and keys raise ConfigError
+  task.check_model(model, info, config.data)  # e.g. image channels and size against the model's (the task's keys)
   for key in ("vocab_size", "num_classes"):
     unconditional = key == "num_classes" and config.model[key] == 0 if key in config.model else False
     if unconditional and config.task in ("flow_matching", "aptp") and not config.task_options.get("num_classes"):

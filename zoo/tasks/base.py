@@ -15,6 +15,7 @@ A task is a frozen dataclass whose fields are its options (`config.task_options`
       def stats(self, outputs, targets, batch): ...  # -> weighted sums, 'loss_sum' and 'weight' required
       def finalize(self, sums, info): ...     # -> metrics (floats)
       def items(self, batch): ...             # -> items in a host batch (tokens, examples)
+      def check_model(self, model, info, data_config): ...  # ConfigError when the built model cannot read the data
 
 Every task reduces a batch to weighted sums so that evaluation over many batches, some padded with zero-weight rows
 (`batch['weight']`), is exact; the engine minimises `loss_sum / weight` plus the model's `aux_loss`.
@@ -70,6 +71,11 @@ class Task:
 
   def finalize(self, sums, info):
     raise NotImplementedError
+
+  def check_model(self, model, info, data_config) -> None:
+    """Raises ConfigError when the built `model` cannot read the dataset (`info`, after `data_config`'s options),
+    naming the model key, both values and the option that fixes it; checked at start-up. Default: nothing."""
+    del model, info, data_config
 
   def items(self, batch) -> int:
     """Items in a host batch (before padding): by default its rows."""
