@@ -52,8 +52,22 @@ TINY = {
     teacher=dict(name="text_encoder", **LM, pooling="mean", num_classes=3),
     student=dict(name="bilstm", vocab_size=32, embed_dim=8, hidden_dim=8, num_classes=3),
   ),
+  "clr": dict(head_classes=(3, 2), stage_sizes=(1,), width=4),  # its output: one logits array per task's head
+  "slimmable": dict(
+    num_classes=3, width_mults=(0.5, 1.0), encoder_widths=(4,), encoder_strides=(2,), bottleneck=4, decoder_widths=(4,)
+  ),
+  "lowformer": dict(
+    variant="custom",
+    num_classes=10,
+    in_channels=1,
+    widths=(4, 4, 8, 8, 8),
+    depths=(0, 1, 1, 1, 1),
+    head_widths=(8, 8),
+    stem_stride=1,
+    stage_strides=(1, 2, 1, 2),
+  ),
 }
-IMAGES = ("simplenet", "emov2", "mofme")
+IMAGES = ("simplenet", "emov2", "mofme", "clr", "slimmable", "lowformer")
 # Flow-matching image models (`zoo.tasks.flow_matching`, `zoo.tasks.flow_router`): images plus the time t [B], and
 # the class labels [B] for the velocity model.
 FLOW_IMAGES = {"dit": ("t", "labels"), "flow_router": ("t",), "aptp": ("t", "labels", "prompts")}
