@@ -56,6 +56,7 @@ TINY = {
   "slimmable": dict(
     num_classes=3, width_mults=(0.5, 1.0), encoder_widths=(4,), encoder_strides=(2,), bottleneck=4, decoder_widths=(4,)
   ),
+  "r2r": dict(input_dim=8, hidden_dim=8, num_blocks=2, top_k=5),
   "lowformer": dict(
     variant="custom",
     num_classes=10,
@@ -93,6 +94,13 @@ def _inputs(name):
     }
   if name == "netmamba":  # NetMamba's flows: 5 packets of 80 header + 240 payload bytes
     return {"packets": jax.random.randint(jax.random.key(0), (2, 5, 320), 0, 256)}
+  if name == "r2r":  # R2R's router: the small LM's hidden state, sampled-token embedding and top-k logits
+    k = jax.random.split(jax.random.key(0), 3)
+    return {
+      "hidden_states": jax.random.normal(k[0], (2, 8)),
+      "token_embeddings": jax.random.normal(k[1], (2, 8)),
+      "top_logits": jax.random.normal(k[2], (2, 5)),
+    }
   if name in IMAGES:
     return {"images": jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))}
   return {"tokens": jax.random.randint(jax.random.key(0), (2, 8), 0, LM["vocab_size"])}
