@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from zoo.data import make_iterator
+from zoo.engine import runs
 from zoo.engine.generate import generate
 from zoo.engine.writers import read_config
 from zoo.routing import r2r
@@ -77,8 +78,8 @@ def main():
   args = parser.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
 
-  small, small_vars = r2r.load_lm_run(args.small)
-  large, large_vars = r2r.load_lm_run(args.large)
+  small, small_vars = runs.load_lm_run(args.small)
+  large, large_vars = runs.load_lm_run(args.large)
   router, router_vars, record = r2r.load_router(args.router)
   route, route_params = r2r.router_route(router), {"variables": router_vars, "threshold": record["threshold"]}
   config = read_config(args.small)

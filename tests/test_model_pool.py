@@ -13,6 +13,7 @@ import pytest
 
 from test_engine import tiny_config
 from tools import route_models
+from zoo.engine import runs
 from zoo.engine.checkpoint import Checkpointer
 from zoo.models import ConfigError, build_model
 from zoo.routing import model_pool
@@ -52,7 +53,7 @@ def pool_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(pool_dirs):
-  return model_pool.load_pool(pool_dirs)
+  return runs.load_pool(pool_dirs)
 
 
 def test_load_pool_sorts_by_flops_and_restores_the_checkpoints(pool):
@@ -68,15 +69,15 @@ def test_load_pool_sorts_by_flops_and_restores_the_checkpoints(pool):
 
 def test_pool_errors(tmp_path, pool_dirs):
   with pytest.raises(ConfigError, match="no such run directory"):
-    model_pool.load_pool([pool_dirs[0], f"x={tmp_path / 'missing'}"])
+    runs.load_pool([pool_dirs[0], f"x={tmp_path / 'missing'}"])
   empty = write_run(tmp_path / "empty", member_config("tiny_a"), checkpoint=False)
   with pytest.raises(ConfigError, match="pool member 'empty': no checkpoint in"):
-    model_pool.load_pool([pool_dirs[0], empty])
+    runs.load_pool([pool_dirs[0], empty])
   other = write_run(tmp_path / "other", member_config("tiny_a", vocab_size=300), checkpoint=False)
   with pytest.raises(ConfigError, match="must share one tokenizer and vocabulary.*vocab 300"):
-    model_pool.load_pool([pool_dirs[0], other])
+    runs.load_pool([pool_dirs[0], other])
   with pytest.raises(ConfigError, match="at least two members"):
-    model_pool.load_pool(pool_dirs[:1])
+    runs.load_pool(pool_dirs[:1])
   with pytest.raises(ConfigError, match="occur twice"):
     model_pool.parse_pool("a=x,a=y")
   assert model_pool.parse_pool("workdirs/pool_small,big=w/l") == [("small", "workdirs/pool_small"), ("big", "w/l")]

@@ -115,12 +115,13 @@ def router_probs(router, variables, features, batch_size=4096):
 def run(args):
   import numpy as np
 
+  from zoo.engine import runs
   from zoo.engine.writers import read_config
   from zoo.models import build_model
   from zoo.routing import r2r
 
-  small, small_vars = r2r.load_lm_run(args.small)
-  large, large_vars = r2r.load_lm_run(args.large)
+  small, small_vars = runs.load_lm_run(args.small)
+  large, large_vars = runs.load_lm_run(args.large)
   if small.vocab_size != large.vocab_size:
     raise ValueError(
       f"the small model's vocabulary ({small.vocab_size}) differs from the large one's ({large.vocab_size})"

@@ -54,8 +54,9 @@ def _parse_budgets(text):
 
 def run(args):
   """Everything but the printing: returns the results dict (also written to DIR/results.json)."""
+  from zoo.engine import runs
   from zoo.models import ConfigError
-  from zoo.routing import cost_quality as cq, model_pool, model_routers, router_r1  # router_r1 registers 'router_r1'
+  from zoo.routing import cost_quality as cq, model_pool, model_routers, router_r1  # router_r1 registers it
 
   del router_r1
 
@@ -65,7 +66,7 @@ def run(args):
     model_routers.MODEL_ROUTERS.get(name)
   if os.path.exists(os.path.join(args.out, RESULTS)) and not args.overwrite:
     raise ConfigError(f"--out={args.out} already holds {RESULTS}; allowed: a new directory, or --overwrite")
-  pool = model_pool.load_pool(args.pool)
+  pool = runs.load_pool(args.pool)
   first = pool.members[0].config
   tokens, category, categories = model_pool.corpus_queries(
     first.data,

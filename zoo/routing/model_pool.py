@@ -1,10 +1,11 @@
 """A pool of trained zoo LMs for the routers between models (`papers.md` C1-C5, `zoo.routing.model_routers`), their
 measured cost, and the routing data built from them.
 
-- `load_pool(["small=workdirs/pool_small", "workdirs/pool_large", ...])`: each member's config (`config.json`) and
-  latest checkpoint, restored as a frozen parameter tree (one device; nothing trains). Members are sorted by forward
-  FLOPs per token. One `ConfigError` line for a missing run directory, a run without a checkpoint, members whose
-  vocabularies or tokenizers differ, a duplicate name, and (`ModelPool.member`) a name not in the pool.
+- `zoo.engine.runs.load_pool(["small=workdirs/pool_small", "workdirs/pool_large", ...])` (the engine restores runs):
+  each member's config (`config.json`) and latest checkpoint, restored as a frozen parameter tree (one device;
+  nothing trains). Members are sorted by forward FLOPs per token. One `ConfigError` line for a missing run
+  directory, a run without a checkpoint, members whose vocabularies or tokenizers differ, a duplicate name, and
+  (`ModelPool.member`) a name not in the pool.
 - `measure_costs(pool, tokens)`: per member the analytic forward FLOPs per token (one third of the model's
   `train_flops_per_token`, Kaplan et al. 2020 table 1: the forward pass is 2N + 4 L d keys of the 6N + 12 L d keys)
   and the tokens per second measured in one run on this machine: the jitted forward over the same batch, after
@@ -98,71 +99,6 @@ def parse_pool(spec):
   if dup:
     raise ConfigError(f"--pool: member names {dup} occur twice; allowed: distinct names (NAME=DIR)")
   return pairs
-
-
-def _read_member_config(name, workdir):
-  from zoo.engine.writers import read_config
-
-  if not os.path.isdir(workdir):
-    raise ConfigError(f"pool member {name!r}: no such run directory {workdir}")
-  try:
-    return read_config(workdir)
-  except FileNotFoundError as e:
-    raise ConfigError(f"pool member {name!r}: {e}") from None
-
-
-def _tokenizer_of(config):
-  return str(config.data.get("tokenizer", "") or "bytes")
-
-
-def load_pool(spec, *, devices=None) -> ModelPool:
-  """Loads the members of `spec` (see `parse_pool`) with their latest checkpoints.
-
-  Args:
-    spec: 'NAME=DIR,...' or a list of 'NAME=DIR' / 'DIR'.
-    devices: the devices to load onto (default: the first one).
-
-  Raises:
-    ConfigError: see the module docstring.
-  """
-  import jax
-
-  from zoo.engine.checkpoint import Checkpointer, CheckpointError, checkpoint_dir, restore_variables
-  from zoo.engine.trainer import Experiment
-
-  pairs = parse_pool(spec)
-  configs = [_read_member_config(n, w) for n, w in pairs]
-  shared = {(_tokenizer_of(c), int(c.model.vocab_size)) for c in configs}
-  if len(shared) > 1:
-    found = ", ".join(
-      f"{n}: tokenizer {_tokenizer_of(c)!r} vocab {c.model.vocab_size}" for (n, _), c in zip(pairs, configs)
-    )
-    raise ConfigError(f"pool members must share one tokenizer and vocabulary; found {found}")
-  for (name, _), c in zip(pairs, configs):
-    if c.task != "lm":
-      raise ConfigError(f"pool member {name!r} was trained for task {c.task!r}; allowed: 'lm' runs")
-  members = []
-  devices = devices or jax.devices()[:1]
-  for (name, workdir), config in zip(pairs, configs):
-    directory = checkpoint_dir(workdir)
-    step = None
-    if os.path.isdir(directory):
-      ckpt = Checkpointer(directory, create=False)
-      step = ckpt.latest_step()
-      ckpt.manager.close()
-    if step is None:
-      raise ConfigError(f"pool member {name!r}: no checkpoint in {directory}; train it first (train.py --workdir)")
-    config.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)  # whatever mesh it trained on: here one device
-    exp = Experiment(config, devices=devices)
-    try:
-      variables = restore_variables(workdir, exp.abstract_state()[0].variables(), key=f"pool member {name!r}")
-    except CheckpointError as e:
-      raise ConfigError(str(e)) from None
-    members.append(PoolMember(name, workdir, int(step), config, exp.model, variables))
-  seq_len = int(configs[0].data.seq_len)
-  members.sort(key=lambda m: m.forward_flops_per_token(seq_len))
-  tokenizer, vocab = shared.pop()
-  return ModelPool(tuple(members), tokenizer, vocab)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zoo.engine.generate import generate
-
 NEWLINE = 10  # the byte-level tokenizer's id of b"\n"
 
 
@@ -146,6 +144,17 @@ def _prefill_cache(model, variables, tokens, cache):
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), out.cache
 
 
+def greedy_responses(model, variables, prompts, response_len):
+  """prompts [batch, prompt_len] followed by the model's `response_len` greedy tokens, decoded with its KV cache."""
+  batch, prompt_len = prompts.shape
+  cache = model.init_cache(batch, prompt_len + response_len)
+  if prompt_len > 1:
+    _, cache = _prefill_cache(model, variables, prompts[:, :-1], cache)
+  last_position = jnp.full((batch,), prompt_len - 1, jnp.int32)
+  tokens, _ = _continue_greedy(model, variables, cache, prompts[:, -1], last_position, response_len)
+  return jnp.concatenate([prompts, tokens], axis=1)
+
+
 def label_tokens(
   small,
   small_variables,
@@ -189,7 +198,7 @@ def label_tokens(
   if responses is None:
     if response_len < 1:
       raise ValueError(f"label_tokens: response_len={response_len} must be >= 1")
-    sequences = generate(large, large_variables, prompts, max_new_tokens=response_len)
+    sequences = greedy_responses(large, large_variables, prompts, response_len)
   else:
     responses = jnp.asarray(responses, jnp.int32)
     if responses.ndim != 2 or responses.shape[0] != batch:
@@ -443,16 +452,6 @@ def sequence_nll(model, variables, tokens, start):
 # Runs and the trained router on disk.
 
 ROUTER_PARAMS, ROUTER_JSON = "router.msgpack", "router.json"
-
-
-def load_lm_run(workdir):
-  """(model, variables) of the LM run in `workdir` (its config.json and latest checkpoint, by the engine's restore)."""
-  from zoo.engine.checkpoint import restore_variables
-  from zoo.engine.trainer import Experiment
-  from zoo.engine.writers import read_config
-
-  exp = Experiment(read_config(workdir))
-  return exp.model, restore_variables(workdir, exp.abstract_state()[0].variables())
 
 
 def save_router(directory, router, variables, record):
