@@ -25,22 +25,8 @@ import numpy as np
 import timm
 import torch
 
-from zoo.checkpoints.timm_weights import timm_to_zoo
+from zoo.checkpoints.timm_weights import randomise_norms, timm_to_zoo
 from zoo.models import build_model
-
-
-def randomise_norms(model, seed=0):
-  """Random BatchNorm running statistics and norm affines (so the check covers them)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)):
-        m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-        m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-  return model
 
 
 def measure(variant, batch, size, rounds, warmup):

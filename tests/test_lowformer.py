@@ -10,7 +10,7 @@ import timm
 import torch
 
 from zoo.checkpoints import ConversionError
-from zoo.checkpoints.timm_weights import load_timm_checkpoint, timm_to_zoo, zoo_to_timm
+from zoo.checkpoints.timm_weights import load_timm_checkpoint, randomise_norms, timm_to_zoo, zoo_to_timm
 from zoo.models import ConfigError, build_model
 
 # The authors' README (altair199797/LowFormer, "Model Zoo" table, params in millions): B0 14.1, B1 17.9, B1.5 33.9,
@@ -32,23 +32,9 @@ TINY = dict(
 )
 
 
-def _randomise_norms(model, seed=0):
-  """Random BatchNorm running statistics and norm affines, so that every one of them shows in the logits."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)):
-        m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
-        m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
-  return model
-
-
 def _timm(name="lowformer_b0", **kwargs):
   torch.manual_seed(0)
-  return _randomise_norms(timm.create_model(name, pretrained=False, **kwargs).eval())
+  return randomise_norms(timm.create_model(name, pretrained=False, **kwargs).eval())
 
 
 def _images(shape, seed=0):

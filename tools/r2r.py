@@ -14,12 +14,14 @@ label -> train the router -> choose its threshold -> save it.
    lowest validation loss (the authors' checkpoint selection).
 3. tau: the largest threshold with recall >= `--recall` (0.95, the authors' rule) of the validation labels.
 
-Writes `--out`/router.msgpack and router.json (the router's keys, tau, the label statistics); prints a summary and,
-as its last line, one JSON object. `bench/r2r_decode.py` measures routed decoding with the saved router.
+Writes `--out`/router.msgpack and router.json (the router's keys, tau, the label statistics); refuses a directory
+that already holds a router unless `--overwrite`; bad input is one line on stderr, exit code 2. Prints a summary
+and, as its last line, one JSON object. `bench/r2r_decode.py` measures routed decoding with the saved router.
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -120,6 +122,8 @@ def run(args):
   from zoo.models import build_model
   from zoo.routing import r2r
 
+  if os.path.exists(os.path.join(args.out, r2r.ROUTER_JSON)) and not args.overwrite:
+    raise ValueError(f"--out={args.out} already holds a trained router; allowed: a new directory, or --overwrite")
   small, small_vars = runs.load_lm_run(args.small)
   large, large_vars = runs.load_lm_run(args.large)
   if small.vocab_size != large.vocab_size:
@@ -186,6 +190,7 @@ def main(argv=None):
   parser.add_argument("--small", required=True, help="workdir of the small LM run")
   parser.add_argument("--large", required=True, help="workdir of the large LM run (same tokenizer)")
   parser.add_argument("--out", required=True, help="directory for router.msgpack and router.json")
+  parser.add_argument("--overwrite", action="store_true", help="replace the router already in --out")
   for name, default, kind in (
     ("train-prompts", 192, int),
     ("val-prompts", 64, int),
@@ -205,7 +210,8 @@ def main(argv=None):
   try:
     record = run(args)
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"r2r: {e}")
+    print(f"r2r: {e}", file=sys.stderr)
+    sys.exit(2)
   for split, s in record["labels"].items():
     print(
       f"{split}: {s['tokens']} labelled tokens, small agrees with large on {s['agree_rate']:.3f}, "

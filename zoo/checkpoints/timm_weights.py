@@ -325,3 +325,20 @@ def load_timm_checkpoint(path, target):
 
   path = path[len("timm:") :] if str(path).startswith("timm:") else str(path)
   return timm_to_zoo(load_file(path), target, source=path)
+
+
+def randomise_norms(torch_model, seed=0):
+  """`torch_model` (changed in place and returned) with random BatchNorm running statistics and norm affines, so that
+  every one of them shows in the logits of a parity check."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in torch_model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(0.5 * torch.randn(m.running_mean.shape, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+      if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)):
+        m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+        m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+  return torch_model
