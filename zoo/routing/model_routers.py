@@ -21,6 +21,9 @@ Routers (`MODEL_ROUTERS`, by name):
   s(m, x) = w2 . (v_m * (W1 x + b1)), P(m beats j | x) = sigmoid(s(m, x) - s(j, x)), trained on which member wins
   each training query (pairs with equal quality are left out [guess]); the predicted quality of m is its mean win
   probability against the others [guess: RouteLLM routes between two models only].
+- `sw_ranking`: RouteLLM's similarity-weighted ranking router: per query, a Bradley-Terry fit over the training
+  preference pairs, each training query weighted by gamma^(1 + its normalised cosine similarity); predicted
+  quality as `preference`'s.
 - `cascade`: FrugalGPT's cascade (the survey's routing after generation): run the members from the cheapest up and
   stop at the first whose confidence (mean max-softmax probability on the prompt [guess]) is >= the threshold; the
   cost is the sum over every member run.
@@ -36,19 +39,34 @@ Willingness to pay w (the predictive routers and the oracle): per query, the mem
 the member of best predicted quality. Feature-based routers pay `feature_cost` per query (the features' forward pass).
 
 Data (`RoutingData`, numpy): quality [Q, M] (higher is better), cost [Q, M] (seconds or FLOPs of running member m on
-query q), feature_cost [Q], features [Q, F], confidence [Q, M], category int [Q]; members sorted by cost.
+query q), feature_cost [Q], features [Q, F], confidence [Q, M], category int [Q], optionally complexity [Q] (a
+hand-made difficulty feature), optionally tokens [Q, T] (the prompts, for LM routers); members sorted by cost.
+
+Label-based routers (EllieSQL, `papers.md` C4: "Cost-Efficient Text-to-SQL with Complexity-Aware Routing",
+HKUSTDial/EllieSQL): the members are pipelines of increasing cost and every training query gets one label,
+`cheapest_sufficient(quality)`: the cheapest member whose answer is correct, else the most expensive. Each has one
+operating point (`knobs()` = [0.5], the cascade's probability threshold; the others ignore the knob):
+- `rule`: TableCountRouter generalised to M members: cut points on `RoutingData.complexity`, given or learned.
+- `label_knn`: the majority label of the k = 5 nearest training queries (KnnRouter's similarity).
+- `classifier`: an MLP classifying the label (softmax cross-entropy).
+- `binary_cascade`: one "is member i sufficient" classifier per member but the last, walked in cost order.
+- `pairwise`: a scoring MLP trained on preference pairs derived from the label (Bradley-Terry loss); argmax score.
+EllieSQL's DPO-trained LM router (family 'generative') is `zoo.routing.ellie_sql.DpoLmRouter` ('dpo_lm'): it reads
+`RoutingData.tokens`, the queries' prompts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from typing import ClassVar
 
 import numpy as np
 
 from zoo.registry import ConfigError, Registry
 
-FAMILIES = ("baseline", "similarity", "supervised", "cascade", "preference", "rl")
+FAMILIES = ("baseline", "similarity", "supervised", "cascade", "preference", "rl", "generative")
 TIMINGS = ("before", "after")
 MODEL_ROUTERS = Registry("model router", None, "--routers")
 register_model_router = MODEL_ROUTERS.register
@@ -67,6 +85,10 @@ class RoutingData:
     category: int [Q], index into `categories`.
     members: the member names, M of them, in increasing cost.
     categories: the category names.
+    complexity: float [Q] or None, a hand-made difficulty feature (for text-to-SQL the number of tables the question
+      mentions; EllieSQL's TableCountRouter, `papers.md` C4); only the `rule` router reads it.
+    tokens: int [Q, T] or None, each query's prompt as token ids (one length), for routers that are LMs themselves
+      (EllieSQL's DPO-trained router, `zoo.routing.ellie_sql`).
   """
 
   quality: np.ndarray
@@ -77,6 +99,8 @@ class RoutingData:
   category: np.ndarray
   members: tuple[str, ...]
   categories: tuple[str, ...] = ("all",)
+  complexity: np.ndarray | None = None
+  tokens: np.ndarray | None = None
 
   def __post_init__(self):
     q, m = np.shape(self.quality)
@@ -87,6 +111,10 @@ class RoutingData:
       "category": (np.shape(self.category), (q,)),
       "features": (np.shape(self.features)[:1], (q,)),
     }
+    if self.complexity is not None:
+      shapes["complexity"] = (np.shape(self.complexity), (q,))
+    if self.tokens is not None:
+      shapes["tokens"] = (np.shape(self.tokens)[:1], (q,))
     for name, (got, want) in shapes.items():
       if tuple(got) != want:
         raise ValueError(f"RoutingData.{name} has shape {tuple(got)}; quality [Q, M]={q, m} needs {want}")
@@ -107,6 +135,8 @@ class RoutingData:
       feature_cost=pick(self.feature_cost),
       confidence=pick(self.confidence),
       category=pick(self.category),
+      complexity=None if self.complexity is None else pick(self.complexity),
+      tokens=None if self.tokens is None else pick(self.tokens),
     )
 
   def with_cost(self, cost, feature_cost):
@@ -285,7 +315,7 @@ class KnnRouter(_PredictiveRouter):
 
   def fit(self, train, seed=0):
     if not 1 <= self.k <= len(train):
-      raise ConfigError(f"knn: k={self.k} must lie in [1, {len(train)}] (the training queries)")
+      raise ConfigError(f"{self.registry_name}: k={self.k} must lie in [1, {len(train)}] (the training queries)")
     self._scale = _standardize(train.features)
     self._keys = self._unit(train.features)
     self._quality = np.asarray(train.quality, np.float64)
@@ -295,10 +325,13 @@ class KnnRouter(_PredictiveRouter):
     x = self._scale(features)
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
 
-  def predict(self, features):
+  def nearest(self, features):
+    """int [Q, k]: the training queries most similar to each query, most similar first."""
     similarity = self._unit(features) @ self._keys.T
-    nearest = np.argsort(-similarity, axis=1, kind="stable")[:, : self.k]
-    return self._quality[nearest].mean(axis=1)
+    return np.argsort(-similarity, axis=1, kind="stable")[:, : self.k]
+
+  def predict(self, features):
+    return self._quality[self.nearest(features)].mean(axis=1)
 
 
 def _fit_adam(loss_fn, params, *, steps, lr, seed):
@@ -426,6 +459,128 @@ class PreferenceRouter(_PredictiveRouter):
     return (win.sum(axis=2) - 0.5) / max(m - 1, 1)  # the diagonal adds sigmoid(0) = 0.5
 
 
+# The most training x test similarities `SwRankingRouter` holds at once (float64 entries); larger batches go in chunks.
+SW_CHUNK_ENTRIES = 4_000_000
+
+
+@register_model_router("sw_ranking")
+@dataclasses.dataclass
+class SwRankingRouter(_PredictiveRouter):
+  """RouteLLM's similarity-weighted (SW) ranking router (Ong et al. 2024, section 4.1) over the whole pool.
+
+  For a query q every training query i gets the weight w_i = gamma^(1 + S(q, q_i)), S(q, q_i) = sim(q, q_i) /
+  max_j sim(q, q_j), sim the cosine similarity of the standardised features (as `knn`); gamma = 10 as in RouteLLM.
+  Per query, Bradley-Terry coefficients xi [M] are fitted by weighted maximum likelihood over the training preference
+  pairs (`win_pairs`: member a beats member b on training query i), P(a beats b) = sigmoid(xi_a - xi_b); a tie counts
+  as half a win for each side (RouteLLM's `compute_elo_mle_with_tie`), or is left out with `count_ties=False`. The
+  predicted quality of member m is its mean win probability against the others (for M = 2 the strong member's is
+  RouteLLM's sigmoid(xi_strong - xi_weak)) [guess: RouteLLM routes between two models, fitting the BT model over
+  tiers of Chatbot Arena models].
+
+  The fit (numpy, float64, all queries at once): the weights are normalised to sum to 1 per query (the unpenalised
+  maximum likelihood does not change) and an L2 penalty `l2` / 2 * ||xi||^2 on all M coefficients [guess] keeps a
+  member that never wins finite and makes the fit unique (its optimum has mean 0, so no member is the penalty's
+  anchor); `steps` damped Newton iterations (backtracking line search) on the strictly concave penalised
+  log-likelihood; the coefficients are reported shifted to xi_0 = 0. If the largest similarity of a query is <= 0, S
+  divides by its absolute value instead (order kept) [guess: RouteLLM's embeddings have positive similarities].
+  """
+
+  family: ClassVar[str] = "preference"
+  gamma: float = 10.0
+  l2: float = 1e-2
+  steps: int = 30
+  count_ties: bool = True
+
+  def __post_init__(self):
+    self._check()
+
+  def _check(self):
+    name = self.registry_name
+    if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 1.0 <= self.gamma < np.inf:
+      raise ConfigError(
+        f"{name}: gamma={self.gamma!r} must be a finite number >= 1 (1: every training query weighs the same)"
+      )
+    if isinstance(self.l2, bool) or not isinstance(self.l2, (int, float)) or not 0.0 < self.l2 < np.inf:
+      raise ConfigError(f"{name}: l2={self.l2!r} must be a finite number > 0 (it keeps the coefficients finite)")
+    if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+      raise ConfigError(f"{name}: steps={self.steps!r} must be a positive integer (Newton iterations)")
+
+  def fit(self, train, seed=0):
+    del seed
+    self._check()
+    self._scale = _standardize(train.features)
+    self._keys = self._unit(train.features)
+    m = len(train.members)
+    i, j, mask, label = win_pairs(train.quality)
+    if not self.count_ties and not mask.any():
+      raise ConfigError(
+        f"{self.registry_name}: every member has the same quality on every training query and count_ties=False; "
+        "nothing to learn"
+      )
+    tie = 0.5 * (~mask) if self.count_ties else np.zeros(mask.shape)
+    wins = np.zeros((len(train), m, m))  # wins[n, a, b]: how much a beats b on training query n
+    wins[:, i, j] = mask * label + tie
+    wins[:, j, i] = mask * (1.0 - label) + tie
+    self._wins = wins.reshape(len(train), m * m)
+    self._num_members = m
+    return self
+
+  def _unit(self, features):
+    x = np.asarray(self._scale(features), np.float64)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-12)
+
+  def weights(self, features):
+    """float [Q, N_train]: each query's training-query weights gamma^(1 + S), normalised to sum to 1."""
+    similarity = self._unit(features) @ self._keys.T
+    top = np.abs(np.max(similarity, axis=1, keepdims=True))
+    log_w = (1.0 + similarity / np.maximum(top, 1e-12)) * math.log(self.gamma)
+    w = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+    return w / w.sum(axis=1, keepdims=True)
+
+  def coefficients(self, features):
+    """float [Q, M]: the per-query Bradley-Terry coefficients xi (xi_0 = 0)."""
+    features = np.asarray(features)
+    rows = max(1, SW_CHUNK_ENTRIES // max(len(self._keys), 1))
+    chunks = [self._fit_bt(self.weights(features[s : s + rows])) for s in range(0, len(features), rows)]
+    return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, self._num_members))
+
+  def _fit_bt(self, weights):
+    """Penalised weighted BT maximum likelihood for each row of `weights` [Q, N] -> xi [Q, M] (xi_0 = 0)."""
+    m = self._num_members
+    wins = (weights @ self._wins).reshape(-1, m, m)  # [Q, M, M] weighted win counts
+    games = wins + np.swapaxes(wins, 1, 2)
+
+    def objective(xi):  # the negative penalised log-likelihood, [...] over the leading axes of xi [..., Q, M]
+      diff = xi[..., :, None] - xi[..., None, :]
+      return np.sum(wins * np.logaddexp(0.0, -diff), axis=(-2, -1)) + 0.5 * self.l2 * np.sum(xi**2, axis=-1)
+
+    xi = np.zeros((len(wins), m))
+    if m == 1:
+      return xi
+    ts = 0.5 ** np.arange(30)
+    for _ in range(self.steps):
+      p = 1.0 / (1.0 + np.exp(-(xi[:, :, None] - xi[:, None, :])))  # P(a beats b)
+      grad = -np.sum(wins - games * p, axis=2) + self.l2 * xi  # [Q, M]
+      curv = games * p * (1.0 - p)
+      hess = np.einsum("ab,qa->qab", np.eye(m), curv.sum(axis=2) + self.l2) - curv  # [Q, M, M]
+      step = np.linalg.solve(hess, -grad[:, :, None])[..., 0]
+      slope = np.sum(grad * step, axis=1)  # < 0 unless converged
+      if np.all(slope > -1e-14):
+        break
+      now = objective(xi)
+      tried = objective(xi[None] + ts[:, None, None] * step[None])  # [T, Q]
+      ok = tried <= now + 1e-4 * ts[:, None] * slope
+      t = np.where(ok.any(axis=0), ts[np.argmax(ok, axis=0)], 0.0)
+      xi = xi + t[:, None] * step
+    return xi - xi[:, :1]
+
+  def predict(self, features):
+    xi = self.coefficients(features)
+    win = 1.0 / (1.0 + np.exp(-(xi[:, :, None] - xi[:, None, :])))
+    m = xi.shape[1]
+    return (win.sum(axis=2) - 0.5) / max(m - 1, 1)  # the diagonal adds sigmoid(0) = 0.5
+
+
 @register_model_router("cascade")
 @dataclasses.dataclass
 class CascadeRouter(ModelRouter):
@@ -506,6 +661,299 @@ class CompositionRouter(_PredictiveRouter):
     table = self._table_quality[np.argmax(probs, axis=1)]
     general = np.broadcast_to(self._overall, table.shape)
     return np.where(probs.max(axis=1, keepdims=True) >= self.min_confidence, table, general)
+
+
+def cheapest_sufficient(quality):
+  """EllieSQL's training label (`src/router/labeler.py`): per query, the cheapest member that answers correctly.
+
+  Members are sorted by cost (column 0 cheapest). A member is sufficient when its quality equals the row's maximum;
+  a row whose maximum is <= 0 (no member correct) gets the last, most expensive member (EllieSQL's default label is
+  the advanced pipeline).
+
+  Args:
+    quality: float [Q, M], higher is better (1 = correct, 0 = wrong for text-to-SQL).
+
+  Returns:
+    int [Q], in [0, M).
+  """
+  q = np.asarray(quality, np.float64)
+  if q.ndim != 2 or q.shape[1] == 0:
+    raise ValueError(f"cheapest_sufficient: quality has shape {q.shape}; needs [Q, M] with M >= 1")
+  best = q.max(axis=1)
+  first = np.argmax(q >= best[:, None], axis=1)
+  return np.where(best > 0, first, q.shape[1] - 1).astype(np.int64)
+
+
+def _sufficient(quality):
+  """bool [Q, M]: member m is sufficient on query q (its quality is the row's maximum and that maximum is > 0)."""
+  q = np.asarray(quality, np.float64)
+  best = q.max(axis=1, keepdims=True)
+  return (q >= best) & (best > 0)
+
+
+class _LabelRouter(ModelRouter):
+  """A before-generation router trained on `cheapest_sufficient` labels, with one operating point."""
+
+  knob_name: ClassVar[str] = "threshold"
+  uses_features: ClassVar[bool] = True
+
+  def knobs(self):
+    return np.array([0.5])
+
+  def choose(self, data: RoutingData, knob: float) -> np.ndarray:
+    """int [Q]: the member of each query."""
+    raise NotImplementedError
+
+  def route(self, data, knob):
+    choice = np.asarray(self.choose(data, knob), np.int64)
+    return Decision(choice, one_member(choice, len(data.members)), uses_features=self.uses_features)
+
+
+# The most cut-point candidates the `rule` router searches exhaustively.
+RULE_SEARCH_LIMIT = 2_000_000
+
+
+@register_model_router("rule")
+@dataclasses.dataclass
+class RuleRouter(_LabelRouter):
+  """EllieSQL's TableCountRouter (`src/router/table_count_router.py`: <= 2 tables in the linked schema -> the basic
+  pipeline, else the advanced one) generalised to M members: the member is the number of cut points that the
+  query's `RoutingData.complexity` exceeds, `searchsorted(cuts, complexity, side='left')` clipped to M - 1.
+
+  `cuts` (non-decreasing) fixes the rule; when None, `fit` learns M - 1 non-decreasing cut points among the unique
+  training complexities and +inf by exhaustive search, maximising the training accuracy against
+  `cheapest_sufficient` (ties: the first in lexicographic order of the candidates) [guess: EllieSQL fixes the cut at
+  2 tables]. Reads no features, so pays no feature cost.
+  """
+
+  family: ClassVar[str] = "baseline"
+  uses_features: ClassVar[bool] = False
+  cuts: tuple[float, ...] | None = None
+
+  def __post_init__(self):
+    if self.cuts is not None:
+      cuts = np.asarray(self.cuts, np.float64)
+      if cuts.ndim != 1 or np.any(np.isnan(cuts)) or np.any(np.diff(cuts) < 0):
+        raise ConfigError(f"rule: cuts={self.cuts} must be a non-decreasing sequence of numbers")
+    self._cuts = None if self.cuts is None else np.asarray(self.cuts, np.float64)
+
+  def _complexity(self, data, where):
+    if data.complexity is None:
+      raise ConfigError(
+        f"rule router needs RoutingData.complexity (float [Q], e.g. the number of tables) in {where}; got None"
+      )
+    return np.asarray(data.complexity, np.float64)
+
+  def fit(self, train, seed=0):
+    del seed
+    complexity = self._complexity(train, "the training data")
+    if self.cuts is not None:
+      self._cuts = np.asarray(self.cuts, np.float64)
+      return self
+    m = len(train.members)
+    labels = cheapest_sufficient(train.quality)
+    values, where = np.unique(complexity, return_inverse=True)
+    u = len(values)
+    total = math.comb(u + 1 + m - 2, m - 1)  # (m - 1)-multisets of the u + 1 candidates
+    if total > RULE_SEARCH_LIMIT:
+      raise ConfigError(
+        f"rule: learning {m - 1} cut points over {u} distinct complexity values means {total} candidates "
+        f"(> {RULE_SEARCH_LIMIT}); pass cuts= or bin the complexity"
+      )
+    counts = np.zeros((u, m))
+    np.add.at(counts, (where.ravel(), labels), 1.0)
+    cum = np.concatenate([np.zeros((1, m)), np.cumsum(counts, axis=0)])  # cum[j] = label counts of values < j
+    combos = list(itertools.combinations_with_replacement(range(u + 1), m - 1))  # in lexicographic order
+    combos = np.array(combos, np.int64).reshape(len(combos), m - 1)
+    # Member k takes the values of index in (i_k, i_{k+1}], with i_0 = -1 and i_M = u - 1; index u is +inf.
+    ends = np.ones((len(combos), 1), np.int64)
+    bounds = np.concatenate([-ends, np.minimum(combos, u - 1), (u - 1) * ends], axis=1)
+    correct = sum(cum[bounds[:, k + 1] + 1, k] - cum[bounds[:, k] + 1, k] for k in range(m))
+    best = combos[int(np.argmax(correct))]
+    self._cuts = np.append(values, np.inf)[best]
+    return self
+
+  @property
+  def learned_cuts(self) -> np.ndarray:
+    """float [<= M - 1]: the cut points in use (after `fit`)."""
+    return self._cuts
+
+  def choose(self, data, knob):
+    del knob
+    complexity = self._complexity(data, "the data to route")
+    if self._cuts is None:
+      raise ConfigError("rule: no cut points; call fit first or pass cuts=")
+    return np.minimum(np.searchsorted(self._cuts, complexity, side="left"), len(data.members) - 1)
+
+
+@register_model_router("label_knn")
+@dataclasses.dataclass
+class LabelKnnRouter(KnnRouter, _LabelRouter):
+  """EllieSQL's kNN classifier router (`src/router/knn_classifier_router.py`, k = 5): the majority
+  `cheapest_sufficient` label among the `k` training queries most similar to the query (cosine of standardised
+  features, as `knn`); ties between labels go to the cheaper label."""
+
+  family: ClassVar[str] = "similarity"
+  k: int = 5
+
+  def fit(self, train, seed=0):
+    super().fit(train, seed)
+    self._labels = cheapest_sufficient(train.quality)
+    self._num_members = len(train.members)
+    return self
+
+  def votes(self, features):
+    """int [Q, M]: how many of the k neighbours carry each label."""
+    labels = self._labels[self.nearest(features)]  # [Q, k]
+    return (labels[:, :, None] == np.arange(self._num_members)).sum(axis=1)
+
+  def predict(self, features):
+    return self.votes(features) / self.k
+
+  def choose(self, data, knob):
+    del knob
+    return np.argmax(self.votes(data.features), axis=1)  # the first maximum: the cheaper label
+
+  # One operating point: the label routers' route, not the willingness-to-pay route of KnnRouter's base.
+  route = _LabelRouter.route
+  knobs = _LabelRouter.knobs
+
+
+@register_model_router("classifier")
+@dataclasses.dataclass
+class ClassifierRouter(_LabelRouter):
+  """EllieSQL's classifier router (`src/router/roberta_classifier_router.py`, a fine-tuned encoder classifying the
+  pipeline): here an MLP (one ReLU hidden layer of `hidden` units [guess]) on the standardised features, trained with
+  softmax cross-entropy on the `cheapest_sufficient` label (full-batch Adam, `steps`, `lr` [guess]); route = argmax."""
+
+  family: ClassVar[str] = "supervised"
+  hidden: int = 64
+  steps: int = 300
+  lr: float = 1e-2
+
+  def fit(self, train, seed=0):
+    import jax.numpy as jnp
+    import optax
+
+    self._scale = _standardize(train.features)
+    x = jnp.asarray(self._scale(train.features))
+    labels = jnp.asarray(cheapest_sufficient(train.quality), jnp.int32)
+    sizes = (x.shape[1], self.hidden, len(train.members))
+    loss = lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_mlp_apply(p, x, jnp), labels))
+    self._params = _fit_adam(
+      loss, _mlp_init(np.random.default_rng(seed), sizes), steps=self.steps, lr=self.lr, seed=seed
+    )
+    return self
+
+  def logits(self, features):
+    """float [Q, M]."""
+    return _mlp_apply(self._params, self._scale(features))
+
+  def choose(self, data, knob):
+    del knob
+    return np.argmax(self.logits(data.features), axis=1)
+
+
+@register_model_router("binary_cascade")
+@dataclasses.dataclass
+class BinaryCascadeRouter(_LabelRouter):
+  """EllieSQL's cascade router (`src/router/roberta_cascade_router.py`): for every member i < M - 1 a binary
+  classifier of "member i answers correctly" (target: i is sufficient, its quality is the row's maximum and that
+  maximum is > 0); routing walks the members in cost order and takes the first whose probability is >= the threshold
+  (the knob, 0.5 as in EllieSQL), else the last member. Only the chosen member runs: the classifiers read the
+  question, not the members' answers, so the timing is 'before'. Each classifier is a logistic regression on the
+  standardised features (`hidden` = 0) or an MLP with one hidden layer of `hidden` units [guess: EllieSQL fine-tunes
+  an encoder per pipeline]; sigmoid cross-entropy, full-batch Adam."""
+
+  family: ClassVar[str] = "supervised"
+  hidden: int = 0
+  steps: int = 300
+  lr: float = 1e-2
+
+  def fit(self, train, seed=0):
+    import jax.numpy as jnp
+    import optax
+
+    if self.hidden < 0:
+      raise ConfigError(f"binary_cascade: hidden={self.hidden} must be >= 0 (0: logistic regression)")
+    self._scale = _standardize(train.features)
+    x = jnp.asarray(self._scale(train.features))
+    target = _sufficient(train.quality).astype(np.float32)
+    sizes = (x.shape[1],) + ((self.hidden,) if self.hidden else ()) + (1,)
+    rng = np.random.default_rng(seed)
+    self._params = []
+    for i in range(len(train.members) - 1):
+      y = jnp.asarray(target[:, i])
+
+      def loss(p, y=y):
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(_mlp_apply(p, x, jnp)[:, 0], y))
+
+      self._params.append(_fit_adam(loss, _mlp_init(rng, sizes), steps=self.steps, lr=self.lr, seed=seed))
+    return self
+
+  def probs(self, features):
+    """float [Q, M - 1]: P(member i is sufficient) for every member but the last."""
+    x = self._scale(features)
+    z = np.stack([_mlp_apply(p, x)[:, 0] for p in self._params], axis=1).reshape(len(x), len(self._params))
+    return 1.0 / (1.0 + np.exp(-z))
+
+  def choose(self, data, knob):
+    accept = np.concatenate([self.probs(data.features) >= knob, np.ones((len(data), 1), bool)], axis=1)
+    return np.argmax(accept, axis=1)  # the first accepted member
+
+
+def label_preference_pairs(num_members):
+  """bool [M, M, M]: pairs[label, a, b] = member a is preferred over member b for a query of that label.
+
+  EllieSQL's pairwise data (`prepare_pairwise_data.py`, three pipelines): label 0: 0 > 1, 0 > 2; label 1: 1 > 0,
+  1 > 2, 2 > 0; label 2: 2 > 1, 2 > 0. For M members [guess]: the label beats every other member, and every member
+  above the label (costlier, so also correct) beats every member below it.
+  """
+  m = num_members
+  label, a, b = np.meshgrid(np.arange(m), np.arange(m), np.arange(m), indexing="ij")
+  return ((a == label) & (b != label)) | ((a > label) & (b < label))
+
+
+@register_model_router("pairwise")
+@dataclasses.dataclass
+class PairwiseRouter(_LabelRouter):
+  """EllieSQL's pairwise ranking router (`src/router/qwen_pairwise_router.py`): a scoring MLP s(x) -> [M] (one ReLU
+  hidden layer of `hidden` units [guess]) on the standardised features, trained on the preference pairs of
+  `label_preference_pairs` for each query's `cheapest_sufficient` label with the loss -log sigmoid(s_chosen -
+  s_rejected) averaged over pairs (full-batch Adam); route = the member of highest score (ties: the cheaper)."""
+
+  family: ClassVar[str] = "preference"
+  hidden: int = 64
+  steps: int = 300
+  lr: float = 1e-2
+
+  def fit(self, train, seed=0):
+    import jax
+    import jax.numpy as jnp
+
+    self._scale = _standardize(train.features)
+    x = jnp.asarray(self._scale(train.features))
+    m = len(train.members)
+    pairs = jnp.asarray(label_preference_pairs(m)[cheapest_sufficient(train.quality)], jnp.float32)  # [Q, M, M]
+    count = max(float(pairs.sum()), 1.0)
+
+    def loss(p):
+      s = _mlp_apply(p, x, jnp)
+      return -jnp.sum(pairs * jax.nn.log_sigmoid(s[:, :, None] - s[:, None, :])) / count
+
+    sizes = (x.shape[1], self.hidden, m)
+    self._params = _fit_adam(
+      loss, _mlp_init(np.random.default_rng(seed), sizes), steps=self.steps, lr=self.lr, seed=seed
+    )
+    return self
+
+  def scores(self, features):
+    """float [Q, M]."""
+    return _mlp_apply(self._params, self._scale(features))
+
+  def choose(self, data, knob):
+    del knob
+    return np.argmax(self.scores(data.features), axis=1)
 
 
 def make_router(name, **options):
