@@ -54,7 +54,7 @@ def _parse_budgets(text):
 
 def run(args):
   """Everything but the printing: returns the results dict (also written to DIR/results.json)."""
-  from zoo.engine import runs
+  from zoo.engine import runs, writers
   from zoo.models import ConfigError
   from zoo.routing import cost_quality as cq, model_pool, model_routers, router_r1  # router_r1 registers it
 
@@ -183,19 +183,10 @@ def run(args):
     test=test_i,
     members=np.asarray(pool.names),
   )
-  results = _no_nan(results)
+  results = writers.without_nan(results)
   with open(os.path.join(args.out, RESULTS), "w") as f:
     json.dump(results, f, indent=1)
   return results
-
-
-def _no_nan(tree):
-  """`tree` with float nan as None (strict JSON)."""
-  if isinstance(tree, dict):
-    return {k: _no_nan(v) for k, v in tree.items()}
-  if isinstance(tree, list):
-    return [_no_nan(v) for v in tree]
-  return None if isinstance(tree, float) and np.isnan(tree) else tree
 
 
 def _fmt(x, spec=".3f"):

@@ -17,6 +17,8 @@
   class), `image` uint8 [28, 28, 1], `label` in 0..9; splits `train` (4,000) and `test` (1,000), stratified: 400 and
   100 of each class, by a fixed permutation within the class.
 
+* `text_to_sql` (`zoo.data.text_to_sql`): templated questions over a generated SQLite database with their gold SQL,
+  for EllieSQL's routing between text-to-SQL pipelines.
 * `loopback_traffic` (`zoo.data.traffic`), `can_bus` (`zoo.data.can_bus`), `ctr_domains` and `ctr_movielens100k`
   (`zoo.data.ctr`; the latter reads MovieLens-100K from the optional package recbole==1.2.1): format 'arrays'
   datasets made on this machine; see their modules.
@@ -43,6 +45,7 @@ from zoo.data.can_bus import CanBus
 from zoo.data.code_pairs import extract_doc_code_pairs
 from zoo.data.config import resolve_data_dir
 from zoo.data.ctr import CtrDomains, CtrMovielens100k
+from zoo.data.text_to_sql import TextToSql
 from zoo.data.traffic import LoopbackTraffic
 
 # Directories never read: installed packages, test suites, build files, codec tables.
@@ -379,6 +382,7 @@ EMBEDDED_BUILDERS = {
   "can_bus": CanBus,
   "ctr_domains": CtrDomains,
   "ctr_movielens100k": CtrMovielens100k,
+  "text_to_sql": TextToSql,
 }
 
 

@@ -14,6 +14,15 @@ def to_python(value):
   return array.tolist()
 
 
+def without_nan(tree):
+  """`tree` (dicts, lists, scalars) with every float nan as None, for strict JSON (`allow_nan=False`)."""
+  if isinstance(tree, dict):
+    return {k: without_nan(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [without_nan(v) for v in tree]
+  return None if isinstance(tree, float) and np.isnan(tree) else tree
+
+
 class MetricsWriter:
   """Appends to `workdir/metrics.jsonl` and writes scalar TensorBoard summaries; a no-op when `enabled` is False
   (every process but the first in a multi-host run)."""

@@ -155,6 +155,43 @@ def greedy_responses(model, variables, prompts, response_len):
   return jnp.concatenate([prompts, tokens], axis=1)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _continue_sampled(model, variables, cache, first_tokens, first_positions, horizon, temperature, rng):
+  """Continuations [rows, horizon] of `first_tokens` fed at `first_positions` [rows], sampled at `temperature` (0:
+  greedy; traced, so greedy and sampled decoding share one compilation), and each chosen token's probability under the
+  model (before the temperature) [rows, horizon]."""
+
+  def step(carry, key):
+    token, position, cache = carry
+    logits, out = model.apply(variables, token[:, None], positions=position[:, None], cache=cache)
+    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+    sampled = jax.random.categorical(key, logp / jnp.maximum(temperature, 1e-6), axis=-1)
+    nxt = jnp.where(temperature > 0, sampled, jnp.argmax(logp, axis=-1)).astype(jnp.int32)
+    prob = jnp.exp(jnp.take_along_axis(logp, nxt[:, None], axis=1)[:, 0])
+    return (nxt, position + 1, out.cache), (nxt, prob)
+
+  keys = jax.random.split(rng, horizon)
+  _, (tokens, probs) = jax.lax.scan(step, (first_tokens, first_positions, cache), keys)
+  return tokens.T, probs.T
+
+
+def sampled_responses(model, variables, prompts, response_len, *, temperature=0.0, rng=None):
+  """prompts [batch, prompt_len] continued by `response_len` tokens sampled at `temperature` (0: greedy) with the
+  model's KV cache; returns (tokens [batch, prompt_len + response_len], probabilities of the new tokens [batch,
+  response_len])."""
+  prompts = jnp.asarray(prompts, jnp.int32)
+  batch, prompt_len = prompts.shape
+  cache = model.init_cache(batch, prompt_len + response_len)
+  if prompt_len > 1:
+    _, cache = _prefill_cache(model, variables, prompts[:, :-1], cache)
+  last_position = jnp.full((batch,), prompt_len - 1, jnp.int32)
+  rng = jax.random.key(0) if rng is None else rng
+  tokens, probs = _continue_sampled(
+    model, variables, cache, prompts[:, -1], last_position, response_len, jnp.float32(temperature), rng
+  )
+  return jnp.concatenate([prompts, tokens], axis=1), probs
+
+
 def label_tokens(
   small,
   small_variables,
