@@ -4,6 +4,9 @@ against a plain DiT and the teacher, evaluation / fine-tuning gates, what the gr
 train.py and evaluate.py (prune from a tiny flow_digits run, fine-tune, sample). The router's own pieces (Sinkhorn,
 Gumbel-sigmoid, losses) are in test_aptp.py."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import re
@@ -15,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from zoo.engine import trainer, writers
 from zoo.flow import aptp as aptp_flow
@@ -323,6 +328,27 @@ def _finish(process):
   return process.returncode, stdout, stderr
 
 
+def _config(*args):
+  """The config train.py builds from `args`: --config=configs/FILE.py[:ARG] (get_config(ARG)), then the
+  --config.KEY=VALUE overrides, parsed by the same ml_collections flag parser as `zoo.engine.cli.define_flags`."""
+  path, _, arg = args[0].removeprefix("--config=").partition(":")
+  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+  config = module.get_config(arg) if arg else module.get_config()
+  argv, values = ["train.py", *args[1:]], flags.FlagValues()
+  options = dict(flag_values=values, sys_argv=argv, lock_config=False, accept_new_attributes=True)
+  config_flags.DEFINE_config_dict("config", config, **options)
+  values(argv)
+  return values.config
+
+
+def _train_here(*args, workdir):
+  """train.py's `train` of `_config(*args)` in this process, on one device as in the subprocesses; its stdout."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    trainer.train(_config(*args), str(workdir), devices=jax.devices()[:1], progress=False)
+  return out.getvalue()
+
+
 def _trained(result, name):
   returncode, stdout, stderr = result
   assert returncode == 0, f"{name}: {stderr[-3000:]}"
@@ -337,10 +363,10 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("aptp")
   dirs = {name: root / name for name in ("flow", "prune", "finetune", "bad_codes")}
   out = dict(dirs)
-  flow = _start(
-    "train.py", "--config=configs/flow_digits.py", *TINY_RUN, "--config.train.steps=4", f"--workdir={dirs['flow']}"
-  )
-  out["flow_stdout"] = _trained(_finish(flow), "flow")
+  # The flow and fine-tuning runs train in this process (a train.py subprocess re-imports jax and torch); the prune
+  # run (its init_from a dict override), the refused fine-tuning run and evaluate.py run as a user runs them.
+  flow = ["--config=configs/flow_digits.py", *TINY_RUN, "--config.train.steps=4"]
+  out["flow_stdout"] = _train_here(*flow, workdir=dirs["flow"])
   init = repr({"student": str(dirs["flow"]), "teacher": str(dirs["flow"])})
   prune = _start(
     "train.py",
@@ -357,9 +383,8 @@ def runs(tmp_path_factory):
     "--config.train.steps=2",
     f"--config.init_from={dirs['prune']}",
   ]
-  good = _start("train.py", *finetune, f"--workdir={dirs['finetune']}")
   bad = _start("train.py", *finetune, "--config.model.num_codes=3", f"--workdir={dirs['bad_codes']}")
-  out["finetune_stdout"] = _trained(_finish(good), "finetune")
+  out["finetune_stdout"] = _train_here(*finetune, workdir=dirs["finetune"])
   out["bad_codes"] = _finish(bad)
   out["finetune_args"] = finetune
   return out

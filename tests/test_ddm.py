@@ -4,6 +4,7 @@ and evaluate.py: experts trained on their clusters, a router, and the 'ddm_ensem
 gives for expert runs that do not fit the router. The 2-D identities of the ensemble are in test_flow_matching.py."""
 
 import functools
+import importlib
 import json
 import os
 import re
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import ddm_digits, dense_lm, text_classify_domains
 from zoo.data import dataset_info, make_iterator, partition
@@ -70,6 +73,21 @@ def _finish(processes):
     stdout, stderr = p.communicate(timeout=600)
     out[name] = (p.returncode, stdout, stderr)
   return out
+
+
+def _config(*args):
+  """The config train.py builds from `args`: --config=configs/FILE.py[:ARG] (get_config(ARG)), then the
+  --config.KEY=VALUE overrides, parsed by the same ml_collections flag parser as `zoo.engine.cli.define_flags`. The
+  fixture's runs train in this process: a train.py subprocess per run re-imported jax, torch and sklearn and refit
+  the k-means."""
+  path, _, arg = args[0].removeprefix("--config=").partition(":")
+  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+  config = module.get_config(arg) if arg else module.get_config()
+  argv, values = ["train.py", *args[1:]], flags.FlagValues()
+  options = dict(flag_values=values, sys_argv=argv, lock_config=False, accept_new_attributes=True)
+  config_flags.DEFINE_config_dict("config", config, **options)
+  values(argv)
+  return values.config
 
 
 def _one_error_line(result):
@@ -282,15 +300,15 @@ def test_an_unconditional_dit_of_a_labelled_dataset_is_a_valid_config():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The workdirs of two tiny experts (clusters 0 and 1 of 2) and a tiny router, trained by train.py, plus
+  """The workdirs of two tiny experts (clusters 0 and 1 of 2) and a tiny router, trained by train.py's `train` on
+  the configs its command lines give, plus
   'unconditional_1': expert_1's run whose config.json says it was trained unconditionally (task_options.num_classes=0;
   the evaluator compares the runs' configs before it reads a checkpoint, so no third expert is trained)."""
   root = tmp_path_factory.mktemp("ddm")
   dirs = {name: root / name for name in ("expert_0", "expert_1", "router", "unconditional_1")}
   commands = {"expert_0": _expert(0), "expert_1": _expert(1), "router": ROUTER}
-  for name, args in commands.items():  # one at a time: on 2 cores, side by side is no faster
-    returncode, _, stderr = _finish({name: _start("train.py", *args, f"--workdir={dirs[name]}")})[name]
-    assert returncode == 0, f"{name}: {stderr[-3000:]}"
+  for name, args in commands.items():  # train.py's train() in this process, on one device as in the subprocesses
+    trainer.train(_config(*args), str(dirs[name]), devices=jax.devices()[:1], progress=False)
   shutil.copytree(dirs["expert_1"], dirs["unconditional_1"])
   config = json.loads((dirs["unconditional_1"] / "config.json").read_text())
   assert config["task_options"]["num_classes"] == 10
