@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -23,6 +24,21 @@ def without_nan(tree):
   return None if isinstance(tree, float) and np.isnan(tree) else tree
 
 
+def summary_writer_class():
+  """tensorboardX's `SummaryWriter`, imported without importing torch when torch is not loaded yet: tensorboardX tries
+  `import torch` only to accept torch tensors (1.5-2 s of every run's start-up here); the zoo writes Python floats."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Appends to `workdir/metrics.jsonl` and writes scalar TensorBoard summaries; a no-op when `enabled` is False
   (every process but the first in a multi-host run)."""
@@ -32,10 +48,8 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter
-
       os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = summary_writer_class()(os.path.join(workdir, "tb"))
 
   def write(self, step, metrics):
     if not self.enabled:
