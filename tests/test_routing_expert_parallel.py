@@ -168,3 +168,33 @@ def test_engine_train_step_with_expert_parallelism(tmp_path):
   metrics = exp.host_metrics(metrics)
   assert int(state.step) == 1 and np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
   assert not np.allclose(np.asarray(state.params["layers_0"]["ffn"]["up"]), before)
+
+
+@pytest.mark.parametrize("mode, capacity_factor", [("capacity", 1.0), ("dense", None), ("dropless", None)])
+def test_data_parallel_local_dispatch_equals_one_device(mode, capacity_factor):
+  """With the batch split over 8 devices and no expert axis, each device dispatches its own share of the work
+  (`expert_parallel.data_parallel_capacity_ffn` / `data_parallel_ffn`): outputs, gradients and the dropped fraction
+  equal the single-device dispatch, including the capacity path's dropped assignments (a skewed router), and the
+  compiled expert matmuls hold 1/8 of the capacity buffers' rows."""
+  module = routing.MoEFFN(EXPERTS, MLP, dispatch=mode, capacity_factor=capacity_factor)
+  x = jax.random.normal(jax.random.key(3), (4, 16, EMBED)) * 3
+  variables = module.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda a: a * 20 if a.ndim == 2 and a.shape[-1] == EXPERTS else a, variables)
+
+  def loss(v):
+    y, _, metrics = module.apply(v, x)
+    return jnp.sum(jnp.sin(y)), (y, metrics["dropped_fraction"])
+
+  step = jax.jit(jax.grad(loss, has_aux=True))
+  ref_grads, (ref_y, ref_dropped) = step(variables)
+  with jax.set_mesh(make_mesh(dict(data=8, fsdp=1, expert=1, tensor=1))):
+    grads, (y, dropped) = step(variables)
+    hlo = step.lower(variables).compile().as_text()
+  if mode == "capacity":
+    assert float(ref_dropped) > 0.05  # the skewed router overflows the buffers
+    capacity = dispatch.capacity(64, K, EXPERTS, capacity_factor)  # 16 slots per expert, 2 per device
+    assert f"f32[{EXPERTS},{-(-capacity // 8)},{MLP}]" in hlo and f"f32[{EXPERTS},{capacity},{MLP}]" not in hlo
+  np.testing.assert_allclose(float(dropped), float(ref_dropped), atol=1e-6)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)

@@ -55,6 +55,113 @@ def context_mesh(num_tokens):
   return mesh if num_tokens % _batch_shards(mesh)[1] == 0 else None
 
 
+def data_parallel_mesh(num_tokens):
+  """The mesh in context when it splits `num_tokens` tokens evenly over more than one device of its 'batch' axes,
+  else None. Then the local dispatch runs on each device's own tokens (`data_parallel_ffn`) rather than on the whole
+  batch on every device.
+
+  Args:
+    num_tokens: static number of tokens of the call.
+
+  Returns:
+    The (abstract) context mesh, or None.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  shards = _batch_shards(mesh)[1]
+  return mesh if shards > 1 and num_tokens % shards == 0 else None
+
+
+def data_parallel_ffn(local_ffn, x, expert_ids, weights, expert_weights, *, mesh):
+  """A local dispatch whose output for a token depends on that token only ('dense', 'dropless') run on each device's
+  own tokens (shard_map over the 'batch' mesh axes), the expert weights whole on every device. Under GSPMD the
+  dropless sort over all tokens would run on the global batch on every device.
+
+  Args:
+    local_ffn: `(x, expert_ids, weights, expert_weights) -> (y, dropped_fraction)` on one device's tokens.
+    x: [tokens, embed]; tokens must divide evenly over the mesh axes of 'batch'.
+    expert_ids: [tokens, k] int32 (-1 = empty slot).
+    weights: [tokens, k] float32 combine weights.
+    expert_weights: stacked dict (see `zoo.routing.dispatch`).
+    mesh: a jax.sharding.Mesh (or the AbstractMesh in context) with the project's axes.
+
+  Returns:
+    (y [tokens, embed], metrics {'dropped_fraction': over all devices' assignments}).
+  """
+  batch_axes, shards = _batch_shards(mesh)
+  if x.shape[0] % shards:
+    raise ValueError(f"{x.shape[0]} tokens cannot be split over the batch mesh axes {batch_axes} ({shards} shards)")
+  token_spec = P(batch_axes, None)
+
+  def local(x, expert_ids, weights, expert_weights):
+    y, dropped = local_ffn(x, expert_ids, weights, expert_weights)
+    assigned = jnp.sum(expert_ids >= 0).astype(jnp.float32)
+    total = jax.lax.psum(assigned, batch_axes)
+    return y, jax.lax.psum(dropped * assigned, batch_axes) / jnp.maximum(total, 1.0)
+
+  y, dropped = jax.shard_map(
+    local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, P()), out_specs=(token_spec, P())
+  )(x, expert_ids, weights, expert_weights)
+  return y, {"dropped_fraction": dropped}
+
+
+def data_parallel_capacity_ffn(x, expert_ids, weights, expert_weights, *, mesh, activation, capacity):
+  """Capacity-buffered dispatch over the whole batch (`zoo.routing.dispatch.capacity_ffn`: the same buffers, the same
+  priority order and so the same dropped assignments) with its work split over the devices of the 'batch' axes.
+
+  Every device orders all tokens' assignments (an all-gather of the int32 expert ids, a cumsum of [k * tokens,
+  experts]), runs the experts on its 1/N of every expert's buffer (gathered from the all-gathered tokens), and adds
+  its buffer rows into the outputs of all tokens; a reduce-scatter sums them onto the tokens' devices.
+
+  Args:
+    x: [tokens, embed]; tokens must divide evenly over the mesh axes of 'batch'.
+    expert_ids: [tokens, k] int32 (-1 = empty slot).
+    weights: [tokens, k] float32 combine weights.
+    expert_weights: stacked dict (see `zoo.routing.dispatch`), whole on every device.
+    mesh: a jax.sharding.Mesh (or the AbstractMesh in context) with the project's axes.
+    activation: expert activation name.
+    capacity: C, buffer slots per expert, of the whole batch.
+
+  Returns:
+    (y [tokens, embed], metrics {'dropped_fraction': scalar}).
+  """
+  num_experts = dispatch.check_expert_weights(expert_weights, activation)[0]
+  batch_axes, shards = _batch_shards(mesh)
+  if x.shape[0] % shards:
+    raise ValueError(f"{x.shape[0]} tokens cannot be split over the batch mesh axes {batch_axes} ({shards} shards)")
+  tokens = x.shape[0]
+  chunk = -(-capacity // shards)  # buffer slots per expert and device
+  token_spec = P(batch_axes, None)
+
+  def local(x, expert_ids, weights, expert_weights):
+    device = jax.lax.axis_index(batch_axes)
+    all_ids = jax.lax.all_gather(expert_ids, batch_axes, tiled=True)  # [tokens, k]
+    slot, token_of_slot, kept = dispatch.capacity_slots(all_ids, num_experts, capacity)
+    token_of_slot = jnp.pad(
+      token_of_slot.reshape(num_experts, capacity), ((0, 0), (0, chunk * shards - capacity)), constant_values=tokens
+    )
+    mine = jax.lax.dynamic_slice_in_dim(token_of_slot, device * chunk, chunk, axis=1)  # [E, chunk]
+    all_x = jax.lax.all_gather(x, batch_axes, tiled=True)  # [tokens, embed]
+    buffers = jnp.take(all_x, mine.reshape(-1), axis=0, mode="fill", fill_value=0)
+    out = dispatch.expert_ffn_batched(buffers.reshape(num_experts, chunk, -1), expert_weights, activation)
+    expert, position = slot // capacity, slot % capacity
+    here = kept & (position // chunk == device)
+    local_slot = jnp.where(here, expert * chunk + position - device * chunk, num_experts * chunk)
+    all_weights = jax.lax.all_gather(weights, batch_axes, tiled=True)
+    y = dispatch.combine_buffers(out, local_slot, all_weights)  # this device's part of every token's output
+    y = jax.lax.psum_scatter(y, batch_axes, scatter_dimension=0, tiled=True)
+    rows = jax.lax.dynamic_slice_in_dim(kept, device * expert_ids.shape[0], expert_ids.shape[0])
+    kept_count = jax.lax.psum(jnp.sum(rows).astype(jnp.float32), batch_axes)
+    assigned = jax.lax.psum(jnp.sum(expert_ids >= 0).astype(jnp.float32), batch_axes)
+    return y, 1.0 - kept_count / jnp.maximum(assigned, 1.0)
+
+  y, dropped = jax.shard_map(
+    local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, P()), out_specs=(token_spec, P())
+  )(x, expert_ids, weights, expert_weights)
+  return y.astype(x.dtype), {"dropped_fraction": dropped}
+
+
 def expert_parallel_ffn(x, expert_ids, weights, expert_weights, *, mesh, activation="swiglu", capacity_factor=None):
   """Capacity-buffered expert-parallel MoE FFN over `mesh` (GShard Sec. 3.2).
 

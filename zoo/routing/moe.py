@@ -298,15 +298,28 @@ class MoEFFN(nn.Module):
         activation=self.activation,
         capacity_factor=self.capacity_factor,
       )
-    return dispatch.moe_ffn(
-      tokens,
-      routing,
-      expert_weights,
-      dispatch=self.dispatch,
-      activation=self.activation,
-      capacity_factor=self.capacity_factor,
-      permute=self.permute,
+    options = dict(
+      dispatch=self.dispatch, activation=self.activation, capacity_factor=self.capacity_factor, permute=self.permute
     )
+    mesh = expert_parallel.data_parallel_mesh(tokens.shape[0]) if self.mesh is None else None
+    if mesh is None:
+      return dispatch.moe_ffn(tokens, routing, expert_weights, **options)
+    expert_ids, weights = dispatch.as_slots(routing)
+    mode = dispatch.default_dispatch() if self.dispatch is None else self.dispatch
+    if mode == "capacity":
+      cap = getattr(routing, "capacity", None) or dispatch.capacity(
+        tokens.shape[0], expert_ids.shape[1], self.num_experts, self.capacity_factor
+      )
+      return expert_parallel.data_parallel_capacity_ffn(
+        tokens, expert_ids, weights, expert_weights, mesh=mesh, activation=self.activation, capacity=cap
+      )
+
+    def local_ffn(x, expert_ids, weights, expert_weights):  # 'dense' / 'dropless': a token's output is its own
+      local_routing = routers.Routing(expert_ids=expert_ids, weights=weights, probs=weights)  # (probs unused)
+      y, metrics = dispatch.moe_ffn(x, local_routing, expert_weights, **options)
+      return y, metrics["dropped_fraction"]
+
+    return expert_parallel.data_parallel_ffn(local_ffn, tokens, expert_ids, weights, expert_weights, mesh=mesh)
 
   def _shared(self, tokens, names):
     embed = tokens.shape[-1]
