@@ -84,6 +84,9 @@ def test_questions_splits_levels_and_gold_sql(questions, connection):
     assert rows and rows != ((None,),), q["sql"]
     # The level is the number of tables the gold query joins, less one.
     assert sum(re.search(rf"\b{t}\b", q["sql"]) is not None for t in TABLES) == q["level"] + 1, q["sql"]
+    # The LMs' SQL takes the linked values as parameters and returns the gold rows.
+    assert "?1" in q["sql_params"] and "'" not in q["sql_params"] and not re.search(r"\d{2}", q["sql_params"])
+    assert t2s.run_sql(connection, q["sql_params"], t2s.link_values(q["question"])) == rows
   assert t2s.questions() is questions  # cached: the same tuple
 
 
@@ -102,7 +105,26 @@ def test_tfds_builder_examples(tmp_path, questions):
   assert len(examples) == 3 * t2s.HELD_OUT["test"]
   for key, ex in examples.items():
     q = questions[key]
-    assert q["split"] == "test" and ex["text"] == t2s.lm_text(q["question"], q["sql"]) and ex["domain"] == q["level"]
+    assert q["split"] == "test" and ex["text"] == t2s.lm_text(q["question"], q["sql_params"])
+    assert ex["domain"] == q["level"] and ex["sql"] == q["sql"]
+
+
+def test_value_linker_and_parameters(connection):
+  question = "Name the employees older than 45 in the Support department."
+  assert t2s.link_values(question) == (45, "Support")
+  assert t2s.link_values("Which projects from 2019 belong to departments in Oslo?") == (2019, "Oslo")
+  assert t2s.link_values("Who worked more than 40 hours on the Iris project?") == (40, "Iris")
+  assert t2s.link_values("How many employees are there?") == ()
+  sql = t2s.parametrize(
+    "Name the employees older than {age} in the {dept} department.",
+    "SELECT e.name FROM employees e JOIN departments d ON e.dept_id = d.id WHERE d.name = '{dept}' AND e.age > {age}",
+    ("age", "dept"),
+  )
+  assert sql.endswith("WHERE d.name = ?2 AND e.age > ?1")
+  gold = "SELECT e.name FROM employees e JOIN departments d ON e.dept_id = d.id WHERE d.name = 'Support' AND e.age > 45"
+  assert t2s.execution_match(connection, sql, gold, (45, "Support"))
+  assert not t2s.execution_match(connection, sql.replace("?2", "?1").replace("> ?1", "> ?2"), gold, (45, "Support"))
+  assert t2s.run_sql(connection, "SELECT ?3", (1, 2)) is None  # a parameter without a value
 
 
 # ------------------------------------------------------------------------------------------------ SQL execution
@@ -166,6 +188,8 @@ def test_vote(connection):
   assert ellie_sql.vote(connection, ["oops", "DELETE FROM employees"]) == 0  # none runs
   count = ["SELECT COUNT(*) FROM projects", "SELECT COUNT(1) FROM projects", "SELECT 24", "SELECT 7"]
   assert ellie_sql.vote(connection, ["SELECT 7"] + count) == 1  # three candidates agree on ((24,),)
+  params = ["SELECT ?1", "SELECT ?2", "SELECT 5", "SELECT ?3"]  # with (4, 5): 4, 5, 5, fails
+  assert ellie_sql.vote(connection, params, (4, 5)) == 1
 
 
 def test_dpo_pairs_match_ellie_sql():
@@ -226,7 +250,7 @@ def test_run_pipeline_calls_and_tokens(pipeline_results, held_out, connection):
   prompt_len = ellie_sql.prompt_tokens(qs).shape[1]
   basic, retry, vote = (pipeline_results[n] for n in ("basic", "retry", "vote"))
   assert np.all(basic.calls == 1) and np.all(vote.calls == 3)
-  runs = np.asarray([t2s.run_sql(connection, s) is not None for s in retry.sql])
+  runs = np.asarray([t2s.run_sql(connection, s, t2s.link_values(q)) is not None for s, q in zip(retry.sql, qs)])
   assert np.all(retry.calls[~runs] == 3) and np.all((retry.calls >= 1) & (retry.calls <= 3))
   for r in pipeline_results.values():
     assert len(r.sql) == len(qs) and r.correct.shape == r.tokens.shape == r.calls.shape == r.confidence.shape

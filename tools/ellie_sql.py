@@ -189,13 +189,14 @@ def report(out):
     f"questions: {out['questions']}; test labels (cheapest correct pipeline) "
     + ", ".join(f"{n} {s:.3f}" for n, s in zip(names, out["labels_test"])),
     "",
-    "| pipeline | member | EX | tokens / q | GFLOPs / q | FLOPs / advanced | seconds / q (measured) | TEP tokens |",
-    "|---|---|---:|---:|---:|---:|---:|---:|",
+    "| pipeline | member | LM calls / q | EX | tokens / q | GFLOPs / q | FLOPs / advanced | seconds / q (measured) | "
+    "TEP tokens | TEP FLOPs |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for n, p in out["pipelines"].items():
     lines.append(
-      f"| {n} | {p['member']} | {p['ex']:.3f} | {p['tokens']:.0f} | {p['flops'] / 1e9:.3f} | {p['flops_rel']:.3f} | "
-      f"{p['seconds']:.4f} | {_fmt(p['tep_tokens'])} |"
+      f"| {n} | {p['member']} | {p['calls']:.2f} | {p['ex']:.3f} | {p['tokens']:.0f} | {p['flops'] / 1e9:.3f} | "
+      f"{p['flops_rel']:.3f} | {p['seconds']:.4f} | {_fmt(p['tep_tokens'])} | {_fmt(p['tep_flops'])} |"
     )
   lines += [
     "",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import sqlite3
 
 import numpy as np
@@ -236,9 +237,10 @@ def build_database(path: str = ":memory:", seed: int = SEED) -> sqlite3.Connecti
 MAX_SQLITE_STEPS = 2_000_000  # a predicted query running longer (e.g. an unintended cross join) counts as wrong
 
 
-def run_sql(connection: sqlite3.Connection, sql: str):
-  """The rows of `sql` on `connection` as a sorted tuple (floats rounded to 6 digits), or None when the query fails
-  (syntax error, unknown column, more than MAX_SQLITE_STEPS virtual-machine steps, not a read-only SELECT)."""
+def run_sql(connection: sqlite3.Connection, sql: str, params=()):
+  """The rows of `sql` (with `params` bound to its ?1, ?2, ... parameters) on `connection` as a sorted tuple (floats
+  rounded to 6 digits), or None when the query fails (syntax error, unknown column, a parameter without a value, more
+  than MAX_SQLITE_STEPS virtual-machine steps, not a read-only SELECT)."""
   if not sql.lstrip().upper().startswith("SELECT"):
     return None
   steps = [0]
@@ -249,7 +251,7 @@ def run_sql(connection: sqlite3.Connection, sql: str):
 
   connection.set_progress_handler(_abort, 1000)
   try:
-    rows = connection.execute(sql).fetchall()
+    rows = connection.execute(sql, tuple(params)).fetchall()
   except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError):
     return None
   finally:
@@ -261,13 +263,35 @@ def run_sql(connection: sqlite3.Connection, sql: str):
   return tuple(sorted((tuple(_value(v) for v in row) for row in rows), key=repr))
 
 
-def execution_match(connection: sqlite3.Connection, predicted: str, gold: str) -> bool:
-  """BIRD's execution accuracy for one question: the predicted query runs and returns the gold query's rows (as a
-  multiset; the templates' queries have no ORDER BY)."""
+def execution_match(connection: sqlite3.Connection, predicted: str, gold: str, params=()) -> bool:
+  """BIRD's execution accuracy for one question: the predicted query (with the linked `params`) runs and returns the
+  gold query's rows (as a multiset; the templates' queries have no ORDER BY)."""
   expected = run_sql(connection, gold)
   if expected is None:
     raise ValueError(f"execution_match: the gold SQL does not run: {gold!r}")
-  return run_sql(connection, predicted) == expected
+  return run_sql(connection, predicted, params) == expected
+
+
+_NAMED_VALUES = DEPARTMENTS + CITIES + PROJECT_TITLES
+
+
+def link_values(question: str) -> tuple:
+  """The value linker: the database values a question names, in the order they appear, as SQL parameters ?1, ?2, ...
+  (integers, and the department, city and project names the database holds). BIRD pipelines retrieve such values from
+  the database before generation; here they are bound as parameters, so the LMs write SQL without copying literals
+  (see the module docstring)."""
+  found = [(m.start(), int(m.group())) for m in re.finditer(r"\b\d+\b", question)]
+  found += [(m.start(), name) for name in _NAMED_VALUES for m in re.finditer(rf"\b{name}\b", question)]
+  return tuple(v for _, v in sorted(found, key=lambda pair: pair[0]))
+
+
+def parametrize(question_template: str, sql_template: str, slots) -> str:
+  """The SQL template with each slot as the parameter ?k, k its order of appearance in the question template."""
+  order = sorted(slots, key=lambda slot: question_template.index("{" + slot + "}"))
+  sql = sql_template
+  for k, slot in enumerate(order, 1):
+    sql = sql.replace("'{" + slot + "}'", f"?{k}").replace("{" + slot + "}", f"?{k}")
+  return sql
 
 
 def tables_mentioned(question: str) -> int:
@@ -294,7 +318,8 @@ def questions(seed: int = SEED) -> tuple[dict, ...]:
   rest to `train`.
 
   Returns:
-    ({'question', 'sql', 'level' (0-2), 'split'}, ...).
+    ({'question', 'sql' (the gold SQL with its literals), 'sql_params' (the same with the linked values as parameters,
+    what the LMs learn to write), 'level' (0-2), 'split'}, ...).
   """
   import itertools
 
@@ -304,14 +329,16 @@ def questions(seed: int = SEED) -> tuple[dict, ...]:
     for values in itertools.product(*(_SLOT_VALUES[s] for s in slots)):
       fill = dict(zip(slots, values))
       q, s = question.format(**fill), sql.format(**fill)
-      rows = run_sql(connection, s)
+      rows, with_params = run_sql(connection, s), parametrize(question, sql, slots)
       if rows is None:
         raise ValueError(f"template SQL does not run: {s!r}")
+      if run_sql(connection, with_params, link_values(q)) != rows:
+        raise ValueError(f"the value linker misses the values of {q!r} for {with_params!r}")
       if not rows or rows == ((None,),):
         continue
       if len(q) > QUESTION_WIDTH or len(s) > SQL_MAX_CHARS:
         raise ValueError(f"question or SQL longer than its width: {q!r} / {s!r}")
-      made.append({"question": q, "sql": s, "level": level})
+      made.append({"question": q, "sql": s, "sql_params": with_params, "level": level})
   rng = np.random.default_rng(seed)
   kept = []
   for level in range(len(LEVELS)):
@@ -331,7 +358,7 @@ def prompt_text(question: str) -> str:
 
 
 def lm_text(question: str, sql: str) -> str:
-  """One LM training document: the prompt and the gold SQL."""
+  """One LM training document: the prompt and the gold SQL (with parameters, `questions()['sql_params']`)."""
   return prompt_text(question) + sql
 
 
@@ -340,8 +367,11 @@ class TextToSql(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   name = "text_to_sql"
   code_path = None  # nothing to download, no checksums file
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "23 templates, 3 levels, <= 1,500 questions per level; 200 per level held out twice."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+    "1.0.0": "23 templates, 3 levels, <= 1,500 questions per level; 200 per level held out twice.",
+    "2.0.0": "The LM text's SQL takes the question's values as parameters ?1, ?2, ... (`link_values`).",
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -365,4 +395,4 @@ class TextToSql(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for i, ex in enumerate(questions()):
       if ex["split"] == split:
         record = {"question": ex["question"], "sql": ex["sql"], "domain": ex["level"]}
-        yield i, {"text": lm_text(ex["question"], ex["sql"]), **record}
+        yield i, {"text": lm_text(ex["question"], ex["sql_params"]), **record}

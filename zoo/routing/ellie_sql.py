@@ -14,6 +14,9 @@ linking, divide-and-conquer and online-synthesis generators, and a refiner]:
   the majority answer by execution result wins (self-consistency, as the authors' advanced pipeline selects among
   generated candidates).
 
+Every pipeline first links the question's values (`zoo.data.text_to_sql.link_values`, the stand-in for the authors'
+value retrieval); the LMs write SQL with them as parameters ?1, ?2, ..., bound when the SQL runs.
+
 Cost: the tokens every LM call reads and writes (prompt + generated up to EOS; each call re-reads the prompt, as an
 API bills it), and FLOPs = tokens x the member's forward FLOPs per token. Quality: execution match (0/1). Confidence
 (for confidence cascades): the mean probability of the generated tokens of the kept SQL.
@@ -32,7 +35,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from zoo.data.text_to_sql import SQL_MAX_CHARS, prompt_text, run_sql
+from zoo.data.text_to_sql import SQL_MAX_CHARS, link_values, prompt_text, run_sql
 from zoo.data.tokenizer import ByteTokenizer
 from zoo.registry import ConfigError
 from zoo.routing.model_routers import (
@@ -69,8 +72,8 @@ PIPELINES = (
 
 @dataclasses.dataclass(frozen=True)
 class PipelineResult:
-  """A pipeline's answers to Q questions: `sql` (Q strings), `correct` bool [Q], `tokens` int [Q] (read + written
-  over its LM calls), `calls` int [Q], `confidence` float [Q]."""
+  """A pipeline's answers to Q questions: `sql` (Q strings, with parameters), `correct` bool [Q], `tokens` int [Q]
+  (read + written over its LM calls), `calls` int [Q], `confidence` float [Q]."""
 
   sql: tuple[str, ...]
   correct: np.ndarray
@@ -124,12 +127,12 @@ def decode_sql(model, variables, prompts, *, temperature, seed, batch_size=256):
   return sql, np.asarray(generated), np.asarray(confidence)
 
 
-def vote(connection, candidates):
-  """Index of the kept candidate: the first of the largest group of candidates that run and return the same rows
-  (groups ordered by their first member); 0 when none runs."""
+def vote(connection, candidates, params=()):
+  """Index of the kept candidate: the first of the largest group of candidates that run (with `params`) and return
+  the same rows (groups ordered by their first member); 0 when none runs."""
   groups = collections.OrderedDict()
   for i, sql in enumerate(candidates):
-    rows = run_sql(connection, sql)
+    rows = run_sql(connection, sql, params)
     if rows is not None:
       groups.setdefault(rows, []).append(i)
   if not groups:
@@ -154,6 +157,7 @@ def run_pipeline(pipeline, models, questions, gold_sql, connection, *, seed=0, b
     raise ConfigError(f"pipeline {pipeline.name!r} calls member {pipeline.member!r}; allowed: {sorted(models)}")
   model, variables = models[pipeline.member]
   prompts = prompt_tokens(questions)
+  values = [link_values(q) for q in questions]
   prompt_len = prompts.shape[1]
   decode = lambda rows, temperature, s: decode_sql(
     model, variables, prompts[rows], temperature=temperature, seed=s, batch_size=batch_size
@@ -175,15 +179,16 @@ def run_pipeline(pipeline, models, questions, gold_sql, connection, *, seed=0, b
   for k in range(1, pipeline.samples):
     add(everyone, *decode(everyone, pipeline.temperature, seed * 1000 + k))
   for k in range(pipeline.retries):
-    failing = np.asarray([r for r in everyone if run_sql(connection, candidates[r][-1]) is None], np.int64)
+    failing = [r for r in everyone if run_sql(connection, candidates[r][-1], values[r]) is None]
+    failing = np.asarray(failing, np.int64)
     if not len(failing):
       break
     add(failing, *decode(failing, pipeline.temperature, seed * 1000 + 100 + k))
-  kept = [vote(connection, c) if pipeline.samples > 1 else len(c) - 1 for c in candidates]
+  kept = [vote(connection, c, v) if pipeline.samples > 1 else len(c) - 1 for c, v in zip(candidates, values)]
   sql = tuple(c[i] for c, i in zip(candidates, kept))
   return PipelineResult(
     sql=sql,
-    correct=np.asarray([run_sql(connection, s) == run_sql(connection, g) for s, g in zip(sql, gold_sql)]),
+    correct=np.asarray([run_sql(connection, s, v) == run_sql(connection, g) for s, v, g in zip(sql, values, gold_sql)]),
     tokens=tokens,
     calls=calls,
     confidence=np.asarray([c[i] for c, i in zip(confidences, kept)], np.float64),
