@@ -437,7 +437,8 @@ def test_tool_end_to_end(sql_runs, tmp_path, capsys):
   argv += ["--routers", "rule,label_knn,classifier"]
   tool.main(argv)
   printed = capsys.readouterr().out
-  assert "| pipeline | member | EX |" in printed and "| router | family | EX |" in printed and "results.json" in printed
+  assert "| pipeline | member | LM calls / q | EX |" in printed and "| router | family | EX |" in printed
+  assert "results.json" in printed
   with open(os.path.join(out, tool.RESULTS)) as f:
     text = f.read()
   results = json.loads(text)
@@ -485,10 +486,10 @@ def test_report_formats_nan_as_dash():
   out = {
     "questions": {"router_train": 4, "router_check": 2, "test": 6},
     "labels_test": [0.5, 0.25, 0.25],
-    "pipelines": {"basic": {**row, "member": "small", "seconds": 0.01}},
+    "pipelines": {"basic": {**row, "member": "small", "seconds": 0.01, "calls": 1.0}},
     "routers": {"rule": {**row, "family": "baseline", "label_accuracy": 0.75}},
   }
   text = tool.report(out)
-  assert "| basic | small | 0.500 | 100 | 2.000 | 0.250 | 0.0100 | - |" in text
+  assert "| basic | small | 1.00 | 0.500 | 100 | 2.000 | 0.250 | 0.0100 | - | - |" in text
   assert "| rule | baseline | 0.500 | 0.400 | 100 | 0.250 | - | - | 0.750 | 1.00/0.00/0.00 |" in text
   assert "| rule | one_table 0.50, 1.00/0.00/0.00 |" in text
