@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kernels
+from zoo import kernels
 
 DEFAULTS = {"tpu": "xla,pallas_tpu", "gpu": "xla,pallas_gpu", "cpu": "xla"}
 

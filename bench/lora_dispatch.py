@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-import kernels
+from zoo import kernels
 from zoo.layers import lora_dispatch
 from zoo.routing import lora_routers
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-import kernels
-from kernels import reference
+from zoo import kernels
+from zoo.kernels import reference
 
 TILING = {"interpret": (8, 16, 16), "interpret_gpu": (16, 16, 16), "xla": None}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-import kernels
+from zoo import kernels
 
 TILING = {"interpret": (8, 16, 16), "interpret_gpu": (16, 16, 16), "xla": None}
 
@@ -134,11 +134,11 @@ def test_bad_inputs_raise_clear_errors():
 def test_automatic_choice_falls_back_to_xla_and_logs_once(monkeypatch, caplog):
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   assert kernels.choose_implementation(None, jnp.bfloat16) == "pallas_tpu"
-  with caplog.at_level("WARNING", logger="kernels.gmm"):
+  with caplog.at_level("WARNING", logger="zoo.kernels.gmm"):
     assert kernels.choose_implementation(None, jnp.int8, jnp.int8) == "xla"
     assert kernels.choose_implementation(None, jnp.int8, jnp.int8) == "xla"
   assert [r.getMessage() for r in caplog.records].count(
-    "kernels.gmm: using implementation='xla' because dtype int8 is not supported by the Pallas kernels "
+    "zoo.kernels.gmm: using implementation='xla' because dtype int8 is not supported by the Pallas kernels "
     "(allowed: float32, bfloat16, float16)"
   ) == 1
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -162,7 +162,7 @@ def test_float16_gather_on_mosaic_gathers_first(caplog):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 16)), jnp.float16)
   rhs = jnp.ones((2, 16, 16), jnp.float16)
   row_ids, sizes = jnp.array([5, 0, 3, 3], jnp.int32), jnp.array([1, 3], jnp.int32)
-  with caplog.at_level("WARNING", logger="kernels.gmm"):
+  with caplog.at_level("WARNING", logger="zoo.kernels.gmm"):
     out = kernels.gmm_gather(x, row_ids, rhs, sizes, implementation="interpret", tiling=(8, 16, 16))
   assert any("gathering float16 rows" in r.getMessage() for r in caplog.records)
   np.testing.assert_allclose(

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kernels
-from kernels import triton_modules
+from zoo import kernels
+from zoo.kernels import triton_modules
 
 S = jax.ShapeDtypeStruct
 TRITON = triton_modules.TRITON_CUSTOM_CALL

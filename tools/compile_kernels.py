@@ -37,9 +37,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-import kernels
-from kernels import gmm_gpu, triton_modules
-from kernels.gmm import DEFAULT_TILING
+from zoo import kernels
+from zoo.kernels import gmm_gpu, triton_modules
+from zoo.kernels.gmm import DEFAULT_TILING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, whose bench/gmm.py is loaded
 

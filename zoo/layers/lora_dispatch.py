@@ -17,7 +17,7 @@ Both return the update only; the caller adds it to the base projection `x W`.
 
 import jax.numpy as jnp
 
-import kernels
+from zoo import kernels
 from zoo.routing import dispatch
 
 

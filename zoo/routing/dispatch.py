@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-import kernels
+from zoo import kernels
 
 GATED_ACTIVATIONS = {"swiglu": jax.nn.silu, "reglu": jax.nn.relu, "geglu": jax.nn.gelu}
 PLAIN_ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu}

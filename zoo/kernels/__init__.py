@@ -1,6 +1,6 @@
 """Pallas kernels for sparse dispatch, each next to its pure-jnp reference (`kernels/reference.py`)."""
 
-from kernels.gmm import (
+from zoo.kernels.gmm import (
   IMPLEMENTATIONS,
   choose_implementation,
   default_implementation,

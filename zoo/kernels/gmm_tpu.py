@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import metadata as md
+from zoo.kernels import metadata as md
 
 
 def _k_mask(k_i, tk, k, shape, axis):

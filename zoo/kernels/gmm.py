@@ -25,7 +25,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from kernels import gmm_gpu, gmm_tpu, metadata, reference
+from zoo.kernels import gmm_gpu, gmm_tpu, metadata, reference
 
 IMPLEMENTATIONS = ("pallas_tpu", "pallas_gpu", "interpret", "interpret_gpu", "xla")
 PALLAS_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -63,7 +63,7 @@ def _log_once(message):
 
 
 def _fall_back(reason):
-  _log_once(f"kernels.gmm: using implementation='xla' because {reason}")
+  _log_once(f"zoo.kernels.gmm: using implementation='xla' because {reason}")
   return "xla"
 
 

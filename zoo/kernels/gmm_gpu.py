@@ -14,7 +14,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from kernels import metadata as md
+from zoo.kernels import metadata as md
 
 
 def _dot(a, b, contract_a, contract_b):
