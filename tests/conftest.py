@@ -35,3 +35,22 @@ def pytest_addoption(parser):
     default=False,
     help="test_shipped_configs.py: train and evaluate every shipped config, not the three of CI",
   )
+
+
+def train_config(*args):
+  """The config train.py builds from `args`: --config=configs/FILE.py[:ARG] (get_config(ARG)), then the
+  --config.KEY=VALUE overrides, parsed by the same ml_collections flag parser as `zoo.engine.cli.define_flags`; for
+  fixtures that train in the test's process rather than in a train.py subprocess."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  path, _, arg = args[0].removeprefix("--config=").partition(":")
+  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+  config = module.get_config(arg) if arg else module.get_config()
+  argv, values = ["train.py", *args[1:]], flags.FlagValues()
+  options = dict(flag_values=values, sys_argv=argv, lock_config=False, accept_new_attributes=True)
+  config_flags.DEFINE_config_dict("config", config, **options)
+  values(argv)
+  return values.config

@@ -5,7 +5,6 @@ train.py and evaluate.py (prune from a tiny flow_digits run, fine-tune, sample).
 Gumbel-sigmoid, losses) are in test_aptp.py."""
 
 import contextlib
-import importlib
 import io
 import json
 import os
@@ -18,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
+from conftest import train_config
 from zoo.engine import trainer, writers
 from zoo.flow import aptp as aptp_flow
 from zoo.layers import count_params
@@ -328,24 +326,11 @@ def _finish(process):
   return process.returncode, stdout, stderr
 
 
-def _config(*args):
-  """The config train.py builds from `args`: --config=configs/FILE.py[:ARG] (get_config(ARG)), then the
-  --config.KEY=VALUE overrides, parsed by the same ml_collections flag parser as `zoo.engine.cli.define_flags`."""
-  path, _, arg = args[0].removeprefix("--config=").partition(":")
-  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-  config = module.get_config(arg) if arg else module.get_config()
-  argv, values = ["train.py", *args[1:]], flags.FlagValues()
-  options = dict(flag_values=values, sys_argv=argv, lock_config=False, accept_new_attributes=True)
-  config_flags.DEFINE_config_dict("config", config, **options)
-  values(argv)
-  return values.config
-
-
 def _train_here(*args, workdir):
-  """train.py's `train` of `_config(*args)` in this process, on one device as in the subprocesses; its stdout."""
+  """train.py's `train` of `train_config(*args)` in this process, on one device as in the subprocesses; its stdout."""
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    trainer.train(_config(*args), str(workdir), devices=jax.devices()[:1], progress=False)
+    trainer.train(train_config(*args), str(workdir), devices=jax.devices()[:1], progress=False)
   return out.getvalue()
 
 

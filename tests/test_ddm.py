@@ -4,7 +4,6 @@ and evaluate.py: experts trained on their clusters, a router, and the 'ddm_ensem
 gives for expert runs that do not fit the router. The 2-D identities of the ensemble are in test_flow_matching.py."""
 
 import functools
-import importlib
 import json
 import os
 import re
@@ -16,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from configs import ddm_digits, dense_lm, text_classify_domains
+from conftest import train_config
 from zoo.data import dataset_info, make_iterator, partition
 from zoo.data.config import resolve_data_config
 from zoo.engine import config as engine_config, trainer, writers
@@ -73,21 +71,6 @@ def _finish(processes):
     stdout, stderr = p.communicate(timeout=600)
     out[name] = (p.returncode, stdout, stderr)
   return out
-
-
-def _config(*args):
-  """The config train.py builds from `args`: --config=configs/FILE.py[:ARG] (get_config(ARG)), then the
-  --config.KEY=VALUE overrides, parsed by the same ml_collections flag parser as `zoo.engine.cli.define_flags`. The
-  fixture's runs train in this process: a train.py subprocess per run re-imported jax, torch and sklearn and refit
-  the k-means."""
-  path, _, arg = args[0].removeprefix("--config=").partition(":")
-  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-  config = module.get_config(arg) if arg else module.get_config()
-  argv, values = ["train.py", *args[1:]], flags.FlagValues()
-  options = dict(flag_values=values, sys_argv=argv, lock_config=False, accept_new_attributes=True)
-  config_flags.DEFINE_config_dict("config", config, **options)
-  values(argv)
-  return values.config
 
 
 def _one_error_line(result):
@@ -308,7 +291,7 @@ def runs(tmp_path_factory):
   dirs = {name: root / name for name in ("expert_0", "expert_1", "router", "unconditional_1")}
   commands = {"expert_0": _expert(0), "expert_1": _expert(1), "router": ROUTER}
   for name, args in commands.items():  # train.py's train() in this process, on one device as in the subprocesses
-    trainer.train(_config(*args), str(dirs[name]), devices=jax.devices()[:1], progress=False)
+    trainer.train(train_config(*args), str(dirs[name]), devices=jax.devices()[:1], progress=False)
   shutil.copytree(dirs["expert_1"], dirs["unconditional_1"])
   config = json.loads((dirs["unconditional_1"] / "config.json").read_text())
   assert config["task_options"]["num_classes"] == 10

@@ -3,25 +3,9 @@
 import numpy as np
 import pytest
 
+from test_model_routers import data
 from zoo.models import ConfigError
 from zoo.routing import model_routers as mr
-
-COST = np.array([1.0, 2.0, 4.0])  # three members, cheapest first
-
-
-def data(quality, *, features=None, complexity=None, feature_cost=0.0):
-  quality = np.asarray(quality, np.float64)
-  q, m = quality.shape
-  return mr.RoutingData(
-    quality=quality,
-    cost=np.broadcast_to(COST[:m], (q, m)).copy(),
-    features=np.zeros((q, 1)) if features is None else np.asarray(features, np.float64),
-    feature_cost=np.full(q, feature_cost),
-    confidence=np.zeros((q, m)),
-    category=np.zeros(q, np.int32),
-    members=("s", "m", "l")[:m],
-    complexity=None if complexity is None else np.asarray(complexity, np.float64),
-  )
 
 
 def quality_for(labels, m=3):

@@ -9,7 +9,9 @@ from zoo.routing import model_routers as mr
 COST = np.array([1.0, 2.0, 4.0])  # three members, cheapest first
 
 
-def data(quality, *, features=None, confidence=None, category=None, categories=("all",), feature_cost=0.0):
+def data(
+  quality, *, features=None, confidence=None, category=None, categories=("all",), feature_cost=0.0, complexity=None
+):
   quality = np.asarray(quality, np.float64)
   q, m = quality.shape
   return mr.RoutingData(
@@ -21,6 +23,7 @@ def data(quality, *, features=None, confidence=None, category=None, categories=(
     category=np.zeros(q, np.int32) if category is None else np.asarray(category, np.int32),
     members=("s", "m", "l")[:m],
     categories=categories,
+    complexity=None if complexity is None else np.asarray(complexity, np.float64),
   )
 
 

@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from zoo.engine.writers import format_or_dash as _fmt
+
 RESULTS = "results.json"
 PLOT = "cost_quality.png"
 ROUTERS = ("rule", "label_knn", "classifier", "binary_cascade", "pairwise", "dpo_lm")
@@ -176,10 +178,6 @@ def run(args):
   with open(os.path.join(args.out, RESULTS), "w") as f:
     json.dump(writers.without_nan(out), f, indent=1, allow_nan=False)
   return out
-
-
-def _fmt(x, spec=".3f"):
-  return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
 def report(out):

@@ -34,6 +34,8 @@ import sys
 
 import numpy as np
 
+from zoo.engine.writers import format_or_dash as _fmt
+
 RESULTS = "results.json"
 PLOT = "cost_quality.png"
 QUERIES = "queries.npz"  # per-query scores (members in pool order), costs (members in cost order) and the splits
@@ -187,10 +189,6 @@ def run(args):
   with open(os.path.join(args.out, RESULTS), "w") as f:
     json.dump(results, f, indent=1)
   return results
-
-
-def _fmt(x, spec=".3f"):
-  return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
 
 
 def report(results):

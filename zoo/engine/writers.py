@@ -24,6 +24,11 @@ def without_nan(tree):
   return None if isinstance(tree, float) and np.isnan(tree) else tree
 
 
+def format_or_dash(value, spec=".3f"):
+  """`format(value, spec)` for a table cell, or '-' for None and nan (a metric that is undefined)."""
+  return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
 def summary_writer_class():
   """tensorboardX's `SummaryWriter`, imported without importing torch when torch is not loaded yet: tensorboardX tries
   `import torch` only to accept torch tensors (1.5-2 s of every run's start-up here); the zoo writes Python floats."""

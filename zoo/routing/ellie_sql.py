@@ -43,6 +43,7 @@ from zoo.routing.model_routers import (
   ModelRouter,
   RoutingData,
   cheapest_sufficient,
+  label_preference_pairs,
   one_member,
   register_model_router,
 )
@@ -218,17 +219,15 @@ def tep(accuracy, tokens, reference_accuracy, reference_tokens):
 
 
 def dpo_pairs(label, num_members):
-  """EllieSQL's DPO preference pairs (chosen, rejected) for one label (`src/dpo/generate_dpo_pairs.py`): the label
-  beats every other member, and among the others a member closer above the label beats one below it; for three
-  members: 0: (0,1) (0,2) (1,2); 1: (1,2) (1,0) (2,0); 2: (2,0) (2,1) [general M: guess]."""
-  others = [m for m in range(num_members) if m != label]
-  pairs = [(label, m) for m in others]
-  above = [m for m in others if m > label]
-  below = [m for m in others if m < label]
-  pairs += [(a, b) for a in above for b in below]
+  """EllieSQL's DPO preference pairs (chosen, rejected) for one label (`src/dpo/generate_dpo_pairs.py`): the pairwise
+  router's pairs (`label_preference_pairs`: the label beats every other member, a member above the label beats one
+  below it) and, for label 0, the cheaper of two costlier members beats the other; for three members: 0: (0,1) (0,2)
+  (1,2); 1: (1,2) (1,0) (2,0); 2: (2,0) (2,1) [general M: guess]."""
+  prefer = label_preference_pairs(num_members)[label]
   if label == 0:
-    pairs += [(a, b) for a in above for b in above if a < b]
-  return pairs
+    a, b = np.meshgrid(np.arange(num_members), np.arange(num_members), indexing="ij")
+    prefer = prefer | ((a > 0) & (b > a))
+  return [(int(a), int(b)) for a, b in zip(*np.nonzero(prefer))]
 
 
 @register_model_router("dpo_lm")

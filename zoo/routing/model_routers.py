@@ -369,6 +369,16 @@ def _mlp_apply(params, x, np_=np):
   return x
 
 
+def _fit_mlp(x, sizes, output_loss, *, steps, lr, seed, rng=None):
+  """The params of an MLP of layer `sizes` on x [Q, sizes[0]] (standardised features, a jax array), trained
+  full-batch (`_fit_adam`) on `output_loss(outputs [Q, sizes[-1]])`; `rng` draws the initial weights (default: a
+  generator of `seed`)."""
+  import jax.numpy as jnp
+
+  init = _mlp_init(np.random.default_rng(seed) if rng is None else rng, sizes)
+  return _fit_adam(lambda p: output_loss(_mlp_apply(p, x, jnp)), init, steps=steps, lr=lr, seed=seed)
+
+
 @register_model_router("mlp")
 @dataclasses.dataclass
 class MlpRouter(_PredictiveRouter):
@@ -389,10 +399,8 @@ class MlpRouter(_PredictiveRouter):
     self._q_mean, self._q_std = q.mean(0), q.std(0) + 1e-6
     y = jnp.asarray((q - self._q_mean) / self._q_std)
     sizes = (x.shape[1], self.hidden, y.shape[1])
-    loss = lambda p: jnp.mean((_mlp_apply(p, x, jnp) - y) ** 2)
-    self._params = _fit_adam(
-      loss, _mlp_init(np.random.default_rng(seed), sizes), steps=self.steps, lr=self.lr, seed=seed
-    )
+    loss = lambda out: jnp.mean((out - y) ** 2)
+    self._params = _fit_mlp(x, sizes, loss, steps=self.steps, lr=self.lr, seed=seed)
     return self
 
   def predict(self, features):
@@ -839,10 +847,8 @@ class ClassifierRouter(_LabelRouter):
     x = jnp.asarray(self._scale(train.features))
     labels = jnp.asarray(cheapest_sufficient(train.quality), jnp.int32)
     sizes = (x.shape[1], self.hidden, len(train.members))
-    loss = lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_mlp_apply(p, x, jnp), labels))
-    self._params = _fit_adam(
-      loss, _mlp_init(np.random.default_rng(seed), sizes), steps=self.steps, lr=self.lr, seed=seed
-    )
+    loss = lambda out: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, labels))
+    self._params = _fit_mlp(x, sizes, loss, steps=self.steps, lr=self.lr, seed=seed)
     return self
 
   def logits(self, features):
@@ -884,11 +890,8 @@ class BinaryCascadeRouter(_LabelRouter):
     self._params = []
     for i in range(len(train.members) - 1):
       y = jnp.asarray(target[:, i])
-
-      def loss(p, y=y):
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(_mlp_apply(p, x, jnp)[:, 0], y))
-
-      self._params.append(_fit_adam(loss, _mlp_init(rng, sizes), steps=self.steps, lr=self.lr, seed=seed))
+      loss = lambda out, y=y: jnp.mean(optax.sigmoid_binary_cross_entropy(out[:, 0], y))
+      self._params.append(_fit_mlp(x, sizes, loss, steps=self.steps, lr=self.lr, seed=seed, rng=rng))
     return self
 
   def probs(self, features):
@@ -937,14 +940,9 @@ class PairwiseRouter(_LabelRouter):
     pairs = jnp.asarray(label_preference_pairs(m)[cheapest_sufficient(train.quality)], jnp.float32)  # [Q, M, M]
     count = max(float(pairs.sum()), 1.0)
 
-    def loss(p):
-      s = _mlp_apply(p, x, jnp)
-      return -jnp.sum(pairs * jax.nn.log_sigmoid(s[:, :, None] - s[:, None, :])) / count
-
+    loss = lambda s: -jnp.sum(pairs * jax.nn.log_sigmoid(s[:, :, None] - s[:, None, :])) / count
     sizes = (x.shape[1], self.hidden, m)
-    self._params = _fit_adam(
-      loss, _mlp_init(np.random.default_rng(seed), sizes), steps=self.steps, lr=self.lr, seed=seed
-    )
+    self._params = _fit_mlp(x, sizes, loss, steps=self.steps, lr=self.lr, seed=seed)
     return self
 
   def scores(self, features):
