@@ -58,10 +58,16 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     print(json.dumps({name: measure(name, args.steps) for name in args.child.split(",")}))
     return
+  try:
+    counts = [int(d) for d in args.devices.split(",")]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 1 or args.steps < 1:
+    parser.error(f"--devices={args.devices!r} --steps={args.steps}: allowed: positive integers (devices comma-separated)")
   print(f"load average before: {os.getloadavg()[0]:.2f}")
   print("| devices | dense wall s | dense CPU s | MoE wall s | MoE CPU s | MoE / dense CPU |")
   print("|---:|---:|---:|---:|---:|---:|")
-  for n in [int(d) for d in args.devices.split(",")]:
+  for n in counts:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
     out = (
       subprocess.run(

@@ -73,6 +73,19 @@ def data_parallel_mesh(num_tokens):
   return mesh if shards > 1 and num_tokens % shards == 0 else None
 
 
+def _on_batch_shards(local, mesh, x, expert_ids, weights, expert_weights):
+  """`local(x, expert_ids, weights, expert_weights) -> (y, dropped_fraction)` run on each device's tokens (shard_map
+  over the 'batch' mesh axes; the expert weights whole on every device): (y [tokens, embed], metrics)."""
+  batch_axes, shards = _batch_shards(mesh)
+  if x.shape[0] % shards:
+    raise ValueError(f"{x.shape[0]} tokens cannot be split over the batch mesh axes {batch_axes} ({shards} shards)")
+  token_spec = P(batch_axes, None)
+  y, dropped = jax.shard_map(
+    local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, P()), out_specs=(token_spec, P())
+  )(x, expert_ids, weights, expert_weights)
+  return y.astype(x.dtype), {"dropped_fraction": dropped}
+
+
 def data_parallel_ffn(local_ffn, x, expert_ids, weights, expert_weights, *, mesh):
   """A local dispatch whose output for a token depends on that token only ('dense', 'dropless') run on each device's
   own tokens (shard_map over the 'batch' mesh axes), the expert weights whole on every device. Under GSPMD the
@@ -89,10 +102,7 @@ def data_parallel_ffn(local_ffn, x, expert_ids, weights, expert_weights, *, mesh
   Returns:
     (y [tokens, embed], metrics {'dropped_fraction': over all devices' assignments}).
   """
-  batch_axes, shards = _batch_shards(mesh)
-  if x.shape[0] % shards:
-    raise ValueError(f"{x.shape[0]} tokens cannot be split over the batch mesh axes {batch_axes} ({shards} shards)")
-  token_spec = P(batch_axes, None)
+  batch_axes = _batch_shards(mesh)[0]
 
   def local(x, expert_ids, weights, expert_weights):
     y, dropped = local_ffn(x, expert_ids, weights, expert_weights)
@@ -100,10 +110,7 @@ def data_parallel_ffn(local_ffn, x, expert_ids, weights, expert_weights, *, mesh
     total = jax.lax.psum(assigned, batch_axes)
     return y, jax.lax.psum(dropped * assigned, batch_axes) / jnp.maximum(total, 1.0)
 
-  y, dropped = jax.shard_map(
-    local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, P()), out_specs=(token_spec, P())
-  )(x, expert_ids, weights, expert_weights)
-  return y, {"dropped_fraction": dropped}
+  return _on_batch_shards(local, mesh, x, expert_ids, weights, expert_weights)
 
 
 def data_parallel_capacity_ffn(x, expert_ids, weights, expert_weights, *, mesh, activation, capacity):
@@ -128,11 +135,8 @@ def data_parallel_capacity_ffn(x, expert_ids, weights, expert_weights, *, mesh, 
   """
   num_experts = dispatch.check_expert_weights(expert_weights, activation)[0]
   batch_axes, shards = _batch_shards(mesh)
-  if x.shape[0] % shards:
-    raise ValueError(f"{x.shape[0]} tokens cannot be split over the batch mesh axes {batch_axes} ({shards} shards)")
   tokens = x.shape[0]
   chunk = -(-capacity // shards)  # buffer slots per expert and device
-  token_spec = P(batch_axes, None)
 
   def local(x, expert_ids, weights, expert_weights):
     device = jax.lax.axis_index(batch_axes)
@@ -156,10 +160,7 @@ def data_parallel_capacity_ffn(x, expert_ids, weights, expert_weights, *, mesh, 
     assigned = jax.lax.psum(jnp.sum(expert_ids >= 0).astype(jnp.float32), batch_axes)
     return y, 1.0 - kept_count / jnp.maximum(assigned, 1.0)
 
-  y, dropped = jax.shard_map(
-    local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, P()), out_specs=(token_spec, P())
-  )(x, expert_ids, weights, expert_weights)
-  return y.astype(x.dtype), {"dropped_fraction": dropped}
+  return _on_batch_shards(local, mesh, x, expert_ids, weights, expert_weights)
 
 
 def expert_parallel_ffn(x, expert_ids, weights, expert_weights, *, mesh, activation="swiglu", capacity_factor=None):
