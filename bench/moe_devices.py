@@ -63,7 +63,7 @@ def main(argv=None):
   except ValueError:
     counts = []
   if not counts or min(counts) < 1 or args.steps < 1:
-    parser.error(f"--devices={args.devices!r} --steps={args.steps}: allowed: positive integers (devices comma-separated)")
+    parser.error(f"--devices={args.devices!r} --steps={args.steps}: allowed: positive integers (comma-separated)")
   print(f"load average before: {os.getloadavg()[0]:.2f}")
   print("| devices | dense wall s | dense CPU s | MoE wall s | MoE CPU s | MoE / dense CPU |")
   print("|---:|---:|---:|---:|---:|---:|")
